@@ -1,0 +1,149 @@
+//! `ApiError`: every failure the HTTP layer can answer, mapped to a status and OpenAI's error body
+//! `{"error":{"message","type","param","code"}}` with all four keys present.
+//!
+//! A client's mistake is never a 5xx: the OpenAI SDKs retry 5xx, multiplying the work.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// Seconds a client is told to wait after a 429 for a full queue.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    /// A malformed, mistyped or out-of-range request. `param` names the field.
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
+    #[error("the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context of {n_ctx} tokens per sequence")]
+    ContextLengthExceeded {
+        prompt_tokens: usize,
+        max_tokens: u32,
+        n_ctx: u32,
+    },
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("The model `{0}` does not exist")]
+    ModelNotFound(String),
+    #[error("Unknown route {method} {path}")]
+    RouteNotFound { method: String, path: String },
+    #[error("Method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("The request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("The server is busy: the request queue is full; retry after {RETRY_AFTER_SECS} s")]
+    QueueFull,
+    #[error("Loading model")]
+    Loading,
+    #[error("The model is unavailable: {0}")]
+    Unavailable(String),
+    /// A server fault: the only 5xx that is not about availability.
+    #[error("Internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 naming `param`.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param: Some(param.into()),
+            code: None,
+        }
+    }
+
+    /// A 400 for a numeric field outside its range: names the field, the limit and the value.
+    pub fn out_of_range(param: &str, limit: &str, value: impl std::fmt::Display) -> Self {
+        Self::invalid(param, format!("`{param}` must be {limit}; got {value}"))
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest { .. } | Self::ContextLengthExceeded { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::ModelNotFound(_) | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            Self::Loading | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `type` and `code` for this error.
+    fn kind(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            Self::InvalidRequest { code, .. } => ("invalid_request_error", *code),
+            Self::ContextLengthExceeded { .. } => {
+                ("invalid_request_error", Some("context_length_exceeded"))
+            }
+            Self::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
+            Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            Self::RouteNotFound { .. } => ("invalid_request_error", Some("unknown_url")),
+            Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed")),
+            Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
+            Self::QueueFull => ("rate_limit_error", Some("queue_full")),
+            Self::Loading => ("unavailable_error", Some("model_loading")),
+            Self::Unavailable(_) => ("unavailable_error", Some("model_unavailable")),
+            Self::Internal(_) => ("server_error", None),
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            Self::InvalidRequest { param, .. } => param.as_deref(),
+            Self::ContextLengthExceeded { .. } => Some("messages"),
+            Self::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The JSON body, also used in-band in an SSE stream.
+    pub fn body(&self) -> ErrorBody<'_> {
+        let (kind, code) = self.kind();
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind,
+                param: self.param(),
+                code,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail<'a> {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<&'a str>,
+    pub code: Option<&'static str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+            tracing::error!(error = %self, "request failed");
+        }
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if matches!(self, Self::QueueFull) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        response
+    }
+}

@@ -1,0 +1,152 @@
+//! A fake model for fast tests of everything above the runner: no weights, no threads of its own.
+//!
+//! Vocabulary: tokens 0..=255 are single bytes and [`FAKE_EOS`] ends generation. The "model"
+//! echoes: the n-th generated token of a sequence is the n-th token of its prompt, and once the
+//! prompt is exhausted it emits EOS. So a request's output is predictable from its prompt, multi-byte
+//! characters arrive split across tokens, and stop strings can be placed anywhere.
+//!
+//! It records every batch it decodes so tests can assert how the scheduler batched sequences.
+//! It is never used by the real server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::runner::{BatchEntry, ModelRunner, RunnerError};
+use super::worker::{self, WorkerConfig};
+use super::{EngineHandle, ModelInfo, SamplingParams, SeqId, Token, TokenizeText};
+
+/// The fake vocabulary's end-of-generation token.
+pub const FAKE_EOS: Token = 256;
+
+/// Byte-level tokenizer of the fake vocabulary.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FakeTokenizer;
+
+impl TokenizeText for FakeTokenizer {
+    fn tokenize(&self, text: &str, _add_bos: bool) -> Vec<Token> {
+        text.bytes().map(Token::from).collect()
+    }
+}
+
+/// What the fake runner saw, shared with the test that drives it.
+#[derive(Debug, Default)]
+pub struct FakeLog {
+    pub batches: Vec<Vec<BatchEntry>>,
+    pub begun: Vec<SeqId>,
+    pub ended: Vec<SeqId>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct FakeSequence {
+    /// Tokens decoded at positions 0.. in order.
+    decoded: Vec<Token>,
+    /// Length of the prompt, fixed at the first sample.
+    prompt_len: Option<usize>,
+    sampled: usize,
+}
+
+/// The echo model described in the module docs.
+#[derive(Debug, Clone, Default)]
+pub struct FakeRunner {
+    sequences: HashMap<SeqId, FakeSequence>,
+    /// Sleep per decode, so tests can observe streams in flight.
+    pub step_delay: Duration,
+    // A std Mutex: the log is written by the engine thread and read by the test thread, never held
+    // across an await or a decode.
+    pub log: Arc<Mutex<FakeLog>>,
+}
+
+impl FakeRunner {
+    pub fn new(step_delay: Duration) -> Self {
+        Self {
+            step_delay,
+            ..Self::default()
+        }
+    }
+
+    /// Facts the fake model reports, shaped like a real one's.
+    pub fn model_info(n_ctx_seq: u32) -> ModelInfo {
+        ModelInfo {
+            n_ctx_seq,
+            n_ctx_train: n_ctx_seq,
+            n_vocab: FAKE_EOS + 1,
+            chat_template: Some(
+                "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}\
+                 {% if add_generation_prompt %}<|assistant|>{% endif %}"
+                    .to_owned(),
+            ),
+            bos_token: String::new(),
+            eos_token: "<eos>".to_owned(),
+            tokenizer: Arc::new(FakeTokenizer),
+        }
+    }
+
+    /// Starts an engine thread around this runner.
+    pub fn spawn(self, config: WorkerConfig) -> EngineHandle {
+        let info = Self::model_info(config.n_ctx_seq);
+        let (handle, _thread) = worker::spawn_engine_with_runner(self, info, config)
+            .expect("spawning the fake engine thread");
+        handle
+    }
+}
+
+impl ModelRunner for FakeRunner {
+    fn begin_sequence(&mut self, seq: SeqId, _params: &SamplingParams) {
+        self.sequences.insert(seq, FakeSequence::default());
+        self.log.lock().expect("fake log").begun.push(seq);
+    }
+
+    fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), RunnerError> {
+        if !self.step_delay.is_zero() {
+            std::thread::sleep(self.step_delay);
+        }
+        for entry in batch {
+            let seq = self
+                .sequences
+                .get_mut(&entry.seq)
+                .ok_or_else(|| RunnerError::Decode(format!("unknown sequence {}", entry.seq)))?;
+            if entry.pos as usize != seq.decoded.len() {
+                return Err(RunnerError::Decode(format!(
+                    "sequence {} got position {} after {} tokens",
+                    entry.seq,
+                    entry.pos,
+                    seq.decoded.len()
+                )));
+            }
+            seq.decoded.push(entry.token);
+        }
+        self.log
+            .lock()
+            .expect("fake log")
+            .batches
+            .push(batch.to_vec());
+        Ok(())
+    }
+
+    fn sample(&mut self, seq: SeqId, _batch_index: usize) -> Token {
+        let state = self.sequences.get_mut(&seq).expect("sampled a begun sequence");
+        let prompt_len = *state.prompt_len.get_or_insert(state.decoded.len());
+        let token = state.decoded[..prompt_len]
+            .get(state.sampled)
+            .copied()
+            .unwrap_or(FAKE_EOS);
+        state.sampled += 1;
+        token
+    }
+
+    fn end_sequence(&mut self, seq: SeqId) {
+        self.sequences.remove(&seq);
+        self.log.lock().expect("fake log").ended.push(seq);
+    }
+
+    fn token_bytes(&self, token: Token, out: &mut Vec<u8>) {
+        if let Ok(byte) = u8::try_from(token) {
+            out.push(byte);
+        }
+    }
+
+    fn is_end_of_generation(&self, token: Token) -> bool {
+        token == FAKE_EOS
+    }
+}

@@ -1,0 +1,273 @@
+//! The one file that touches `llama_cpp_2`: model loading, the context, the batch, samplers.
+//!
+//! Everything here runs on the engine thread except [`Tokenizer`], which only reads the immutable
+//! vocabulary (llama.cpp's vocab is `Sync`) so the HTTP side can validate prompt lengths before a
+//! request is queued.
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc;
+
+use super::runner::{BatchEntry, ModelRunner, RunnerError};
+use super::scheduler::Scheduler;
+use super::worker;
+use super::{ModelInfo, SamplingParams, SeqId, Submission, Token, TokenizeText};
+
+/// What the engine thread needs to load and serve one model, in llama.cpp's words.
+#[derive(Debug, Clone)]
+pub struct LlamaEngineConfig {
+    pub model_path: PathBuf,
+    /// Used to name the engine thread.
+    pub model_id: String,
+    /// Total context over all sequences; 0 takes the model's trained context.
+    pub n_ctx: u32,
+    /// Sequences decoded together (`--parallel`).
+    pub n_seq: u32,
+    /// Most tokens in one decode (`--batch-size`).
+    pub n_batch: u32,
+    pub n_threads: i32,
+    pub max_queue: usize,
+}
+
+/// Errors while loading a model or creating its context.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("llama.cpp backend: {0}")]
+    Backend(String),
+    #[error("cannot load model {path}: {reason}")]
+    Model { path: PathBuf, reason: String },
+    #[error("cannot create a context of {n_ctx} tokens: {reason}")]
+    Context { n_ctx: u32, reason: String },
+    #[error("--ctx-size {n_ctx} leaves less than 16 tokens for each of {n_seq} sequences")]
+    ContextTooSmall { n_ctx: u32, n_seq: u32 },
+}
+
+/// `LlamaBackend::init` may run once per process; every engine shares it.
+fn backend() -> Result<&'static LlamaBackend, LoadError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            // llama.cpp's own logging goes through `tracing` (filtered by RUST_LOG), not stderr.
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| LoadError::Backend(e.clone()))
+}
+
+/// Which backends this binary can run on, for `--version` and `/health`.
+pub fn compiled_backends() -> Vec<&'static str> {
+    let mut backends = vec!["cpu"];
+    if cfg!(feature = "cuda") {
+        backends.push("cuda");
+    }
+    backends
+}
+
+/// Loads the model, publishes its facts through `on_ready`, then runs the batching loop until every
+/// handle is gone. Blocks the calling (engine) thread throughout.
+pub fn serve_model(
+    config: &LlamaEngineConfig,
+    commands: mpsc::Receiver<Submission>,
+    on_ready: impl FnOnce(ModelInfo),
+) -> Result<(), LoadError> {
+    let backend = backend()?;
+    let started = std::time::Instant::now();
+    let model = LlamaModel::load_from_file(backend, &config.model_path, &LlamaModelParams::default())
+        .map_err(|e| LoadError::Model {
+            path: config.model_path.clone(),
+            reason: e.to_string(),
+        })?;
+    let model = Arc::new(model);
+    let n_ctx = if config.n_ctx == 0 {
+        model.n_ctx_train()
+    } else {
+        config.n_ctx
+    };
+    let n_seq = config.n_seq.max(1);
+    if n_ctx / n_seq < 16 {
+        return Err(LoadError::ContextTooSmall { n_ctx, n_seq });
+    }
+    // Unified KV: one pool of n_ctx cells shared by every sequence. The scheduler bounds each
+    // sequence to n_ctx / n_seq positions, so the pool can never overflow.
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(config.n_batch)
+        .with_n_ubatch(config.n_batch.min(512))
+        .with_n_seq_max(n_seq)
+        .with_n_threads(config.n_threads)
+        .with_n_threads_batch(config.n_threads)
+        .with_kv_unified(true);
+    let ctx = model
+        .new_context(backend, params)
+        .map_err(|e| LoadError::Context {
+            n_ctx,
+            reason: e.to_string(),
+        })?;
+    let n_ctx_seq = ctx.n_ctx() / n_seq;
+    let vocab = model.vocab();
+    let token_text = |t: LlamaToken| {
+        vocab
+            .text(t)
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let info = ModelInfo {
+        n_ctx_seq,
+        n_ctx_train: model.n_ctx_train(),
+        n_vocab: model.n_vocab(),
+        chat_template: model
+            .chat_template(None)
+            .ok()
+            .and_then(|t| t.to_string().ok()),
+        bos_token: token_text(vocab.bos()),
+        eos_token: token_text(vocab.eos()),
+        tokenizer: Arc::new(Tokenizer {
+            model: Arc::clone(&model),
+        }),
+    };
+    tracing::info!(
+        model = %config.model_path.display(),
+        n_ctx = ctx.n_ctx(),
+        n_ctx_seq,
+        n_seq,
+        n_batch = config.n_batch,
+        threads = config.n_threads,
+        load_ms = started.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    on_ready(info);
+
+    let runner = LlamaRunner {
+        model: &model,
+        batch: LlamaBatch::new(config.n_batch as usize, 1),
+        samplers: (0..n_seq).map(|_| None).collect(),
+        ctx,
+    };
+    let scheduler = Scheduler::new(runner, n_seq as usize, config.n_batch as usize, n_ctx_seq);
+    worker::run(scheduler, commands);
+    Ok(())
+}
+
+/// Tokenizes with the loaded model's vocabulary, from any thread.
+pub struct Tokenizer {
+    model: Arc<LlamaModel>,
+}
+
+impl TokenizeText for Tokenizer {
+    fn tokenize(&self, text: &str, add_bos: bool) -> Vec<Token> {
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), add_bos, true)
+            .into_iter()
+            .map(|t| t.0)
+            .collect()
+    }
+}
+
+/// llama.cpp behind the [`ModelRunner`] seam.
+struct LlamaRunner<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    samplers: Vec<Option<LlamaSampler>>,
+}
+
+fn sampler_chain(params: &SamplingParams, n_vocab: i32) -> LlamaSampler {
+    // llama-server's order: biases and penalties reshape logits, then truncation, then temperature.
+    let mut chain = Vec::new();
+    if !params.logit_bias.is_empty() {
+        let biases: Vec<LlamaLogitBias> = params
+            .logit_bias
+            .iter()
+            .map(|&(token, bias)| LlamaLogitBias::new(LlamaToken(token), bias))
+            .collect();
+        chain.push(LlamaSampler::logit_bias(n_vocab, &biases));
+    }
+    if params.has_penalties() {
+        chain.push(LlamaSampler::penalties(
+            n_vocab,
+            params.penalty_last_n,
+            params.repeat_penalty,
+            params.frequency_penalty,
+            params.presence_penalty,
+        ));
+    }
+    if params.is_greedy() {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if params.top_k > 0 {
+            chain.push(LlamaSampler::top_k(params.top_k));
+        }
+        if params.top_p < 1.0 {
+            chain.push(LlamaSampler::top_p(params.top_p, 1));
+        }
+        if params.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(params.min_p, 1));
+        }
+        chain.push(LlamaSampler::temp(params.temperature));
+        let seed = params.seed.unwrap_or_else(rand::random);
+        chain.push(LlamaSampler::dist(seed));
+    }
+    LlamaSampler::chain_simple(chain)
+}
+
+impl ModelRunner for LlamaRunner<'_> {
+    fn begin_sequence(&mut self, seq: SeqId, params: &SamplingParams) {
+        self.samplers[seq as usize] = Some(sampler_chain(params, self.model.n_vocab()));
+    }
+
+    fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), RunnerError> {
+        self.batch.clear();
+        for entry in batch {
+            self.batch
+                .add(
+                    LlamaToken(entry.token),
+                    entry.pos as i32,
+                    &[entry.seq],
+                    entry.logits,
+                )
+                .map_err(|e| RunnerError::Decode(e.to_string()))?;
+        }
+        self.ctx
+            .decode(&mut self.batch)
+            .map_err(|e| RunnerError::Decode(e.to_string()))
+    }
+
+    fn sample(&mut self, seq: SeqId, batch_index: usize) -> Token {
+        let sampler = self.samplers[seq as usize]
+            .as_mut()
+            .expect("begin_sequence runs before any sample for a sequence");
+        // `llama_sampler_sample` also accepts the token into the chain (penalty history).
+        sampler.sample(&self.ctx, batch_index as i32).0
+    }
+
+    fn end_sequence(&mut self, seq: SeqId) {
+        self.samplers[seq as usize] = None;
+        // Frees every KV cell of the sequence. Cannot fail for an in-range id and whole range.
+        if let Err(err) = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None) {
+            tracing::error!(%err, seq, "clearing KV cells failed");
+        }
+    }
+
+    fn token_bytes(&self, token: Token, out: &mut Vec<u8>) {
+        self.model
+            .vocab()
+            .token_to_piece_into(LlamaToken(token), out, false, None);
+    }
+
+    fn is_end_of_generation(&self, token: Token) -> bool {
+        self.model.vocab().is_eog(LlamaToken(token))
+    }
+}

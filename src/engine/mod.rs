@@ -1,0 +1,195 @@
+//! The engine: one named thread per loaded model, and the cheap handle the HTTP side holds.
+//!
+//! Owns: the llama.cpp model, context, batch and samplers (all on the engine thread), the
+//! scheduler that batches every active sequence into one decode per step, and the bounded
+//! admission queue in front of it.
+//!
+//! Must not: know HTTP or OpenAI's words (`max_tokens` is `max_new_tokens` here), await anything
+//! on the engine thread, or grow a queue without bound. Only `llama.rs` imports `llama_cpp_2`.
+
+mod detok;
+pub mod fake;
+mod llama;
+mod runner;
+mod sampling;
+mod scheduler;
+mod stop;
+mod worker;
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+
+pub use detok::Utf8Decoder;
+pub use llama::{LlamaEngineConfig, Tokenizer};
+pub use runner::{BatchEntry, ModelRunner, RunnerError};
+pub use sampling::SamplingParams;
+pub use scheduler::Scheduler;
+pub use stop::{StopMatcher, StopOutcome};
+
+/// A token id, as llama.cpp numbers them.
+pub type Token = i32;
+/// A llama.cpp sequence id: one per parallel slot.
+pub type SeqId = i32;
+
+/// One generation request, fully validated and tokenized by the caller.
+#[derive(Debug)]
+pub struct GenerationRequest {
+    pub prompt: Vec<Token>,
+    pub sampling: SamplingParams,
+    /// Upper bound on generated tokens, already capped to fit the sequence's context.
+    pub max_new_tokens: u32,
+    pub stop: Vec<String>,
+}
+
+/// Why generation ended, in engine terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-generation token or a stop string.
+    Stop,
+    /// `max_new_tokens` or the sequence's context was reached.
+    Length,
+}
+
+/// Token counts and timings of a finished generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenerationStats {
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    pub prompt_ms: f64,
+    pub generation_ms: f64,
+}
+
+/// What the engine sends back for one request, in order: any number of `Text`, then exactly one
+/// `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// Newly generated text: whole characters, never part of a stop string.
+    Text(String),
+    Done {
+        reason: FinishReason,
+        stats: GenerationStats,
+    },
+    /// The engine could not complete the request (a server fault, not a client mistake).
+    Failed(String),
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the admission queue is full")]
+    QueueFull,
+    #[error("the engine is not running")]
+    Unavailable,
+}
+
+/// Facts about the loaded model that the HTTP side needs.
+#[derive(Clone)]
+pub struct ModelInfo {
+    /// Context length available to one sequence (`n_ctx / n_seq_max`).
+    pub n_ctx_seq: u32,
+    pub n_ctx_train: u32,
+    pub n_vocab: i32,
+    /// The Jinja chat template stored in the GGUF, if any.
+    pub chat_template: Option<String>,
+    pub bos_token: String,
+    pub eos_token: String,
+    /// Tokenizes on the caller's thread (the vocabulary is immutable and `Sync`).
+    pub tokenizer: Arc<dyn TokenizeText>,
+}
+
+impl std::fmt::Debug for ModelInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelInfo")
+            .field("n_ctx_seq", &self.n_ctx_seq)
+            .field("n_ctx_train", &self.n_ctx_train)
+            .field("n_vocab", &self.n_vocab)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Text to tokens, for prompt validation and admission.
+pub trait TokenizeText: Send + Sync {
+    /// `add_bos`: prepend BOS if the model wants one. Special-token text (e.g. `<|im_start|>`)
+    /// is parsed into its token.
+    fn tokenize(&self, text: &str, add_bos: bool) -> Vec<Token>;
+}
+
+/// The engine's lifecycle, published through a `watch`.
+#[derive(Debug, Clone)]
+pub enum EngineState {
+    Loading,
+    Ready(ModelInfo),
+    Failed(String),
+    Stopped,
+}
+
+/// An admitted request as the scheduler holds it.
+#[derive(Debug)]
+pub struct Submission {
+    pub request: GenerationRequest,
+    pub events: mpsc::Sender<GenerationEvent>,
+}
+
+/// Cheap, cloneable front of an engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Submission>,
+    state: watch::Receiver<EngineState>,
+}
+
+impl EngineHandle {
+    /// Builds a handle over an existing channel pair (the worker and tests use this).
+    pub fn new(commands: mpsc::Sender<Submission>, state: watch::Receiver<EngineState>) -> Self {
+        Self { commands, state }
+    }
+
+    /// Queues a request. Never blocks: a full queue is an immediate error.
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<mpsc::Receiver<GenerationEvent>, SubmitError> {
+        // Every token yields at most one event, plus the final one: with this capacity the engine's
+        // `try_send` never finds the channel full while the receiver is alive, and the channel is
+        // still bounded (by the sequence's context).
+        let capacity = request.max_new_tokens as usize + 2;
+        let (tx, rx) = mpsc::channel(capacity);
+        self.commands
+            .try_send(Submission {
+                request,
+                events: tx,
+            })
+            .map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => SubmitError::Unavailable,
+            })?;
+        Ok(rx)
+    }
+
+    /// The current lifecycle state.
+    pub fn state(&self) -> EngineState {
+        self.state.borrow().clone()
+    }
+
+    /// The model facts, once loaded.
+    pub fn model_info(&self) -> Option<ModelInfo> {
+        match &*self.state.borrow() {
+            EngineState::Ready(info) => Some(info.clone()),
+            _ => None,
+        }
+    }
+
+    /// Waits until the engine leaves `Loading`; returns the state it reached.
+    pub async fn wait_loaded(&self) -> EngineState {
+        let mut state = self.state.clone();
+        let result = state
+            .wait_for(|s| !matches!(s, EngineState::Loading))
+            .await
+            .map(|s| s.clone());
+        // A dropped sender means the engine thread is gone.
+        result.unwrap_or(EngineState::Stopped)
+    }
+}
+
+pub use worker::spawn_llama_engine;
+pub use worker::spawn_engine_with_runner;

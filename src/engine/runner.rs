@@ -1,0 +1,46 @@
+//! The seam between the scheduler and a model: [`ModelRunner`].
+//!
+//! The scheduler decides *what* to decode; a runner does it. The real runner wraps llama.cpp
+//! (`llama.rs`); the fake runner (`fake.rs`) lets the scheduler be tested without a model or threads.
+
+use super::{SamplingParams, SeqId, Token};
+
+/// One token of a decode batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchEntry {
+    pub token: Token,
+    /// Position of the token within its sequence.
+    pub pos: u32,
+    pub seq: SeqId,
+    /// Whether logits are needed for this token (the last token of each sequence in the batch).
+    pub logits: bool,
+}
+
+/// Errors a runner reports for a whole decode step.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("decode failed: {0}")]
+    Decode(String),
+}
+
+/// A model that can decode batches over several sequences and sample from their logits.
+pub trait ModelRunner {
+    /// Prepares per-sequence state (the sampler chain) for a new request on `seq`.
+    fn begin_sequence(&mut self, seq: SeqId, params: &SamplingParams);
+
+    /// Runs one forward pass over `batch`.
+    fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), RunnerError>;
+
+    /// Samples the next token for `seq` from the logits of batch entry `batch_index`, and
+    /// records it in the sequence's sampler history (penalties).
+    fn sample(&mut self, seq: SeqId, batch_index: usize) -> Token;
+
+    /// Drops per-sequence state and frees the sequence's KV cells.
+    fn end_sequence(&mut self, seq: SeqId);
+
+    /// Appends the bytes of `token`'s text to `out` (control tokens append nothing).
+    fn token_bytes(&self, token: Token, out: &mut Vec<u8>);
+
+    /// Whether `token` ends generation (EOS, EOT, ...).
+    fn is_end_of_generation(&self, token: Token) -> bool;
+}

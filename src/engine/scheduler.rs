@@ -1,0 +1,343 @@
+//! Continuous batching over a fixed set of sequence slots.
+//!
+//! Each [`Scheduler::step`] builds one batch: the pending token of every decoding sequence first
+//! (so running streams never stall), then prompt chunks of sequences still in prefill, oldest
+//! admission first, up to `n_batch` tokens in all. A request admitted between steps joins at the
+//! next step; it never waits for others to finish. A sequence whose receiver is gone is dropped at
+//! the start of the next step and its KV cells are freed.
+//!
+//! Pure logic over a [`ModelRunner`]: no threads, no channels it waits on, so it is unit-tested with
+//! the fake runner.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc::error::TrySendError;
+
+use super::detok::Utf8Decoder;
+use super::runner::{BatchEntry, ModelRunner};
+use super::stop::StopMatcher;
+use super::{FinishReason, GenerationEvent, GenerationStats, SeqId, Submission, Token};
+
+/// One active request bound to a sequence id.
+struct Slot {
+    submission: Submission,
+    /// Prompt tokens already decoded into the KV cache.
+    n_prefilled: usize,
+    /// Sampled token not yet decoded (the sequence is in its decode phase).
+    pending: Option<Token>,
+    /// Next position in the sequence.
+    n_past: u32,
+    generated: u32,
+    decoder: Utf8Decoder,
+    stop: StopMatcher,
+    admitted_at: Instant,
+    first_token_at: Option<Instant>,
+    order: u64,
+}
+
+impl Slot {
+    fn prompt(&self) -> &[Token] {
+        &self.submission.request.prompt
+    }
+
+    fn in_prefill(&self) -> bool {
+        self.pending.is_none() && self.n_prefilled < self.prompt().len()
+    }
+
+    fn stats(&self) -> GenerationStats {
+        let now = Instant::now();
+        let first = self.first_token_at.unwrap_or(now);
+        GenerationStats {
+            prompt_tokens: self.prompt().len() as u32,
+            generated_tokens: self.generated,
+            prompt_ms: first.duration_since(self.admitted_at).as_secs_f64() * 1e3,
+            generation_ms: now.duration_since(first).as_secs_f64() * 1e3,
+        }
+    }
+
+    /// Sends an event; `false` means the client is gone and the slot should be dropped.
+    fn send(&self, event: GenerationEvent) -> bool {
+        match self.submission.events.try_send(event) {
+            Ok(()) => true,
+            Err(TrySendError::Closed(_)) => false,
+            // Cannot happen: the channel has room for every token plus the final event.
+            Err(TrySendError::Full(_)) => {
+                tracing::error!("event channel full; cancelling the sequence");
+                false
+            }
+        }
+    }
+}
+
+/// What one step did, for the worker loop and for tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StepReport {
+    /// Tokens in the decoded batch (0: nothing to do).
+    pub batch_tokens: usize,
+    /// Sequences that finished or were cancelled during the step.
+    pub ended: Vec<SeqId>,
+}
+
+/// Batches up to `slots` sequences into one decode per step.
+pub struct Scheduler<R> {
+    runner: R,
+    slots: Vec<Option<Slot>>,
+    n_batch: usize,
+    n_ctx_seq: u32,
+    next_order: u64,
+}
+
+impl<R: ModelRunner> Scheduler<R> {
+    /// `n_seq`: parallel sequences; `n_batch`: most tokens per decode; `n_ctx_seq`: positions per
+    /// sequence.
+    pub fn new(runner: R, n_seq: usize, n_batch: usize, n_ctx_seq: u32) -> Self {
+        assert!(n_seq > 0 && n_batch >= n_seq, "n_batch must cover one token per sequence");
+        Self {
+            runner,
+            slots: (0..n_seq).map(|_| None).collect(),
+            n_batch,
+            n_ctx_seq,
+            next_order: 0,
+        }
+    }
+
+    pub fn runner(&self) -> &R {
+        &self.runner
+    }
+
+    pub fn has_free_slot(&self) -> bool {
+        self.slots.iter().any(Option::is_none)
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.slots.iter().all(Option::is_none)
+    }
+
+    pub fn active(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// Binds a request to a free sequence. Returns it back if every slot is busy.
+    pub fn admit(&mut self, submission: Submission) -> Result<(), Submission> {
+        let Some(index) = self.slots.iter().position(Option::is_none) else {
+            return Err(submission);
+        };
+        // A client that left while queued costs nothing.
+        if submission.events.is_closed() {
+            return Ok(());
+        }
+        let request = &submission.request;
+        let seq = index as SeqId;
+        if request.prompt.is_empty() || request.prompt.len() as u32 >= self.n_ctx_seq {
+            // The API rejects these before submitting; this guards the KV cache regardless.
+            let _ = submission.events.try_send(GenerationEvent::Failed(format!(
+                "prompt of {} tokens does not fit a context of {}",
+                request.prompt.len(),
+                self.n_ctx_seq
+            )));
+            return Ok(());
+        }
+        if request.max_new_tokens == 0 {
+            let stats = GenerationStats {
+                prompt_tokens: request.prompt.len() as u32,
+                ..GenerationStats::default()
+            };
+            // Ignored send error: a client that left needs no answer.
+            let _ = submission.events.try_send(GenerationEvent::Done {
+                reason: FinishReason::Length,
+                stats,
+            });
+            return Ok(());
+        }
+        self.runner.begin_sequence(seq, &request.sampling);
+        let stop = StopMatcher::new(request.stop.clone());
+        self.slots[index] = Some(Slot {
+            submission,
+            n_prefilled: 0,
+            pending: None,
+            n_past: 0,
+            generated: 0,
+            decoder: Utf8Decoder::default(),
+            stop,
+            admitted_at: Instant::now(),
+            first_token_at: None,
+            order: self.next_order,
+        });
+        self.next_order += 1;
+        Ok(())
+    }
+
+    /// Runs one decode over every active sequence.
+    pub fn step(&mut self) -> StepReport {
+        let mut report = StepReport::default();
+        self.drop_cancelled(&mut report);
+
+        let (batch, sample_at) = self.build_batch();
+        report.batch_tokens = batch.len();
+        if batch.is_empty() {
+            return report;
+        }
+        if let Err(err) = self.runner.decode(&batch) {
+            tracing::error!(%err, "decode failed; failing every sequence in the batch");
+            for &(index, _) in &sample_at {
+                self.fail(index, err.to_string(), &mut report);
+            }
+            // Sequences mid-prefill in this batch are failed too: their KV state is unknown.
+            let seqs: Vec<usize> = batch.iter().map(|e| e.seq as usize).collect();
+            for index in seqs {
+                if self.slots[index].is_some() {
+                    self.fail(index, err.to_string(), &mut report);
+                }
+            }
+            return report;
+        }
+        for (index, batch_index) in sample_at {
+            let token = self.runner.sample(index as SeqId, batch_index);
+            self.accept_token(index, token, &mut report);
+        }
+        report
+    }
+
+    fn drop_cancelled(&mut self, report: &mut StepReport) {
+        for index in 0..self.slots.len() {
+            if self.slots[index]
+                .as_ref()
+                .is_some_and(|s| s.submission.events.is_closed())
+            {
+                self.release(index, report);
+            }
+        }
+    }
+
+    /// Decode tokens first, then prompt chunks oldest-first. Returns the batch and, for each entry
+    /// with logits, the slot index and batch position to sample from.
+    fn build_batch(&mut self) -> (Vec<BatchEntry>, Vec<(usize, usize)>) {
+        let mut batch = Vec::with_capacity(self.n_batch);
+        let mut sample_at = Vec::new();
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let Some(slot) = slot else { continue };
+            if let Some(token) = slot.pending.take() {
+                sample_at.push((index, batch.len()));
+                batch.push(BatchEntry {
+                    token,
+                    pos: slot.n_past,
+                    seq: index as SeqId,
+                    logits: true,
+                });
+                slot.n_past += 1;
+            }
+        }
+        let mut prefilling: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].as_ref().is_some_and(Slot::in_prefill))
+            .collect();
+        prefilling.sort_by_key(|&i| self.slots[i].as_ref().map_or(u64::MAX, |s| s.order));
+        for index in prefilling {
+            let budget = self.n_batch - batch.len();
+            if budget == 0 {
+                break;
+            }
+            let Some(slot) = self.slots[index].as_mut() else {
+                continue;
+            };
+            let prompt_len = slot.prompt().len();
+            let end = (slot.n_prefilled + budget).min(prompt_len);
+            for i in slot.n_prefilled..end {
+                let last = i + 1 == prompt_len;
+                if last {
+                    sample_at.push((index, batch.len()));
+                }
+                batch.push(BatchEntry {
+                    token: slot.prompt()[i],
+                    pos: slot.n_past,
+                    seq: index as SeqId,
+                    logits: last,
+                });
+                slot.n_past += 1;
+            }
+            slot.n_prefilled = end;
+        }
+        (batch, sample_at)
+    }
+
+    fn accept_token(&mut self, index: usize, token: Token, report: &mut StepReport) {
+        let is_end = self.runner.is_end_of_generation(token);
+        let mut piece = Vec::new();
+        if !is_end {
+            self.runner.token_bytes(token, &mut piece);
+        }
+        let Some(slot) = self.slots[index].as_mut() else {
+            return;
+        };
+        slot.generated += 1;
+        slot.first_token_at.get_or_insert_with(Instant::now);
+        if is_end {
+            self.finish(index, FinishReason::Stop, report);
+            return;
+        }
+        let text = slot.decoder.push(&piece);
+        let outcome = slot.stop.push(&text);
+        if !outcome.emit.is_empty() && !slot.send(GenerationEvent::Text(outcome.emit)) {
+            self.release(index, report);
+            return;
+        }
+        if outcome.stopped {
+            self.send_done(index, FinishReason::Stop, report);
+            return;
+        }
+        let at_limit = slot.generated >= slot.submission.request.max_new_tokens
+            || slot.n_past + 1 >= self.n_ctx_seq;
+        if at_limit {
+            self.finish(index, FinishReason::Length, report);
+        } else {
+            slot.pending = Some(token);
+        }
+    }
+
+    /// Ends a sequence that was not cut by a stop string: flushes held text first.
+    fn finish(&mut self, index: usize, reason: FinishReason, report: &mut StepReport) {
+        let Some(slot) = self.slots[index].as_mut() else {
+            return;
+        };
+        let tail = slot.decoder.flush();
+        let mut outcome = slot.stop.push(&tail);
+        if !outcome.stopped {
+            outcome.emit.push_str(&slot.stop.flush());
+        }
+        let reason = if outcome.stopped {
+            FinishReason::Stop
+        } else {
+            reason
+        };
+        if !outcome.emit.is_empty() && !slot.send(GenerationEvent::Text(outcome.emit)) {
+            self.release(index, report);
+            return;
+        }
+        self.send_done(index, reason, report);
+    }
+
+    fn send_done(&mut self, index: usize, reason: FinishReason, report: &mut StepReport) {
+        if let Some(slot) = self.slots[index].as_ref() {
+            let stats = slot.stats();
+            // Ignored result: the slot is released either way.
+            let _ = slot.send(GenerationEvent::Done { reason, stats });
+        }
+        self.release(index, report);
+    }
+
+    fn fail(&mut self, index: usize, message: String, report: &mut StepReport) {
+        if let Some(slot) = self.slots[index].as_ref() {
+            let _ = slot.send(GenerationEvent::Failed(message));
+        }
+        self.release(index, report);
+    }
+
+    fn release(&mut self, index: usize, report: &mut StepReport) {
+        if self.slots[index].take().is_some() {
+            self.runner.end_sequence(index as SeqId);
+            report.ended.push(index as SeqId);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

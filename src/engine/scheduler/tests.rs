@@ -1,0 +1,252 @@
+//! The scheduler driven by the fake runner: no threads, no model.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::engine::fake::{FakeRunner, FAKE_EOS};
+use crate::engine::{GenerationRequest, SamplingParams};
+
+fn submission(prompt: &str, max: u32, stop: &[&str]) -> (Submission, mpsc::Receiver<GenerationEvent>) {
+    let (tx, rx) = mpsc::channel(max as usize + 2);
+    let request = GenerationRequest {
+        prompt: prompt.bytes().map(Token::from).collect(),
+        sampling: SamplingParams::default(),
+        max_new_tokens: max,
+        stop: stop.iter().map(|s| s.to_string()).collect(),
+    };
+    (Submission { request, events: tx }, rx)
+}
+
+fn drain(rx: &mut mpsc::Receiver<GenerationEvent>) -> (String, Option<GenerationEvent>) {
+    let mut text = String::new();
+    let mut last = None;
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            GenerationEvent::Text(t) => text += &t,
+            other => last = Some(other),
+        }
+    }
+    (text, last)
+}
+
+fn run_until_idle(s: &mut Scheduler<FakeRunner>) -> usize {
+    let mut steps = 0;
+    while !s.is_idle() {
+        s.step();
+        steps += 1;
+        assert!(steps < 10_000, "scheduler did not finish");
+    }
+    steps
+}
+
+fn scheduler(n_seq: usize, n_batch: usize) -> Scheduler<FakeRunner> {
+    Scheduler::new(FakeRunner::new(Duration::ZERO), n_seq, n_batch, 256)
+}
+
+#[test]
+fn a_request_echoes_its_prompt_then_stops_on_eos() {
+    let mut s = scheduler(2, 64);
+    let (sub, mut rx) = submission("hello", 100, &[]);
+    s.admit(sub).unwrap();
+    run_until_idle(&mut s);
+    let (text, done) = drain(&mut rx);
+    assert_eq!(text, "hello");
+    match done {
+        Some(GenerationEvent::Done { reason, stats }) => {
+            assert_eq!(reason, FinishReason::Stop);
+            assert_eq!(stats.prompt_tokens, 5);
+            assert_eq!(stats.generated_tokens, 6, "5 echoed tokens plus EOS");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(s.runner().log.lock().unwrap().ended, vec![0]);
+}
+
+#[test]
+fn max_tokens_ends_with_length() {
+    let mut s = scheduler(1, 64);
+    let (sub, mut rx) = submission("abcdef", 3, &[]);
+    s.admit(sub).unwrap();
+    run_until_idle(&mut s);
+    let (text, done) = drain(&mut rx);
+    assert_eq!(text, "abc");
+    assert!(matches!(done, Some(GenerationEvent::Done { reason: FinishReason::Length, .. })));
+}
+
+#[test]
+fn a_stop_string_across_tokens_ends_generation_without_leaking() {
+    let mut s = scheduler(1, 64);
+    let (sub, mut rx) = submission("one<END>two", 100, &["<END>"]);
+    s.admit(sub).unwrap();
+    run_until_idle(&mut s);
+    let mut chunks = Vec::new();
+    let mut done = None;
+    while let Ok(e) = rx.try_recv() {
+        match e {
+            GenerationEvent::Text(t) => chunks.push(t),
+            other => done = Some(other),
+        }
+    }
+    assert_eq!(chunks.concat(), "one");
+    assert!(chunks.iter().all(|c| !c.contains('<')), "{chunks:?}");
+    assert!(matches!(done, Some(GenerationEvent::Done { reason: FinishReason::Stop, .. })));
+}
+
+#[test]
+fn multibyte_characters_split_across_tokens_arrive_whole() {
+    let mut s = scheduler(1, 64);
+    let (sub, mut rx) = submission("é🦀", 100, &[]);
+    s.admit(sub).unwrap();
+    run_until_idle(&mut s);
+    let mut chunks = Vec::new();
+    while let Ok(GenerationEvent::Text(t)) = rx.try_recv() {
+        chunks.push(t);
+    }
+    assert_eq!(chunks, vec!["é".to_string(), "🦀".to_string()]);
+}
+
+#[test]
+fn admission_stops_when_every_slot_is_busy() {
+    let mut s = scheduler(2, 64);
+    let (a, _ra) = submission("a", 10, &[]);
+    let (b, _rb) = submission("b", 10, &[]);
+    let (c, _rc) = submission("c", 10, &[]);
+    assert!(s.admit(a).is_ok());
+    assert!(s.admit(b).is_ok());
+    assert!(!s.has_free_slot());
+    assert!(s.admit(c).is_err(), "a third request must wait in the queue");
+}
+
+#[test]
+fn every_active_sequence_decodes_in_every_step() {
+    let mut s = scheduler(3, 64);
+    let mut receivers = Vec::new();
+    for prompt in ["aaaa", "bbbbbbbb", "cc"] {
+        let (sub, rx) = submission(prompt, 100, &[]);
+        s.admit(sub).unwrap();
+        receivers.push(rx);
+    }
+    run_until_idle(&mut s);
+    let log = s.runner().log.lock().unwrap();
+    // Step 1 prefills all three prompts in one batch; then one token per live sequence per step.
+    assert_eq!(log.batches[0].len(), 4 + 8 + 2);
+    for batch in &log.batches[1..] {
+        let mut seqs: Vec<SeqId> = batch.iter().map(|e| e.seq).collect();
+        seqs.dedup();
+        assert_eq!(seqs.len(), batch.len(), "one token per sequence in decode steps");
+    }
+    // While all three are live (the shortest echoes 2 tokens + EOS), each step holds all three.
+    assert_eq!(log.batches[1].len(), 3);
+    assert_eq!(log.batches[2].len(), 3);
+    drop(log);
+    for (rx, want) in receivers.iter_mut().zip(["aaaa", "bbbbbbbb", "cc"]) {
+        assert_eq!(drain(rx).0, want);
+    }
+}
+
+#[test]
+fn a_request_joins_running_sequences_at_the_next_step() {
+    let mut s = scheduler(2, 64);
+    let (a, mut ra) = submission("aaaaaaaaaa", 100, &[]);
+    s.admit(a).unwrap();
+    s.step();
+    s.step();
+    let (b, mut rb) = submission("bb", 100, &[]);
+    s.admit(b).unwrap();
+    s.step();
+    let log = s.runner().log.lock().unwrap();
+    let last = log.batches.last().unwrap();
+    assert_eq!(last.iter().filter(|e| e.seq == 0).count(), 1, "the running stream keeps decoding");
+    assert_eq!(last.iter().filter(|e| e.seq == 1).count(), 2, "the new prompt is prefilled alongside");
+    drop(log);
+    run_until_idle(&mut s);
+    assert_eq!(drain(&mut ra).0, "aaaaaaaaaa");
+    assert_eq!(drain(&mut rb).0, "bb");
+}
+
+#[test]
+fn long_prompts_are_chunked_to_the_batch_size_without_stalling_decodes() {
+    let mut s = scheduler(2, 8);
+    let (a, _ra) = submission("xy", 100, &[]);
+    s.admit(a).unwrap();
+    s.step(); // prefill a
+    let long = "z".repeat(20);
+    let (b, mut rb) = submission(&long, 100, &[]);
+    s.admit(b).unwrap();
+    for _ in 0..3 {
+        s.step();
+    }
+    {
+        let log = s.runner().log.lock().unwrap();
+        for batch in &log.batches {
+            assert!(batch.len() <= 8);
+        }
+        // a keeps decoding (1 token a step) while b prefills in chunks of 7.
+        let b_chunks: Vec<usize> = log.batches[1..]
+            .iter()
+            .map(|batch| batch.iter().filter(|e| e.seq == 1).count())
+            .collect();
+        assert_eq!(b_chunks, vec![7, 7, 6]);
+    }
+    run_until_idle(&mut s);
+    assert_eq!(drain(&mut rb).0, long);
+}
+
+#[test]
+fn a_dropped_receiver_frees_its_slot_and_kv_at_the_next_step() {
+    let mut s = scheduler(1, 64);
+    let (a, ra) = submission("aaaaaaaaaaaaaaaaaaaa", 100, &[]);
+    s.admit(a).unwrap();
+    s.step();
+    s.step();
+    drop(ra);
+    let report = s.step();
+    assert_eq!(report.ended, vec![0]);
+    assert_eq!(report.batch_tokens, 0);
+    assert!(s.is_idle() && s.has_free_slot());
+    assert_eq!(s.runner().log.lock().unwrap().ended, vec![0]);
+}
+
+#[test]
+fn a_request_whose_client_left_while_queued_is_skipped() {
+    let mut s = scheduler(1, 64);
+    let (a, ra) = submission("abc", 100, &[]);
+    drop(ra);
+    s.admit(a).unwrap();
+    assert!(s.is_idle());
+    assert!(s.runner().log.lock().unwrap().begun.is_empty());
+}
+
+#[test]
+fn a_prompt_that_fills_the_context_is_refused_not_decoded() {
+    let mut s = Scheduler::new(FakeRunner::new(Duration::ZERO), 1, 64, 4);
+    let (a, mut ra) = submission("abcd", 100, &[]);
+    s.admit(a).unwrap();
+    assert!(s.is_idle());
+    assert!(matches!(ra.try_recv(), Ok(GenerationEvent::Failed(_))));
+}
+
+#[test]
+fn generation_stops_at_the_sequence_context() {
+    let mut s = Scheduler::new(FakeRunner::new(Duration::ZERO), 1, 64, 8);
+    let (a, mut ra) = submission("abcde", 100, &[]);
+    s.admit(a).unwrap();
+    run_until_idle(&mut s);
+    let (text, done) = drain(&mut ra);
+    assert_eq!(text, "abc");
+    assert!(matches!(done, Some(GenerationEvent::Done { reason: FinishReason::Length, .. })));
+    let log = s.runner().log.lock().unwrap();
+    assert!(log.batches.iter().flatten().all(|e| e.pos < 8));
+}
+
+#[test]
+fn eos_token_is_never_emitted_as_text() {
+    let mut s = scheduler(1, 64);
+    let (a, mut ra) = submission("a", 100, &[]);
+    s.admit(a).unwrap();
+    run_until_idle(&mut s);
+    assert_eq!(drain(&mut ra).0, "a");
+    let _ = FAKE_EOS;
+}
