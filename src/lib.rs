@@ -1,2 +1,21 @@
+//! lm-sandbox: a local LLM server that embeds llama.cpp and speaks OpenAI's HTTP API.
+//!
+//! # Layout
+//! - [`cli`]: raw command-line arguments (clap), llama-server's flag names.
+//! - [`config`]: the arguments validated into a typed [`config::ServeConfig`].
+//! - [`engine`]: one thread per model owning llama.cpp; the scheduler (continuous batching), the
+//!   admission queue, detokenization and stop strings; [`engine::EngineHandle`] is its front.
+//! - [`template`]: chat templates rendered with Hugging Face's Jinja semantics.
+//! - [`api`]: the axum router: OpenAI routes, validation, errors, SSE, API keys.
+//! - [`server`]: binding, serving and graceful shutdown.
+//! - [`build_info`]: version, git revision and backends recorded at build time.
+//!
+//! See ARCHITECTURE.md for the invariants that hold these together.
+
+pub mod api;
+pub mod build_info;
+pub mod cli;
+pub mod config;
 pub mod engine;
+pub mod server;
 pub mod template;

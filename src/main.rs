@@ -1,1 +1,25 @@
-fn main() {}
+//! `lm-sandbox`: parse the command line, set up logging, hand off.
+
+use anyhow::Context as _;
+use clap::Parser;
+use lm_sandbox::cli::{normalize_args, Cli, Command};
+use lm_sandbox::config::ServeConfig;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse_from(normalize_args(std::env::args()));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,llama_cpp_2=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = ServeConfig::from_args(args)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            runtime.block_on(lm_sandbox::server::run(config))?;
+        }
+    }
+    Ok(())
+}

@@ -125,7 +125,10 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
             s.to_owned()
         } else {
             let n = i64::try_from(v.clone()).map_err(|_| {
-                Error::new(ErrorKind::InvalidOperation, "tojson: indent must be int or str")
+                Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: indent must be int or str",
+                )
             })?;
             " ".repeat(n.max(0) as usize)
         }),
@@ -245,7 +248,10 @@ mod tests {
             out,
             "{\"b\": \"<a&'>\", \"a\": [1, 2], \"c\": {}}|{\n  \"b\": \"<a&'>\",\n  \"a\": [\n    1,\n    2\n  ],\n  \"c\": {}\n}"
         );
-        let sorted = render("{{ messages[0] | tojson(sort_keys=true) }}", json!([{"b": 1, "a": 2}]));
+        let sorted = render(
+            "{{ messages[0] | tojson(sort_keys=true) }}",
+            json!([{"b": 1, "a": 2}]),
+        );
         assert_eq!(sorted.unwrap(), "{\"a\": 2, \"b\": 1}");
     }
 
@@ -254,7 +260,9 @@ mod tests {
         let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}";
         let err = render(src, json!([{"role": "assistant", "content": "x"}])).unwrap_err();
         match err {
-            TemplateError::Render(msg) => assert!(msg.contains("Conversation must start with user"), "{msg}"),
+            TemplateError::Render(msg) => {
+                assert!(msg.contains("Conversation must start with user"), "{msg}")
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -275,6 +283,9 @@ mod tests {
 
     #[test]
     fn a_syntax_error_is_reported_at_compile_time() {
-        assert!(matches!(ChatTemplate::new("{% for %}"), Err(TemplateError::Syntax(_))));
+        assert!(matches!(
+            ChatTemplate::new("{% for %}"),
+            Err(TemplateError::Syntax(_))
+        ));
     }
 }

@@ -30,11 +30,12 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
                 ApiError::invalid("body", format!("cannot read the request body: {rejection}"))
             }
         })?;
-        let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidRequest {
-            message: format!("The request body is not valid JSON: {e}"),
-            param: None,
-            code: Some("invalid_json"),
-        })?;
+        let value: Value =
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidRequest {
+                message: format!("The request body is not valid JSON: {e}"),
+                param: None,
+                code: Some("invalid_json"),
+            })?;
         if !value.is_object() {
             return Err(ApiError::InvalidRequest {
                 message: "The request body must be a JSON object".into(),

@@ -125,7 +125,10 @@ impl CommonFields {
                 .ok_or_else(|| {
                     ApiError::invalid(
                         &param,
-                        format!("`logit_bias` keys must be token ids between 0 and {}; got {key:?}", n_vocab - 1),
+                        format!(
+                            "`logit_bias` keys must be token ids between 0 and {}; got {key:?}",
+                            n_vocab - 1
+                        ),
                     )
                 })?;
             if !(-100.0..=100.0).contains(&bias) {
@@ -288,12 +291,26 @@ mod tests {
 
     #[test]
     fn wrong_types_and_missing_fields_are_named() {
-        assert_eq!(param_of(options(json!({"model": "m", "temperature": "hot"})).unwrap_err()), "temperature");
-        assert_eq!(param_of(options(json!({"temperature": 1})).unwrap_err()), "model");
-        assert_eq!(param_of(options(json!({"model": "m", "stop": 5})).unwrap_err()), "stop");
-        assert_eq!(param_of(options(json!({"model": "m", "stop": ["a", 1]})).unwrap_err()), "stop[1]");
         assert_eq!(
-            param_of(options(json!({"model": "m", "stop": ["a", "b", "c", "d", "e"]})).unwrap_err()),
+            param_of(options(json!({"model": "m", "temperature": "hot"})).unwrap_err()),
+            "temperature"
+        );
+        assert_eq!(
+            param_of(options(json!({"temperature": 1})).unwrap_err()),
+            "model"
+        );
+        assert_eq!(
+            param_of(options(json!({"model": "m", "stop": 5})).unwrap_err()),
+            "stop"
+        );
+        assert_eq!(
+            param_of(options(json!({"model": "m", "stop": ["a", 1]})).unwrap_err()),
+            "stop[1]"
+        );
+        assert_eq!(
+            param_of(
+                options(json!({"model": "m", "stop": ["a", "b", "c", "d", "e"]})).unwrap_err()
+            ),
             "stop"
         );
     }
@@ -304,14 +321,26 @@ mod tests {
         let mut bias = o.sampling.logit_bias.clone();
         bias.sort_by_key(|b| b.0);
         assert_eq!(bias, vec![(5, -100.0), (7, 2.5)]);
-        assert_eq!(param_of(options(json!({"model": "m", "logit_bias": {"x": 1}})).unwrap_err()), "logit_bias.x");
-        assert_eq!(param_of(options(json!({"model": "m", "logit_bias": {"5000": 1}})).unwrap_err()), "logit_bias.5000");
-        assert_eq!(param_of(options(json!({"model": "m", "logit_bias": {"5": 101}})).unwrap_err()), "logit_bias.5");
+        assert_eq!(
+            param_of(options(json!({"model": "m", "logit_bias": {"x": 1}})).unwrap_err()),
+            "logit_bias.x"
+        );
+        assert_eq!(
+            param_of(options(json!({"model": "m", "logit_bias": {"5000": 1}})).unwrap_err()),
+            "logit_bias.5000"
+        );
+        assert_eq!(
+            param_of(options(json!({"model": "m", "logit_bias": {"5": 101}})).unwrap_err()),
+            "logit_bias.5"
+        );
     }
 
     #[test]
     fn max_completion_tokens_wins_and_stop_accepts_a_string() {
-        let o = options(json!({"model": "m", "max_tokens": 5, "max_completion_tokens": 7, "stop": "END"})).unwrap();
+        let o = options(
+            json!({"model": "m", "max_tokens": 5, "max_completion_tokens": 7, "stop": "END"}),
+        )
+        .unwrap();
         assert_eq!(o.max_tokens, Some(7));
         assert_eq!(o.stop, vec!["END".to_string()]);
     }
@@ -319,10 +348,16 @@ mod tests {
     #[test]
     fn stream_options_need_stream() {
         assert_eq!(
-            param_of(options(json!({"model": "m", "stream_options": {"include_usage": true}})).unwrap_err()),
+            param_of(
+                options(json!({"model": "m", "stream_options": {"include_usage": true}}))
+                    .unwrap_err()
+            ),
             "stream_options"
         );
-        let o = options(json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}})).unwrap();
+        let o = options(
+            json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .unwrap();
         assert!(o.include_usage);
     }
 

@@ -125,7 +125,10 @@ impl ModelRunner for FakeRunner {
     }
 
     fn sample(&mut self, seq: SeqId, _batch_index: usize) -> Token {
-        let state = self.sequences.get_mut(&seq).expect("sampled a begun sequence");
+        let state = self
+            .sequences
+            .get_mut(&seq)
+            .expect("sampled a begun sequence");
         let prompt_len = *state.prompt_len.get_or_insert(state.decoded.len());
         let token = state.decoded[..prompt_len]
             .get(state.sampled)

@@ -66,15 +66,6 @@ fn backend() -> Result<&'static LlamaBackend, LoadError> {
         .map_err(|e| LoadError::Backend(e.clone()))
 }
 
-/// Which backends this binary can run on, for `--version` and `/health`.
-pub fn compiled_backends() -> Vec<&'static str> {
-    let mut backends = vec!["cpu"];
-    if cfg!(feature = "cuda") {
-        backends.push("cuda");
-    }
-    backends
-}
-
 /// Loads the model, publishes its facts through `on_ready`, then runs the batching loop until every
 /// handle is gone. Blocks the calling (engine) thread throughout.
 pub fn serve_model(
@@ -84,11 +75,12 @@ pub fn serve_model(
 ) -> Result<(), LoadError> {
     let backend = backend()?;
     let started = std::time::Instant::now();
-    let model = LlamaModel::load_from_file(backend, &config.model_path, &LlamaModelParams::default())
-        .map_err(|e| LoadError::Model {
-            path: config.model_path.clone(),
-            reason: e.to_string(),
-        })?;
+    let model =
+        LlamaModel::load_from_file(backend, &config.model_path, &LlamaModelParams::default())
+            .map_err(|e| LoadError::Model {
+                path: config.model_path.clone(),
+                reason: e.to_string(),
+            })?;
     let model = Arc::new(model);
     let n_ctx = if config.n_ctx == 0 {
         model.n_ctx_train()

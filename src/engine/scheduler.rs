@@ -91,7 +91,10 @@ impl<R: ModelRunner> Scheduler<R> {
     /// `n_seq`: parallel sequences; `n_batch`: most tokens per decode; `n_ctx_seq`: positions per
     /// sequence.
     pub fn new(runner: R, n_seq: usize, n_batch: usize, n_ctx_seq: u32) -> Self {
-        assert!(n_seq > 0 && n_batch >= n_seq, "n_batch must cover one token per sequence");
+        assert!(
+            n_seq > 0 && n_batch >= n_seq,
+            "n_batch must cover one token per sequence"
+        );
         Self {
             runner,
             slots: (0..n_seq).map(|_| None).collect(),

@@ -116,7 +116,13 @@ mod tests {
         assert_eq!(m.push("hi <").emit, "hi ");
         assert_eq!(m.push("/").emit, "");
         let o = m.push("s> tail");
-        assert_eq!(o, StopOutcome { emit: String::new(), stopped: true });
+        assert_eq!(
+            o,
+            StopOutcome {
+                emit: String::new(),
+                stopped: true
+            }
+        );
     }
 
     #[test]

@@ -8,7 +8,11 @@ use super::*;
 use crate::engine::fake::{FakeRunner, FAKE_EOS};
 use crate::engine::{GenerationRequest, SamplingParams};
 
-fn submission(prompt: &str, max: u32, stop: &[&str]) -> (Submission, mpsc::Receiver<GenerationEvent>) {
+fn submission(
+    prompt: &str,
+    max: u32,
+    stop: &[&str],
+) -> (Submission, mpsc::Receiver<GenerationEvent>) {
     let (tx, rx) = mpsc::channel(max as usize + 2);
     let request = GenerationRequest {
         prompt: prompt.bytes().map(Token::from).collect(),
@@ -16,7 +20,13 @@ fn submission(prompt: &str, max: u32, stop: &[&str]) -> (Submission, mpsc::Recei
         max_new_tokens: max,
         stop: stop.iter().map(|s| s.to_string()).collect(),
     };
-    (Submission { request, events: tx }, rx)
+    (
+        Submission {
+            request,
+            events: tx,
+        },
+        rx,
+    )
 }
 
 fn drain(rx: &mut mpsc::Receiver<GenerationEvent>) -> (String, Option<GenerationEvent>) {
@@ -72,7 +82,13 @@ fn max_tokens_ends_with_length() {
     run_until_idle(&mut s);
     let (text, done) = drain(&mut rx);
     assert_eq!(text, "abc");
-    assert!(matches!(done, Some(GenerationEvent::Done { reason: FinishReason::Length, .. })));
+    assert!(matches!(
+        done,
+        Some(GenerationEvent::Done {
+            reason: FinishReason::Length,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -91,7 +107,13 @@ fn a_stop_string_across_tokens_ends_generation_without_leaking() {
     }
     assert_eq!(chunks.concat(), "one");
     assert!(chunks.iter().all(|c| !c.contains('<')), "{chunks:?}");
-    assert!(matches!(done, Some(GenerationEvent::Done { reason: FinishReason::Stop, .. })));
+    assert!(matches!(
+        done,
+        Some(GenerationEvent::Done {
+            reason: FinishReason::Stop,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -116,7 +138,10 @@ fn admission_stops_when_every_slot_is_busy() {
     assert!(s.admit(a).is_ok());
     assert!(s.admit(b).is_ok());
     assert!(!s.has_free_slot());
-    assert!(s.admit(c).is_err(), "a third request must wait in the queue");
+    assert!(
+        s.admit(c).is_err(),
+        "a third request must wait in the queue"
+    );
 }
 
 #[test]
@@ -135,7 +160,11 @@ fn every_active_sequence_decodes_in_every_step() {
     for batch in &log.batches[1..] {
         let mut seqs: Vec<SeqId> = batch.iter().map(|e| e.seq).collect();
         seqs.dedup();
-        assert_eq!(seqs.len(), batch.len(), "one token per sequence in decode steps");
+        assert_eq!(
+            seqs.len(),
+            batch.len(),
+            "one token per sequence in decode steps"
+        );
     }
     // While all three are live (the shortest echoes 2 tokens + EOS), each step holds all three.
     assert_eq!(log.batches[1].len(), 3);
@@ -158,8 +187,16 @@ fn a_request_joins_running_sequences_at_the_next_step() {
     s.step();
     let log = s.runner().log.lock().unwrap();
     let last = log.batches.last().unwrap();
-    assert_eq!(last.iter().filter(|e| e.seq == 0).count(), 1, "the running stream keeps decoding");
-    assert_eq!(last.iter().filter(|e| e.seq == 1).count(), 2, "the new prompt is prefilled alongside");
+    assert_eq!(
+        last.iter().filter(|e| e.seq == 0).count(),
+        1,
+        "the running stream keeps decoding"
+    );
+    assert_eq!(
+        last.iter().filter(|e| e.seq == 1).count(),
+        2,
+        "the new prompt is prefilled alongside"
+    );
     drop(log);
     run_until_idle(&mut s);
     assert_eq!(drain(&mut ra).0, "aaaaaaaaaa");
@@ -236,7 +273,13 @@ fn generation_stops_at_the_sequence_context() {
     run_until_idle(&mut s);
     let (text, done) = drain(&mut ra);
     assert_eq!(text, "abc");
-    assert!(matches!(done, Some(GenerationEvent::Done { reason: FinishReason::Length, .. })));
+    assert!(matches!(
+        done,
+        Some(GenerationEvent::Done {
+            reason: FinishReason::Length,
+            ..
+        })
+    ));
     let log = s.runner().log.lock().unwrap();
     assert!(log.batches.iter().flatten().all(|e| e.pos < 8));
 }

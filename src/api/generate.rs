@@ -1,0 +1,176 @@
+//! From validated prompts to engine submissions and back: admission (429/503), merging the event
+//! streams of several choices, and collecting them for a non-streamed response.
+
+use futures::stream::{self, Stream, StreamExt};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::error::ApiError;
+use super::params::GenerationOptions;
+use crate::engine::{
+    EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStats, SubmitError,
+    Token,
+};
+
+/// One prompt, tokenized, with its token budget.
+pub struct PromptJob {
+    pub tokens: Vec<Token>,
+    pub max_new_tokens: u32,
+}
+
+/// Submits `n` choices per prompt; choice `i * n + j` is prompt `i`'s `j`-th. All or nothing: if one
+/// cannot be queued, the ones already queued are dropped (their receivers close, so the engine
+/// skips them) and the whole request is refused.
+pub fn submit(
+    engine: &EngineHandle,
+    jobs: Vec<PromptJob>,
+    options: &GenerationOptions,
+) -> Result<Vec<mpsc::Receiver<GenerationEvent>>, ApiError> {
+    let mut receivers = Vec::with_capacity(jobs.len() * options.n as usize);
+    for job in jobs {
+        for _ in 0..options.n {
+            let request = GenerationRequest {
+                prompt: job.tokens.clone(),
+                sampling: options.sampling.clone(),
+                max_new_tokens: job.max_new_tokens,
+                stop: options.stop.clone(),
+            };
+            let rx = engine.submit(request).map_err(|err| match err {
+                SubmitError::QueueFull => ApiError::QueueFull,
+                SubmitError::Unavailable => ApiError::Unavailable(err.to_string()),
+            })?;
+            receivers.push(rx);
+        }
+    }
+    Ok(receivers)
+}
+
+/// The events of every choice, interleaved as they arrive, tagged with the choice index.
+pub fn merged(
+    receivers: Vec<mpsc::Receiver<GenerationEvent>>,
+) -> impl Stream<Item = (u32, GenerationEvent)> + Send + Unpin {
+    stream::select_all(
+        receivers
+            .into_iter()
+            .enumerate()
+            .map(|(i, rx)| ReceiverStream::new(rx).map(move |event| (i as u32, event))),
+    )
+}
+
+/// A finished choice.
+#[derive(Debug, Default, Clone)]
+pub struct Completed {
+    pub text: String,
+    pub reason: Option<FinishReason>,
+    pub stats: GenerationStats,
+}
+
+/// Waits for every choice to finish. If the client goes away, the future is dropped with the
+/// receivers, and the engine cancels the sequences.
+pub async fn collect(
+    receivers: Vec<mpsc::Receiver<GenerationEvent>>,
+) -> Result<Vec<Completed>, ApiError> {
+    let mut done = vec![Completed::default(); receivers.len()];
+    let mut events = merged(receivers);
+    while let Some((index, event)) = events.next().await {
+        let choice = &mut done[index as usize];
+        match event {
+            GenerationEvent::Text(text) => choice.text.push_str(&text),
+            GenerationEvent::Done { reason, stats } => {
+                choice.reason = Some(reason);
+                choice.stats = stats;
+            }
+            GenerationEvent::Failed(message) => return Err(ApiError::Internal(message)),
+        }
+    }
+    if done.iter().any(|c| c.reason.is_none()) {
+        return Err(ApiError::Internal(
+            "the engine stopped before the generation finished".into(),
+        ));
+    }
+    Ok(done)
+}
+
+/// OpenAI's `finish_reason`.
+pub fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+/// OpenAI's `usage`.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    /// Prompts count once each even with `n` > 1 choices, as OpenAI counts them.
+    pub fn add(&mut self, stats: &GenerationStats, first_of_prompt: bool) {
+        if first_of_prompt {
+            self.prompt_tokens += stats.prompt_tokens;
+        }
+        self.completion_tokens += stats.generated_tokens;
+        self.total_tokens = self.prompt_tokens + self.completion_tokens;
+    }
+}
+
+/// llama-server's `timings` object, for one choice.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Timings {
+    pub prompt_n: u32,
+    pub prompt_ms: f64,
+    pub prompt_per_token_ms: f64,
+    pub prompt_per_second: f64,
+    pub predicted_n: u32,
+    pub predicted_ms: f64,
+    pub predicted_per_token_ms: f64,
+    pub predicted_per_second: f64,
+}
+
+impl From<&GenerationStats> for Timings {
+    fn from(s: &GenerationStats) -> Self {
+        let per = |ms: f64, n: u32| if n == 0 { 0.0 } else { ms / f64::from(n) };
+        let rate = |ms: f64, n: u32| {
+            if ms <= 0.0 {
+                0.0
+            } else {
+                1e3 * f64::from(n) / ms
+            }
+        };
+        // The first generated token is produced by the prompt's decode, so decode speed is
+        // measured over the tokens after it.
+        let decoded = s.generated_tokens.saturating_sub(1);
+        Self {
+            prompt_n: s.prompt_tokens,
+            prompt_ms: s.prompt_ms,
+            prompt_per_token_ms: per(s.prompt_ms, s.prompt_tokens),
+            prompt_per_second: rate(s.prompt_ms, s.prompt_tokens),
+            predicted_n: s.generated_tokens,
+            predicted_ms: s.generation_ms,
+            predicted_per_token_ms: per(s.generation_ms, decoded),
+            predicted_per_second: rate(s.generation_ms, decoded),
+        }
+    }
+}
+
+/// A random id with OpenAI's prefixes (`chatcmpl-`, `cmpl-`).
+pub fn response_id(prefix: &str) -> String {
+    use rand::distributions::{Alphanumeric, DistString};
+    format!(
+        "{prefix}-{}",
+        Alphanumeric.sample_string(&mut rand::thread_rng(), 24)
+    )
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,175 @@
+//! The HTTP layer: OpenAI-compatible routes over an [`EngineHandle`].
+//!
+//! Owns: routing, request parsing and validation, OpenAI's response and error shapes, SSE, API keys.
+//! Must not: touch llama.cpp or block the runtime; it talks to the engine only through its handle
+//! (bounded `try_send` in, a per-request event channel out).
+//!
+//! Every route answers with and without the `/v1` prefix, as llama-server does.
+
+mod auth;
+mod chat;
+mod completions;
+pub mod error;
+mod extract;
+mod generate;
+mod models;
+mod params;
+mod sse;
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, Uri};
+use axum::routing::{get, post};
+use axum::Router;
+
+pub use error::ApiError;
+pub use extract::MAX_BODY_BYTES;
+
+use crate::engine::{EngineHandle, EngineState, ModelInfo};
+use crate::template::{ChatTemplate, CHATML};
+
+/// What the HTTP layer is configured with.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Names the model answers to: its file stem first, then every alias.
+    pub model_ids: Vec<String>,
+    /// Empty: no key needed.
+    pub api_keys: Vec<String>,
+    /// Server-wide cap on generated tokens (`--n-predict`).
+    pub n_predict: Option<u32>,
+    /// A `--chat-template-file` that replaces the model's own template.
+    pub chat_template: Option<String>,
+    /// `created` of the model objects (the model file's modification time).
+    pub created: u64,
+}
+
+impl ApiConfig {
+    pub fn system_fingerprint(&self) -> String {
+        format!("lm-sandbox-{}", crate::build_info::GIT_REVISION)
+    }
+}
+
+/// The loaded model as the HTTP side uses it.
+pub struct Loaded {
+    pub info: ModelInfo,
+    pub template: ChatTemplate,
+}
+
+struct Shared {
+    engine: EngineHandle,
+    config: ApiConfig,
+    loaded: OnceLock<Loaded>,
+}
+
+/// Cheap to clone: everything lives behind one `Arc`.
+#[derive(Clone)]
+pub struct AppState {
+    shared: Arc<Shared>,
+}
+
+impl AppState {
+    pub fn new(engine: EngineHandle, config: ApiConfig) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                engine,
+                config,
+                loaded: OnceLock::new(),
+            }),
+        }
+    }
+
+    pub fn engine(&self) -> EngineHandle {
+        self.shared.engine.clone()
+    }
+
+    pub fn config(&self) -> &ApiConfig {
+        &self.shared.config
+    }
+
+    /// The model's facts and compiled template; 503 until the engine has loaded it.
+    pub fn loaded(&self) -> Result<&Loaded, ApiError> {
+        if let Some(loaded) = self.shared.loaded.get() {
+            return Ok(loaded);
+        }
+        let info = match self.shared.engine.state() {
+            EngineState::Ready(info) => info,
+            EngineState::Loading => return Err(ApiError::Loading),
+            EngineState::Failed(reason) => return Err(ApiError::Unavailable(reason)),
+            EngineState::Stopped => {
+                return Err(ApiError::Unavailable("the engine has stopped".into()))
+            }
+        };
+        Ok(self.shared.loaded.get_or_init(|| Loaded {
+            template: self.compile_template(&info),
+            info,
+        }))
+    }
+
+    /// `--chat-template-file` (already checked at start-up), else the GGUF's template, else ChatML.
+    fn compile_template(&self, info: &ModelInfo) -> ChatTemplate {
+        let candidates = [
+            self.shared.config.chat_template.as_deref(),
+            info.chat_template.as_deref(),
+        ];
+        for source in candidates.into_iter().flatten() {
+            match ChatTemplate::new(source) {
+                Ok(template) => return template,
+                Err(err) => tracing::warn!(%err, "chat template unusable; trying the next"),
+            }
+        }
+        ChatTemplate::new(CHATML).expect("the built-in ChatML template compiles")
+    }
+
+    /// The served name for a requested model id; 404 for one we do not serve.
+    pub fn resolve_model(&self, requested: &str) -> Result<String, ApiError> {
+        self.shared
+            .config
+            .model_ids
+            .iter()
+            .find(|id| id.as_str() == requested)
+            .cloned()
+            .ok_or_else(|| ApiError::ModelNotFound(requested.to_owned()))
+    }
+}
+
+async fn route_not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::RouteNotFound {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    let mut router = Router::new().route("/health", get(models::health));
+    for prefix in ["/v1", ""] {
+        router = router
+            .route(
+                &format!("{prefix}/chat/completions"),
+                post(chat::chat_completions),
+            )
+            .route(
+                &format!("{prefix}/completions"),
+                post(completions::completions),
+            )
+            .route(&format!("{prefix}/models"), get(models::list))
+            .route(&format!("{prefix}/models/{{*id}}"), get(models::get));
+    }
+    router
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}

@@ -1,0 +1,141 @@
+//! Server-sent events for streamed completions: OpenAI's framing, the usage chunk, `[DONE]`, and
+//! cancellation when the client goes away.
+//!
+//! A task forwards engine events into the response body through a bounded channel. It watches the
+//! channel's closing (the client hung up) while it waits, and returning drops the engine receivers,
+//! which cancels the sequences within one decode step, queued or running.
+
+use std::convert::Infallible;
+
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::error::ApiError;
+use super::generate::{finish_reason, merged, Usage};
+use crate::engine::{GenerationEvent, GenerationStats};
+
+/// The fields every chunk of one response repeats.
+pub struct ChunkHeader {
+    pub id: String,
+    /// `chat.completion.chunk` or `text_completion`.
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub fingerprint: String,
+    /// OpenAI sends `"usage": null` on every chunk but the last when usage was asked for.
+    pub include_usage: bool,
+}
+
+impl ChunkHeader {
+    /// One chunk with `choices`, plus an optional extra top-level field.
+    pub fn chunk(&self, choices: Value, extra: Option<(&str, Value)>) -> Value {
+        let mut chunk = serde_json::json!({
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+        });
+        if self.include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        if let Some((key, value)) = extra {
+            chunk[key] = value;
+        }
+        chunk
+    }
+}
+
+/// How one endpoint shapes its chunks.
+pub trait ChunkShape: Send + 'static {
+    /// A chunk sent for each choice before any text (chat: the role delta).
+    fn opening(&self, index: u32) -> Option<Value>;
+    fn text(&self, index: u32, text: &str) -> Value;
+    fn finish(&self, index: u32, reason: &'static str, stats: &GenerationStats) -> Value;
+    /// The final chunk with empty `choices` (sent when `stream_options.include_usage`).
+    fn usage(&self, usage: Usage) -> Value;
+}
+
+/// Frames of the SSE body; a small buffer is enough since the task waits when it is full.
+const SSE_BUFFER: usize = 64;
+
+/// Streams `receivers` (choice `i` is receiver `i`; `n` choices per prompt) as an SSE response.
+pub fn stream_response<S: ChunkShape>(
+    shape: S,
+    receivers: Vec<mpsc::Receiver<GenerationEvent>>,
+    n: u32,
+    include_usage: bool,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Event>(SSE_BUFFER);
+    tokio::spawn(forward(shape, receivers, n, include_usage, tx));
+    Sse::new(ReceiverStream::new(rx).map(Ok::<_, Infallible>)).into_response()
+}
+
+fn json_event(value: &Value) -> Event {
+    Event::default().data(value.to_string())
+}
+
+async fn forward<S: ChunkShape>(
+    shape: S,
+    receivers: Vec<mpsc::Receiver<GenerationEvent>>,
+    n: u32,
+    include_usage: bool,
+    tx: mpsc::Sender<Event>,
+) {
+    let choices = receivers.len();
+    for index in 0..choices as u32 {
+        if let Some(chunk) = shape.opening(index) {
+            if tx.send(json_event(&chunk)).await.is_err() {
+                return;
+            }
+        }
+    }
+    let mut events = merged(receivers);
+    let mut usage = Usage::default();
+    let mut finished = 0;
+    loop {
+        let next = tokio::select! {
+            // The client hung up: dropping `events` cancels every sequence.
+            _ = tx.closed() => return,
+            next = events.next() => next,
+        };
+        let frame = match next {
+            None => break,
+            Some((index, GenerationEvent::Text(text))) => json_event(&shape.text(index, &text)),
+            Some((index, GenerationEvent::Done { reason, stats })) => {
+                usage.add(&stats, index % n == 0);
+                finished += 1;
+                json_event(&shape.finish(index, finish_reason(reason), &stats))
+            }
+            Some((_, GenerationEvent::Failed(message))) => {
+                let error = ApiError::Internal(message);
+                tracing::error!(%error, "generation failed mid-stream");
+                // Ignored send error: the stream ends here either way.
+                let _ = tx.send(error_event(&error)).await;
+                return;
+            }
+        };
+        if tx.send(frame).await.is_err() {
+            return;
+        }
+    }
+    if finished < choices {
+        let error = ApiError::Internal("the engine stopped before the generation finished".into());
+        let _ = tx.send(error_event(&error)).await;
+        return;
+    }
+    if include_usage && tx.send(json_event(&shape.usage(usage))).await.is_err() {
+        return;
+    }
+    let _ = tx.send(Event::default().data("[DONE]")).await;
+}
+
+/// An error after the stream began: one in-band event, then the end.
+fn error_event(error: &ApiError) -> Event {
+    Event::default().data(serde_json::to_string(&error.body()).unwrap_or_default())
+}

@@ -1,0 +1,144 @@
+//! Raw command-line arguments (clap). Flag names follow llama-server's where they overlap; every
+//! flag can also come from an `LM_SANDBOX_*` environment variable (a flag wins over the variable).
+//! Validation into a typed config is `config.rs`'s job.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The default model that `.ci/setup` fetches.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Debug, Parser)]
+#[command(name = "lm-sandbox", version, long_version = crate::build_info::LONG_VERSION, about = "A local LLM server: llama.cpp in-process behind an OpenAI-compatible API")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a GGUF model over the OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// GGUF model file.
+    #[arg(short = 'm', long, env = "LM_SANDBOX_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+
+    /// Another name the model answers to (repeatable; the file stem always works).
+    #[arg(long = "alias", env = "LM_SANDBOX_ALIAS", value_delimiter = ',')]
+    pub aliases: Vec<String>,
+
+    /// Address to listen on.
+    #[arg(long, env = "LM_SANDBOX_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "LM_SANDBOX_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Total context in tokens, shared by all parallel sequences (0: the model's trained context).
+    #[arg(short = 'c', long, env = "LM_SANDBOX_CTX_SIZE", default_value_t = 4096)]
+    pub ctx_size: u32,
+
+    /// Sequences decoded together; each gets ctx-size / parallel tokens. `-np N` works too.
+    #[arg(long = "parallel", env = "LM_SANDBOX_PARALLEL", default_value_t = 4)]
+    pub parallel: u32,
+
+    /// CPU threads for decoding (default: all available cores).
+    #[arg(short = 't', long, env = "LM_SANDBOX_THREADS")]
+    pub threads: Option<u32>,
+
+    /// Most tokens per decode step (prompt chunks plus one token per running sequence).
+    #[arg(
+        short = 'b',
+        long,
+        env = "LM_SANDBOX_BATCH_SIZE",
+        default_value_t = 2048
+    )]
+    pub batch_size: u32,
+
+    /// Server-wide cap on generated tokens per request (-1: none).
+    #[arg(short = 'n', long, env = "LM_SANDBOX_N_PREDICT", default_value_t = -1, allow_negative_numbers = true)]
+    pub n_predict: i64,
+
+    /// Require `Authorization: Bearer KEY` (repeatable; comma-separated in the variable).
+    #[arg(
+        long = "api-key",
+        env = "LM_SANDBOX_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
+    /// A Jinja chat template that replaces the one in the GGUF.
+    #[arg(long, env = "LM_SANDBOX_CHAT_TEMPLATE_FILE")]
+    pub chat_template_file: Option<PathBuf>,
+
+    /// Requests that may wait for a free sequence; beyond that, 429 with Retry-After.
+    #[arg(long, env = "LM_SANDBOX_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: u32,
+
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
+    #[arg(long, env = "LM_SANDBOX_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+}
+
+/// llama-server spells `--parallel` as `-np`, which clap cannot take as a short flag: rewrite it.
+pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    args.into_iter()
+        .map(|arg| match arg.strip_prefix("-np") {
+            Some("") => "--parallel".to_owned(),
+            Some(rest) if rest.starts_with('=') => format!("--parallel{rest}"),
+            _ => arg,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let argv = normalize_args(
+            ["lm-sandbox", "serve"]
+                .iter()
+                .chain(args)
+                .map(|s| s.to_string()),
+        );
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(args) => args,
+        }
+    }
+
+    #[test]
+    fn llama_server_spellings_parse() {
+        let a = serve(&[
+            "-m", "x.gguf", "-c", "2048", "-np", "8", "-t", "2", "-b", "512", "-n", "64",
+        ]);
+        assert_eq!(
+            (a.ctx_size, a.parallel, a.threads, a.batch_size, a.n_predict),
+            (2048, 8, Some(2), 512, 64)
+        );
+        assert_eq!(serve(&["-np=3"]).parallel, 3);
+    }
+
+    #[test]
+    fn repeatable_flags_collect() {
+        let a = serve(&[
+            "--alias",
+            "a",
+            "--alias",
+            "b",
+            "--api-key",
+            "k1",
+            "--api-key",
+            "k2",
+        ]);
+        assert_eq!(a.aliases, vec!["a", "b"]);
+        assert_eq!(a.api_keys, vec!["k1", "k2"]);
+    }
+}

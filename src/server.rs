@@ -1,0 +1,133 @@
+//! Process-level serving: start the engine thread, bind, serve, and shut down cleanly.
+//!
+//! On SIGINT/SIGTERM the listener stops accepting, in-flight requests (streams included) get up to
+//! `--shutdown-timeout` to finish, then the process exits 0. A model that fails to load ends the
+//! process with the reason.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, AppState};
+use crate::config::ServeConfig;
+use crate::engine::{spawn_llama_engine, EngineHandle, EngineState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot start the engine thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("the model failed to load: {0}")]
+    Load(String),
+}
+
+/// A server accepting connections; the model may still be loading.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub engine: EngineHandle,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+/// Spawns the engine (the model loads in the background; `/health` says 503 meanwhile) and starts
+/// serving HTTP on `config.host:config.port`.
+pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
+    let (engine, _thread) = spawn_llama_engine(config.engine.clone()).map_err(ServeError::Spawn)?;
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: format!("{}:{}", config.host, config.port),
+        source,
+    })?;
+    let app = api::router(AppState::new(engine.clone(), config.api.clone()));
+    let (stop, mut stopped) = watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        // Err: the sender is gone, which also means stop.
+        let _ = stopped.wait_for(|s| *s).await;
+    });
+    let task = tokio::spawn(server.into_future());
+    tracing::info!(%addr, "listening");
+    Ok(RunningServer {
+        addr,
+        engine,
+        stop,
+        task,
+    })
+}
+
+impl RunningServer {
+    /// Waits until the model is loaded; an error if it failed.
+    pub async fn ready(&self) -> Result<(), ServeError> {
+        match self.engine.wait_loaded().await {
+            EngineState::Ready(_) => Ok(()),
+            EngineState::Failed(reason) => Err(ServeError::Load(reason)),
+            other => Err(ServeError::Load(format!(
+                "engine ended while loading ({other:?})"
+            ))),
+        }
+    }
+
+    /// Stops accepting and gives in-flight requests `grace` to finish. Returns whether they did.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        self.stop.send_replace(true);
+        match tokio::time::timeout(grace, self.task).await {
+            Ok(_) => true,
+            Err(_) => {
+                tracing::warn!(
+                    grace_s = grace.as_secs(),
+                    "in-flight requests did not finish in time"
+                );
+                false
+            }
+        }
+    }
+}
+
+/// Serves until SIGINT/SIGTERM, then shuts down gracefully.
+pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
+    let server = start(&config).await?;
+    tokio::select! {
+        loaded = server.ready() => {
+            loaded?;
+            tracing::info!(addr = %server.addr, models = ?config.api.model_ids, "ready");
+            shutdown_signal().await;
+        }
+        _ = shutdown_signal() => {}
+    }
+    tracing::info!("shutting down: no new connections; waiting for in-flight requests");
+    server.shutdown(config.shutdown_timeout).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}
