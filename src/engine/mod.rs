@@ -191,5 +191,5 @@ impl EngineHandle {
     }
 }
 
-pub use worker::spawn_engine_with_runner;
 pub use worker::spawn_llama_engine;
+pub use worker::{spawn_engine_with_runner, WorkerConfig};

@@ -69,11 +69,12 @@ pub fn spawn_engine_with_runner<R: ModelRunner + Send + 'static>(
     config: WorkerConfig,
 ) -> std::io::Result<(EngineHandle, JoinHandle<()>)> {
     let (tx, rx, state_tx, state_rx) = channels(config.max_queue);
+    // Nothing to load: the engine is ready before its handle is returned.
+    state_tx.send_replace(EngineState::Ready(info));
     let thread = std::thread::Builder::new()
         .name("engine-fake".into())
         .spawn(move || {
             let scheduler = Scheduler::new(runner, config.n_seq, config.n_batch, config.n_ctx_seq);
-            state_tx.send_replace(EngineState::Ready(info));
             run(scheduler, rx);
             state_tx.send_replace(EngineState::Stopped);
         })?;
