@@ -1,0 +1,193 @@
+//! End to end on the real default model over real HTTP: greedy determinism, streamed equals
+//! unstreamed, concurrency, cancellation, context overflow. Needs `--features real-model`.
+
+#![cfg(feature = "real-model")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{start, MODEL_ID};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+fn chat(content: &str, max_tokens: u32) -> Value {
+    json!({
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    })
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
+    let response = client.post(url).json(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// Reads an SSE response to the end: (text, finish_reason, saw [DONE]).
+async fn read_stream(response: reqwest::Response) -> (String, Option<String>, bool) {
+    let body = response.text().await.unwrap();
+    let mut text = String::new();
+    let mut finish = None;
+    let mut done = false;
+    for frame in body.split("\n\n").filter(|f| !f.trim().is_empty()) {
+        let data = frame.strip_prefix("data: ").expect("data frame");
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        if let Some(choice) = chunk["choices"].get(0) {
+            text += choice["delta"]["content"].as_str().unwrap_or("");
+            if let Some(reason) = choice["finish_reason"].as_str() {
+                finish = Some(reason.to_owned());
+            }
+        }
+    }
+    (text, finish, done)
+}
+
+#[tokio::test]
+async fn greedy_output_is_identical_twice_and_streamed_matches_unstreamed() {
+    let server = start(&["--parallel", "2"]).await;
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let client = reqwest::Client::new();
+    let request = chat("Name three colors.", 40);
+    let (status, first) = post(&client, &url, &request).await;
+    assert_eq!(status, 200, "{first}");
+    let (_, second) = post(&client, &url, &request).await;
+    let text = first["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    assert!(!text.is_empty());
+    assert_eq!(text, second["choices"][0]["message"]["content"].as_str().unwrap());
+    assert!(first["usage"]["prompt_tokens"].as_u64().unwrap() > 5);
+
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let response = client.post(&url).json(&streamed).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let (stream_text, finish, done) = read_stream(response).await;
+    assert_eq!(stream_text, text);
+    assert_eq!(finish.as_deref(), first["choices"][0]["finish_reason"].as_str());
+    assert!(done);
+}
+
+#[tokio::test]
+async fn the_same_seed_reproduces_a_sampled_completion() {
+    let server = start(&["--parallel", "2"]).await;
+    let url = format!("http://{}/v1/completions", server.addr);
+    let client = reqwest::Client::new();
+    let request = json!({"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 24,
+        "temperature": 1.0, "top_p": 0.95, "top_k": 40, "seed": 1234, "frequency_penalty": 0.5});
+    let (status, a) = post(&client, &url, &request).await;
+    assert_eq!(status, 200, "{a}");
+    let (_, b) = post(&client, &url, &request).await;
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+}
+
+#[tokio::test]
+async fn eight_concurrent_streams_all_finish() {
+    let server = start(&["--parallel", "8", "-c", "8192"]).await;
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let client = reqwest::Client::new();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let client = client.clone();
+            let url = url.clone();
+            let mut request = chat(&format!("Count from {i} upwards."), 32);
+            request["stream"] = json!(true);
+            tokio::spawn(async move {
+                let response = client.post(&url).json(&request).send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                read_stream(response).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (text, finish, done) = tokio::time::timeout(Duration::from_secs(120), task).await.unwrap().unwrap();
+        assert!(!text.is_empty());
+        assert!(matches!(finish.as_deref(), Some("stop" | "length")), "{finish:?}");
+        assert!(done);
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_stream_frees_its_slot_for_a_queued_request() {
+    let server = start(&["--parallel", "1"]).await;
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let client = reqwest::Client::new();
+    // A long generation holds the only slot.
+    let mut long = chat("Write a very long story about the sea.", 1000);
+    long["stream"] = json!(true);
+    long["temperature"] = json!(0.8);
+    let response = client.post(&url).json(&long).send().await.unwrap();
+    let mut bytes = response.bytes_stream();
+    bytes.next().await.unwrap().unwrap();
+    bytes.next().await.unwrap().unwrap();
+    // A second request queues behind it, then the first client hangs up.
+    let queued = tokio::spawn({
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            let started = Instant::now();
+            let result = post(&client, &url, &chat("Say hi.", 8)).await;
+            (result, started.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(bytes);
+    let ((status, body), waited) = tokio::time::timeout(Duration::from_secs(30), queued).await.unwrap().unwrap();
+    assert_eq!(status, 200, "{body}");
+    // 1000 tokens at ~100 tok/s would take ~10 s; the cancelled stream must not have run on.
+    assert!(waited < Duration::from_secs(5), "queued request waited {waited:?}");
+}
+
+#[tokio::test]
+async fn a_context_overflow_is_a_400_before_any_stream_byte() {
+    let server = start(&["--parallel", "2", "-c", "512"]).await;
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let client = reqwest::Client::new();
+    let long = "word ".repeat(400);
+    let (status, body) = post(&client, &url, &chat(&long, 10)).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "context_length_exceeded");
+    let mut request = chat("hi", 300);
+    request["stream"] = json!(true);
+    let response = client.post(&url).json(&request).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "context_length_exceeded");
+}
+
+#[tokio::test]
+async fn stop_strings_and_n_predict_apply_to_the_real_model() {
+    let server = start(&["--parallel", "2", "--n-predict", "5"]).await;
+    let url = format!("http://{}/v1/completions", server.addr);
+    let client = reqwest::Client::new();
+    let (_, capped) = post(&client, &url, &json!({"model": MODEL_ID, "prompt": "1, 2, 3,", "max_tokens": 50, "temperature": 0})).await;
+    assert_eq!(capped["usage"]["completion_tokens"], 5);
+    assert_eq!(capped["choices"][0]["finish_reason"], "length");
+    let (_, stopped) = post(&client, &url, &json!({"model": MODEL_ID, "prompt": "1, 2, 3, 4,", "temperature": 0, "stop": [","]})).await;
+    let text = stopped["choices"][0]["text"].as_str().unwrap();
+    assert!(!text.contains(','), "{text:?}");
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_an_in_flight_request_finish() {
+    let server = start(&["--parallel", "1"]).await;
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let client = reqwest::Client::new();
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        let url = url.clone();
+        async move { post(&client, &url, &chat("Tell me about cats.", 48)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let addr = server.addr;
+    assert!(server.shutdown(Duration::from_secs(30)).await, "in-flight work finished within the bound");
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(client.get(format!("http://{addr}/health")).send().await.is_err(), "no longer accepting");
+}
