@@ -153,7 +153,14 @@ async fn routes_answer_without_the_v1_prefix_and_to_aliases() {
 #[tokio::test]
 async fn every_client_mistake_is_a_4xx_with_an_openai_error_body() {
     let h = harness();
-    let cases: Vec<(Request<Body>, StatusCode, Option<&str>, Option<&str>)> = vec![
+    // (request, status, expected `param`, expected `code`)
+    type Case = (
+        Request<Body>,
+        StatusCode,
+        Option<&'static str>,
+        Option<&'static str>,
+    );
+    let cases: Vec<Case> = vec![
         (
             Request::post("/v1/chat/completions")
                 .body(Body::from("{not json"))

@@ -48,15 +48,29 @@ async fn the_openai_client_lists_chats_streams_and_sees_typed_errors() {
     assert_eq!(models.data.len(), 1);
     assert_eq!(models.data[0].id, MODEL_ID);
 
-    let response = client.chat().create(request("What is 2 + 2?", 24)).await.unwrap();
+    let response = client
+        .chat()
+        .create(request("What is 2 + 2?", 24))
+        .await
+        .unwrap();
     let choice = &response.choices[0];
     let text = choice.message.content.clone().unwrap();
     assert!(!text.is_empty());
-    assert!(matches!(choice.finish_reason, Some(FinishReason::Stop | FinishReason::Length)));
+    assert!(matches!(
+        choice.finish_reason,
+        Some(FinishReason::Stop | FinishReason::Length)
+    ));
     let usage = response.usage.unwrap();
-    assert_eq!(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens);
+    assert_eq!(
+        usage.total_tokens,
+        usage.prompt_tokens + usage.completion_tokens
+    );
 
-    let mut stream = client.chat().create_stream(request("What is 2 + 2?", 24)).await.unwrap();
+    let mut stream = client
+        .chat()
+        .create_stream(request("What is 2 + 2?", 24))
+        .await
+        .unwrap();
     let mut streamed = String::new();
     let mut finish = None;
     while let Some(chunk) = stream.next().await {
@@ -86,7 +100,9 @@ async fn the_openai_client_lists_chats_streams_and_sees_typed_errors() {
             .with_api_key("wrong"),
     );
     match unauthorized.models().list().await {
-        Err(OpenAIError::ApiError(error)) => assert_eq!(error.code.as_deref(), Some("invalid_api_key")),
+        Err(OpenAIError::ApiError(error)) => {
+            assert_eq!(error.code.as_deref(), Some("invalid_api_key"))
+        }
         other => panic!("expected 401 as an API error, got {other:?}"),
     }
 }

@@ -58,9 +58,15 @@ async fn greedy_output_is_identical_twice_and_streamed_matches_unstreamed() {
     let (status, first) = post(&client, &url, &request).await;
     assert_eq!(status, 200, "{first}");
     let (_, second) = post(&client, &url, &request).await;
-    let text = first["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    let text = first["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(!text.is_empty());
-    assert_eq!(text, second["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(
+        text,
+        second["choices"][0]["message"]["content"].as_str().unwrap()
+    );
     assert!(first["usage"]["prompt_tokens"].as_u64().unwrap() > 5);
 
     let mut streamed = request.clone();
@@ -69,7 +75,10 @@ async fn greedy_output_is_identical_twice_and_streamed_matches_unstreamed() {
     assert_eq!(response.status(), 200);
     let (stream_text, finish, done) = read_stream(response).await;
     assert_eq!(stream_text, text);
-    assert_eq!(finish.as_deref(), first["choices"][0]["finish_reason"].as_str());
+    assert_eq!(
+        finish.as_deref(),
+        first["choices"][0]["finish_reason"].as_str()
+    );
     assert!(done);
 }
 
@@ -105,9 +114,15 @@ async fn eight_concurrent_streams_all_finish() {
         })
         .collect();
     for task in tasks {
-        let (text, finish, done) = tokio::time::timeout(Duration::from_secs(120), task).await.unwrap().unwrap();
+        let (text, finish, done) = tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(!text.is_empty());
-        assert!(matches!(finish.as_deref(), Some("stop" | "length")), "{finish:?}");
+        assert!(
+            matches!(finish.as_deref(), Some("stop" | "length")),
+            "{finish:?}"
+        );
         assert!(done);
     }
 }
@@ -137,10 +152,16 @@ async fn a_dropped_stream_frees_its_slot_for_a_queued_request() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(bytes);
-    let ((status, body), waited) = tokio::time::timeout(Duration::from_secs(30), queued).await.unwrap().unwrap();
+    let ((status, body), waited) = tokio::time::timeout(Duration::from_secs(30), queued)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status, 200, "{body}");
     // 1000 tokens at ~100 tok/s would take ~10 s; the cancelled stream must not have run on.
-    assert!(waited < Duration::from_secs(5), "queued request waited {waited:?}");
+    assert!(
+        waited < Duration::from_secs(5),
+        "queued request waited {waited:?}"
+    );
 }
 
 #[tokio::test]
@@ -165,10 +186,20 @@ async fn stop_strings_and_n_predict_apply_to_the_real_model() {
     let server = start(&["--parallel", "2", "--n-predict", "5"]).await;
     let url = format!("http://{}/v1/completions", server.addr);
     let client = reqwest::Client::new();
-    let (_, capped) = post(&client, &url, &json!({"model": MODEL_ID, "prompt": "1, 2, 3,", "max_tokens": 50, "temperature": 0})).await;
+    let (_, capped) = post(
+        &client,
+        &url,
+        &json!({"model": MODEL_ID, "prompt": "1, 2, 3,", "max_tokens": 50, "temperature": 0}),
+    )
+    .await;
     assert_eq!(capped["usage"]["completion_tokens"], 5);
     assert_eq!(capped["choices"][0]["finish_reason"], "length");
-    let (_, stopped) = post(&client, &url, &json!({"model": MODEL_ID, "prompt": "1, 2, 3, 4,", "temperature": 0, "stop": [","]})).await;
+    let (_, stopped) = post(
+        &client,
+        &url,
+        &json!({"model": MODEL_ID, "prompt": "1, 2, 3, 4,", "temperature": 0, "stop": [","]}),
+    )
+    .await;
     let text = stopped["choices"][0]["text"].as_str().unwrap();
     assert!(!text.contains(','), "{text:?}");
     assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
@@ -186,8 +217,18 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
     let addr = server.addr;
-    assert!(server.shutdown(Duration::from_secs(30)).await, "in-flight work finished within the bound");
+    assert!(
+        server.shutdown(Duration::from_secs(30)).await,
+        "in-flight work finished within the bound"
+    );
     let (status, body) = in_flight.await.unwrap();
     assert_eq!(status, 200, "{body}");
-    assert!(client.get(format!("http://{addr}/health")).send().await.is_err(), "no longer accepting");
+    assert!(
+        client
+            .get(format!("http://{addr}/health"))
+            .send()
+            .await
+            .is_err(),
+        "no longer accepting"
+    );
 }

@@ -120,10 +120,11 @@ impl<R: ModelRunner> Scheduler<R> {
         self.slots.iter().filter(|s| s.is_some()).count()
     }
 
-    /// Binds a request to a free sequence. Returns it back if every slot is busy.
-    pub fn admit(&mut self, submission: Submission) -> Result<(), Submission> {
+    /// Binds a request to a free sequence. Returns it back (boxed: it is rare and large) if every
+    /// slot is busy.
+    pub fn admit(&mut self, submission: Submission) -> Result<(), Box<Submission>> {
         let Some(index) = self.slots.iter().position(Option::is_none) else {
-            return Err(submission);
+            return Err(Box::new(submission));
         };
         // A client that left while queued costs nothing.
         if submission.events.is_closed() {

@@ -13,8 +13,13 @@ use lm_sandbox::server::{self, RunningServer};
 pub const MODEL_ID: &str = "SmolLM2-135M-Instruct.Q4_1";
 
 pub fn model_path() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.is_file(), "{} is missing: run .ci/setup first", path.display());
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run .ci/setup first",
+        path.display()
+    );
     path
 }
 
