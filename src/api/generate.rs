@@ -29,10 +29,13 @@ pub fn submit(
 ) -> Result<Vec<mpsc::Receiver<GenerationEvent>>, ApiError> {
     let mut receivers = Vec::with_capacity(jobs.len() * options.n as usize);
     for job in jobs {
-        for _ in 0..options.n {
+        for j in 0..options.n {
+            let mut sampling = options.sampling.clone();
+            // With a fixed seed, `n` choices still differ from each other, reproducibly.
+            sampling.seed = sampling.seed.map(|seed| seed.wrapping_add(j));
             let request = GenerationRequest {
                 prompt: job.tokens.clone(),
-                sampling: options.sampling.clone(),
+                sampling,
                 max_new_tokens: job.max_new_tokens,
                 stop: options.stop.clone(),
             };
