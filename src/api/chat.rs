@@ -1,17 +1,15 @@
 //! `POST /v1/chat/completions`: messages through the model's chat template, streamed or not.
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
-use super::extract::{parse, JsonObject};
-use super::generate::{
-    self, collect, finish_reason, response_id, unix_now, PromptJob, Timings, Usage,
-};
-use super::params::{token_budget, CommonFields};
-use super::sse::{self, ChunkHeader, ChunkShape};
+use super::extract::JsonObject;
+use super::generate::{self, finish_reason, prepare, Prepared, PromptJob, Timings};
+use super::params::token_budget;
+use super::sse::{ChunkHeader, ChunkShape};
 use super::AppState;
 use crate::engine::GenerationStats;
 use crate::template::{RenderContext, TemplateError};
@@ -151,11 +149,12 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    let common: CommonFields = parse(&body)?;
-    let chat: ChatFields = parse(&body)?;
-    let model = state.resolve_model(&common.model)?;
-    let loaded = state.loaded()?;
-    let options = common.validate(loaded.info.n_vocab)?;
+    let Prepared {
+        model,
+        loaded,
+        options,
+        fields: chat,
+    } = prepare::<ChatFields>(&state, &body)?;
     if chat.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
@@ -198,6 +197,7 @@ pub async fn chat_completions(
         })?;
     let bos = &loaded.info.bos_token;
     let add_bos = bos.is_empty() || !prompt.starts_with(bos.as_str());
+    // Tokenizing on the runtime is fine: it takes microseconds per kilobyte of prompt.
     let tokens = loaded.info.tokenizer.tokenize(&prompt, add_bos);
     let max_new_tokens = token_budget(
         tokens.len(),
@@ -205,61 +205,34 @@ pub async fn chat_completions(
         loaded.info.n_ctx_seq,
         state.config().n_predict,
     )?;
-    let receivers = generate::submit(
-        &state.engine(),
-        vec![PromptJob {
-            tokens,
-            max_new_tokens,
-        }],
+    let job = PromptJob {
+        tokens,
+        max_new_tokens,
+    };
+    let receivers = generate::submit(&state.engine(), vec![job], &options)?;
+    let header = ChunkHeader::new(
+        &state,
+        "chatcmpl",
+        "chat.completion.chunk",
+        model,
+        options.include_usage,
+    );
+    generate::respond(
+        receivers,
         &options,
-    )?;
-    let id = response_id("chatcmpl");
-    let created = unix_now();
-    let fingerprint = state.config().system_fingerprint();
-    if options.stream {
-        let shape = ChatChunks {
-            header: ChunkHeader {
-                id,
-                object: "chat.completion.chunk",
-                created,
-                model,
-                fingerprint,
-                include_usage: options.include_usage,
-            },
-        };
-        return Ok(sse::stream_response(
-            shape,
-            receivers,
-            options.n,
-            options.include_usage,
-        ));
-    }
-    let done = collect(receivers).await?;
-    let mut usage = Usage::default();
-    let choices: Vec<Value> = done
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            usage.add(&c.stats, i == 0);
+        header,
+        "chat.completion",
+        |header| ChatChunks { header },
+        |i, c| {
             json!({
                 "index": i,
                 "message": {"role": "assistant", "content": c.text, "refusal": null},
                 "logprobs": null,
                 "finish_reason": c.reason.map(finish_reason),
             })
-        })
-        .collect();
-    Ok(axum::Json(json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": choices,
-        "usage": usage,
-        "timings": Timings::from(&done[0].stats),
-    }))
-    .into_response())
+        },
+    )
+    .await
 }
 
 /// Chunks of `chat.completion.chunk`.
@@ -289,7 +262,7 @@ impl ChunkShape for ChatChunks {
         )
     }
 
-    fn usage(&self, usage: Usage) -> Value {
-        self.header.chunk(json!([]), Some(("usage", json!(usage))))
+    fn header(&self) -> &ChunkHeader {
+        &self.header
     }
 }

@@ -1,17 +1,17 @@
 //! `POST /v1/completions`: raw prompts (a string, strings, tokens, or token lists), streamed or not.
 
+use std::sync::Arc;
+
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::extract::{parse, JsonObject};
-use super::generate::{
-    self, collect, finish_reason, response_id, unix_now, PromptJob, Timings, Usage,
-};
-use super::params::{token_budget, CommonFields};
-use super::sse::{self, ChunkHeader, ChunkShape};
+use super::extract::JsonObject;
+use super::generate::{self, finish_reason, prepare, Prepared, PromptJob, Timings};
+use super::params::token_budget;
+use super::sse::{ChunkHeader, ChunkShape};
 use super::AppState;
 use crate::engine::{GenerationStats, Token};
 
@@ -98,11 +98,12 @@ pub async fn completions(
     State(state): State<AppState>,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    let common: CommonFields = parse(&body)?;
-    let fields: CompletionFields = parse(&body)?;
-    let model = state.resolve_model(&common.model)?;
-    let loaded = state.loaded()?;
-    let options = common.validate(loaded.info.n_vocab)?;
+    let Prepared {
+        model,
+        loaded,
+        options,
+        fields,
+    } = prepare::<CompletionFields>(&state, &body)?;
     if fields.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid(
             "suffix",
@@ -152,70 +153,63 @@ pub async fn completions(
         });
         echoes.push(if echo { text } else { String::new() });
     }
-    let n = options.n;
     let receivers = generate::submit(&state.engine(), jobs, &options)?;
+    let header = ChunkHeader::new(
+        &state,
+        "cmpl",
+        "text_completion",
+        model,
+        options.include_usage,
+    );
     // Choice `i` belongs to prompt `i / n`.
-    let echo_of = move |choice: u32| echoes[(choice / n) as usize].clone();
-    let id = response_id("cmpl");
-    let created = unix_now();
-    let fingerprint = state.config().system_fingerprint();
-    if options.stream {
-        let shape = CompletionChunks {
-            header: ChunkHeader {
-                id,
-                object: "text_completion",
-                created,
-                model,
-                fingerprint,
-                include_usage: options.include_usage,
-            },
-            echo: Box::new(echo_of),
-        };
-        return Ok(sse::stream_response(
-            shape,
-            receivers,
-            n,
-            options.include_usage,
-        ));
-    }
-    let done = collect(receivers).await?;
-    let mut usage = Usage::default();
-    let choices: Vec<Value> = done
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            usage.add(&c.stats, i as u32 % n == 0);
+    let echoes = Echoes {
+        texts: Arc::new(echoes),
+        n: options.n,
+    };
+    generate::respond(
+        receivers,
+        &options,
+        header,
+        "text_completion",
+        |header| CompletionChunks {
+            header,
+            echoes: echoes.clone(),
+        },
+        |i, c| {
             json!({
                 "index": i,
-                "text": echo_of(i as u32) + &c.text,
+                "text": format!("{}{}", echoes.of(i), c.text),
                 "logprobs": null,
                 "finish_reason": c.reason.map(finish_reason),
             })
-        })
-        .collect();
-    Ok(axum::Json(json!({
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": choices,
-        "usage": usage,
-        "timings": Timings::from(&done[0].stats),
-    }))
-    .into_response())
+        },
+    )
+    .await
+}
+
+/// The prompt text each choice starts with when `echo` is set (empty otherwise).
+#[derive(Clone)]
+struct Echoes {
+    texts: Arc<Vec<String>>,
+    n: u32,
+}
+
+impl Echoes {
+    fn of(&self, choice: u32) -> &str {
+        &self.texts[(choice / self.n) as usize]
+    }
 }
 
 /// Chunks of a streamed `text_completion`.
 struct CompletionChunks {
     header: ChunkHeader,
-    echo: Box<dyn Fn(u32) -> String + Send>,
+    echoes: Echoes,
 }
 
 impl ChunkShape for CompletionChunks {
     fn opening(&self, index: u32) -> Option<Value> {
-        let echo = (self.echo)(index);
-        (!echo.is_empty()).then(|| self.text(index, &echo))
+        let echo = self.echoes.of(index);
+        (!echo.is_empty()).then(|| self.text(index, echo))
     }
 
     fn text(&self, index: u32, text: &str) -> Value {
@@ -232,7 +226,7 @@ impl ChunkShape for CompletionChunks {
         )
     }
 
-    fn usage(&self, usage: Usage) -> Value {
-        self.header.chunk(json!([]), Some(("usage", json!(usage))))
+    fn header(&self) -> &ChunkHeader {
+        &self.header
     }
 }

@@ -1,17 +1,92 @@
 //! From validated prompts to engine submissions and back: admission (429/503), merging the event
 //! streams of several choices, and collecting them for a non-streamed response.
 
+use axum::response::{IntoResponse, Response};
 use futures::stream::{self, Stream, StreamExt};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
-use super::params::GenerationOptions;
+use super::extract::parse;
+use super::params::{CommonFields, GenerationOptions};
+use super::sse::{self, ChunkHeader, ChunkShape};
+use super::{AppState, Loaded};
 use crate::engine::{
     EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStats, SubmitError,
     Token,
 };
+
+/// A request body parsed and checked against the loaded model, before its prompt is built.
+pub struct Prepared<'s, T> {
+    /// The served name the client asked for.
+    pub model: String,
+    pub loaded: &'s Loaded,
+    pub options: GenerationOptions,
+    /// The endpoint's own fields.
+    pub fields: T,
+}
+
+/// The steps every generation endpoint starts with: common fields, endpoint fields, the model
+/// name (404), the loaded model (503), then the shared ranges (400).
+pub fn prepare<'s, T: DeserializeOwned>(
+    state: &'s AppState,
+    body: &Value,
+) -> Result<Prepared<'s, T>, ApiError> {
+    let common: CommonFields = parse(body)?;
+    let fields: T = parse(body)?;
+    let model = state.resolve_model(&common.model)?;
+    let loaded = state.loaded()?;
+    let options = common.validate(loaded.info.n_vocab)?;
+    Ok(Prepared {
+        model,
+        loaded,
+        options,
+        fields,
+    })
+}
+
+/// Streams the choices as SSE, or waits for them and answers one JSON object built from `choice`.
+pub async fn respond<S: ChunkShape>(
+    receivers: Vec<mpsc::Receiver<GenerationEvent>>,
+    options: &GenerationOptions,
+    header: ChunkHeader,
+    object: &'static str,
+    stream_shape: impl FnOnce(ChunkHeader) -> S,
+    choice: impl Fn(u32, &Completed) -> Value,
+) -> Result<Response, ApiError> {
+    if options.stream {
+        let shape = stream_shape(header);
+        return Ok(sse::stream_response(
+            shape,
+            receivers,
+            options.n,
+            options.include_usage,
+        ));
+    }
+    let done = collect(receivers).await?;
+    let mut usage = Usage::default();
+    let choices: Vec<Value> = (0u32..)
+        .zip(&done)
+        .map(|(i, c)| {
+            usage.add(&c.stats, i % options.n == 0);
+            choice(i, c)
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "id": header.id,
+        "object": object,
+        "created": header.created,
+        "model": header.model,
+        "system_fingerprint": header.fingerprint,
+        "choices": choices,
+        "usage": usage,
+        "timings": Timings::from(&done[0].stats),
+    }))
+    .into_response())
+}
 
 /// One prompt, tokenized, with its token budget.
 pub struct PromptJob {

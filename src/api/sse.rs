@@ -31,6 +31,24 @@ pub struct ChunkHeader {
 }
 
 impl ChunkHeader {
+    /// A fresh id with `id_prefix` (`chatcmpl`, `cmpl`), stamped now.
+    pub fn new(
+        state: &super::AppState,
+        id_prefix: &str,
+        object: &'static str,
+        model: String,
+        include_usage: bool,
+    ) -> Self {
+        Self {
+            id: super::generate::response_id(id_prefix),
+            object,
+            created: super::generate::unix_now(),
+            model,
+            fingerprint: state.config().system_fingerprint(),
+            include_usage,
+        }
+    }
+
     /// One chunk with `choices`, plus an optional extra top-level field.
     pub fn chunk(&self, choices: Value, extra: Option<(&str, Value)>) -> Value {
         let mut chunk = serde_json::json!({
@@ -57,8 +75,15 @@ pub trait ChunkShape: Send + 'static {
     fn opening(&self, index: u32) -> Option<Value>;
     fn text(&self, index: u32, text: &str) -> Value;
     fn finish(&self, index: u32, reason: &'static str, stats: &GenerationStats) -> Value;
+    fn header(&self) -> &ChunkHeader;
+
     /// The final chunk with empty `choices` (sent when `stream_options.include_usage`).
-    fn usage(&self, usage: Usage) -> Value;
+    fn usage(&self, usage: Usage) -> Value {
+        self.header().chunk(
+            Value::Array(Vec::new()),
+            Some(("usage", serde_json::json!(usage))),
+        )
+    }
 }
 
 /// Frames of the SSE body; a small buffer is enough since the task waits when it is full.
