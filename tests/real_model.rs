@@ -232,3 +232,88 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
         "no longer accepting"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_gives_up_on_a_non_streamed_request_frees_its_slot() {
+    let server = start(&["--parallel", "1"]).await;
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    let mut long = chat("Write a very long story about the sea.", 1000);
+    long["logit_bias"] = json!({"0": -100, "2": -100});
+    assert!(
+        impatient.post(&url).json(&long).send().await.is_err(),
+        "the client times out"
+    );
+    let started = Instant::now();
+    let (status, body) = post(&reqwest::Client::new(), &url, &chat("Say hi.", 8)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the abandoned request kept the slot for {:?}",
+        started.elapsed()
+    );
+}
+
+/// The real binary: SIGTERM stops accepting, lets the in-flight request finish, and exits 0.
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lm-sandbox"))
+        .args([
+            "serve",
+            "-t",
+            "2",
+            "--parallel",
+            "1",
+            "--port",
+            &port.to_string(),
+            "-m",
+        ])
+        .arg(common::model_path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(format!("{base}/health")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "server never became healthy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut request = chat("Tell me about dogs.", 64);
+    request["logit_bias"] = json!({"0": -100, "2": -100});
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        let url = format!("{base}/v1/chat/completions");
+        async move { post(&client, &url, &request).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["usage"]["completion_tokens"], 64,
+        "the request ran to its end"
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
