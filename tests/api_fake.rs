@@ -740,3 +740,28 @@ async fn content_parts_and_developer_messages_render() {
         "<|system|>be nice\n<|user|>a\nb\n<|assistant|>"
     );
 }
+
+#[tokio::test]
+async fn a_repeated_prompt_reports_cached_tokens_in_usage_and_timings() {
+    let h = harness_with(
+        WorkerConfig {
+            n_seq: 1,
+            n_batch: 512,
+            n_ctx_seq: 512,
+            max_queue: 1,
+        },
+        Duration::ZERO,
+        &[],
+    );
+    let (_, cold) = send_json(&h.app, post("/v1/chat/completions", chat("same"))).await;
+    assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let (_, warm) = send_json(&h.app, post("/v1/chat/completions", chat("same"))).await;
+    let prompt = warm["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        warm["usage"]["prompt_tokens_details"]["cached_tokens"],
+        prompt - 1
+    );
+    assert_eq!(warm["timings"]["cache_n"], prompt - 1);
+    assert_eq!(warm["timings"]["prompt_n"], 1);
+    assert_eq!(cold["choices"][0]["message"], warm["choices"][0]["message"]);
+}

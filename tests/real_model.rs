@@ -317,3 +317,94 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[tokio::test]
+async fn a_repeated_prompt_is_served_from_the_cache_with_the_same_greedy_output() {
+    let server = start(&["--parallel", "1"]).await;
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let client = reqwest::Client::new();
+    let request = chat("List the planets of the solar system.", 32);
+    let (_, cold) = post(&client, &url, &request).await;
+    let (_, warm) = post(&client, &url, &request).await;
+    assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached > 0, "{warm}");
+    assert_eq!(cached + 1, warm["usage"]["prompt_tokens"].as_u64().unwrap());
+    assert_eq!(
+        cold["choices"][0]["message"]["content"],
+        warm["choices"][0]["message"]["content"]
+    );
+
+    // The conversation re-sent with one more turn prefills only the new part.
+    let answer = cold["choices"][0]["message"]["content"].as_str().unwrap();
+    let follow_up = json!({
+        "model": MODEL_ID, "temperature": 0, "max_tokens": 8,
+        "messages": [
+            {"role": "user", "content": "List the planets of the solar system."},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "Which one is largest?"}
+        ]
+    });
+    let (_, next) = post(&client, &url, &follow_up).await;
+    let cached = next["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let earlier = cold["usage"]["total_tokens"].as_u64().unwrap();
+    // Everything of the first exchange is reused but the answer's last token (sampled, never
+    // decoded) and at most one token where the answer meets the template's closing markup.
+    assert!(
+        cached + 2 >= earlier,
+        "the first exchange ({earlier} tokens) should be reused; {cached} were: {next}"
+    );
+}
+
+#[tokio::test]
+async fn a_burst_beyond_capacity_gets_responses_or_429s_and_the_server_recovers() {
+    // 2 sequences + 2 queued = 4 in flight at most; a burst of 16 (4x) concurrent requests.
+    let server = start(&["--parallel", "2", "--max-queue", "2"]).await;
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let client = reqwest::Client::new();
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let client = client.clone();
+            let url = url.clone();
+            let request = chat(&format!("Say the number {i}."), 16);
+            tokio::spawn(async move {
+                let response = client.post(&url).json(&request).send().await.unwrap();
+                let status = response.status().as_u16();
+                let retry_after = response.headers().get("retry-after").cloned();
+                let body: Value = response.json().await.unwrap();
+                (status, retry_after, body)
+            })
+        })
+        .collect();
+    let (mut ok, mut busy) = (0, 0);
+    for task in tasks {
+        let (status, retry_after, body) = tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("no request hangs")
+            .unwrap();
+        match status {
+            200 => {
+                assert!(body["choices"][0]["finish_reason"].is_string(), "{body}");
+                ok += 1;
+            }
+            429 => {
+                assert!(retry_after.is_some());
+                assert_eq!(body["error"]["code"], "queue_full");
+                busy += 1;
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    assert_eq!(ok + busy, 16, "none lost");
+    assert!(ok >= 4, "at least capacity was served: {ok}");
+    assert!(
+        busy >= 1,
+        "the burst exceeded capacity, so some were refused"
+    );
+    let (status, _) = post(&client, &url, &chat("Still there?", 4)).await;
+    assert_eq!(status, 200, "the server keeps serving afterwards");
+}

@@ -184,6 +184,14 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens served from the KV cache of an earlier request.
+    pub cached_tokens: u32,
 }
 
 impl Usage {
@@ -191,15 +199,18 @@ impl Usage {
     pub fn add(&mut self, stats: &GenerationStats, first_of_prompt: bool) {
         if first_of_prompt {
             self.prompt_tokens += stats.prompt_tokens;
+            self.prompt_tokens_details.cached_tokens += stats.cached_tokens;
         }
         self.completion_tokens += stats.generated_tokens;
         self.total_tokens = self.prompt_tokens + self.completion_tokens;
     }
 }
 
-/// llama-server's `timings` object, for one choice.
+/// llama-server's `timings` object, for one choice. `prompt_n` counts the prompt tokens actually
+/// computed; `cache_n` those reused from the KV cache.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Timings {
+    pub cache_n: u32,
     pub prompt_n: u32,
     pub prompt_ms: f64,
     pub prompt_per_token_ms: f64,
@@ -223,11 +234,13 @@ impl From<&GenerationStats> for Timings {
         // The first generated token is produced by the prompt's decode, so decode speed is
         // measured over the tokens after it.
         let decoded = s.generated_tokens.saturating_sub(1);
+        let computed = s.prompt_tokens - s.cached_tokens;
         Self {
-            prompt_n: s.prompt_tokens,
+            cache_n: s.cached_tokens,
+            prompt_n: computed,
             prompt_ms: s.prompt_ms,
-            prompt_per_token_ms: per(s.prompt_ms, s.prompt_tokens),
-            prompt_per_second: rate(s.prompt_ms, s.prompt_tokens),
+            prompt_per_token_ms: per(s.prompt_ms, computed),
+            prompt_per_second: rate(s.prompt_ms, computed),
             predicted_n: s.generated_tokens,
             predicted_ms: s.generation_ms,
             predicted_per_token_ms: per(s.generation_ms, decoded),

@@ -35,6 +35,8 @@ pub struct FakeLog {
     pub batches: Vec<Vec<BatchEntry>>,
     pub begun: Vec<SeqId>,
     pub ended: Vec<SeqId>,
+    /// `(seq, keep)` for every KV truncation.
+    pub truncated: Vec<(SeqId, u32)>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -93,7 +95,10 @@ impl FakeRunner {
 
 impl ModelRunner for FakeRunner {
     fn begin_sequence(&mut self, seq: SeqId, _params: &SamplingParams) {
-        self.sequences.insert(seq, FakeSequence::default());
+        // The decoded tokens (the fake KV) stay; only the sampling state restarts.
+        let state = self.sequences.entry(seq).or_default();
+        state.prompt_len = None;
+        state.sampled = 0;
         self.log.lock().expect("fake log").begun.push(seq);
     }
 
@@ -102,10 +107,7 @@ impl ModelRunner for FakeRunner {
             std::thread::sleep(self.step_delay);
         }
         for entry in batch {
-            let seq = self
-                .sequences
-                .get_mut(&entry.seq)
-                .ok_or_else(|| RunnerError::Decode(format!("unknown sequence {}", entry.seq)))?;
+            let seq = self.sequences.entry(entry.seq).or_default();
             if entry.pos as usize != seq.decoded.len() {
                 return Err(RunnerError::Decode(format!(
                     "sequence {} got position {} after {} tokens",
@@ -139,8 +141,18 @@ impl ModelRunner for FakeRunner {
     }
 
     fn end_sequence(&mut self, seq: SeqId) {
-        self.sequences.remove(&seq);
         self.log.lock().expect("fake log").ended.push(seq);
+    }
+
+    fn truncate_sequence(&mut self, seq: SeqId, keep: u32) {
+        if let Some(state) = self.sequences.get_mut(&seq) {
+            state.decoded.truncate(keep as usize);
+        }
+        self.log
+            .lock()
+            .expect("fake log")
+            .truncated
+            .push((seq, keep));
     }
 
     fn token_bytes(&self, token: Token, out: &mut Vec<u8>) {

@@ -247,9 +247,24 @@ impl ModelRunner for LlamaRunner<'_> {
 
     fn end_sequence(&mut self, seq: SeqId) {
         self.samplers[seq as usize] = None;
-        // Frees every KV cell of the sequence. Cannot fail for an in-range id and whole range.
-        if let Err(err) = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None) {
-            tracing::error!(%err, seq, "clearing KV cells failed");
+    }
+
+    fn truncate_sequence(&mut self, seq: SeqId, keep: u32) {
+        // `llama_memory_seq_rm` over [keep, end). It only fails for a partial removal in a
+        // recurrent model's state, which this engine does not load.
+        match self
+            .ctx
+            .clear_kv_cache_seq(Some(seq as u32), Some(keep), None)
+        {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                tracing::warn!(
+                    seq,
+                    keep,
+                    "partial KV removal refused; clearing the sequence"
+                );
+                let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+            }
         }
     }
 

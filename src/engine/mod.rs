@@ -54,7 +54,10 @@ pub enum FinishReason {
 /// Token counts and timings of a finished generation.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct GenerationStats {
+    /// The whole prompt, cached part included.
     pub prompt_tokens: u32,
+    /// Prompt tokens whose KV cells were reused rather than computed.
+    pub cached_tokens: u32,
     pub generated_tokens: u32,
     pub prompt_ms: f64,
     pub generation_ms: f64,

@@ -35,8 +35,11 @@ pub trait ModelRunner {
     /// records it in the sequence's sampler history (penalties).
     fn sample(&mut self, seq: SeqId, batch_index: usize) -> Token;
 
-    /// Drops per-sequence state and frees the sequence's KV cells.
+    /// Drops per-sequence sampling state. The KV cells stay (they are the prefix cache).
     fn end_sequence(&mut self, seq: SeqId);
+
+    /// Frees the sequence's KV cells at positions `keep..`; `keep == 0` frees them all.
+    fn truncate_sequence(&mut self, seq: SeqId, keep: u32);
 
     /// Appends the bytes of `token`'s text to `out` (control tokens append nothing).
     fn token_bytes(&self, token: Token, out: &mut Vec<u8>);

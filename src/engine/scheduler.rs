@@ -1,10 +1,19 @@
-//! Continuous batching over a fixed set of sequence slots.
+//! Continuous batching over a fixed set of sequence slots, with prompt-prefix reuse.
 //!
 //! Each [`Scheduler::step`] builds one batch: the pending token of every decoding sequence first
-//! (so running streams never stall), then prompt chunks of sequences still in prefill, oldest
-//! admission first, up to `n_batch` tokens in all. A request admitted between steps joins at the
-//! next step; it never waits for others to finish. A sequence whose receiver is gone is dropped at
-//! the start of the next step and its KV cells are freed.
+//! (so running streams never stall), then prompt chunks of sequences still in prefill, up to
+//! `n_batch` tokens in all. Prefill budget goes to the sequence with the fewest prompt tokens left
+//! first (shortest-remaining-first): it minimises the mean and median time to first token, and it
+//! cannot starve a long prompt for long, because at most `n_seq - 1` other prompts compete with it
+//! and the leftover budget of every step still goes to it. A request admitted between steps joins
+//! at the next step; it never waits for others to finish. A sequence whose receiver is gone is
+//! dropped at the start of the next step.
+//!
+//! Prefix reuse: a finished (or cancelled) sequence keeps its KV cells and remembers the tokens in
+//! them. A new request goes to the idle sequence whose cached tokens share the longest prefix with
+//! its prompt; only the diverging suffix is removed and only the rest of the prompt is prefilled.
+//! With no useful match it takes an empty sequence, else evicts the least recently used cache. Each
+//! sequence holds at most `n_ctx_seq` positions, so cached cells can never crowd out active ones.
 //!
 //! Pure logic over a [`ModelRunner`]: no threads, no channels it waits on, so it is unit-tested with
 //! the fake runner.
@@ -25,8 +34,8 @@ struct Slot {
     n_prefilled: usize,
     /// Sampled token not yet decoded (the sequence is in its decode phase).
     pending: Option<Token>,
-    /// Next position in the sequence.
-    n_past: u32,
+    /// Prompt tokens whose KV cells were reused from an earlier request.
+    cached: u32,
     generated: u32,
     decoder: Utf8Decoder,
     stop: StopMatcher,
@@ -49,6 +58,7 @@ impl Slot {
         let first = self.first_token_at.unwrap_or(now);
         GenerationStats {
             prompt_tokens: self.prompt().len() as u32,
+            cached_tokens: self.cached,
             generated_tokens: self.generated,
             prompt_ms: first.duration_since(self.admitted_at).as_secs_f64() * 1e3,
             generation_ms: now.duration_since(first).as_secs_f64() * 1e3,
@@ -78,10 +88,24 @@ pub struct StepReport {
     pub ended: Vec<SeqId>,
 }
 
+/// The tokens whose KV cells a sequence holds, at positions `0..tokens.len()`.
+#[derive(Debug, Default)]
+struct SeqCache {
+    tokens: Vec<Token>,
+    /// When the sequence was last released, for LRU eviction.
+    last_used: u64,
+}
+
+/// Length of the common prefix of `a` and `b`.
+fn common_prefix(a: &[Token], b: &[Token]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// Batches up to `slots` sequences into one decode per step.
 pub struct Scheduler<R> {
     runner: R,
     slots: Vec<Option<Slot>>,
+    kv: Vec<SeqCache>,
     n_batch: usize,
     n_ctx_seq: u32,
     next_order: u64,
@@ -98,6 +122,7 @@ impl<R: ModelRunner> Scheduler<R> {
         Self {
             runner,
             slots: (0..n_seq).map(|_| None).collect(),
+            kv: (0..n_seq).map(|_| SeqCache::default()).collect(),
             n_batch,
             n_ctx_seq,
             next_order: 0,
@@ -123,7 +148,7 @@ impl<R: ModelRunner> Scheduler<R> {
     /// Binds a request to a free sequence. Returns it back (boxed: it is rare and large) if every
     /// slot is busy.
     pub fn admit(&mut self, submission: Submission) -> Result<(), Box<Submission>> {
-        let Some(index) = self.slots.iter().position(Option::is_none) else {
+        let Some(index) = self.pick_sequence(&submission.request.prompt) else {
             return Err(Box::new(submission));
         };
         // A client that left while queued costs nothing.
@@ -153,13 +178,21 @@ impl<R: ModelRunner> Scheduler<R> {
             });
             return Ok(());
         }
+        // Keep the shared prefix, but always decode at least the last prompt token: its logits
+        // pick the first generated token.
+        let cache = &mut self.kv[index];
+        let reuse = common_prefix(&cache.tokens, &request.prompt).min(request.prompt.len() - 1);
+        if cache.tokens.len() > reuse {
+            self.runner.truncate_sequence(seq, reuse as u32);
+            cache.tokens.truncate(reuse);
+        }
         self.runner.begin_sequence(seq, &request.sampling);
         let stop = StopMatcher::new(request.stop.clone());
         self.slots[index] = Some(Slot {
             submission,
-            n_prefilled: 0,
+            n_prefilled: reuse,
             pending: None,
-            n_past: 0,
+            cached: reuse as u32,
             generated: 0,
             decoder: Utf8Decoder::default(),
             stop,
@@ -169,6 +202,30 @@ impl<R: ModelRunner> Scheduler<R> {
         });
         self.next_order += 1;
         Ok(())
+    }
+
+    /// The idle sequence for `prompt`: the longest cached prefix, else an empty one, else the least
+    /// recently used. `None` when every sequence is busy.
+    fn pick_sequence(&self, prompt: &[Token]) -> Option<usize> {
+        // Reversed: `max_by_key` keeps the last of equal keys, and the lowest index should win.
+        let idle = (0..self.slots.len())
+            .rev()
+            .filter(|&i| self.slots[i].is_none());
+        idle.max_by_key(|&i| {
+            let cache = &self.kv[i];
+            let shared = common_prefix(&cache.tokens, prompt);
+            // Ordered: most shared tokens, then empty over occupied, then least recently used.
+            (
+                shared,
+                cache.tokens.is_empty(),
+                std::cmp::Reverse(cache.last_used),
+            )
+        })
+    }
+
+    /// Tokens cached in each sequence's KV cells (for tests and diagnostics).
+    pub fn cached_tokens(&self, seq: SeqId) -> &[Token] {
+        &self.kv[seq as usize].tokens
     }
 
     /// Runs one decode over every active sequence.
@@ -221,20 +278,26 @@ impl<R: ModelRunner> Scheduler<R> {
         for (index, slot) in self.slots.iter_mut().enumerate() {
             let Some(slot) = slot else { continue };
             if let Some(token) = slot.pending.take() {
+                let cache = &mut self.kv[index].tokens;
                 sample_at.push((index, batch.len()));
                 batch.push(BatchEntry {
                     token,
-                    pos: slot.n_past,
+                    pos: cache.len() as u32,
                     seq: index as SeqId,
                     logits: true,
                 });
-                slot.n_past += 1;
+                cache.push(token);
             }
         }
         let mut prefilling: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].as_ref().is_some_and(Slot::in_prefill))
             .collect();
-        prefilling.sort_by_key(|&i| self.slots[i].as_ref().map_or(u64::MAX, |s| s.order));
+        // Shortest remaining prompt first; admission order breaks ties.
+        prefilling.sort_by_key(|&i| {
+            self.slots[i].as_ref().map_or((usize::MAX, u64::MAX), |s| {
+                (s.prompt().len() - s.n_prefilled, s.order)
+            })
+        });
         for index in prefilling {
             let budget = self.n_batch - batch.len();
             if budget == 0 {
@@ -243,6 +306,7 @@ impl<R: ModelRunner> Scheduler<R> {
             let Some(slot) = self.slots[index].as_mut() else {
                 continue;
             };
+            let cache = &mut self.kv[index].tokens;
             let prompt_len = slot.prompt().len();
             let end = (slot.n_prefilled + budget).min(prompt_len);
             for i in slot.n_prefilled..end {
@@ -250,13 +314,14 @@ impl<R: ModelRunner> Scheduler<R> {
                 if last {
                     sample_at.push((index, batch.len()));
                 }
+                let token = slot.prompt()[i];
                 batch.push(BatchEntry {
-                    token: slot.prompt()[i],
-                    pos: slot.n_past,
+                    token,
+                    pos: cache.len() as u32,
                     seq: index as SeqId,
                     logits: last,
                 });
-                slot.n_past += 1;
+                cache.push(token);
             }
             slot.n_prefilled = end;
         }
@@ -289,7 +354,7 @@ impl<R: ModelRunner> Scheduler<R> {
             return;
         }
         let at_limit = slot.generated >= slot.submission.request.max_new_tokens
-            || slot.n_past + 1 >= self.n_ctx_seq;
+            || self.kv[index].tokens.len() as u32 + 1 >= self.n_ctx_seq;
         if at_limit {
             self.finish(index, FinishReason::Length, report);
         } else {
@@ -333,11 +398,17 @@ impl<R: ModelRunner> Scheduler<R> {
             let _ = slot.send(GenerationEvent::Failed(message));
         }
         self.release(index, report);
+        // After a failed decode the cells' contents are unknown: drop them.
+        self.runner.truncate_sequence(index as SeqId, 0);
+        self.kv[index].tokens.clear();
     }
 
+    /// Frees the slot for the next request. Its KV cells stay as a prefix cache.
     fn release(&mut self, index: usize, report: &mut StepReport) {
         if self.slots[index].take().is_some() {
             self.runner.end_sequence(index as SeqId);
+            self.kv[index].last_used = self.next_order;
+            self.next_order += 1;
             report.ended.push(index as SeqId);
         }
     }

@@ -293,3 +293,143 @@ fn eos_token_is_never_emitted_as_text() {
     assert_eq!(drain(&mut ra).0, "a");
     let _ = FAKE_EOS;
 }
+
+fn done_stats(rx: &mut mpsc::Receiver<GenerationEvent>) -> (String, GenerationStats) {
+    match drain(rx) {
+        (text, Some(GenerationEvent::Done { stats, .. })) => (text, stats),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_shared_prefix_is_reused_and_only_the_divergent_suffix_is_removed() {
+    let mut s = scheduler(1, 64);
+    let (a, mut ra) = submission("hello world", 100, &[]);
+    s.admit(a).unwrap();
+    run_until_idle(&mut s);
+    assert_eq!(done_stats(&mut ra).1.cached_tokens, 0);
+    let batches_before = s.runner().log.lock().unwrap().batches.len();
+
+    let (b, mut rb) = submission("hello there", 100, &[]);
+    s.admit(b).unwrap();
+    run_until_idle(&mut s);
+    let (text, stats) = done_stats(&mut rb);
+    assert_eq!(text, "hello there");
+    assert_eq!((stats.cached_tokens, stats.prompt_tokens), (6, 11));
+    let log = s.runner().log.lock().unwrap();
+    assert_eq!(
+        log.truncated,
+        vec![(0, 6)],
+        "cells from position 6 on were removed"
+    );
+    let prefill = &log.batches[batches_before];
+    let positions: Vec<u32> = prefill.iter().map(|e| e.pos).collect();
+    assert_eq!(
+        positions,
+        vec![6, 7, 8, 9, 10],
+        "only `there` was prefilled"
+    );
+}
+
+#[test]
+fn an_identical_prompt_recomputes_only_its_last_token() {
+    let mut s = scheduler(1, 64);
+    for expected_cached in [0, 4] {
+        let (a, mut ra) = submission("abcde", 100, &[]);
+        s.admit(a).unwrap();
+        run_until_idle(&mut s);
+        let (text, stats) = done_stats(&mut ra);
+        assert_eq!(text, "abcde");
+        assert_eq!(stats.cached_tokens, expected_cached);
+    }
+}
+
+#[test]
+fn a_conversation_resent_with_one_more_turn_prefills_only_the_new_part() {
+    let mut s = scheduler(1, 64);
+    let (a, mut ra) = submission("Q1:", 100, &[]);
+    s.admit(a).unwrap();
+    run_until_idle(&mut s);
+    let (answer, _) = done_stats(&mut ra);
+    // The KV now holds the prompt and the decoded answer.
+    assert_eq!(s.cached_tokens(0).len(), 6);
+    let follow_up = format!("Q1:{answer}Q2:");
+    let (b, mut rb) = submission(&follow_up, 100, &[]);
+    s.admit(b).unwrap();
+    run_until_idle(&mut s);
+    let (_, stats) = done_stats(&mut rb);
+    assert_eq!(stats.cached_tokens, 6);
+}
+
+#[test]
+fn the_idle_sequence_with_the_longest_match_is_chosen() {
+    let mut s = scheduler(3, 64);
+    let mut receivers = Vec::new();
+    for prompt in ["aaaa1", "bbbb2", "cccc3"] {
+        let (sub, rx) = submission(prompt, 100, &[]);
+        s.admit(sub).unwrap();
+        receivers.push(rx);
+    }
+    run_until_idle(&mut s);
+    let (b, mut rb) = submission("bbbbX", 100, &[]);
+    s.admit(b).unwrap();
+    assert_eq!(*s.runner().log.lock().unwrap().begun.last().unwrap(), 1);
+    run_until_idle(&mut s);
+    assert_eq!(done_stats(&mut rb).1.cached_tokens, 4);
+}
+
+#[test]
+fn without_a_match_an_empty_sequence_is_used_then_the_least_recently_used_is_evicted() {
+    let mut s = scheduler(2, 64);
+    let (a, _ra) = submission("aaaa", 100, &[]);
+    s.admit(a).unwrap();
+    run_until_idle(&mut s);
+    let (b, _rb) = submission("bbbb", 100, &[]);
+    s.admit(b).unwrap();
+    assert_eq!(
+        *s.runner().log.lock().unwrap().begun.last().unwrap(),
+        1,
+        "the empty sequence first"
+    );
+    run_until_idle(&mut s);
+    let (c, mut rc) = submission("cccc", 100, &[]);
+    s.admit(c).unwrap();
+    {
+        let log = s.runner().log.lock().unwrap();
+        assert_eq!(
+            *log.begun.last().unwrap(),
+            0,
+            "seq 0 was used least recently"
+        );
+        assert_eq!(log.truncated, vec![(0, 0)], "its whole cache was evicted");
+    }
+    run_until_idle(&mut s);
+    assert_eq!(done_stats(&mut rc).0, "cccc");
+    assert_eq!(
+        s.cached_tokens(1)[..4],
+        *b"bbbb".map(Token::from).as_slice()
+    );
+}
+
+#[test]
+fn prefill_budget_goes_to_the_shortest_remaining_prompt_first() {
+    let mut s = scheduler(2, 8);
+    let long = "L".repeat(20);
+    let (a, _ra) = submission(&long, 100, &[]);
+    let (b, _rb) = submission("sssss", 100, &[]);
+    s.admit(a).unwrap();
+    s.admit(b).unwrap();
+    s.step();
+    let log = s.runner().log.lock().unwrap();
+    let first = &log.batches[0];
+    assert_eq!(
+        first.iter().filter(|e| e.seq == 1).count(),
+        5,
+        "the short prompt finishes prefill"
+    );
+    assert_eq!(
+        first.iter().filter(|e| e.seq == 0).count(),
+        3,
+        "the long one takes the rest"
+    );
+}
