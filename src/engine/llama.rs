@@ -91,8 +91,10 @@ pub fn serve_model(
     if n_ctx / n_seq < 16 {
         return Err(LoadError::ContextTooSmall { n_ctx, n_seq });
     }
-    // Unified KV: one pool of n_ctx cells shared by every sequence. The scheduler bounds each
-    // sequence to n_ctx / n_seq positions, so the pool can never overflow.
+    // One KV stream per sequence (not unified): each sequence's attention spans only its own
+    // n_ctx / n_seq cells, not every cell any sequence (active or cached) occupies, which keeps
+    // decode and prefill fast when many sequences hold prefix caches. The scheduler bounds each
+    // sequence to n_ctx / n_seq positions, so no stream can overflow.
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_batch(config.n_batch)
@@ -100,7 +102,7 @@ pub fn serve_model(
         .with_n_seq_max(n_seq)
         .with_n_threads(config.n_threads)
         .with_n_threads_batch(config.n_threads)
-        .with_kv_unified(true);
+        .with_kv_unified(false);
     let ctx = model
         .new_context(backend, params)
         .map_err(|e| LoadError::Context {

