@@ -42,27 +42,42 @@ wait_healthy() { until curl -sf "localhost:$port/health" >/dev/null; do sleep 0.
 echo "llama-bench ..." >&2
 bench=$("$peer/build/bin/llama-bench" -m "$model" -t "$threads" -p 512 -n 128 -r 3 -o json 2>/dev/null)
 
-echo "llama-server ..." >&2
-"$peer/build/bin/llama-server" -m "$model" --port $port -t "$threads" -np 8 -c 16384 >/dev/null 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
-wait_healthy
-theirs=$(python3 benches/load.py "127.0.0.1:$port" "$model_id" "${ban[@]}")
-kill $pid; wait $pid 2>/dev/null || true
-
-echo "lm-sandbox ..." >&2
-target/release/lm-sandbox serve -m "$model" --port $port -t "$threads" -np 8 -c 16384 2>/dev/null &
-pid=$!
-wait_healthy
-ours=$(python3 benches/load.py "127.0.0.1:$port" "$model_id" "${ban[@]}")
-kill $pid; wait $pid 2>/dev/null || true
+run_llama_server() {
+  "$peer/build/bin/llama-server" -m "$model" --port $port -t "$threads" -np 8 -c 16384 >/dev/null 2>&1 &
+}
+run_lm_sandbox() {
+  target/release/lm-sandbox serve -m "$model" --port $port -t "$threads" -np 8 -c 16384 2>/dev/null &
+}
+# Two rounds in A-B-A-B order, so drift in the machine's speed hits both servers alike; each row
+# is the mean over the rounds.
+theirs="" ours=""
+pid=""
+trap 'if [ -n "$pid" ]; then kill $pid 2>/dev/null || true; fi' EXIT
+for round in 1 2; do
+  for server in llama_server lm_sandbox; do
+    echo "round $round: $server ..." >&2
+    "run_$server"
+    pid=$!
+    wait_healthy
+    result=$(python3 benches/load.py "127.0.0.1:$port" "$model_id" "${ban[@]}")
+    kill $pid; wait $pid 2>/dev/null || true
+    pid=""
+    if [ "$server" = llama_server ]; then theirs="$theirs$result"$'\n'; else ours="$ours$result"$'\n'; fi
+  done
+done
 
 python3 - "$bench" "$theirs" "$ours" "$threads" <<'PY'
 import json, sys
-bench = json.loads(sys.argv[1]); theirs = json.loads(sys.argv[2]); ours = json.loads(sys.argv[3])
+def mean_of_rounds(text):
+    rounds = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return {
+        scenario: {key: sum(r[scenario][key] for r in rounds) / len(rounds) for key in rounds[0][scenario]}
+        for scenario in rounds[0]
+    }
+bench = json.loads(sys.argv[1]); theirs = mean_of_rounds(sys.argv[2]); ours = mean_of_rounds(sys.argv[3])
 pp = next(r["avg_ts"] for r in bench if r["n_prompt"] > 0)
 tg = next(r["avg_ts"] for r in bench if r["n_gen"] > 0)
-print(f"SmolLM2-135M-Instruct Q4_1, {sys.argv[4]} threads, -np 8 -c 16384, streaming, temperature 0")
+print(f"SmolLM2-135M-Instruct Q4_1, {sys.argv[4]} threads, -np 8 -c 16384, streaming, temperature 0, mean of 2 A-B rounds")
 print(f"llama-bench: prompt {pp:.1f} tok/s, decode {tg:.1f} tok/s")
 print(f"{'row':44} {'llama-server':>12} {'lm-sandbox':>11} {'ratio':>7}")
 rows = [
