@@ -120,7 +120,9 @@ async fn start_server(parallel: u32) -> RunningServer {
         model_path().to_string_lossy().into_owned(),
     ];
     let argv = lm_sandbox::cli::normalize_args(argv);
-    let Command::Serve(args) = Cli::try_parse_from(argv).expect("flags").command;
+    let Command::Serve(args) = Cli::try_parse_from(argv).expect("flags").command else {
+        panic!("not a serve command")
+    };
     let server = server::start(&ServeConfig::from_args(args).expect("config"))
         .await
         .expect("server");

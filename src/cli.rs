@@ -20,6 +20,75 @@ pub struct Cli {
 pub enum Command {
     /// Serve a GGUF model over the OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// List NVIDIA GPUs as NVML reports them (`--json` writes the inventory format `plan --gpus` reads).
+    Gpus(GpusArgs),
+    /// Show where a model's layers would go, without loading it or creating any CUDA context.
+    Plan(PlanArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GpusArgs {
+    /// Print the inventory as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    /// GGUF model file.
+    #[arg(short = 'm', long, env = "LM_SANDBOX_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Total context over all sequences (0: the model's trained context).
+    #[arg(short = 'c', long, default_value_t = 4096)]
+    pub ctx_size: u32,
+    /// Parallel sequences.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: u32,
+    #[arg(long, value_enum, default_value = "proportional")]
+    pub policy: crate::gpu::plan::Policy,
+    /// KV cache element type.
+    #[arg(long, value_enum, default_value = "f16")]
+    pub cache_type: CacheType,
+    /// Plan for the inventory in this JSON file (from `lm-sandbox gpus --json`) instead of this machine.
+    #[arg(long)]
+    pub gpus: Option<PathBuf>,
+    /// Layers to offload (n_layer + 1 includes the output layer).
+    #[arg(long = "n-gpu-layers", visible_alias = "ngl")]
+    pub n_gpu_layers: Option<u32>,
+    /// Comma-separated proportions, one per used GPU in device order.
+    #[arg(long, value_delimiter = ',')]
+    pub tensor_split: Option<Vec<f64>>,
+    /// GPU indices (as `lm-sandbox gpus` numbers them) to use, in this order.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Option<Vec<usize>>,
+    #[arg(long, value_enum, default_value = "layer")]
+    pub split_mode: crate::gpu::plan::SplitMode,
+    #[arg(long, default_value_t = 0)]
+    pub main_gpu: usize,
+    /// Plan as if this binary had a CUDA backend (it does with `--features cuda`).
+    #[arg(long)]
+    pub assume_cuda: bool,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// KV cache element types, as llama.cpp names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheType {
+    F16,
+    Q8_0,
+    Q4_0,
+}
+
+impl CacheType {
+    pub fn bytes_per_element(self) -> f64 {
+        match self {
+            Self::F16 => 2.0,
+            Self::Q8_0 => 34.0 / 32.0,
+            Self::Q4_0 => 18.0 / 32.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -111,6 +180,7 @@ mod tests {
         );
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Serve(args) => args,
+            other => panic!("parsed {other:?}"),
         }
     }
 

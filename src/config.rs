@@ -162,7 +162,9 @@ mod tests {
         // Cargo.toml stands in for a model file: validation only checks that it is a file.
         let mut argv = vec!["lm-sandbox", "serve", "-m", "Cargo.toml"];
         argv.extend_from_slice(extra);
-        let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command;
+        let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not a serve command")
+        };
         ServeConfig::from_args(args)
     }
 
@@ -208,7 +210,9 @@ mod tests {
 
     #[test]
     fn a_missing_model_or_bad_template_is_reported() {
-        let Command::Serve(mut args) = Cli::try_parse_from(["x", "serve"]).unwrap().command;
+        let Command::Serve(mut args) = Cli::try_parse_from(["x", "serve"]).unwrap().command else {
+            panic!("not a serve command")
+        };
         args.model = "/nonexistent.gguf".into();
         assert!(matches!(
             ServeConfig::from_args(args),

@@ -7,6 +7,7 @@
 //!   admission queue, detokenization and stop strings; [`engine::EngineHandle`] is its front.
 //! - [`template`]: chat templates rendered with Hugging Face's Jinja semantics.
 //! - [`api`]: the axum router: OpenAI routes, validation, errors, SSE, API keys.
+//! - [`gpu`]: the NVML inventory, model facts from GGUF headers, and the placement planner.
 //! - [`server`]: binding, serving and graceful shutdown.
 //! - [`build_info`]: version, git revision and backends recorded at build time.
 //!
@@ -17,5 +18,6 @@ pub mod build_info;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod gpu;
 pub mod server;
 pub mod template;

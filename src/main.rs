@@ -20,6 +20,8 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(lm_sandbox::server::run(config))?;
         }
+        Command::Gpus(args) => lm_sandbox::gpu::command::gpus(&args)?,
+        Command::Plan(args) => lm_sandbox::gpu::command::plan_command(&args)?,
     }
     Ok(())
 }

@@ -32,7 +32,9 @@ pub async fn start(extra: &[&str]) -> RunningServer {
         .collect();
     argv.push(model.to_string_lossy().into_owned());
     argv.extend(extra.iter().map(|s| s.to_string()));
-    let Command::Serve(args) = Cli::try_parse_from(argv).expect("test flags parse").command;
+    let Command::Serve(args) = Cli::try_parse_from(argv).expect("test flags parse").command else {
+        panic!("not a serve command")
+    };
     let config = ServeConfig::from_args(args).expect("test config validates");
     let server = server::start(&config).await.expect("server starts");
     server.ready().await.expect("model loads");

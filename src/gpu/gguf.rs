@@ -1,0 +1,488 @@
+//! Model facts from a GGUF file's header: metadata and the tensor table, read without loading any
+//! weights (a few hundred KiB of a multi-GiB file).
+//!
+//! Tensor sizes come from the gaps between data offsets (the last one from the file's end), so
+//! every quantisation type, present or future, is sized exactly without a table of block sizes.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek};
+use std::path::Path;
+
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("not a GGUF file (magic {0:02x?})")]
+    Magic([u8; 4]),
+    #[error("unsupported GGUF version {0}")]
+    Version(u32),
+    #[error("malformed GGUF: {0}")]
+    Malformed(String),
+    #[error("GGUF lacks `{0}`")]
+    Missing(String),
+}
+
+/// A metadata value (arrays keep only what the planner needs: their integers, and their length).
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Array { len: u64, ints: Vec<i64> },
+}
+
+impl MetaValue {
+    fn as_u64(&self) -> Option<u64> {
+        match self {
+            Self::Int(i) => u64::try_from(*i).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// What placement needs to know about a model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelFacts {
+    pub architecture: String,
+    pub n_layer: u32,
+    pub n_ctx_train: u32,
+    pub n_embd: u64,
+    pub n_head: u32,
+    pub n_vocab: u64,
+    /// KV heads per layer (GGUF allows a per-layer array).
+    pub n_head_kv: Vec<u32>,
+    pub key_length: u64,
+    pub value_length: u64,
+    /// Sliding-window size, and which layers use it (empty: none).
+    pub sliding_window: Option<u64>,
+    pub swa_layers: Vec<u32>,
+    /// Weight bytes of each repeating layer `blk.N.*`.
+    pub layer_bytes: Vec<u64>,
+    /// `output.weight` plus `output_norm.*` (falls back to the tied embedding when absent).
+    pub output_bytes: u64,
+    /// `token_embd.*`: stays in host memory in llama.cpp (the input lookup runs on the CPU).
+    pub embedding_bytes: u64,
+    pub file_bytes: u64,
+}
+
+struct Reader<R> {
+    inner: R,
+}
+
+impl<R: Read> Reader<R> {
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], GgufError> {
+        let mut buf = [0u8; N];
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|e| GgufError::Malformed(e.to_string()))?;
+        Ok(buf)
+    }
+    fn u32(&mut self) -> Result<u32, GgufError> {
+        Ok(u32::from_le_bytes(self.bytes()?))
+    }
+    fn u64(&mut self) -> Result<u64, GgufError> {
+        Ok(u64::from_le_bytes(self.bytes()?))
+    }
+    fn string(&mut self) -> Result<String, GgufError> {
+        let len = self.u64()?;
+        if len > 1 << 24 {
+            return Err(GgufError::Malformed(format!("string of {len} bytes")));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|e| GgufError::Malformed(e.to_string()))?;
+        String::from_utf8(buf).map_err(|e| GgufError::Malformed(e.to_string()))
+    }
+    fn skip(&mut self, n: u64) -> Result<(), GgufError> {
+        std::io::copy(&mut (&mut self.inner).take(n), &mut std::io::sink())
+            .map_err(|e| GgufError::Malformed(e.to_string()))
+            .and_then(|copied| {
+                if copied == n {
+                    Ok(())
+                } else {
+                    Err(GgufError::Malformed("truncated".into()))
+                }
+            })
+    }
+
+    /// One scalar of GGUF type `ty`.
+    fn scalar(&mut self, ty: u32) -> Result<MetaValue, GgufError> {
+        Ok(match ty {
+            0 => MetaValue::Int(i64::from(self.bytes::<1>()?[0])),
+            1 => MetaValue::Int(i64::from(self.bytes::<1>()?[0] as i8)),
+            2 => MetaValue::Int(i64::from(u16::from_le_bytes(self.bytes()?))),
+            3 => MetaValue::Int(i64::from(i16::from_le_bytes(self.bytes()?))),
+            4 => MetaValue::Int(i64::from(self.u32()?)),
+            5 => MetaValue::Int(i64::from(i32::from_le_bytes(self.bytes()?))),
+            6 => MetaValue::Float(f64::from(f32::from_le_bytes(self.bytes()?))),
+            7 => MetaValue::Bool(self.bytes::<1>()?[0] != 0),
+            8 => MetaValue::Str(self.string()?),
+            10 => MetaValue::Int(self.u64()? as i64),
+            11 => MetaValue::Int(i64::from_le_bytes(self.bytes()?)),
+            12 => MetaValue::Float(f64::from_le_bytes(self.bytes()?)),
+            other => return Err(GgufError::Malformed(format!("value type {other}"))),
+        })
+    }
+
+    fn value(&mut self, ty: u32) -> Result<MetaValue, GgufError> {
+        if ty != 9 {
+            return self.scalar(ty);
+        }
+        let item = self.u32()?;
+        let len = self.u64()?;
+        let fixed = match item {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        };
+        let mut ints = Vec::new();
+        match (item, fixed) {
+            // Integer arrays are small (per-layer head counts); keep them.
+            (0..=5 | 10 | 11, Some(_)) if len <= 4096 => {
+                for _ in 0..len {
+                    if let MetaValue::Int(i) = self.scalar(item)? {
+                        ints.push(i);
+                    }
+                }
+            }
+            (_, Some(size)) => self.skip(len * size)?,
+            // Strings (the vocabulary): skip each.
+            (8, None) => {
+                for _ in 0..len {
+                    let n = self.u64()?;
+                    self.skip(n)?;
+                }
+            }
+            _ => return Err(GgufError::Malformed(format!("array of type {item}"))),
+        }
+        Ok(MetaValue::Array { len, ints })
+    }
+}
+
+/// The raw header: metadata and `(name, offset)` of every tensor, plus where tensor data begins.
+pub struct GgufHeader {
+    pub metadata: HashMap<String, MetaValue>,
+    pub tensors: Vec<(String, u64)>,
+    pub data_start: u64,
+    pub file_bytes: u64,
+}
+
+/// Reads the header of the GGUF file at `path`.
+pub fn read_header(path: &Path) -> Result<GgufHeader, GgufError> {
+    let io = |source| GgufError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let file_bytes = file.metadata().map_err(io)?.len();
+    let mut r = Reader {
+        inner: BufReader::with_capacity(1 << 20, file),
+    };
+    let magic = r.bytes::<4>()?;
+    if &magic != b"GGUF" {
+        return Err(GgufError::Magic(magic));
+    }
+    let version = r.u32()?;
+    if !(2..=3).contains(&version) {
+        return Err(GgufError::Version(version));
+    }
+    let n_tensors = r.u64()?;
+    let n_kv = r.u64()?;
+    let mut metadata = HashMap::new();
+    for _ in 0..n_kv {
+        let key = r.string()?;
+        let ty = r.u32()?;
+        metadata.insert(key, r.value(ty)?);
+    }
+    let mut tensors = Vec::with_capacity(n_tensors as usize);
+    for _ in 0..n_tensors {
+        let name = r.string()?;
+        let dims = r.u32()?;
+        r.skip(u64::from(dims) * 8)?;
+        let _ggml_type = r.u32()?;
+        let offset = r.u64()?;
+        tensors.push((name, offset));
+    }
+    let position = r
+        .inner
+        .stream_position()
+        .map_err(|e| GgufError::Malformed(e.to_string()))?;
+    let alignment = metadata
+        .get("general.alignment")
+        .and_then(MetaValue::as_u64)
+        .filter(|a| *a > 0)
+        .unwrap_or(32);
+    let data_start = position.div_ceil(alignment) * alignment;
+    Ok(GgufHeader {
+        metadata,
+        tensors,
+        data_start,
+        file_bytes,
+    })
+}
+
+impl GgufHeader {
+    fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.metadata.get(key)
+    }
+
+    fn arch_u64(&self, arch: &str, key: &str) -> Option<u64> {
+        self.get(&format!("{arch}.{key}"))
+            .and_then(MetaValue::as_u64)
+    }
+
+    /// Bytes of each tensor, from the gaps between offsets.
+    pub fn tensor_sizes(&self) -> Vec<(&str, u64)> {
+        let mut by_offset: Vec<(&str, u64)> =
+            self.tensors.iter().map(|(n, o)| (n.as_str(), *o)).collect();
+        by_offset.sort_by_key(|t| t.1);
+        let data_len = self.file_bytes.saturating_sub(self.data_start);
+        (0..by_offset.len())
+            .map(|i| {
+                let end = by_offset.get(i + 1).map_or(data_len, |next| next.1);
+                (by_offset[i].0, end.saturating_sub(by_offset[i].1))
+            })
+            .collect()
+    }
+
+    /// The facts placement needs.
+    pub fn facts(&self) -> Result<ModelFacts, GgufError> {
+        let arch = match self.get("general.architecture") {
+            Some(MetaValue::Str(a)) => a.clone(),
+            _ => return Err(GgufError::Missing("general.architecture".into())),
+        };
+        let need = |key: &str| {
+            self.arch_u64(&arch, key)
+                .ok_or_else(|| GgufError::Missing(format!("{arch}.{key}")))
+        };
+        let n_layer = need("block_count")? as u32;
+        let n_embd = need("embedding_length")?;
+        let n_head = need("attention.head_count")? as u32;
+        let n_head_kv = match self.get(&format!("{arch}.attention.head_count_kv")) {
+            Some(MetaValue::Int(n)) => vec![*n as u32; n_layer as usize],
+            Some(MetaValue::Array { ints, .. }) if ints.len() == n_layer as usize => {
+                ints.iter().map(|&n| n as u32).collect()
+            }
+            _ => vec![n_head; n_layer as usize],
+        };
+        let head_dim = n_embd / u64::from(n_head.max(1));
+        let key_length = self
+            .arch_u64(&arch, "attention.key_length")
+            .unwrap_or(head_dim);
+        let value_length = self
+            .arch_u64(&arch, "attention.value_length")
+            .unwrap_or(head_dim);
+        let sliding_window = self.arch_u64(&arch, "attention.sliding_window");
+        let swa_layers = match (
+            sliding_window,
+            self.arch_u64(&arch, "attention.sliding_window_pattern"),
+        ) {
+            // Gemma-style: every `pattern`-th layer is global, the others use the window.
+            (Some(_), Some(pattern)) if pattern > 0 => (0..n_layer)
+                .filter(|l| (u64::from(*l) + 1) % pattern != 0)
+                .collect(),
+            (Some(_), _) => (0..n_layer).collect(),
+            _ => Vec::new(),
+        };
+        let n_vocab = match self.get("tokenizer.ggml.tokens") {
+            Some(MetaValue::Array { len, .. }) => *len,
+            _ => self.arch_u64(&arch, "vocab_size").unwrap_or(0),
+        };
+        let mut layer_bytes = vec![0u64; n_layer as usize];
+        let (mut output_bytes, mut embedding_bytes, mut has_output) = (0, 0, false);
+        for (name, bytes) in self.tensor_sizes() {
+            if let Some(rest) = name.strip_prefix("blk.") {
+                let layer: usize = rest
+                    .split('.')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| GgufError::Malformed(format!("tensor {name}")))?;
+                *layer_bytes.get_mut(layer).ok_or_else(|| {
+                    GgufError::Malformed(format!("tensor {name} past block_count"))
+                })? += bytes;
+            } else if name.starts_with("output") {
+                has_output |= name == "output.weight";
+                output_bytes += bytes;
+            } else if name.starts_with("token_embd") {
+                embedding_bytes += bytes;
+            }
+        }
+        if !has_output {
+            // Tied embeddings: the output matmul uses a copy of the embedding on the output device.
+            output_bytes += embedding_bytes;
+        }
+        Ok(ModelFacts {
+            n_ctx_train: need("context_length")? as u32,
+            architecture: arch,
+            n_layer,
+            n_embd,
+            n_head,
+            n_vocab,
+            n_head_kv,
+            key_length,
+            value_length,
+            sliding_window,
+            swa_layers,
+            layer_bytes,
+            output_bytes,
+            embedding_bytes,
+            file_bytes: self.file_bytes,
+        })
+    }
+}
+
+/// Reads the model facts of the GGUF file at `path`.
+pub fn model_facts(path: &Path) -> Result<ModelFacts, GgufError> {
+    read_header(path)?.facts()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes a small synthetic GGUF: `layers` blocks of two tensors, an output and an embedding.
+    fn synthetic(layers: u32, with_output: bool) -> (tempfile_path::TempPath, Vec<u64>) {
+        let mut meta: Vec<u8> = Vec::new();
+        let s = |out: &mut Vec<u8>, text: &str| {
+            out.extend((text.len() as u64).to_le_bytes());
+            out.extend(text.as_bytes());
+        };
+        let kv_u32 = |out: &mut Vec<u8>, key: &str, v: u32| {
+            s(out, key);
+            out.extend(4u32.to_le_bytes());
+            out.extend(v.to_le_bytes());
+        };
+        s(&mut meta, "general.architecture");
+        meta.extend(8u32.to_le_bytes());
+        s(&mut meta, "llama");
+        kv_u32(&mut meta, "llama.block_count", layers);
+        kv_u32(&mut meta, "llama.context_length", 4096);
+        kv_u32(&mut meta, "llama.embedding_length", 256);
+        kv_u32(&mut meta, "llama.attention.head_count", 8);
+        kv_u32(&mut meta, "llama.attention.head_count_kv", 2);
+        // A vocabulary of 3 strings, skipped but counted.
+        s(&mut meta, "tokenizer.ggml.tokens");
+        meta.extend(9u32.to_le_bytes());
+        meta.extend(8u32.to_le_bytes());
+        meta.extend(3u64.to_le_bytes());
+        for t in ["a", "bb", "ccc"] {
+            s(&mut meta, t);
+        }
+        let n_kv = 7u64;
+        let mut tensors: Vec<(String, u64)> = Vec::new();
+        let mut sizes = Vec::new();
+        for l in 0..layers {
+            let a = 1000 + u64::from(l) * 64;
+            tensors.push((format!("blk.{l}.attn_q.weight"), a));
+            tensors.push((format!("blk.{l}.ffn_up.weight"), 2 * a));
+            sizes.push(3 * a);
+        }
+        tensors.push(("token_embd.weight".into(), 5000));
+        if with_output {
+            tensors.push(("output.weight".into(), 6000));
+        }
+        tensors.push(("output_norm.weight".into(), 64));
+        let mut table = Vec::new();
+        let mut offset = 0u64;
+        for (name, size) in &tensors {
+            s(&mut table, name);
+            table.extend(1u32.to_le_bytes()); // dims
+            table.extend(size.to_le_bytes());
+            table.extend(0u32.to_le_bytes()); // type
+            table.extend(offset.to_le_bytes());
+            offset += size.div_ceil(32) * 32;
+        }
+        let mut file = Vec::new();
+        file.extend(b"GGUF");
+        file.extend(3u32.to_le_bytes());
+        file.extend((tensors.len() as u64).to_le_bytes());
+        file.extend(n_kv.to_le_bytes());
+        file.extend(meta);
+        file.extend(table);
+        while file.len() % 32 != 0 {
+            file.push(0);
+        }
+        file.resize(file.len() + offset as usize, 0);
+        let path = tempfile_path::TempPath::new("gguf");
+        std::fs::write(&path.0, file).unwrap();
+        (path, sizes)
+    }
+
+    /// A file removed on drop, without a tempfile dependency.
+    mod tempfile_path {
+        pub struct TempPath(pub std::path::PathBuf);
+        impl TempPath {
+            pub fn new(tag: &str) -> Self {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let n = N.fetch_add(1, Ordering::Relaxed);
+                Self(
+                    std::env::temp_dir()
+                        .join(format!("lm-sandbox-{tag}-{}-{n}", std::process::id())),
+                )
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn a_synthetic_file_yields_its_layers_and_output() {
+        let (path, sizes) = synthetic(4, true);
+        let facts = model_facts(&path.0).unwrap();
+        assert_eq!(facts.n_layer, 4);
+        assert_eq!(facts.n_head_kv, vec![2; 4]);
+        assert_eq!((facts.key_length, facts.value_length), (32, 32));
+        assert_eq!(facts.n_vocab, 3);
+        // Sizes are offset gaps, so include padding to 32 bytes.
+        for (got, want) in facts.layer_bytes.iter().zip(&sizes) {
+            assert!(*got >= *want && *got < *want + 64, "{got} vs {want}");
+        }
+        assert!(facts.output_bytes >= 6064 && facts.output_bytes < 6064 + 64);
+        assert_eq!(facts.embedding_bytes, 5024);
+    }
+
+    #[test]
+    fn tied_embeddings_count_toward_the_output_device() {
+        let (path, _) = synthetic(2, false);
+        let facts = model_facts(&path.0).unwrap();
+        assert_eq!(facts.output_bytes, 64 + facts.embedding_bytes);
+    }
+
+    #[test]
+    fn a_non_gguf_file_is_refused() {
+        let path = tempfile_path::TempPath::new("notgguf");
+        std::fs::write(&path.0, b"PK\x03\x04 definitely not").unwrap();
+        assert!(matches!(model_facts(&path.0), Err(GgufError::Magic(_))));
+    }
+
+    #[cfg(feature = "real-model")]
+    #[test]
+    fn the_default_model_has_30_layers() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let facts = model_facts(&path).unwrap();
+        assert_eq!(facts.architecture, "llama");
+        assert_eq!(facts.n_layer, 30);
+        assert_eq!(facts.n_head_kv, vec![3; 30]);
+        assert_eq!(facts.n_ctx_train, 8192);
+        let weights: u64 = facts.layer_bytes.iter().sum::<u64>() + facts.embedding_bytes;
+        assert!(
+            weights > 80_000_000 && weights < facts.file_bytes,
+            "{weights}"
+        );
+    }
+}
