@@ -121,8 +121,10 @@ fn read_nvml() -> Inventory {
             memory_used: memory.used,
             compute_capability: compute,
             utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
-            display_attached: device.is_display_active().unwrap_or(false)
-                || device.is_display_connected().unwrap_or(false),
+            // "Active" (a display is being driven), not "connected": datacenter cards report a
+            // display mode as connected with no display (seen on an H100), which would cost them a
+            // needless margin.
+            display_attached: device.is_display_active().unwrap_or(false),
             other_process_memory: other,
         });
     }

@@ -494,3 +494,18 @@ fn the_default_model_fits_the_owners_3060() {
     assert_eq!(p.devices.len(), 2);
     assert_eq!(p.tensor_split, vec![0, 30], "the fast card takes it all");
 }
+
+#[test]
+fn a_real_h100_inventory_read_through_nvml_takes_a_70b_model_whole() {
+    use crate::gpu::inventory::{FileSource, InventorySource};
+    // Written by `lm-sandbox gpus --json` on an H100 machine (display flag as `is_display_active`).
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/h100-inventory.json");
+    let inv = FileSource(path).read().unwrap();
+    assert_eq!(inv.gpus[0].compute_capability, [9, 0]);
+    let m = llama_70b();
+    let p = plan(&m, &inv, &config(8192, Policy::Proportional)).unwrap();
+    assert_valid(&p, &m);
+    assert_eq!(p.n_gpu_layers, 81);
+    assert!(p.devices[0].headroom > 20 * GIB, "{:#?}", p.devices[0]);
+}
