@@ -15,8 +15,8 @@ use futures::StreamExt;
 use lm_sandbox::cli::{Cli, Command};
 use lm_sandbox::config::ServeConfig;
 use lm_sandbox::engine::{
-    spawn_llama_engine, EngineHandle, GenerationEvent, GenerationRequest, LlamaEngineConfig,
-    SamplingParams,
+    spawn_llama_engine, EngineHandle, GenerationEvent, GenerationRequest, GpuOffload,
+    LlamaEngineConfig, SamplingParams,
 };
 use lm_sandbox::server::{self, RunningServer};
 use serde_json::json;
@@ -87,6 +87,7 @@ fn engine_decode(c: &mut Criterion) {
             n_batch: 2048,
             n_threads: threads(),
             max_queue: 16,
+            offload: GpuOffload::default(),
         })
         .expect("engine thread");
         rt.block_on(engine.wait_loaded());

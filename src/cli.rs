@@ -44,27 +44,14 @@ pub struct PlanArgs {
     /// Parallel sequences.
     #[arg(long, default_value_t = 4)]
     pub parallel: u32,
-    #[arg(long, value_enum, default_value = "proportional")]
-    pub policy: crate::gpu::plan::Policy,
     /// KV cache element type.
     #[arg(long, value_enum, default_value = "f16")]
     pub cache_type: CacheType,
     /// Plan for the inventory in this JSON file (from `lm-sandbox gpus --json`) instead of this machine.
     #[arg(long)]
     pub gpus: Option<PathBuf>,
-    /// Layers to offload (n_layer + 1 includes the output layer).
-    #[arg(long = "n-gpu-layers", visible_alias = "ngl")]
-    pub n_gpu_layers: Option<u32>,
-    /// Comma-separated proportions, one per used GPU in device order.
-    #[arg(long, value_delimiter = ',')]
-    pub tensor_split: Option<Vec<f64>>,
-    /// GPU indices (as `lm-sandbox gpus` numbers them) to use, in this order.
-    #[arg(long, value_delimiter = ',')]
-    pub devices: Option<Vec<usize>>,
-    #[arg(long, value_enum, default_value = "layer")]
-    pub split_mode: crate::gpu::plan::SplitMode,
-    #[arg(long, default_value_t = 0)]
-    pub main_gpu: usize,
+    #[command(flatten)]
+    pub placement: PlacementArgs,
     /// Plan as if this binary had a CUDA backend (it does with `--features cuda`).
     #[arg(long)]
     pub assume_cuda: bool,
@@ -154,15 +141,57 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "LM_SANDBOX_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
+
+    #[command(flatten)]
+    pub placement: PlacementArgs,
 }
 
-/// llama-server spells `--parallel` as `-np`, which clap cannot take as a short flag: rewrite it.
+/// How layers are placed on GPUs (`lm-sandbox plan` shows the result without loading).
+#[derive(Debug, Clone, Args)]
+pub struct PlacementArgs {
+    #[arg(
+        long = "placement-policy",
+        env = "LM_SANDBOX_PLACEMENT_POLICY",
+        value_enum,
+        default_value = "proportional"
+    )]
+    pub policy: crate::gpu::plan::Policy,
+    /// Layers to offload (n_layer + 1 includes the output layer); default: as many as fit. `-ngl N` works too.
+    #[arg(long = "n-gpu-layers", env = "LM_SANDBOX_N_GPU_LAYERS")]
+    pub n_gpu_layers: Option<u32>,
+    /// Comma-separated proportions, one per used GPU in device order.
+    #[arg(long, env = "LM_SANDBOX_TENSOR_SPLIT", value_delimiter = ',')]
+    pub tensor_split: Option<Vec<f64>>,
+    /// GPU indices (as `lm-sandbox gpus` numbers them) to use, in this order.
+    #[arg(long, env = "LM_SANDBOX_DEVICES", value_delimiter = ',')]
+    pub devices: Option<Vec<usize>>,
+    #[arg(
+        long,
+        env = "LM_SANDBOX_SPLIT_MODE",
+        value_enum,
+        default_value = "layer"
+    )]
+    pub split_mode: crate::gpu::plan::SplitMode,
+    /// The GPU for `--split-mode none`.
+    #[arg(long, env = "LM_SANDBOX_MAIN_GPU", default_value_t = 0)]
+    pub main_gpu: usize,
+}
+
+/// llama-server spells `--parallel` as `-np` and `--n-gpu-layers` as `-ngl`, which clap cannot
+/// take as short flags: rewrite them.
 pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    let rewrite = |arg: String, short: &str, long: &str| -> Result<String, String> {
+        match arg.strip_prefix(short) {
+            Some("") => Ok(long.to_owned()),
+            Some(rest) if rest.starts_with('=') => Ok(format!("{long}{rest}")),
+            _ => Err(arg),
+        }
+    };
     args.into_iter()
-        .map(|arg| match arg.strip_prefix("-np") {
-            Some("") => "--parallel".to_owned(),
-            Some(rest) if rest.starts_with('=') => format!("--parallel{rest}"),
-            _ => arg,
+        .map(|arg| {
+            rewrite(arg, "-np", "--parallel")
+                .or_else(|arg| rewrite(arg, "-ngl", "--n-gpu-layers"))
+                .unwrap_or_else(|arg| arg)
         })
         .collect()
 }
@@ -194,6 +223,22 @@ mod tests {
             (2048, 8, Some(2), 512, 64)
         );
         assert_eq!(serve(&["-np=3"]).parallel, 3);
+        assert_eq!(serve(&["-ngl", "99"]).placement.n_gpu_layers, Some(99));
+        let p = serve(&[
+            "--tensor-split",
+            "3,1",
+            "--devices",
+            "1,0",
+            "--split-mode",
+            "none",
+            "--main-gpu",
+            "1",
+        ])
+        .placement;
+        assert_eq!(
+            (p.tensor_split, p.devices, p.main_gpu),
+            (Some(vec![3.0, 1.0]), Some(vec![1, 0]), 1)
+        );
     }
 
     #[test]

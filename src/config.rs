@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::api::ApiConfig;
-use crate::cli::ServeArgs;
-use crate::engine::LlamaEngineConfig;
+use crate::cli::{PlacementArgs, ServeArgs};
+use crate::engine::{GpuOffload, LlamaEngineConfig};
 use crate::template::ChatTemplate;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,9 @@ pub struct ServeConfig {
     pub host: String,
     pub port: u16,
     pub shutdown_timeout: Duration,
+    /// The placement flags; the plan (and `engine.offload`) is decided at start-up from live GPU
+    /// readings.
+    pub placement: PlacementArgs,
 }
 
 impl ServeConfig {
@@ -137,6 +140,7 @@ impl ServeConfig {
                 n_batch: args.batch_size,
                 n_threads: threads as i32,
                 max_queue: args.max_queue as usize,
+                offload: GpuOffload::default(),
             },
             api: ApiConfig {
                 model_ids,
@@ -148,6 +152,7 @@ impl ServeConfig {
             host: args.host,
             port: args.port,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+            placement: args.placement,
         })
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! On SIGINT/SIGTERM the listener stops accepting, in-flight requests (streams included) get up to
 //! `--shutdown-timeout` to finish, then the process exits 0. A model that fails to load ends the
-//! process with the reason.
+//! process with the reason. Before loading, the GPUs are read and the placement planned; a plan that
+//! cannot fit ends the process with the planner's numbers.
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -14,7 +15,11 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
 use crate::config::ServeConfig;
-use crate::engine::{spawn_llama_engine, EngineHandle, EngineState};
+use crate::engine::{spawn_llama_engine, EngineHandle, EngineState, GpuOffload};
+use crate::gpu::inventory::{Inventory, InventorySource, NvmlSource};
+use crate::gpu::placement::{decide, spawn_poller, Placement, POLL_INTERVAL};
+use crate::gpu::plan::SplitMode;
+use crate::gpu::report;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -27,6 +32,46 @@ pub enum ServeError {
     },
     #[error("the model failed to load: {0}")]
     Load(String),
+    #[error(transparent)]
+    Placement(#[from] crate::gpu::placement::PlacementError),
+}
+
+/// Reads the GPUs and plans the placement (blocking: NVML and the GGUF header).
+fn place(config: &ServeConfig) -> Result<(Placement, Inventory), ServeError> {
+    let inventory = NvmlSource
+        .read()
+        .map_err(crate::gpu::placement::PlacementError::from)?;
+    if let Some(reason) = &inventory.unavailable {
+        tracing::info!("{reason}");
+    }
+    let engine = &config.engine;
+    let (placement, facts) = decide(
+        &engine.model_path,
+        engine.n_ctx,
+        engine.n_seq,
+        &config.placement,
+        &inventory,
+    )?;
+    tracing::info!(
+        "placement plan:\n{}",
+        report::plan_table(&placement.plan, facts.n_layer)
+    );
+    Ok((placement, inventory))
+}
+
+/// The plan in llama.cpp's terms: the GPUs that hold something, in device order.
+fn offload(placement: &Placement, config: &ServeConfig) -> GpuOffload {
+    let plan = &placement.plan;
+    GpuOffload {
+        n_gpu_layers: plan.n_gpu_layers,
+        devices: plan
+            .devices
+            .iter()
+            .filter(|d| d.end_layer > d.first_layer || d.output > 0)
+            .map(|d| d.pci_bus_id.clone())
+            .collect(),
+        single_gpu: config.placement.split_mode == SplitMode::None,
+    }
 }
 
 /// A server accepting connections; the model may still be loading.
@@ -40,7 +85,13 @@ pub struct RunningServer {
 /// Spawns the engine (the model loads in the background; `/health` says 503 meanwhile) and starts
 /// serving HTTP on `config.host:config.port`.
 pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
-    let (engine, _thread) = spawn_llama_engine(config.engine.clone()).map_err(ServeError::Spawn)?;
+    let placing = config.clone();
+    let (placement, inventory) = tokio::task::spawn_blocking(move || place(&placing))
+        .await
+        .map_err(|e| ServeError::Load(format!("placement task: {e}")))??;
+    let mut engine_config = config.engine.clone();
+    engine_config.offload = offload(&placement, config);
+    let (engine, _thread) = spawn_llama_engine(engine_config).map_err(ServeError::Spawn)?;
     let addr = format!("{}:{}", config.host, config.port);
     let listener = TcpListener::bind(&addr)
         .await
@@ -49,7 +100,9 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
         addr: format!("{}:{}", config.host, config.port),
         source,
     })?;
-    let app = api::router(AppState::new(engine.clone(), config.api.clone()));
+    let gpus = spawn_poller(inventory, POLL_INTERVAL);
+    let state = AppState::new(engine.clone(), config.api.clone()).with_placement(placement, gpus);
+    let app = api::router(state);
     let (stop, mut stopped) = watch::channel(false);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         // Err: the sender is gone, which also means stop.

@@ -765,3 +765,79 @@ async fn a_repeated_prompt_reports_cached_tokens_in_usage_and_timings() {
     assert_eq!(warm["timings"]["prompt_n"], 1);
     assert_eq!(cold["choices"][0]["message"], warm["choices"][0]["message"]);
 }
+
+#[tokio::test]
+async fn placement_shows_the_plan_and_live_gpu_memory() {
+    use lm_sandbox::gpu::gguf::ModelFacts;
+    use lm_sandbox::gpu::inventory::{Gpu, Inventory};
+    use lm_sandbox::gpu::placement::{ModelSummary, Placement};
+    use lm_sandbox::gpu::plan::{plan, PlanConfig};
+    const GIB: u64 = 1 << 30;
+    let facts = ModelFacts {
+        architecture: "llama".into(),
+        n_layer: 4,
+        n_ctx_train: 4096,
+        n_embd: 512,
+        n_head: 8,
+        n_vocab: 1000,
+        n_head_kv: vec![2; 4],
+        key_length: 64,
+        value_length: 64,
+        sliding_window: None,
+        swa_layers: Vec::new(),
+        layer_bytes: vec![10_000_000; 4],
+        output_bytes: 1_000_000,
+        embedding_bytes: 1_000_000,
+        file_bytes: 42_000_000,
+    };
+    let gpu = Gpu {
+        name: "Fake GPU".into(),
+        uuid: "GPU-fake".into(),
+        pci_bus_id: "00000000:01:00.0".into(),
+        memory_total: 8 * GIB,
+        memory_free: 8 * GIB,
+        memory_used: 0,
+        compute_capability: [8, 6],
+        utilization_percent: Some(0),
+        display_attached: false,
+        other_process_memory: 0,
+    };
+    let inventory = Inventory {
+        gpus: vec![gpu],
+        ram_available: 16 * GIB,
+        driver_version: None,
+        unavailable: None,
+    };
+    let placed = plan(&facts, &inventory, &PlanConfig::default()).unwrap();
+    let placement = Placement {
+        model: ModelSummary {
+            architecture: "llama".into(),
+            n_layer: 4,
+            n_ctx_train: 4096,
+            file_bytes: 42_000_000,
+            n_ctx: 4096,
+            n_seq: 1,
+        },
+        plan: placed,
+    };
+    let (gpus_tx, gpus_rx) = watch::channel(inventory.clone());
+    let engine = FakeRunner::new(Duration::ZERO).spawn(WorkerConfig {
+        n_seq: 1,
+        n_batch: 64,
+        n_ctx_seq: 256,
+        max_queue: 1,
+    });
+    let app = router(AppState::new(engine, api_config(&[])).with_placement(placement, gpus_rx));
+    let get = || Request::get("/v1/placement").body(Body::empty()).unwrap();
+    let (status, body) = send_json(&app, get()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["plan"]["n_gpu_layers"], 5);
+    assert_eq!(body["plan"]["devices"][0]["pci_bus_id"], "00000000:01:00.0");
+    assert_eq!(body["gpus"]["gpus"][0]["memory_free"], 8 * GIB);
+    // A new NVML reading shows up at once.
+    let mut later = inventory;
+    later.gpus[0].memory_free = 5 * GIB;
+    gpus_tx.send_replace(later);
+    let (_, body) = send_json(&app, get()).await;
+    assert_eq!(body["gpus"]["gpus"][0]["memory_free"], 5 * GIB);
+}

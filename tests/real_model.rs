@@ -411,3 +411,55 @@ async fn a_burst_beyond_capacity_gets_responses_or_429s_and_the_server_recovers(
     let (status, _) = post(&client, &url, &chat("Still there?", 4)).await;
     assert_eq!(status, 200, "the server keeps serving afterwards");
 }
+
+#[tokio::test]
+async fn the_placement_plan_and_live_gpus_are_served() {
+    let server = start(&["--parallel", "1"]).await;
+    let body: Value = reqwest::get(format!("http://{}/v1/placement", server.addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["model"]["n_layer"], 30);
+    assert_eq!(body["model"]["architecture"], "llama");
+    // This machine has no GPU (and this build no CUDA): every layer stays on the CPU, and says why.
+    assert_eq!(body["plan"]["n_gpu_layers"], 0);
+    assert_eq!(body["plan"]["cpu_layers"], 30);
+    assert!(
+        !body["plan"]["reasons"].as_array().unwrap().is_empty(),
+        "{body}"
+    );
+    assert!(body["gpus"]["ram_available"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn a_plan_that_cannot_fit_stops_the_server_before_loading_with_the_numbers() {
+    use lm_sandbox::cli::PlacementArgs;
+    use lm_sandbox::gpu::inventory::Inventory;
+    use lm_sandbox::gpu::placement::{decide, PlacementError};
+    use lm_sandbox::gpu::plan::{PlanError, Policy, SplitMode};
+    let starved = Inventory {
+        gpus: Vec::new(),
+        ram_available: 10 * 1024 * 1024,
+        driver_version: None,
+        unavailable: Some("test: no GPUs".into()),
+    };
+    let request = PlacementArgs {
+        policy: Policy::Proportional,
+        n_gpu_layers: None,
+        tensor_split: None,
+        devices: None,
+        split_mode: SplitMode::Layer,
+        main_gpu: 0,
+    };
+    match decide(&common::model_path(), 8192, 1, &request, &starved) {
+        Err(PlacementError::Plan(PlanError::DoesNotFit(message))) => {
+            assert!(
+                message.contains("GiB") && message.contains("8192"),
+                "{message}"
+            );
+        }
+        other => panic!("expected DoesNotFit, got {other:?}"),
+    }
+}

@@ -26,7 +26,11 @@ use axum::Router;
 pub use error::ApiError;
 pub use extract::MAX_BODY_BYTES;
 
+use tokio::sync::watch;
+
 use crate::engine::{EngineHandle, EngineState, ModelInfo};
+use crate::gpu::inventory::Inventory;
+use crate::gpu::placement::Placement;
 use crate::template::{ChatTemplate, CHATML};
 
 /// What the HTTP layer is configured with.
@@ -60,6 +64,13 @@ struct Shared {
     engine: EngineHandle,
     config: ApiConfig,
     loaded: OnceLock<Loaded>,
+    placement: Option<PlacementView>,
+}
+
+/// The start-up plan and the live GPU readings, for `GET /v1/placement`.
+pub struct PlacementView {
+    pub placement: Placement,
+    pub gpus: watch::Receiver<Inventory>,
 }
 
 /// Cheap to clone: everything lives behind one `Arc`.
@@ -75,8 +86,26 @@ impl AppState {
                 engine,
                 config,
                 loaded: OnceLock::new(),
+                placement: None,
             }),
         }
+    }
+
+    /// Adds the placement shown at `GET /v1/placement`. Call before cloning the state.
+    pub fn with_placement(self, placement: Placement, gpus: watch::Receiver<Inventory>) -> Self {
+        let shared = Arc::try_unwrap(self.shared).unwrap_or_else(|_| {
+            panic!("with_placement is called on a fresh AppState, before it is shared")
+        });
+        Self {
+            shared: Arc::new(Shared {
+                placement: Some(PlacementView { placement, gpus }),
+                ..shared
+            }),
+        }
+    }
+
+    pub fn placement(&self) -> Option<&PlacementView> {
+        self.shared.placement.as_ref()
     }
 
     pub fn engine(&self) -> EngineHandle {
@@ -161,7 +190,8 @@ pub fn router(state: AppState) -> Router {
                 post(completions::completions),
             )
             .route(&format!("{prefix}/models"), get(models::list))
-            .route(&format!("{prefix}/models/{{*id}}"), get(models::get));
+            .route(&format!("{prefix}/models/{{*id}}"), get(models::get))
+            .route(&format!("{prefix}/placement"), get(models::placement));
     }
     router
         .fallback(route_not_found)

@@ -71,3 +71,18 @@ pub async fn health(State(state): State<AppState>) -> Response {
         }
     }
 }
+
+/// The placement plan decided at start-up and the GPUs' live memory.
+pub async fn placement(State(state): State<AppState>) -> Json<Value> {
+    match state.placement() {
+        Some(view) => {
+            let gpus = view.gpus.borrow().clone();
+            Json(json!({
+                "model": view.placement.model,
+                "plan": view.placement.plan,
+                "gpus": gpus,
+            }))
+        }
+        None => Json(json!({"model": null, "plan": null, "gpus": null})),
+    }
+}

@@ -1,4 +1,4 @@
-//! The one file that touches `llama_cpp_2`: model loading, the context, the batch, samplers.
+//! The one file that touches `llama_cpp_2` (and `llama_cpp_sys_2`, for one getter it lacks): model loading, the context, the batch, samplers.
 //!
 //! Everything here runs on the engine thread except [`Tokenizer`], which only reads the immutable
 //! vocabulary (llama.cpp's vocab is `Sync`) so the HTTP side can validate prompt lengths before a
@@ -12,7 +12,7 @@ use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::params::{LlamaModelParams, LlamaSplitMode};
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
@@ -38,6 +38,19 @@ pub struct LlamaEngineConfig {
     pub n_batch: u32,
     pub n_threads: i32,
     pub max_queue: usize,
+    /// What the placement plan offloads.
+    pub offload: GpuOffload,
+}
+
+/// The placement plan in llama.cpp's terms.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuOffload {
+    /// llama.cpp's `n_gpu_layers` (`n_layer + 1` includes the output layer).
+    pub n_gpu_layers: u32,
+    /// PCI bus ids of the GPUs to use, in device order (the last holds the last layers).
+    pub devices: Vec<String>,
+    /// `--split-mode none`: everything on the first device.
+    pub single_gpu: bool,
 }
 
 /// Errors while loading a model or creating its context.
@@ -51,6 +64,62 @@ pub enum LoadError {
     Context { n_ctx: u32, reason: String },
     #[error("--ctx-size {n_ctx} leaves less than 16 tokens for each of {n_seq} sequences")]
     ContextTooSmall { n_ctx: u32, n_seq: u32 },
+    #[error("placement: {0}")]
+    Placement(String),
+}
+
+/// llama.cpp's device index for each of `bus_ids`, matched by PCI bus id (never by position: NVML
+/// orders by bus, CUDA fastest-first and after `CUDA_VISIBLE_DEVICES`).
+fn devices_by_bus_id(bus_ids: &[String]) -> Result<Vec<usize>, LoadError> {
+    use crate::gpu::inventory::normalize_bus_id;
+    let mut known = Vec::new();
+    // SAFETY: plain getters over llama.cpp's static device registry; `props` is written by
+    // `ggml_backend_dev_get_props` and its strings live as long as the device.
+    unsafe {
+        for index in 0..llama_cpp_sys_2::ggml_backend_dev_count() {
+            let device = llama_cpp_sys_2::ggml_backend_dev_get(index);
+            let mut props: llama_cpp_sys_2::ggml_backend_dev_props = std::mem::zeroed();
+            llama_cpp_sys_2::ggml_backend_dev_get_props(device, &raw mut props);
+            if !props.device_id.is_null() {
+                let id = std::ffi::CStr::from_ptr(props.device_id).to_string_lossy();
+                known.push((index, normalize_bus_id(&id)));
+            }
+        }
+    }
+    bus_ids
+        .iter()
+        .map(|bus| {
+            let bus = normalize_bus_id(bus);
+            known
+                .iter()
+                .find(|(_, id)| *id == bus)
+                .map(|(index, _)| *index)
+                .ok_or_else(|| {
+                    LoadError::Placement(format!(
+                        "llama.cpp has no device with PCI bus id {bus} (it sees {:?})",
+                        known.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>()
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// The model parameters for an offload decision.
+fn model_params(offload: &GpuOffload) -> Result<LlamaModelParams, LoadError> {
+    let mut params = LlamaModelParams::default().with_n_gpu_layers(offload.n_gpu_layers);
+    if offload.n_gpu_layers == 0 || offload.devices.is_empty() {
+        return Ok(params);
+    }
+    let indices = devices_by_bus_id(&offload.devices)?;
+    params = params
+        .with_devices(&indices)
+        .map_err(|e| LoadError::Placement(e.to_string()))?;
+    if offload.single_gpu {
+        params = params
+            .with_split_mode(LlamaSplitMode::None)
+            .with_main_gpu(0);
+    }
+    Ok(params)
 }
 
 /// `LlamaBackend::init` may run once per process; every engine shares it.
@@ -76,7 +145,7 @@ pub fn serve_model(
     let backend = backend()?;
     let started = std::time::Instant::now();
     let model =
-        LlamaModel::load_from_file(backend, &config.model_path, &LlamaModelParams::default())
+        LlamaModel::load_from_file(backend, &config.model_path, &model_params(&config.offload)?)
             .map_err(|e| LoadError::Model {
                 path: config.model_path.clone(),
                 reason: e.to_string(),

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 pub use detok::Utf8Decoder;
-pub use llama::{LlamaEngineConfig, Tokenizer};
+pub use llama::{GpuOffload, LlamaEngineConfig, Tokenizer};
 pub use runner::{BatchEntry, ModelRunner, RunnerError};
 pub use sampling::SamplingParams;
 pub use scheduler::Scheduler;

@@ -36,14 +36,8 @@ pub fn plan_command(args: &PlanArgs) -> anyhow::Result<()> {
         n_ctx,
         n_seq: args.parallel.max(1),
         kv_bytes_per_element: args.cache_type.bytes_per_element(),
-        policy: args.policy,
         cuda: cfg!(feature = "cuda") || args.assume_cuda || args.gpus.is_some(),
-        n_gpu_layers: args.n_gpu_layers,
-        devices: args.devices.clone(),
-        tensor_split: args.tensor_split.clone(),
-        split_mode: args.split_mode,
-        main_gpu: args.main_gpu,
-        ..PlanConfig::default()
+        ..PlanConfig::from_request(&args.placement)
     };
     let placement = plan(&facts, &inventory, &config)?;
     if args.json {

@@ -7,5 +7,6 @@
 pub mod command;
 pub mod gguf;
 pub mod inventory;
+pub mod placement;
 pub mod plan;
 pub mod report;

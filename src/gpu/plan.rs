@@ -84,6 +84,21 @@ impl Default for PlanConfig {
     }
 }
 
+impl PlanConfig {
+    /// The user's placement flags over the defaults; context and build facts are set by the caller.
+    pub fn from_request(request: &crate::cli::PlacementArgs) -> Self {
+        Self {
+            policy: request.policy,
+            n_gpu_layers: request.n_gpu_layers,
+            devices: request.devices.clone(),
+            tensor_split: request.tensor_split.clone(),
+            split_mode: request.split_mode,
+            main_gpu: request.main_gpu,
+            ..Self::default()
+        }
+    }
+}
+
 /// One GPU's share.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DevicePlan {
