@@ -141,10 +141,6 @@ impl<R: ModelRunner> Scheduler<R> {
         self.slots.iter().all(Option::is_none)
     }
 
-    pub fn active(&self) -> usize {
-        self.slots.iter().filter(|s| s.is_some()).count()
-    }
-
     /// Binds a request to a free sequence. Returns it back (boxed: it is rare and large) if every
     /// slot is busy.
     pub fn admit(&mut self, submission: Submission) -> Result<(), Box<Submission>> {

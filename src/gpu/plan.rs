@@ -570,7 +570,7 @@ fn proportional(
                     counts[slot] += 1;
                 }
             }
-            if fits(costs, n_layer, budgets, &counts, true) {
+            if fits(costs, n_layer, budgets, &counts) {
                 return (counts, true);
             }
         }
@@ -578,12 +578,13 @@ fn proportional(
     fill_from_end(costs, n_layer, budgets, cap)
 }
 
-/// Whether `counts` (device order, covering the last layers) fits every budget.
-fn fits(costs: &Costs, n_layer: u32, budgets: &[u64], counts: &[u32], output: bool) -> bool {
+/// Whether `counts` (device order, covering the last layers, the output layer on the last device)
+/// fits every budget.
+fn fits(costs: &Costs, n_layer: u32, budgets: &[u64], counts: &[u32]) -> bool {
     let mut start = n_layer - counts.iter().sum::<u32>();
     counts.iter().enumerate().all(|(slot, &count)| {
         let end = start + count;
-        let is_output = output && slot == counts.len() - 1;
+        let is_output = slot == counts.len() - 1;
         let used: u64 = (start..end).map(|l| costs.layer(l as usize)).sum::<u64>()
             + costs.compute
             + if is_output {
