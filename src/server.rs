@@ -101,7 +101,7 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
         source,
     })?;
     let gpus = spawn_poller(inventory, POLL_INTERVAL);
-    let state = AppState::new(engine.clone(), config.api.clone()).with_placement(placement, gpus);
+    let state = AppState::with_placement(engine.clone(), config.api.clone(), placement, gpus);
     let app = api::router(state);
     let (stop, mut stopped) = watch::channel(false);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {

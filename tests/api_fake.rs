@@ -519,6 +519,16 @@ async fn max_tokens_ends_with_length() {
     assert_eq!(body["usage"]["completion_tokens"], 4);
 }
 
+/// The `text` of every choice of a completion, in order.
+fn choice_texts(body: &Value) -> Vec<&str> {
+    body["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect()
+}
+
 #[tokio::test]
 async fn completions_take_strings_batches_and_tokens() {
     let h = harness();
@@ -541,12 +551,7 @@ async fn completions_take_strings_batches_and_tokens() {
         ),
     )
     .await;
-    let texts: Vec<&str> = body["choices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["text"].as_str().unwrap())
-        .collect();
+    let texts = choice_texts(&body);
     assert_eq!(texts, vec!["ab", "xyz"]);
     assert_eq!(body["usage"]["prompt_tokens"], 5);
     let (_, body) = send_json(
@@ -566,12 +571,7 @@ async fn completions_take_strings_batches_and_tokens() {
         ),
     )
     .await;
-    let texts: Vec<&str> = body["choices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["text"].as_str().unwrap())
-        .collect();
+    let texts = choice_texts(&body);
     assert_eq!(texts, vec!["abab", "abab"]);
     assert_eq!(
         body["usage"]["prompt_tokens"], 2,
@@ -827,7 +827,12 @@ async fn placement_shows_the_plan_and_live_gpu_memory() {
         n_ctx_seq: 256,
         max_queue: 1,
     });
-    let app = router(AppState::new(engine, api_config(&[])).with_placement(placement, gpus_rx));
+    let app = router(AppState::with_placement(
+        engine,
+        api_config(&[]),
+        placement,
+        gpus_rx,
+    ));
     let get = || Request::get("/v1/placement").body(Body::empty()).unwrap();
     let (status, body) = send_json(&app, get()).await;
     assert_eq!(status, StatusCode::OK);

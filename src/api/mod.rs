@@ -80,26 +80,28 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// A state without a placement (`GET /v1/placement` answers with nulls).
     pub fn new(engine: EngineHandle, config: ApiConfig) -> Self {
+        Self::build(engine, config, None)
+    }
+
+    /// A state that shows `placement` and the live `gpus` readings at `GET /v1/placement`.
+    pub fn with_placement(
+        engine: EngineHandle,
+        config: ApiConfig,
+        placement: Placement,
+        gpus: watch::Receiver<Inventory>,
+    ) -> Self {
+        Self::build(engine, config, Some(PlacementView { placement, gpus }))
+    }
+
+    fn build(engine: EngineHandle, config: ApiConfig, placement: Option<PlacementView>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 engine,
                 config,
                 loaded: OnceLock::new(),
-                placement: None,
-            }),
-        }
-    }
-
-    /// Adds the placement shown at `GET /v1/placement`. Call before cloning the state.
-    pub fn with_placement(self, placement: Placement, gpus: watch::Receiver<Inventory>) -> Self {
-        let shared = Arc::try_unwrap(self.shared).unwrap_or_else(|_| {
-            panic!("with_placement is called on a fresh AppState, before it is shared")
-        });
-        Self {
-            shared: Arc::new(Shared {
-                placement: Some(PlacementView { placement, gpus }),
-                ..shared
+                placement,
             }),
         }
     }

@@ -3,7 +3,6 @@
 //! The loop never awaits: it blocks on the queue only when no sequence is active, and otherwise
 //! polls it between steps. It ends when every handle is gone and the last sequence has finished.
 
-use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, watch};
@@ -89,10 +88,9 @@ pub fn spawn_llama_engine(
     let (tx, rx, state_tx, state_rx) = channels(config.max_queue);
     let name = format!("engine-{}", config.model_id);
     let thread = std::thread::Builder::new().name(name).spawn(move || {
-        let state_tx = Arc::new(state_tx);
-        let published = Arc::clone(&state_tx);
-        let result = llama::serve_model(&config, rx, move |info| {
-            published.send_replace(EngineState::Ready(info));
+        // `serve_model` calls `on_ready` on this thread before it returns, so a borrow is enough.
+        let result = llama::serve_model(&config, rx, |info| {
+            state_tx.send_replace(EngineState::Ready(info));
         });
         match result {
             Ok(()) => state_tx.send_replace(EngineState::Stopped),

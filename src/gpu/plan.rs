@@ -21,7 +21,6 @@ use super::gguf::ModelFacts;
 use super::inventory::{Gpu, Inventory};
 
 const MIB: u64 = 1024 * 1024;
-const GIB: f64 = (1024 * 1024 * 1024) as f64;
 
 /// How layers are spread over GPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -144,7 +143,7 @@ pub enum PlanError {
 }
 
 fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / GIB)
+    format!("{} GiB", super::report::gib(bytes))
 }
 
 /// Per-layer memory costs for a config.
@@ -328,6 +327,8 @@ pub fn plan(
 
     // How many layers go to the GPUs, and where.
     let output_allowed = config.n_gpu_layers.is_none_or(|n| n > n_layer);
+    // The repeating layers an explicit --n-gpu-layers asks for.
+    let asked = config.n_gpu_layers.map(|n| n.min(n_layer));
     let (counts, output_on_gpu) = if usable.is_empty() {
         (Vec::new(), false)
     } else if let Some(split) = &config.tensor_split {
@@ -340,7 +341,7 @@ pub fn plan(
                 usable.len()
             )));
         }
-        let k = config.n_gpu_layers.map_or(n_layer, |n| n.min(n_layer));
+        let k = asked.unwrap_or(n_layer);
         reasons.push(format!("--tensor-split {split:?} over {k} layers"));
         (split_by(k, split), k == n_layer && output_allowed)
     } else {
@@ -350,15 +351,13 @@ pub fn plan(
             Policy::Proportional => proportional(&costs, n_layer, &budgets, cap),
             Policy::PreferFast => fill_from_end(&costs, n_layer, &budgets, cap),
         };
-        if config.n_gpu_layers.is_some()
-            && counts.iter().sum::<u32>() < config.n_gpu_layers.unwrap_or(0).min(n_layer)
-        {
-            let k = config.n_gpu_layers.unwrap_or(0).min(n_layer);
-            // Honour the override as asked; the per-device check below names what does not fit.
-            let split: Vec<f64> = budgets.iter().map(|&b| b as f64).collect();
-            (split_by(k, &split), k == n_layer && output_allowed)
-        } else {
-            (counts, output && output_allowed)
+        match asked {
+            Some(k) if counts.iter().sum::<u32>() < k => {
+                // Honour the override as asked; the per-device check below names what does not fit.
+                let split: Vec<f64> = budgets.iter().map(|&b| b as f64).collect();
+                (split_by(k, &split), k == n_layer && output_allowed)
+            }
+            _ => (counts, output && output_allowed),
         }
     };
     let gpu_layers: u32 = counts.iter().sum();

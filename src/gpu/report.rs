@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use super::inventory::Inventory;
 use super::plan::Plan;
 
-fn gib(bytes: u64) -> String {
+/// Bytes as GiB with two decimals, without the unit (tables carry it in the header).
+pub(super) fn gib(bytes: u64) -> String {
     format!("{:.2}", bytes as f64 / (1u64 << 30) as f64)
 }
 
