@@ -24,6 +24,98 @@ pub enum Command {
     Gpus(GpusArgs),
     /// Show where a model's layers would go, without loading it or creating any CUDA context.
     Plan(PlanArgs),
+    /// Manage the hardened container where shell commands run (reached over SSH).
+    Sandbox(SandboxArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SandboxArgs {
+    #[command(subcommand)]
+    pub command: SandboxCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum SandboxCommand {
+    /// Build the image if missing, generate the keys, start the container, pin its host key.
+    Up(SandboxUpArgs),
+    /// Stop and remove the container (the keys stay; `--volumes` also drops /workspace).
+    Down(SandboxDownArgs),
+    /// Show the container's state and run `true` through SSH.
+    Status(SandboxStatusArgs),
+    /// Run a command in the sandbox: `lm-sandbox sandbox exec -- CMD...` (stdin is passed on when
+    /// it is not a terminal; exits with the command's status).
+    Exec(SandboxExecArgs),
+}
+
+/// Which sandbox: its container name and where its keys and state live.
+#[derive(Debug, Clone, Args)]
+pub struct SandboxTarget {
+    /// Container name (also names the workspace volume, `NAME-workspace`).
+    #[arg(long = "sandbox-name", env = "LM_SANDBOX_SANDBOX_NAME", default_value = "lm-sandbox")]
+    pub name: String,
+    /// Keys and `sandbox.json` live in STATE_DIR/NAME (default: $XDG_STATE_HOME/lm-sandbox or
+    /// ~/.local/state/lm-sandbox).
+    #[arg(long = "sandbox-state-dir", env = "LM_SANDBOX_SANDBOX_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The Docker CLI.
+    #[arg(long, env = "LM_SANDBOX_DOCKER", default_value = "docker")]
+    pub docker: String,
+}
+
+impl SandboxTarget {
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(crate::sandbox::container::default_state_dir)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SandboxUpArgs {
+    #[command(flatten)]
+    pub target: SandboxTarget,
+    /// Memory limit (no swap beyond it).
+    #[arg(long, default_value = "1g")]
+    pub memory: String,
+    /// CPU limit.
+    #[arg(long, default_value = "1")]
+    pub cpus: String,
+    /// Most processes (and threads) at once.
+    #[arg(long, default_value_t = 256)]
+    pub pids_limit: u32,
+    /// Size of /tmp.
+    #[arg(long, default_value = "256m")]
+    pub tmp_size: String,
+    /// `exec`: no network, SSH over `docker exec -i`; `tcp`: sshd on an internal network.
+    #[arg(long, value_enum, default_value = "exec")]
+    pub transport: crate::sandbox::container::TransportKind,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SandboxDownArgs {
+    #[command(flatten)]
+    pub target: SandboxTarget,
+    /// Also remove the /workspace volume.
+    #[arg(long)]
+    pub volumes: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SandboxStatusArgs {
+    #[command(flatten)]
+    pub target: SandboxTarget,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SandboxExecArgs {
+    #[command(flatten)]
+    pub target: SandboxTarget,
+    /// Seconds before the command (and everything it started) is killed.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout: f64,
+    /// The command, joined with spaces and run by bash.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -144,6 +236,47 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub placement: PlacementArgs,
+
+    #[command(flatten)]
+    pub sandbox: ServeSandboxArgs,
+}
+
+/// `serve`'s sandbox flags: with `--sandbox`, `POST /v1/sandbox/exec` runs commands in the container
+/// that `lm-sandbox sandbox up` started.
+#[derive(Debug, Clone, Args)]
+pub struct ServeSandboxArgs {
+    /// Connect to the sandbox and serve `POST /v1/sandbox/exec`.
+    #[arg(long, env = "LM_SANDBOX_SANDBOX")]
+    pub sandbox: bool,
+    #[command(flatten)]
+    pub target: SandboxTarget,
+    /// API keys allowed to run commands (repeatable; they also work as `--api-key`s). `--sandbox`
+    /// needs at least one: there is no unauthenticated path to command execution.
+    #[arg(
+        long = "sandbox-api-key",
+        env = "LM_SANDBOX_SANDBOX_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub sandbox_api_keys: Vec<String>,
+    /// One JSON line per command (default: STATE_DIR/NAME/audit.jsonl).
+    #[arg(long = "sandbox-audit-log", env = "LM_SANDBOX_SANDBOX_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// Seconds a command gets when the request names no `timeout_s`.
+    #[arg(long = "sandbox-timeout", env = "LM_SANDBOX_SANDBOX_TIMEOUT", default_value_t = 30.0)]
+    pub timeout: f64,
+    /// Most seconds a request may ask for.
+    #[arg(long = "sandbox-max-timeout", env = "LM_SANDBOX_SANDBOX_MAX_TIMEOUT", default_value_t = 300.0)]
+    pub max_timeout: f64,
+    /// Commands running at once; more wait their turn.
+    #[arg(long = "sandbox-concurrency", env = "LM_SANDBOX_SANDBOX_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+    /// Bytes kept of each of stdout and stderr; the rest is counted and dropped, with a marker.
+    #[arg(long = "sandbox-output-limit", env = "LM_SANDBOX_SANDBOX_OUTPUT_LIMIT", default_value_t = 1 << 20)]
+    pub output_limit: usize,
+    /// Seconds to reach the sandbox (retries included) before a request gets 503.
+    #[arg(long = "sandbox-connect-timeout", env = "LM_SANDBOX_SANDBOX_CONNECT_TIMEOUT", default_value_t = 5.0)]
+    pub connect_timeout: f64,
 }
 
 /// How layers are placed on GPUs (`lm-sandbox plan` shows the result without loading).

@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::api::ApiConfig;
-use crate::cli::{PlacementArgs, ServeArgs};
+use crate::api::{ApiConfig, ApiKey};
+use crate::cli::{PlacementArgs, ServeArgs, ServeSandboxArgs};
+use crate::sandbox::container::sandbox_dir;
+use crate::sandbox::SandboxLimits;
 use crate::engine::{GpuOffload, LlamaEngineConfig};
 use crate::template::ChatTemplate;
 
@@ -37,6 +39,84 @@ pub struct ServeConfig {
     /// The placement flags; the plan (and `engine.offload`) is decided at start-up from live GPU
     /// readings.
     pub placement: PlacementArgs,
+    /// `--sandbox`: where the sandbox is and how commands are bounded.
+    pub sandbox: Option<SandboxConfig>,
+}
+
+/// `serve --sandbox`, validated.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// STATE_DIR/NAME: the keys and `sandbox.json`.
+    pub dir: PathBuf,
+    pub audit_log: PathBuf,
+    pub limits: SandboxLimits,
+    pub concurrency: usize,
+    pub output_limit: usize,
+    pub connect_timeout: Duration,
+}
+
+fn seconds(flag: &'static str, value: f64) -> Result<Duration, ConfigError> {
+    if value.is_finite() && value > 0.0 && value <= 86_400.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(invalid(
+            flag,
+            format!("must be more than 0 and at most 86400 seconds; got {value}"),
+        ))
+    }
+}
+
+impl SandboxConfig {
+    fn from_args(args: &ServeSandboxArgs) -> Result<Option<Self>, ConfigError> {
+        if args.sandbox_api_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err(invalid("--sandbox-api-key", "keys must not be empty"));
+        }
+        if !args.sandbox {
+            return Ok(None);
+        }
+        if args.sandbox_api_keys.is_empty() {
+            return Err(invalid(
+                "--sandbox-api-key",
+                "--sandbox needs at least one key allowed to run commands: there is no \
+                 unauthenticated path to command execution",
+            ));
+        }
+        let default_timeout = seconds("--sandbox-timeout", args.timeout)?;
+        let max_timeout = seconds("--sandbox-max-timeout", args.max_timeout)?;
+        if default_timeout > max_timeout {
+            return Err(invalid(
+                "--sandbox-timeout",
+                format!(
+                    "{} is more than --sandbox-max-timeout {}",
+                    args.timeout, args.max_timeout
+                ),
+            ));
+        }
+        if args.concurrency == 0 {
+            return Err(invalid("--sandbox-concurrency", "must be at least 1"));
+        }
+        if args.output_limit < 1024 {
+            return Err(invalid(
+                "--sandbox-output-limit",
+                format!("must be at least 1024 bytes; got {}", args.output_limit),
+            ));
+        }
+        let dir = sandbox_dir(&args.target.state_dir(), &args.target.name);
+        Ok(Some(Self {
+            audit_log: args
+                .audit_log
+                .clone()
+                .unwrap_or_else(|| dir.join("audit.jsonl")),
+            dir,
+            limits: SandboxLimits {
+                default_timeout,
+                max_timeout,
+            },
+            concurrency: args.concurrency,
+            output_limit: args.output_limit,
+            connect_timeout: seconds("--sandbox-connect-timeout", args.connect_timeout)?,
+        }))
+    }
 }
 
 impl ServeConfig {
@@ -102,6 +182,7 @@ impl ServeConfig {
         if args.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err(invalid("--api-key", "keys must not be empty"));
         }
+        let sandbox = SandboxConfig::from_args(&args.sandbox)?;
         let chat_template = match &args.chat_template_file {
             None => None,
             Some(path) => {
@@ -144,7 +225,7 @@ impl ServeConfig {
             },
             api: ApiConfig {
                 model_ids,
-                api_keys: args.api_keys,
+                api_keys: ApiKey::list(&args.api_keys, &args.sandbox.sandbox_api_keys),
                 n_predict,
                 chat_template,
                 created,
@@ -153,6 +234,7 @@ impl ServeConfig {
             port: args.port,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
             placement: args.placement,
+            sandbox,
         })
     }
 }
@@ -210,6 +292,64 @@ mod tests {
         assert_eq!(
             flag_of(config(&["--threads", "0"]).unwrap_err()),
             "--threads"
+        );
+    }
+
+    #[test]
+    fn the_sandbox_always_needs_a_key_of_its_own() {
+        assert!(config(&[]).unwrap().sandbox.is_none());
+        assert_eq!(
+            flag_of(config(&["--sandbox"]).unwrap_err()),
+            "--sandbox-api-key"
+        );
+        assert_eq!(
+            flag_of(config(&["--sandbox", "--api-key", "plain"]).unwrap_err()),
+            "--sandbox-api-key"
+        );
+        let c = config(&[
+            "--sandbox",
+            "--sandbox-api-key",
+            "runner",
+            "--api-key",
+            "plain",
+            "--sandbox-state-dir",
+            "/s",
+            "--sandbox-name",
+            "box",
+        ])
+        .unwrap();
+        let sandbox = c.sandbox.unwrap();
+        assert_eq!(sandbox.dir, PathBuf::from("/s/box"));
+        assert_eq!(sandbox.audit_log, PathBuf::from("/s/box/audit.jsonl"));
+        assert_eq!(sandbox.limits.default_timeout, Duration::from_secs(30));
+        assert_eq!(
+            c.api.api_keys.iter().map(|k| k.sandbox).collect::<Vec<_>>(),
+            [true, false]
+        );
+        let with = |extra: &[&str]| {
+            let mut argv = vec!["--sandbox", "--sandbox-api-key", "k"];
+            argv.extend_from_slice(extra);
+            config(&argv)
+        };
+        assert_eq!(
+            flag_of(with(&["--sandbox-timeout", "0"]).unwrap_err()),
+            "--sandbox-timeout"
+        );
+        assert_eq!(
+            flag_of(with(&["--sandbox-timeout", "400"]).unwrap_err()),
+            "--sandbox-timeout"
+        );
+        assert_eq!(
+            flag_of(with(&["--sandbox-concurrency", "0"]).unwrap_err()),
+            "--sandbox-concurrency"
+        );
+        assert_eq!(
+            flag_of(with(&["--sandbox-output-limit", "10"]).unwrap_err()),
+            "--sandbox-output-limit"
+        );
+        assert_eq!(
+            flag_of(with(&["--sandbox-connect-timeout", "nan"]).unwrap_err()),
+            "--sandbox-connect-timeout"
         );
     }
 

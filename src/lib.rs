@@ -8,6 +8,8 @@
 //! - [`template`]: chat templates rendered with Hugging Face's Jinja semantics.
 //! - [`api`]: the axum router: OpenAI routes, validation, errors, SSE, API keys.
 //! - [`gpu`]: the NVML inventory, model facts from GGUF headers, and the placement planner.
+//! - [`sandbox`]: the hardened container commands run in, reached over SSH (russh); its image,
+//!   profile, keys, executor and audit log.
 //! - [`server`]: binding, serving and graceful shutdown.
 //! - [`build_info`]: version, git revision and backends recorded at build time.
 //!
@@ -19,5 +21,6 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod gpu;
+pub mod sandbox;
 pub mod server;
 pub mod template;

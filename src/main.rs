@@ -22,6 +22,12 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Gpus(args) => lm_sandbox::gpu::command::gpus(&args)?,
         Command::Plan(args) => lm_sandbox::gpu::command::plan_command(&args)?,
+        Command::Sandbox(args) => {
+            let code = lm_sandbox::sandbox::command::run(&args)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
     }
     Ok(())
 }

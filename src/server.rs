@@ -7,19 +7,23 @@
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::api::{self, AppState};
-use crate::config::ServeConfig;
+use crate::api::{self, AppState, PlacementView};
+use crate::config::{SandboxConfig, ServeConfig};
 use crate::engine::{spawn_llama_engine, EngineHandle, EngineState, GpuOffload};
 use crate::gpu::inventory::{Inventory, InventorySource, NvmlSource};
 use crate::gpu::placement::{decide, spawn_poller, Placement, POLL_INTERVAL};
 use crate::gpu::plan::SplitMode;
 use crate::gpu::report;
+use crate::sandbox::container::SandboxState;
+use crate::sandbox::ssh::SshExecutor;
+use crate::sandbox::{AuditLog, Sandbox};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -34,6 +38,42 @@ pub enum ServeError {
     Load(String),
     #[error(transparent)]
     Placement(#[from] crate::gpu::placement::PlacementError),
+    #[error("--sandbox: {0}")]
+    Sandbox(String),
+}
+
+/// The sandbox `--sandbox` asks for: its executor (connecting lazily) and audit log. An
+/// unreachable container is logged, not fatal: requests get 503 until it is back.
+async fn open_sandbox(config: &SandboxConfig) -> Result<Sandbox, ServeError> {
+    let state = SandboxState::load(&config.dir).map_err(|e| ServeError::Sandbox(e.to_string()))?;
+    let ssh = state
+        .ssh_config(
+            &config.dir,
+            config.connect_timeout,
+            config.concurrency,
+            config.output_limit,
+        )
+        .map_err(|e| ServeError::Sandbox(e.to_string()))?;
+    let audit = AuditLog::open(&config.audit_log).await.map_err(|e| {
+        ServeError::Sandbox(format!(
+            "cannot open the audit log {}: {e}",
+            config.audit_log.display()
+        ))
+    })?;
+    let executor = SshExecutor::new(ssh);
+    match executor.check().await {
+        Ok(()) => tracing::info!(
+            transport = %executor.config().transport,
+            audit_log = %config.audit_log.display(),
+            "sandbox connected"
+        ),
+        Err(e) => tracing::warn!(%e, "sandbox not reachable yet; /v1/sandbox/exec answers 503 until it is"),
+    }
+    Ok(Sandbox::new(
+        Arc::new(executor),
+        audit,
+        config.limits.clone(),
+    ))
 }
 
 /// Reads the GPUs and plans the placement (blocking: NVML and the GGUF header).
@@ -89,6 +129,10 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
     let (placement, inventory) = tokio::task::spawn_blocking(move || place(&placing))
         .await
         .map_err(|e| ServeError::Load(format!("placement task: {e}")))??;
+    let sandbox = match &config.sandbox {
+        Some(sandbox) => Some(open_sandbox(sandbox).await?),
+        None => None,
+    };
     let mut engine_config = config.engine.clone();
     engine_config.offload = offload(&placement, config);
     let (engine, _thread) = spawn_llama_engine(engine_config).map_err(ServeError::Spawn)?;
@@ -101,7 +145,8 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
         source,
     })?;
     let gpus = spawn_poller(inventory, POLL_INTERVAL);
-    let state = AppState::with_placement(engine.clone(), config.api.clone(), placement, gpus);
+    let view = PlacementView { placement, gpus };
+    let state = AppState::from_parts(engine.clone(), config.api.clone(), Some(view), sandbox);
     let app = api::router(state);
     let (stop, mut stopped) = watch::channel(false);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {

@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
-use lm_sandbox::api::{router, ApiConfig, AppState, MAX_BODY_BYTES};
+use lm_sandbox::api::{router, ApiConfig, ApiKey, AppState, MAX_BODY_BYTES};
 use lm_sandbox::engine::fake::{FakeLog, FakeRunner};
 use lm_sandbox::engine::{EngineHandle, EngineState, WorkerConfig};
 use serde_json::{json, Value};
@@ -25,7 +25,7 @@ struct Harness {
 fn api_config(keys: &[&str]) -> ApiConfig {
     ApiConfig {
         model_ids: vec![MODEL.into(), "alias".into()],
-        api_keys: keys.iter().map(|k| k.to_string()).collect(),
+        api_keys: keys.iter().map(|k| ApiKey::new(*k, false)).collect(),
         n_predict: None,
         chat_template: None,
         created: 1_700_000_000,

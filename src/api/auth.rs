@@ -1,22 +1,98 @@
-//! API keys: `Authorization: Bearer KEY` on every route but `/health` when keys are configured.
+//! API keys and request ids.
+//!
+//! Keys: `Authorization: Bearer KEY` on every route but `/health` when keys are configured. The
+//! matching key's [`Authenticated`] (its id and whether it may use the sandbox) rides along in the
+//! request's extensions. Request ids: every response carries `x-request-id`; handlers read the
+//! [`RequestId`] extension.
 
 use axum::extract::{Request, State};
-use axum::http::header;
+use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::AppState;
 
-/// Whether `presented` matches one of `keys`, in time independent of where they differ.
-pub fn key_matches(keys: &[String], presented: &str) -> bool {
-    keys.iter().fold(false, |found, key| {
-        found | bool::from(key.as_bytes().ct_eq(presented.as_bytes()))
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// One configured API key.
+#[derive(Clone)]
+pub struct ApiKey {
+    secret: String,
+    /// `key-` and the first 12 hex digits of the key's SHA-256: names the key in logs.
+    pub id: String,
+    /// May run commands in the sandbox.
+    pub sandbox: bool,
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret, not even in debug output.
+        f.debug_struct("ApiKey")
+            .field("id", &self.id)
+            .field("sandbox", &self.sandbox)
+            .finish()
+    }
+}
+
+impl ApiKey {
+    pub fn new(secret: impl Into<String>, sandbox: bool) -> Self {
+        let secret = secret.into();
+        let digest = Sha256::digest(secret.as_bytes());
+        let id = format!(
+            "key-{}",
+            &crate::sandbox::image::hex(&digest)[..12]
+        );
+        Self {
+            secret,
+            id,
+            sandbox,
+        }
+    }
+
+    /// `plain` keys and `sandbox` keys as one list; a key in both may use the sandbox.
+    pub fn list(plain: &[String], sandbox: &[String]) -> Vec<Self> {
+        let mut keys: Vec<Self> = sandbox.iter().map(|k| Self::new(k, true)).collect();
+        for key in plain {
+            if !keys.iter().any(|k| &k.secret == key) {
+                keys.push(Self::new(key, false));
+            }
+        }
+        keys
+    }
+}
+
+/// The key a request presented, once it matched.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub key_id: String,
+    pub sandbox: bool,
+}
+
+/// This request's id (`req_` and 24 hex digits), also sent back as `x-request-id`.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// The key `presented` matches, compared against every key in time independent of where they
+/// differ.
+pub fn find_key<'a>(keys: &'a [ApiKey], presented: &str) -> Option<&'a ApiKey> {
+    keys.iter().fold(None, |found, key| {
+        let hit = bool::from(key.secret.as_bytes().ct_eq(presented.as_bytes()));
+        if hit {
+            Some(key)
+        } else {
+            found
+        }
     })
 }
 
-pub async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn require_key(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let keys = &state.config().api_keys;
     if keys.is_empty() || request.uri().path() == "/health" {
         return next.run(request).await;
@@ -30,24 +106,61 @@ pub async fn require_key(State(state): State<AppState>, request: Request, next: 
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(str::trim);
-    match presented {
-        None => ApiError::Unauthorized("Missing API key: send `Authorization: Bearer KEY`")
-            .into_response(),
-        Some(key) if key_matches(keys, key) => next.run(request).await,
-        Some(_) => ApiError::Unauthorized("Incorrect API key provided").into_response(),
+    let Some(presented) = presented else {
+        return ApiError::Unauthorized("Missing API key: send `Authorization: Bearer KEY`")
+            .into_response();
+    };
+    match find_key(keys, presented) {
+        Some(key) => {
+            let authenticated = Authenticated {
+                key_id: key.id.clone(),
+                sandbox: key.sandbox,
+            };
+            request.extensions_mut().insert(authenticated);
+            next.run(request).await
+        }
+        None => ApiError::Unauthorized("Incorrect API key provided").into_response(),
     }
+}
+
+pub async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = format!(
+        "req_{:012x}{:012x}",
+        rand::random::<u64>() >> 16,
+        rand::random::<u64>() >> 16
+    );
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
 }
 
 #[cfg(test)]
 mod tests {
-    use super::key_matches;
+    use super::*;
 
     #[test]
     fn keys_match_exactly() {
-        let keys = vec!["alpha".to_string(), "beta".to_string()];
-        assert!(key_matches(&keys, "beta"));
-        assert!(!key_matches(&keys, "bet"));
-        assert!(!key_matches(&keys, "betaa"));
-        assert!(!key_matches(&[], "x"));
+        let keys = ApiKey::list(&["alpha".to_string(), "beta".to_string()], &[]);
+        assert_eq!(find_key(&keys, "beta").unwrap().id, ApiKey::new("beta", false).id);
+        assert!(find_key(&keys, "bet").is_none());
+        assert!(find_key(&keys, "betaa").is_none());
+        assert!(find_key(&[], "x").is_none());
+    }
+
+    #[test]
+    fn a_key_in_both_lists_may_use_the_sandbox_and_ids_hide_the_secret() {
+        let keys = ApiKey::list(
+            &["plain".to_string(), "both".to_string()],
+            &["both".to_string()],
+        );
+        assert_eq!(keys.len(), 2);
+        assert!(find_key(&keys, "both").unwrap().sandbox);
+        assert!(!find_key(&keys, "plain").unwrap().sandbox);
+        let id = &find_key(&keys, "plain").unwrap().id;
+        assert!(id.starts_with("key-") && id.len() == 16 && !id.contains("plain"));
+        assert!(!format!("{keys:?}").contains("plain"));
     }
 }

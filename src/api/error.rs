@@ -27,6 +27,9 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// A valid key that lacks a permission.
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("The model `{0}` does not exist")]
     ModelNotFound(String),
     #[error("Unknown route {method} {path}")]
@@ -41,6 +44,9 @@ pub enum ApiError {
     Loading,
     #[error("The model is unavailable: {0}")]
     Unavailable(String),
+    /// The sandbox cannot be reached, or the connection broke mid-command.
+    #[error("{0}")]
+    SandboxUnavailable(String),
     /// A server fault: the only 5xx that is not about availability.
     #[error("Internal error: {0}")]
     Internal(String),
@@ -67,11 +73,14 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
-            Self::Loading | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Loading | Self::Unavailable(_) | Self::SandboxUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -84,6 +93,7 @@ impl ApiError {
                 ("invalid_request_error", Some("context_length_exceeded"))
             }
             Self::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
+            Self::Forbidden(_) => ("permission_error", Some("insufficient_permissions")),
             Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             Self::RouteNotFound { .. } => ("invalid_request_error", Some("unknown_url")),
             Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed")),
@@ -91,6 +101,7 @@ impl ApiError {
             Self::QueueFull => ("rate_limit_error", Some("queue_full")),
             Self::Loading => ("unavailable_error", Some("model_loading")),
             Self::Unavailable(_) => ("unavailable_error", Some("model_unavailable")),
+            Self::SandboxUnavailable(_) => ("unavailable_error", Some("sandbox_unavailable")),
             Self::Internal(_) => ("server_error", None),
         }
     }

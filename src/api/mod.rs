@@ -6,7 +6,7 @@
 //!
 //! Every route answers with and without the `/v1` prefix, as llama-server does.
 
-mod auth;
+pub mod auth;
 mod chat;
 mod completions;
 pub mod error;
@@ -14,6 +14,7 @@ mod extract;
 mod generate;
 mod models;
 mod params;
+mod sandbox;
 mod sse;
 
 use std::sync::{Arc, OnceLock};
@@ -23,6 +24,7 @@ use axum::http::{Method, Uri};
 use axum::routing::{get, post};
 use axum::Router;
 
+pub use auth::ApiKey;
 pub use error::ApiError;
 pub use extract::MAX_BODY_BYTES;
 
@@ -31,6 +33,7 @@ use tokio::sync::watch;
 use crate::engine::{EngineHandle, EngineState, ModelInfo};
 use crate::gpu::inventory::Inventory;
 use crate::gpu::placement::Placement;
+use crate::sandbox::Sandbox;
 use crate::template::{ChatTemplate, CHATML};
 
 /// What the HTTP layer is configured with.
@@ -39,7 +42,7 @@ pub struct ApiConfig {
     /// Names the model answers to: its file stem first, then every alias.
     pub model_ids: Vec<String>,
     /// Empty: no key needed.
-    pub api_keys: Vec<String>,
+    pub api_keys: Vec<ApiKey>,
     /// Server-wide cap on generated tokens (`--n-predict`).
     pub n_predict: Option<u32>,
     /// A `--chat-template-file` that replaces the model's own template.
@@ -65,6 +68,7 @@ struct Shared {
     config: ApiConfig,
     loaded: OnceLock<Loaded>,
     placement: Option<PlacementView>,
+    sandbox: Option<Sandbox>,
 }
 
 /// The start-up plan and the live GPU readings, for `GET /v1/placement`.
@@ -82,7 +86,7 @@ pub struct AppState {
 impl AppState {
     /// A state without a placement (`GET /v1/placement` answers with nulls).
     pub fn new(engine: EngineHandle, config: ApiConfig) -> Self {
-        Self::build(engine, config, None)
+        Self::from_parts(engine, config, None, None)
     }
 
     /// A state that shows `placement` and the live `gpus` readings at `GET /v1/placement`.
@@ -92,18 +96,29 @@ impl AppState {
         placement: Placement,
         gpus: watch::Receiver<Inventory>,
     ) -> Self {
-        Self::build(engine, config, Some(PlacementView { placement, gpus }))
+        Self::from_parts(engine, config, Some(PlacementView { placement, gpus }), None)
     }
 
-    fn build(engine: EngineHandle, config: ApiConfig, placement: Option<PlacementView>) -> Self {
+    /// Everything at once; `sandbox` mounts `POST /v1/sandbox/exec`.
+    pub fn from_parts(
+        engine: EngineHandle,
+        config: ApiConfig,
+        placement: Option<PlacementView>,
+        sandbox: Option<Sandbox>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 engine,
                 config,
                 loaded: OnceLock::new(),
                 placement,
+                sandbox,
             }),
         }
+    }
+
+    pub fn sandbox(&self) -> Option<&Sandbox> {
+        self.shared.sandbox.as_ref()
     }
 
     pub fn placement(&self) -> Option<&PlacementView> {
@@ -194,6 +209,9 @@ pub fn router(state: AppState) -> Router {
             .route(&format!("{prefix}/models"), get(models::list))
             .route(&format!("{prefix}/models/{{*id}}"), get(models::get))
             .route(&format!("{prefix}/placement"), get(models::placement));
+        if state.sandbox().is_some() {
+            router = router.route(&format!("{prefix}/sandbox/exec"), post(sandbox::exec));
+        }
     }
     router
         .fallback(route_not_found)
@@ -202,6 +220,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::require_key,
         ))
+        .layer(axum::middleware::from_fn(auth::request_id))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

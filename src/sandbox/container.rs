@@ -1,0 +1,453 @@
+//! The sandbox container's lifecycle (`sandbox up`, `down`, `status`) and its run profile.
+//!
+//! The profile: every capability dropped, no-new-privileges, a read-only root with tmpfs for /tmp
+//! and /run, a named volume for /workspace, limits on pids, memory (no swap beyond it) and CPUs, no
+//! IPC namespace sharing (so no /dev/shm), no Docker socket, no host mounts, and no network at all
+//! by default: sshd is reached through `docker exec -i` over stdio. The TCP transport puts the
+//! container on an internal network (no route out) and reaches sshd at its address there.
+//!
+//! What `up` writes to the state directory (`STATE_DIR/NAME/`): the client key pair, the host key
+//! pair, and `sandbox.json` ([`SandboxState`]), which pins the host key. `serve --sandbox` and
+//! `sandbox exec` read it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::image::{ensure_image, ensure_keyed_image, Docker, DockerError};
+use super::keys::{self, KeyError};
+use super::ssh::{SshConfig, Transport, SSHD_CONFIG};
+
+/// The unprivileged user commands run as.
+pub const USER: &str = "sandbox";
+/// sshd's port for the TCP transport.
+pub const SSH_PORT: u16 = 2222;
+/// The internal network of the TCP transport.
+pub const INTERNAL_NETWORK: &str = "lm-sandbox-internal";
+const STATE_FILE: &str = "sandbox.json";
+const CLIENT_KEY: &str = "client_ed25519";
+const HOST_KEY: &str = "host_ed25519";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason} (run `lm-sandbox sandbox up` first)")]
+    State { path: PathBuf, reason: String },
+    #[error("the container {name} has no address on {INTERNAL_NETWORK}")]
+    NoAddress { name: String },
+}
+
+/// How commands reach sshd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    /// `docker exec -i` + `sshd -i` over stdio; the container has no network.
+    Exec,
+    /// sshd listening on an internal Docker network.
+    Tcp,
+}
+
+/// Resource limits of the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    /// Docker's `--memory` (swap is capped at the same, so none).
+    pub memory: String,
+    pub cpus: String,
+    pub pids_limit: u32,
+    /// Size of the /tmp tmpfs.
+    pub tmp_size: String,
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Self {
+            memory: "1g".into(),
+            cpus: "1".into(),
+            pids_limit: 256,
+            tmp_size: "256m".into(),
+        }
+    }
+}
+
+/// What `sandbox up` needs.
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub docker: Docker,
+    pub profile: Profile,
+    pub transport: TransportKind,
+    /// Extra `key=value` labels (tests mark their containers).
+    pub labels: Vec<String>,
+}
+
+/// `STATE_DIR/NAME/sandbox.json`: how to reach a sandbox that `up` started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxState {
+    pub name: String,
+    pub image: String,
+    pub volume: String,
+    pub docker: String,
+    pub transport: TransportKind,
+    /// `HOST:PORT` for the TCP transport.
+    pub addr: Option<String>,
+    pub user: String,
+    /// The pinned host key, `ssh-ed25519 AAAA...`.
+    pub host_key: String,
+}
+
+/// The default state directory: `$XDG_STATE_HOME/lm-sandbox`, else `~/.local/state/lm-sandbox`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("lm-sandbox");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".local/state/lm-sandbox")
+}
+
+/// Where one sandbox's files live.
+pub fn sandbox_dir(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join(name)
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ContainerError + '_ {
+    move |source| ContainerError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl SandboxState {
+    pub fn load(dir: &Path) -> Result<Self, ContainerError> {
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| ContainerError::State {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        serde_json::from_str(&text).map_err(|e| ContainerError::State {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), ContainerError> {
+        let path = dir.join(STATE_FILE);
+        let text = serde_json::to_string_pretty(self).expect("the state serializes") + "\n";
+        keys::write_file(&path, text.as_bytes(), 0o600)?;
+        Ok(())
+    }
+
+    /// The executor's configuration for this sandbox (keys read from `dir`).
+    pub fn ssh_config(
+        &self,
+        dir: &Path,
+        connect_timeout: Duration,
+        max_concurrent: usize,
+        output_limit: usize,
+    ) -> Result<SshConfig, ContainerError> {
+        let client_key = keys::load_private(&dir.join(CLIENT_KEY))?;
+        let host_key = keys::parse_public(&self.host_key, &dir.join(STATE_FILE))?;
+        let transport = match (self.transport, &self.addr) {
+            (TransportKind::Exec, _) => Transport::DockerExec {
+                docker: self.docker.clone(),
+                container: self.name.clone(),
+            },
+            (TransportKind::Tcp, Some(addr)) => Transport::Tcp { addr: addr.clone() },
+            (TransportKind::Tcp, None) => {
+                return Err(ContainerError::State {
+                    path: dir.join(STATE_FILE),
+                    reason: "the TCP transport needs `addr`".into(),
+                })
+            }
+        };
+        Ok(SshConfig {
+            transport,
+            user: self.user.clone(),
+            client_key: Arc::new(client_key),
+            host_key,
+            connect_timeout,
+            max_concurrent,
+            output_limit,
+        })
+    }
+}
+
+/// The `docker run` arguments of the profile (everything but `run` itself).
+pub fn run_args(config: &UpConfig, image: &str, volume: &str) -> Vec<String> {
+    let p = &config.profile;
+    let mut args: Vec<String> = [
+        "--detach",
+        "--name",
+        &config.name,
+        "--hostname",
+        "sandbox",
+        "--label",
+        "lm-sandbox.managed=1",
+        "--user",
+        "1000:1000",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--read-only",
+        "--tmpfs",
+        &format!("/tmp:rw,nosuid,nodev,exec,mode=1777,size={}", p.tmp_size),
+        "--tmpfs",
+        "/run:rw,nosuid,nodev,noexec,mode=0755,size=8m",
+        "--volume",
+        &format!("{volume}:/workspace"),
+        "--pids-limit",
+        &p.pids_limit.to_string(),
+        "--memory",
+        &p.memory,
+        "--memory-swap",
+        &p.memory,
+        "--cpus",
+        &p.cpus,
+        "--ipc",
+        "none",
+        "--restart",
+        "unless-stopped",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for label in &config.labels {
+        args.extend(["--label".into(), label.clone()]);
+    }
+    match config.transport {
+        TransportKind::Exec => {
+            args.extend(["--network".into(), "none".into(), image.into()]);
+        }
+        TransportKind::Tcp => {
+            args.extend([
+                "--network".into(),
+                INTERNAL_NETWORK.into(),
+                image.into(),
+                "/usr/sbin/sshd".into(),
+                "-D".into(),
+                "-e".into(),
+                "-f".into(),
+                SSHD_CONFIG.into(),
+            ]);
+        }
+    }
+    args
+}
+
+/// A key pair at `path`, generated if missing. Returns (private PEM, public line).
+fn key_pair(path: &Path, comment: &str) -> Result<(String, String), ContainerError> {
+    let key = match keys::load_private(path) {
+        Ok(key) => key,
+        Err(KeyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            let key = keys::generate(comment);
+            keys::write_pair(path, &key)?;
+            key
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let pem = key
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .map_err(|e| KeyError::Encode(e.to_string()))?;
+    Ok((pem.to_string(), keys::public_line(key.public_key())?))
+}
+
+/// What `docker inspect` says of the container: (running, image).
+fn inspect(docker: &Docker, name: &str) -> Option<(bool, String)> {
+    let out = docker
+        .output(&[
+            "container",
+            "inspect",
+            "--format",
+            "{{.State.Running}} {{.Config.Image}}",
+            name,
+        ])
+        .ok()?;
+    let (running, image) = out.trim().split_once(' ')?;
+    Some((running == "true", image.to_owned()))
+}
+
+/// Builds what is missing, starts the container with the profile, and records the pinned host
+/// key. Idempotent: a running container of the current image is left alone.
+pub fn up(config: &UpConfig) -> Result<SandboxState, ContainerError> {
+    let dir = sandbox_dir(&config.state_dir, &config.name);
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_error(&dir))?;
+    }
+    let (_, client_public) = key_pair(&dir.join(CLIENT_KEY), "lm-sandbox client")?;
+    let (host_pem, host_public) = key_pair(&dir.join(HOST_KEY), "lm-sandbox host")?;
+    let docker = &config.docker;
+    let base = ensure_image(docker)?;
+    let image = ensure_keyed_image(docker, &base, &host_pem, &host_public, &client_public)?;
+    let volume = format!("{}-workspace", config.name);
+    if config.transport == TransportKind::Tcp
+        && docker
+            .output(&["network", "inspect", INTERNAL_NETWORK])
+            .is_err()
+    {
+        docker.output(&["network", "create", "--internal", INTERNAL_NETWORK])?;
+    }
+    match inspect(docker, &config.name) {
+        Some((true, current)) if current == image => {}
+        Some((false, current)) if current == image => {
+            docker.output(&["start", &config.name])?;
+        }
+        other => {
+            if other.is_some() {
+                // Another image (an older build, other keys): replace the container; the
+                // workspace volume stays.
+                docker.output(&["rm", "--force", &config.name])?;
+            }
+            let args = run_args(config, &image, &volume);
+            let mut all = vec!["run"];
+            all.extend(args.iter().map(String::as_str));
+            docker.output(&all)?;
+        }
+    }
+    let addr = match config.transport {
+        TransportKind::Exec => None,
+        TransportKind::Tcp => Some(format!("{}:{SSH_PORT}", address(docker, &config.name)?)),
+    };
+    let state = SandboxState {
+        name: config.name.clone(),
+        image,
+        volume,
+        docker: docker.program.clone(),
+        transport: config.transport,
+        addr,
+        user: USER.into(),
+        host_key: host_public,
+    };
+    state.save(&dir)?;
+    Ok(state)
+}
+
+/// The container's address on the internal network.
+fn address(docker: &Docker, name: &str) -> Result<String, ContainerError> {
+    let format = format!("{{{{(index .NetworkSettings.Networks \"{INTERNAL_NETWORK}\").IPAddress}}}}");
+    let ip = docker.output(&["container", "inspect", "--format", &format, name])?;
+    let ip = ip.trim();
+    if ip.is_empty() || ip == "<no value>" {
+        return Err(ContainerError::NoAddress { name: name.into() });
+    }
+    Ok(ip.to_owned())
+}
+
+/// Stops and removes the container (and its workspace volume with `remove_volume`). The keys stay,
+/// so the next `up` keeps the same pinned host key.
+pub fn down(docker: &Docker, name: &str, remove_volume: bool) -> Result<bool, ContainerError> {
+    let existed = inspect(docker, name).is_some();
+    if existed {
+        docker.output(&["rm", "--force", name])?;
+    }
+    if remove_volume {
+        let volume = format!("{name}-workspace");
+        if docker.output(&["volume", "inspect", &volume]).is_ok() {
+            docker.output(&["volume", "rm", &volume])?;
+        }
+    }
+    Ok(existed)
+}
+
+/// Docker's view of the container: `None` if it does not exist.
+pub fn container_status(docker: &Docker, name: &str) -> Option<String> {
+    docker
+        .output(&[
+            "container",
+            "inspect",
+            "--format",
+            "{{.State.Status}} (image {{.Config.Image}}, started {{.State.StartedAt}})",
+            name,
+        ])
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::image::Progress;
+
+    fn config(transport: TransportKind) -> UpConfig {
+        UpConfig {
+            name: "lm-sandbox".into(),
+            state_dir: PathBuf::from("/tmp/state"),
+            docker: Docker::new("docker", Progress::Quiet),
+            profile: Profile::default(),
+            transport,
+            labels: vec!["lm-sandbox.test=1".into()],
+        }
+    }
+
+    fn flag<'a>(args: &'a [String], name: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == name)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn the_default_profile_is_locked_down() {
+        let args = run_args(&config(TransportKind::Exec), "img", "vol");
+        assert_eq!(flag(&args, "--cap-drop"), ["ALL"]);
+        assert_eq!(flag(&args, "--security-opt"), ["no-new-privileges"]);
+        assert!(args.contains(&"--read-only".to_string()));
+        assert_eq!(flag(&args, "--network"), ["none"]);
+        assert_eq!(flag(&args, "--ipc"), ["none"]);
+        assert_eq!(flag(&args, "--user"), ["1000:1000"]);
+        assert_eq!(flag(&args, "--pids-limit"), ["256"]);
+        assert_eq!(flag(&args, "--memory"), ["1g"]);
+        assert_eq!(flag(&args, "--memory-swap"), ["1g"]);
+        assert_eq!(flag(&args, "--volume"), ["vol:/workspace"]);
+        let tmpfs = flag(&args, "--tmpfs");
+        assert!(tmpfs[0].starts_with("/tmp:"));
+        assert!(tmpfs[1].starts_with("/run:"));
+        // No host paths: the only volume is the named one, and nothing mentions the Docker socket.
+        assert!(!args.iter().any(|a| a.contains("docker.sock") || a == "--privileged"));
+        assert!(!args.iter().any(|a| a == "--mount" || a == "-v"));
+        assert_eq!(args.last().unwrap(), "img");
+    }
+
+    #[test]
+    fn the_tcp_profile_uses_the_internal_network_and_a_listening_sshd() {
+        let args = run_args(&config(TransportKind::Tcp), "img", "vol");
+        assert_eq!(flag(&args, "--network"), [INTERNAL_NETWORK]);
+        assert!(!args.iter().any(|a| a == "--publish" || a == "-p"));
+        let image_at = args.iter().position(|a| a == "img").unwrap();
+        assert_eq!(args[image_at + 1..], ["/usr/sbin/sshd", "-D", "-e", "-f", SSHD_CONFIG]);
+    }
+
+    #[test]
+    fn the_state_round_trips() {
+        let dir = std::env::temp_dir().join(format!("lm-sandbox-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = SandboxState {
+            name: "n".into(),
+            image: "i".into(),
+            volume: "v".into(),
+            docker: "docker".into(),
+            transport: TransportKind::Tcp,
+            addr: Some("172.18.0.2:2222".into()),
+            user: USER.into(),
+            host_key: "ssh-ed25519 AAAA".into(),
+        };
+        state.save(&dir).unwrap();
+        assert_eq!(SandboxState::load(&dir).unwrap(), state);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

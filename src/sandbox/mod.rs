@@ -1,0 +1,178 @@
+//! The sandbox: a hardened container where every shell command a model (or an operator) issues
+//! runs, reached over SSH, never on the host.
+//!
+//! Owns: the container image and its run profile ([`image`], [`container`]), the keys that pin both
+//! ends of the SSH connection ([`keys`]), the russh executor ([`ssh`]), output capping
+//! ([`output`]), and the audit log ([`audit`]). [`Sandbox`] puts an [`Executor`] and the audit log
+//! together: every command that goes through it is recorded, whoever asked.
+//!
+//! Must not: run anything on the host but the `docker` CLI (to build, start and reach the
+//! container), accept an unknown host key, or hold a command's whole output in memory.
+
+pub mod audit;
+pub mod command;
+pub mod container;
+pub mod image;
+pub mod keys;
+pub mod output;
+pub mod ssh;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use audit::{AuditLog, Caller};
+
+/// Longest command accepted, in bytes (it travels base64-encoded as one argument).
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
+/// One command to run.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    /// Run with `bash -c` in `/workspace`.
+    pub command: String,
+    /// Enforced inside the container (TERM, then KILL two seconds later) and on the client.
+    pub timeout: Duration,
+    /// Fed to the command's standard input, then end-of-file (no stdin: end-of-file at once).
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// What a command did. A command that fails or times out is still an `ExecOutput`; only the
+/// sandbox itself failing is an error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExecOutput {
+    pub stdout: String,
+    pub stderr: String,
+    /// The exit status; `None` when a signal ended the command.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the command (`KILL`, `SEGV`, ...), as sshd reports it.
+    pub signal: Option<String>,
+    /// The timeout fired; `exit_code` is then 124, as with timeout(1).
+    pub timed_out: bool,
+    /// stdout or stderr was longer than the limit and ends with a truncation marker.
+    pub truncated: bool,
+    pub duration_ms: u64,
+    /// Bytes the command wrote to each stream, whether kept or not.
+    #[serde(skip)]
+    pub stdout_bytes: u64,
+    #[serde(skip)]
+    pub stderr_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The container cannot be reached (stopped, restarting, wrong address) within the connect
+    /// timeout.
+    #[error("the sandbox is unreachable: {0}")]
+    Unavailable(String),
+    /// The server presented another host key than the pinned one.
+    #[error("the sandbox's host key {offered} is not the pinned {pinned}: refusing to connect")]
+    HostKeyMismatch { pinned: String, offered: String },
+    /// The sandbox refused our client key.
+    #[error("the sandbox refused the client key {0}")]
+    AuthRejected(String),
+    /// The connection broke while the command ran (the container stopped or was killed).
+    #[error("the sandbox connection was lost while the command ran: {0}")]
+    Lost(String),
+    #[error("invalid command: {0}")]
+    InvalidCommand(String),
+}
+
+pub type ExecFuture<'a> = Pin<Box<dyn Future<Output = Result<ExecOutput, SandboxError>> + Send + 'a>>;
+
+/// Runs commands somewhere isolated. The real one is [`ssh::SshExecutor`]; tests of the HTTP layer
+/// use a fake.
+pub trait Executor: Send + Sync {
+    fn exec(&self, request: ExecRequest) -> ExecFuture<'_>;
+}
+
+/// Limits on what a caller may ask for.
+#[derive(Debug, Clone)]
+pub struct SandboxLimits {
+    /// Timeout when the request names none.
+    pub default_timeout: Duration,
+    /// Most a request may ask for.
+    pub max_timeout: Duration,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        Self {
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The executor plus the audit log: what the HTTP layer (and the tool loop) runs commands through.
+#[derive(Clone)]
+pub struct Sandbox {
+    executor: Arc<dyn Executor>,
+    audit: Arc<AuditLog>,
+    limits: SandboxLimits,
+}
+
+impl Sandbox {
+    pub fn new(executor: Arc<dyn Executor>, audit: AuditLog, limits: SandboxLimits) -> Self {
+        Self {
+            executor,
+            audit: Arc::new(audit),
+            limits,
+        }
+    }
+
+    pub fn limits(&self) -> &SandboxLimits {
+        &self.limits
+    }
+
+    /// Runs `request` and records it in the audit log (failures included) before answering.
+    pub async fn run(
+        &self,
+        request: ExecRequest,
+        caller: &Caller,
+    ) -> Result<ExecOutput, SandboxError> {
+        let started = std::time::Instant::now();
+        let command = request.command.clone();
+        let result = self.executor.exec(request).await;
+        self.audit
+            .record(caller, &command, &result, started.elapsed())
+            .await;
+        result
+    }
+}
+
+/// Checks a command before it is sent: not empty, within [`MAX_COMMAND_BYTES`], no NUL byte.
+pub fn validate_command(command: &str) -> Result<(), SandboxError> {
+    if command.trim().is_empty() {
+        return Err(SandboxError::InvalidCommand("the command is empty".into()));
+    }
+    if command.len() > MAX_COMMAND_BYTES {
+        return Err(SandboxError::InvalidCommand(format!(
+            "the command is {} bytes; the limit is {MAX_COMMAND_BYTES}",
+            command.len()
+        )));
+    }
+    if command.contains('\0') {
+        return Err(SandboxError::InvalidCommand(
+            "the command contains a NUL byte".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_checked() {
+        assert!(validate_command("echo hi").is_ok());
+        assert!(validate_command("  ").is_err());
+        assert!(validate_command("a\0b").is_err());
+        assert!(validate_command(&"x".repeat(MAX_COMMAND_BYTES + 1)).is_err());
+        assert!(validate_command(&"x".repeat(MAX_COMMAND_BYTES)).is_ok());
+    }
+}
