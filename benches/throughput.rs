@@ -124,7 +124,7 @@ async fn start_server(parallel: u32) -> RunningServer {
     let Command::Serve(args) = Cli::try_parse_from(argv).expect("flags").command else {
         panic!("not a serve command")
     };
-    let server = server::start(&ServeConfig::from_args(args).expect("config"))
+    let server = server::start(&ServeConfig::from_args(*args).expect("config"))
         .await
         .expect("server");
     server.ready().await.expect("model loads");

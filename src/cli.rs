@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve a GGUF model over the OpenAI-compatible HTTP API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// List NVIDIA GPUs as NVML reports them (`--json` writes the inventory format `plan --gpus` reads).
     Gpus(GpusArgs),
     /// Show where a model's layers would go, without loading it or creating any CUDA context.
@@ -51,7 +51,11 @@ pub enum SandboxCommand {
 #[derive(Debug, Clone, Args)]
 pub struct SandboxTarget {
     /// Container name (also names the workspace volume, `NAME-workspace`).
-    #[arg(long = "sandbox-name", env = "LM_SANDBOX_SANDBOX_NAME", default_value = "lm-sandbox")]
+    #[arg(
+        long = "sandbox-name",
+        env = "LM_SANDBOX_SANDBOX_NAME",
+        default_value = "lm-sandbox"
+    )]
     pub name: String,
     /// Keys and `sandbox.json` live in STATE_DIR/NAME (default: $XDG_STATE_HOME/lm-sandbox or
     /// ~/.local/state/lm-sandbox).
@@ -263,19 +267,35 @@ pub struct ServeSandboxArgs {
     #[arg(long = "sandbox-audit-log", env = "LM_SANDBOX_SANDBOX_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
     /// Seconds a command gets when the request names no `timeout_s`.
-    #[arg(long = "sandbox-timeout", env = "LM_SANDBOX_SANDBOX_TIMEOUT", default_value_t = 30.0)]
+    #[arg(
+        long = "sandbox-timeout",
+        env = "LM_SANDBOX_SANDBOX_TIMEOUT",
+        default_value_t = 30.0
+    )]
     pub timeout: f64,
     /// Most seconds a request may ask for.
-    #[arg(long = "sandbox-max-timeout", env = "LM_SANDBOX_SANDBOX_MAX_TIMEOUT", default_value_t = 300.0)]
+    #[arg(
+        long = "sandbox-max-timeout",
+        env = "LM_SANDBOX_SANDBOX_MAX_TIMEOUT",
+        default_value_t = 300.0
+    )]
     pub max_timeout: f64,
     /// Commands running at once; more wait their turn.
-    #[arg(long = "sandbox-concurrency", env = "LM_SANDBOX_SANDBOX_CONCURRENCY", default_value_t = 16)]
+    #[arg(
+        long = "sandbox-concurrency",
+        env = "LM_SANDBOX_SANDBOX_CONCURRENCY",
+        default_value_t = 16
+    )]
     pub concurrency: usize,
     /// Bytes kept of each of stdout and stderr; the rest is counted and dropped, with a marker.
     #[arg(long = "sandbox-output-limit", env = "LM_SANDBOX_SANDBOX_OUTPUT_LIMIT", default_value_t = 1 << 20)]
     pub output_limit: usize,
     /// Seconds to reach the sandbox (retries included) before a request gets 503.
-    #[arg(long = "sandbox-connect-timeout", env = "LM_SANDBOX_SANDBOX_CONNECT_TIMEOUT", default_value_t = 5.0)]
+    #[arg(
+        long = "sandbox-connect-timeout",
+        env = "LM_SANDBOX_SANDBOX_CONNECT_TIMEOUT",
+        default_value_t = 5.0
+    )]
     pub connect_timeout: f64,
 }
 
@@ -341,7 +361,7 @@ mod tests {
                 .map(|s| s.to_string()),
         );
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Serve(args) => args,
+            Command::Serve(args) => *args,
             other => panic!("parsed {other:?}"),
         }
     }

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use crate::api::{ApiConfig, ApiKey};
 use crate::cli::{PlacementArgs, ServeArgs, ServeSandboxArgs};
+use crate::engine::{GpuOffload, LlamaEngineConfig};
 use crate::sandbox::container::sandbox_dir;
 use crate::sandbox::SandboxLimits;
-use crate::engine::{GpuOffload, LlamaEngineConfig};
 use crate::template::ChatTemplate;
 
 #[derive(Debug, thiserror::Error)]
@@ -252,7 +252,7 @@ mod tests {
         let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
             panic!("not a serve command")
         };
-        ServeConfig::from_args(args)
+        ServeConfig::from_args(*args)
     }
 
     fn flag_of(err: ConfigError) -> &'static str {
@@ -360,7 +360,7 @@ mod tests {
         };
         args.model = "/nonexistent.gguf".into();
         assert!(matches!(
-            ServeConfig::from_args(args),
+            ServeConfig::from_args(*args),
             Err(ConfigError::Model { .. })
         ));
         let dir = std::env::temp_dir().join(format!("lm-sandbox-tpl-{}", std::process::id()));

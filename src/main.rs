@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Serve(args) => {
-            let config = ServeConfig::from_args(args)?;
+            let config = ServeConfig::from_args(*args)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(lm_sandbox::server::run(config))?;
         }

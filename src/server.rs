@@ -67,7 +67,9 @@ async fn open_sandbox(config: &SandboxConfig) -> Result<Sandbox, ServeError> {
             audit_log = %config.audit_log.display(),
             "sandbox connected"
         ),
-        Err(e) => tracing::warn!(%e, "sandbox not reachable yet; /v1/sandbox/exec answers 503 until it is"),
+        Err(e) => {
+            tracing::warn!(%e, "sandbox not reachable yet; /v1/sandbox/exec answers 503 until it is")
+        }
     }
     Ok(Sandbox::new(
         Arc::new(executor),

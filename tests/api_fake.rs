@@ -846,3 +846,92 @@ async fn placement_shows_the_plan_and_live_gpu_memory() {
     let (_, body) = send_json(&app, get()).await;
     assert_eq!(body["gpus"]["gpus"][0]["memory_free"], 5 * GIB);
 }
+
+/// A sandbox executor that answers from a script: no container.
+struct ScriptedExecutor;
+
+impl lm_sandbox::sandbox::Executor for ScriptedExecutor {
+    fn exec(
+        &self,
+        request: lm_sandbox::sandbox::ExecRequest,
+    ) -> lm_sandbox::sandbox::ExecFuture<'_> {
+        Box::pin(async move {
+            match request.command.as_str() {
+                "down" => Err(lm_sandbox::sandbox::SandboxError::Unavailable(
+                    "no route to the sandbox".into(),
+                )),
+                command => Ok(lm_sandbox::sandbox::ExecOutput {
+                    stdout: format!("ran {command}"),
+                    stderr: String::new(),
+                    exit_code: Some(0),
+                    signal: None,
+                    timed_out: false,
+                    truncated: false,
+                    duration_ms: 1,
+                    stdout_bytes: 4 + command.len() as u64,
+                    stderr_bytes: 0,
+                }),
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn the_sandbox_route_exists_only_with_a_sandbox_and_maps_its_errors() {
+    let without = harness();
+    let (status, body) = send_json(
+        &without.app,
+        post("/v1/sandbox/exec", json!({"command": "id"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    let audit = std::env::temp_dir().join(format!(
+        "lm-sandbox-fake-audit-{}.jsonl",
+        std::process::id()
+    ));
+    let sandbox = lm_sandbox::sandbox::Sandbox::new(
+        Arc::new(ScriptedExecutor),
+        lm_sandbox::sandbox::AuditLog::open(&audit).await.unwrap(),
+        lm_sandbox::sandbox::SandboxLimits::default(),
+    );
+    let engine = FakeRunner::new(Duration::ZERO).spawn(WorkerConfig {
+        n_seq: 1,
+        n_batch: 64,
+        n_ctx_seq: 256,
+        max_queue: 1,
+    });
+    let mut config = api_config(&[]);
+    config.api_keys = ApiKey::list(&["plain".into()], &["runner".into()]);
+    let app = router(AppState::from_parts(engine, config, None, Some(sandbox)));
+    let with_key = |key: &str, body: Value| {
+        let mut request = post("/sandbox/exec", body);
+        request.headers_mut().insert(
+            header::AUTHORIZATION,
+            format!("Bearer {key}").parse().unwrap(),
+        );
+        request
+    };
+    let (status, headers, body) = send(&app, with_key("runner", json!({"command": "id"}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(headers["x-request-id"]
+        .to_str()
+        .unwrap()
+        .starts_with("req_"));
+    let (status, body) = send_json(&app, with_key("runner", json!({"command": "down"}))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error_of(&body)["code"], "sandbox_unavailable");
+    let (status, body) = send_json(&app, with_key("plain", json!({"command": "id"}))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(error_of(&body)["code"], "insufficient_permissions");
+    let (status, body) = send_json(&app, with_key("runner", json!({"command": "a\u{0}b"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&body)["param"], "command");
+    let lines = std::fs::read_to_string(&audit).unwrap();
+    assert_eq!(
+        lines.lines().count(),
+        2,
+        "only the two commands that were run: {lines}"
+    );
+    std::fs::remove_file(&audit).unwrap();
+}

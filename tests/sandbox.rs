@@ -11,11 +11,15 @@ use std::time::{Duration, Instant};
 use lm_sandbox::api::{router, ApiConfig, ApiKey, AppState};
 use lm_sandbox::engine::fake::FakeRunner;
 use lm_sandbox::engine::WorkerConfig;
-use lm_sandbox::sandbox::container::{self, sandbox_dir, Profile, SandboxState, TransportKind, UpConfig};
+use lm_sandbox::sandbox::container::{
+    self, sandbox_dir, Profile, SandboxState, TransportKind, UpConfig,
+};
 use lm_sandbox::sandbox::image::{Docker, Progress};
 use lm_sandbox::sandbox::keys;
 use lm_sandbox::sandbox::ssh::SshExecutor;
-use lm_sandbox::sandbox::{AuditLog, ExecOutput, ExecRequest, Sandbox, SandboxError, SandboxLimits};
+use lm_sandbox::sandbox::{
+    AuditLog, ExecOutput, ExecRequest, Sandbox, SandboxError, SandboxLimits,
+};
 use serde_json::{json, Value};
 
 const TEST_LABEL: &str = "lm-sandbox.test=1";
@@ -39,7 +43,14 @@ fn clean_stale() {
         let mine = format!("lmsbx-test-{}-", std::process::id());
         let docker = docker();
         let listed = docker
-            .output(&["ps", "-a", "--filter", &format!("label={TEST_LABEL}"), "--format", "{{.Names}}"])
+            .output(&[
+                "ps",
+                "-a",
+                "--filter",
+                &format!("label={TEST_LABEL}"),
+                "--format",
+                "{{.Names}}",
+            ])
             .unwrap_or_default();
         for old in listed.lines().filter(|n| !n.starts_with(&mine)) {
             let _ = docker.output(&["rm", "--force", old]);
@@ -116,7 +127,10 @@ async fn run(executor: &SshExecutor, command: &str) -> ExecOutput {
 async fn exit_codes_streams_stdin_and_environment() {
     let ex = executor(shared());
     let out = run(&ex, "echo out; echo err >&2; exit 3").await;
-    assert_eq!((out.stdout.as_str(), out.stderr.as_str()), ("out\n", "err\n"));
+    assert_eq!(
+        (out.stdout.as_str(), out.stderr.as_str()),
+        ("out\n", "err\n")
+    );
     assert_eq!(out.exit_code, Some(3));
     assert_eq!(out.signal, None);
     assert!(!out.timed_out && !out.truncated);
@@ -162,7 +176,11 @@ async fn a_timeout_kills_the_command_and_its_children() {
     assert!(out.timed_out, "{out:?}");
     assert_eq!(out.exit_code, Some(124));
     assert!(!out.stdout.contains("unreachable"));
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     let ps = run(&ex, "ps -eo args").await;
     assert!(
         !ps.stdout.lines().any(|l| l.starts_with("sleep 30")),
@@ -177,7 +195,11 @@ async fn a_timeout_kills_the_command_and_its_children() {
     assert_eq!((out.stdout.as_str(), out.exit_code), ("started\n", Some(0)));
     assert!(started.elapsed() < Duration::from_secs(5));
     let ps = run(&ex, "ps -eo args").await;
-    assert!(!ps.stdout.lines().any(|l| l.starts_with("sleep 303")), "{}", ps.stdout);
+    assert!(
+        !ps.stdout.lines().any(|l| l.starts_with("sleep 303")),
+        "{}",
+        ps.stdout
+    );
 
     // Exiting 124 by itself, before the deadline, is not a timeout.
     let out = run(&ex, "exit 124").await;
@@ -207,7 +229,10 @@ async fn twenty_megabytes_of_output_are_truncated_in_bounded_memory() {
     let grown_kib = peak_rss_kib().saturating_sub(before);
     assert_eq!(out.exit_code, Some(0));
     assert!(out.truncated);
-    assert_eq!((out.stdout_bytes, out.stderr_bytes), (20_000_000, 3_000_000));
+    assert_eq!(
+        (out.stdout_bytes, out.stderr_bytes),
+        (20_000_000, 3_000_000)
+    );
     assert!(out.stdout.starts_with(&"x".repeat(limit)));
     assert!(out.stdout.len() < limit + 200, "{}", out.stdout.len());
     assert!(out
@@ -241,7 +266,11 @@ async fn sixteen_concurrent_commands_all_return_their_own_results() {
         assert_eq!(out.exit_code, Some(i));
     }
     // They ran together on one connection, not one after another.
-    assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -260,7 +289,10 @@ async fn a_wrong_host_key_and_a_wrong_client_key_are_refused() {
         .await
         .unwrap_err();
     assert!(matches!(err, SandboxError::HostKeyMismatch { .. }), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(5), "refused at once, not retried");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused at once, not retried"
+    );
 
     let mut wrong_client = good.clone();
     wrong_client.client_key = Arc::new(keys::generate("stranger"));
@@ -305,8 +337,18 @@ async fn hostile_commands_are_contained() {
     );
     let healthy = run(&ex, "echo alive; ps -e --no-headers | wc -l").await;
     assert!(healthy.stdout.starts_with("alive\n"), "{healthy:?}");
-    let processes: u32 = healthy.stdout.lines().nth(1).unwrap().trim().parse().unwrap();
-    assert!(processes < 16, "{processes} processes left after the fork bomb");
+    let processes: u32 = healthy
+        .stdout
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        processes < 16,
+        "{processes} processes left after the fork bomb"
+    );
 
     // A memory hog is killed inside the container.
     let out = run(&ex, "python3 -c \"s = 'x' * (1024 ** 3); print(len(s))\"").await;
@@ -332,9 +374,15 @@ async fn hostile_commands_are_contained() {
         })
         .await
         .unwrap();
-    assert!(out.stdout.starts_with("cat: ") && out.stdout.contains("No such file"), "{out:?}");
+    assert!(
+        out.stdout.starts_with("cat: ") && out.stdout.contains("No such file"),
+        "{out:?}"
+    );
     // grep prints the paths of matching files (it exits 2 for the files it may not read).
-    assert!(out.stdout.ends_with("grep=1\n") || out.stdout.ends_with("grep=2\n"), "{out:?}");
+    assert!(
+        out.stdout.ends_with("grep=1\n") || out.stdout.ends_with("grep=2\n"),
+        "{out:?}"
+    );
     assert!(!out.stdout.lines().any(|l| l.starts_with('/')), "{out:?}");
 
     // No network interface but loopback, and the host's loopback ports are out of reach.
@@ -350,7 +398,10 @@ async fn hostile_commands_are_contained() {
     )
     .await;
     assert!(out.stdout.contains("rc=1"), "{out:?}");
-    assert!(listener.accept().is_err(), "the host's listener got a connection");
+    assert!(
+        listener.accept().is_err(),
+        "the host's listener got a connection"
+    );
 
     // Not root, and no way to become root.
     let out = run(
@@ -410,7 +461,11 @@ async fn a_killed_container_fails_the_command_and_the_next_one_succeeds_once_it_
     let started = Instant::now();
     let err = ex.run(request("echo down", 5.0)).await.unwrap_err();
     assert!(matches!(err, SandboxError::Unavailable(_)), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 
     docker().output(&["start", &fixture.name]).unwrap();
     assert_eq!(run(&ex, "echo back").await.stdout, "back\n");
@@ -483,7 +538,11 @@ fn cli(fixture: &Fixture, args: &[&str], stdin: &[u8]) -> std::process::Output {
 #[test]
 fn the_cli_runs_commands_and_reports_status() {
     let fixture = shared();
-    let out = cli(fixture, &["exec", "--", "tr", "a-z", "A-Z;", "exit", "5"], b"shout\n");
+    let out = cli(
+        fixture,
+        &["exec", "--", "tr", "a-z", "A-Z;", "exit", "5"],
+        b"shout\n",
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "SHOUT\n");
     assert_eq!(out.status.code(), Some(5));
     let out = cli(fixture, &["exec", "--timeout", "1", "--", "sleep 10"], b"");
@@ -492,7 +551,10 @@ fn the_cli_runs_commands_and_reports_status() {
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("ssh: ok"));
     let audit = std::fs::read_to_string(fixture.dir.join("audit.jsonl")).unwrap();
-    assert!(audit.contains("\"command\":\"tr a-z A-Z; exit 5\""), "{audit}");
+    assert!(
+        audit.contains("\"command\":\"tr a-z A-Z; exit 5\""),
+        "{audit}"
+    );
 }
 
 // ---- HTTP: the real router, a fake engine, the real sandbox ----
@@ -590,11 +652,19 @@ async fn http_exec_needs_a_sandbox_key_and_is_audited() {
         assert_eq!(status, 400, "{bad} -> {body}");
         assert_eq!(body["error"]["param"], param, "{bad} -> {body}");
     }
-    let (status, _, _) = post(&base, Some(RUNNER_KEY), json!({"command": "id", "shell": "zsh"})).await;
+    let (status, _, _) = post(
+        &base,
+        Some(RUNNER_KEY),
+        json!({"command": "id", "shell": "zsh"}),
+    )
+    .await;
     assert_eq!(status, 400);
 
     let log = std::fs::read_to_string(&audit).unwrap();
-    let lines: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let first = lines
         .iter()
         .find(|l| l["request_id"] == id.clone().unwrap().as_str())
@@ -610,14 +680,20 @@ async fn http_exec_needs_a_sandbox_key_and_is_audited() {
 #[tokio::test]
 async fn http_exec_answers_503_within_the_connect_timeout_when_the_sandbox_is_down() {
     let fixture = start("down", Profile::default(), TransportKind::Exec);
-    docker().output(&["stop", "--time", "0", &fixture.name]).unwrap();
+    docker()
+        .output(&["stop", "--time", "0", &fixture.name])
+        .unwrap();
     let audit = state_root().join("down-audit.jsonl");
     let base = serve(sandbox_for(&fixture, &audit, Duration::from_secs(2)).await).await;
     let started = Instant::now();
     let (status, _, body) = post(&base, Some(RUNNER_KEY), json!({"command": "id"})).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "sandbox_unavailable");
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
     let health = reqwest::get(format!("{base}/health")).await.unwrap();
     assert_eq!(health.status().as_u16(), 200, "the server stays healthy");
     container::down(&docker(), &fixture.name, true).unwrap();

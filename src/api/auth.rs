@@ -41,10 +41,7 @@ impl ApiKey {
     pub fn new(secret: impl Into<String>, sandbox: bool) -> Self {
         let secret = secret.into();
         let digest = Sha256::digest(secret.as_bytes());
-        let id = format!(
-            "key-{}",
-            &crate::sandbox::image::hex(&digest)[..12]
-        );
+        let id = format!("key-{}", &crate::sandbox::image::hex(&digest)[..12]);
         Self {
             secret,
             id,
@@ -144,7 +141,10 @@ mod tests {
     #[test]
     fn keys_match_exactly() {
         let keys = ApiKey::list(&["alpha".to_string(), "beta".to_string()], &[]);
-        assert_eq!(find_key(&keys, "beta").unwrap().id, ApiKey::new("beta", false).id);
+        assert_eq!(
+            find_key(&keys, "beta").unwrap().id,
+            ApiKey::new("beta", false).id
+        );
         assert!(find_key(&keys, "bet").is_none());
         assert!(find_key(&keys, "betaa").is_none());
         assert!(find_key(&[], "x").is_none());

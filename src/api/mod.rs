@@ -96,7 +96,12 @@ impl AppState {
         placement: Placement,
         gpus: watch::Receiver<Inventory>,
     ) -> Self {
-        Self::from_parts(engine, config, Some(PlacementView { placement, gpus }), None)
+        Self::from_parts(
+            engine,
+            config,
+            Some(PlacementView { placement, gpus }),
+            None,
+        )
     }
 
     /// Everything at once; `sandbox` mounts `POST /v1/sandbox/exec`.

@@ -339,7 +339,8 @@ pub fn up(config: &UpConfig) -> Result<SandboxState, ContainerError> {
 
 /// The container's address on the internal network.
 fn address(docker: &Docker, name: &str) -> Result<String, ContainerError> {
-    let format = format!("{{{{(index .NetworkSettings.Networks \"{INTERNAL_NETWORK}\").IPAddress}}}}");
+    let format =
+        format!("{{{{(index .NetworkSettings.Networks \"{INTERNAL_NETWORK}\").IPAddress}}}}");
     let ip = docker.output(&["container", "inspect", "--format", &format, name])?;
     let ip = ip.trim();
     if ip.is_empty() || ip == "<no value>" {
@@ -418,7 +419,9 @@ mod tests {
         assert!(tmpfs[0].starts_with("/tmp:"));
         assert!(tmpfs[1].starts_with("/run:"));
         // No host paths: the only volume is the named one, and nothing mentions the Docker socket.
-        assert!(!args.iter().any(|a| a.contains("docker.sock") || a == "--privileged"));
+        assert!(!args
+            .iter()
+            .any(|a| a.contains("docker.sock") || a == "--privileged"));
         assert!(!args.iter().any(|a| a == "--mount" || a == "-v"));
         assert_eq!(args.last().unwrap(), "img");
     }
@@ -429,7 +432,10 @@ mod tests {
         assert_eq!(flag(&args, "--network"), [INTERNAL_NETWORK]);
         assert!(!args.iter().any(|a| a == "--publish" || a == "-p"));
         let image_at = args.iter().position(|a| a == "img").unwrap();
-        assert_eq!(args[image_at + 1..], ["/usr/sbin/sshd", "-D", "-e", "-f", SSHD_CONFIG]);
+        assert_eq!(
+            args[image_at + 1..],
+            ["/usr/sbin/sshd", "-D", "-e", "-f", SSHD_CONFIG]
+        );
     }
 
     #[test]

@@ -23,7 +23,11 @@ pub const KEYED_REPOSITORY: &str = "lm-sandbox-keyed";
 pub const CONTEXT: [(&str, &str, u32); 3] = [
     ("Dockerfile", include_str!("image/Dockerfile"), 0o644),
     ("sshd_config", include_str!("image/sshd_config"), 0o644),
-    ("lm-sandbox-run", include_str!("image/lm-sandbox-run"), 0o755),
+    (
+        "lm-sandbox-run",
+        include_str!("image/lm-sandbox-run"),
+        0o755,
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

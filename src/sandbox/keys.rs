@@ -42,7 +42,8 @@ pub fn generate(comment: &str) -> PrivateKey {
 
 /// `ssh-ed25519 AAAA... comment`, one line.
 pub fn public_line(key: &PublicKey) -> Result<String, KeyError> {
-    key.to_openssh().map_err(|e| KeyError::Encode(e.to_string()))
+    key.to_openssh()
+        .map_err(|e| KeyError::Encode(e.to_string()))
 }
 
 /// `SHA256:...`, as `ssh-keygen -l` prints it.

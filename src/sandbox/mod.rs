@@ -81,7 +81,8 @@ pub enum SandboxError {
     InvalidCommand(String),
 }
 
-pub type ExecFuture<'a> = Pin<Box<dyn Future<Output = Result<ExecOutput, SandboxError>> + Send + 'a>>;
+pub type ExecFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<ExecOutput, SandboxError>> + Send + 'a>>;
 
 /// Runs commands somewhere isolated. The real one is [`ssh::SshExecutor`]; tests of the HTTP layer
 /// use a fake.

@@ -104,7 +104,10 @@ mod tests {
         let mut b = CappedBuffer::new(5);
         b.push("abcé€".as_bytes()); // é is 2 bytes, so the limit cuts into €
         let text = b.into_text();
-        assert!(text.starts_with("abcé\n[lm-sandbox: output truncated"), "{text}");
+        assert!(
+            text.starts_with("abcé\n[lm-sandbox: output truncated"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -158,9 +158,9 @@ impl SshExecutor {
                     return Ok(conn);
                 }
                 // Retrying cannot fix these; only the operator can.
-                Ok(Err(e @ (SandboxError::HostKeyMismatch { .. } | SandboxError::AuthRejected(_)))) => {
-                    return Err(e)
-                }
+                Ok(Err(
+                    e @ (SandboxError::HostKeyMismatch { .. } | SandboxError::AuthRejected(_)),
+                )) => return Err(e),
                 Ok(Err(e)) => e,
                 Err(_) => {
                     return Err(SandboxError::Unavailable(format!(
@@ -275,11 +275,10 @@ impl SshExecutor {
                 tracing::debug!(%first, "sandbox channel refused; reconnecting");
                 self.forget(&conn).await;
                 let conn = self.connection().await?;
-                let channel = conn
-                    .handle
-                    .channel_open_session()
-                    .await
-                    .map_err(|e| SandboxError::Unavailable(format!("opening a channel: {e}")))?;
+                let channel =
+                    conn.handle.channel_open_session().await.map_err(|e| {
+                        SandboxError::Unavailable(format!("opening a channel: {e}"))
+                    })?;
                 (conn, channel)
             }
         };
@@ -297,10 +296,8 @@ impl SshExecutor {
             let _ = writer.eof().await;
         };
         let limit = self.config.output_limit;
-        let deadline = tokio::time::Instant::from_std(started)
-            + request.timeout
-            + KILL_GRACE
-            + CLIENT_SLACK;
+        let deadline =
+            tokio::time::Instant::from_std(started) + request.timeout + KILL_GRACE + CLIENT_SLACK;
         let read = async {
             let mut out = Collected::new(limit);
             loop {

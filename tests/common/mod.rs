@@ -35,7 +35,7 @@ pub async fn start(extra: &[&str]) -> RunningServer {
     let Command::Serve(args) = Cli::try_parse_from(argv).expect("test flags parse").command else {
         panic!("not a serve command")
     };
-    let config = ServeConfig::from_args(args).expect("test config validates");
+    let config = ServeConfig::from_args(*args).expect("test config validates");
     let server = server::start(&config).await.expect("server starts");
     server.ready().await.expect("model loads");
     server
