@@ -698,3 +698,67 @@ async fn http_exec_answers_503_within_the_connect_timeout_when_the_sandbox_is_do
     assert_eq!(health.status().as_u16(), 200, "the server stays healthy");
     container::down(&docker(), &fixture.name, true).unwrap();
 }
+
+/// The real binary: `serve --sandbox` on the default model, wired to the shared sandbox by flags.
+#[cfg(feature = "real-model")]
+#[tokio::test]
+async fn serve_with_the_sandbox_flag_runs_commands_over_http() {
+    let fixture = shared();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let audit = state_root().join("serve-audit.jsonl");
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_lm-sandbox"))
+        .args([
+            "serve",
+            "-m",
+            model,
+            "--port",
+            &port.to_string(),
+            "-c",
+            "512",
+            "--parallel",
+            "1",
+        ])
+        .args(["--sandbox", "--sandbox-api-key", RUNNER_KEY])
+        .args(["--sandbox-state-dir", state_root().to_str().unwrap()])
+        .args(["--sandbox-name", &fixture.name])
+        .args(["--sandbox-audit-log", audit.to_str().unwrap()])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(resp) = reqwest::get(format!("{base}/health")).await {
+            if resp.status().is_success() {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not become healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, id, body) = post(
+        &base,
+        Some(RUNNER_KEY),
+        json!({"command": "echo from-serve; id -u"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stdout"], "from-serve\n1000\n");
+    let (status, _, _) = post(&base, None, json!({"command": "id"})).await;
+    assert_eq!(status, 401);
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(log.contains(id.unwrap().as_str()), "{log}");
+    server.start_kill().unwrap();
+    let _ = server.wait().await;
+}
