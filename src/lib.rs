@@ -6,6 +6,8 @@
 //! - [`engine`]: one thread per model owning llama.cpp; the scheduler (continuous batching), the
 //!   admission queue, detokenization and stop strings; [`engine::EngineHandle`] is its front.
 //! - [`template`]: chat templates rendered with Hugging Face's Jinja semantics.
+//! - [`tools`]: tool calls and structured output: request checks, the generic tool prompt,
+//!   JSON-schema grammars, and parsing model output into `tool_calls`.
 //! - [`api`]: the axum router: OpenAI routes, validation, errors, SSE, API keys.
 //! - [`gpu`]: the NVML inventory, model facts from GGUF headers, and the placement planner.
 //! - [`sandbox`]: the hardened container commands run in, reached over SSH (russh); its image,
@@ -24,3 +26,4 @@ pub mod gpu;
 pub mod sandbox;
 pub mod server;
 pub mod template;
+pub mod tools;

@@ -43,6 +43,7 @@ pub struct RenderContext<M: Serialize, T: Serialize> {
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -63,7 +64,20 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, source.to_owned())
             .map_err(|e| TemplateError::Syntax(describe(&e)))?;
-        Ok(Self { env })
+        Ok(Self {
+            env,
+            source: source.to_owned(),
+        })
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the template renders a `tools` variable (else tools go in the generic format).
+    pub fn knows_tools(&self) -> bool {
+        self.source.contains("tools")
     }
 
     /// Renders the prompt for `context`.

@@ -706,15 +706,24 @@ async fn a_dropped_stream_cancels_its_sequence_and_a_queued_request_starts() {
 #[tokio::test]
 async fn unsupported_features_are_refused_clearly_not_ignored() {
     let h = harness();
-    for (field, value) in [
-        ("logprobs", json!(true)),
-        ("response_format", json!({"type": "json_object"})),
+    for (field, value, param) in [
+        ("logprobs", json!(true), "logprobs"),
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}}}),
+            "response_format.json_schema.schema",
+        ),
+        (
+            "response_format",
+            json!({"type": "yaml"}),
+            "response_format.type",
+        ),
     ] {
         let mut request = chat("x");
         request[field] = value;
         let (status, body) = send_json(&h.app, post("/v1/chat/completions", request)).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert_eq!(error_of(&body)["param"], field);
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(error_of(&body)["param"], param);
     }
     let mut request = chat("x");
     request["response_format"] = json!({"type": "text"});
@@ -934,4 +943,189 @@ async fn the_sandbox_route_exists_only_with_a_sandbox_and_maps_its_errors() {
         "only the two commands that were run: {lines}"
     );
     std::fs::remove_file(&audit).unwrap();
+}
+
+// ---- Tool calls, scripted: a template that renders only the last message, so the echo model
+// "generates" exactly that text. ----
+
+fn scripted_harness() -> Harness {
+    let runner = FakeRunner::new(Duration::ZERO);
+    let log = Arc::clone(&runner.log);
+    let engine = runner.spawn(WorkerConfig {
+        n_seq: 4,
+        n_batch: 512,
+        n_ctx_seq: 2048,
+        max_queue: 8,
+    });
+    let mut config = api_config(&[]);
+    config.chat_template = Some("{{ messages[-1].content }}".into());
+    Harness {
+        app: router(AppState::new(engine, config)),
+        log,
+    }
+}
+
+fn weather_tools() -> Value {
+    json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}])
+}
+
+fn tool_request(script: &str, stream: bool) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": script}],
+           "tools": weather_tools(), "stream": stream})
+}
+
+/// The message a client assembles from the stream's deltas, and the last finish_reason.
+fn assemble(sse_body: &str) -> (Value, Value) {
+    let mut content: Option<String> = None;
+    let mut calls: Vec<Value> = Vec::new();
+    let mut reason = Value::Null;
+    for line in sse_body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(line).unwrap();
+        let choice = &chunk["choices"][0];
+        if !choice["finish_reason"].is_null() {
+            reason = choice["finish_reason"].clone();
+        }
+        let delta = &choice["delta"];
+        if let Some(c) = delta["content"].as_str() {
+            content.get_or_insert_with(String::new).push_str(c);
+        }
+        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            let i = call["index"].as_u64().unwrap() as usize;
+            if i == calls.len() {
+                assert_eq!(call["type"], "function");
+                calls.push(json!({"id": call["id"], "type": "function",
+                                  "function": {"name": call["function"]["name"], "arguments": ""}}));
+            }
+            let piece = call["function"]["arguments"].as_str().unwrap_or("");
+            let args = calls[i]["function"]["arguments"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+                + piece;
+            calls[i]["function"]["arguments"] = json!(args);
+        }
+    }
+    let content = content.filter(|c| !c.is_empty());
+    let mut message = json!({"role": "assistant", "content": content});
+    if !calls.is_empty() {
+        message["tool_calls"] = Value::Array(calls);
+    }
+    (message, reason)
+}
+
+fn without_ids(mut message: Value) -> Value {
+    for call in message["tool_calls"].as_array_mut().into_iter().flatten() {
+        assert!(call["id"].as_str().unwrap().starts_with("call_"));
+        call["id"] = Value::Null;
+    }
+    message.as_object_mut().unwrap().remove("refusal");
+    message
+}
+
+#[tokio::test]
+async fn scripted_tool_calls_stream_and_answer_alike() {
+    let h = scripted_harness();
+    let scripts = [
+        ("Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich \\\"old town\\\"\"}}\n</tool_call>", "tool_calls"),
+        ("<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"A\"}}</tool_call><tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"B\"}}</tool_call>", "tool_calls"),
+        ("<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"town\": \"A\"}}</tool_call>", "stop"),
+        ("<tool_call>{\"name\": \"get_weather\", \"argu", "stop"),
+        ("No tool needed: it is sunny.", "stop"),
+    ];
+    for (script, expected_reason) in scripts {
+        let (status, body) = send_json(
+            &h.app,
+            post("/v1/chat/completions", tool_request(script, false)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let choice = &body["choices"][0];
+        assert_eq!(choice["finish_reason"], expected_reason, "{script}: {body}");
+        let message = choice["message"].clone();
+        if expected_reason == "tool_calls" {
+            for call in message["tool_calls"].as_array().unwrap() {
+                let args: Value =
+                    serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+                assert!(args["city"].is_string(), "{args}");
+            }
+        } else {
+            assert_eq!(
+                message["content"], script,
+                "unparsable calls come back whole as content"
+            );
+            assert!(message.get("tool_calls").is_none());
+        }
+        let (status, _, sse) = send(
+            &h.app,
+            post("/v1/chat/completions", tool_request(script, true)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let (streamed, reason) = assemble(&sse);
+        assert_eq!(reason, expected_reason, "{script}");
+        if expected_reason == "tool_calls" {
+            let content = streamed["content"].as_str().unwrap_or("");
+            assert!(
+                !content.contains("<tool_call>"),
+                "markup leaked into content: {content}"
+            );
+        }
+        assert_eq!(without_ids(streamed), without_ids(message), "{script}");
+    }
+}
+
+#[tokio::test]
+async fn a_call_cut_off_by_max_tokens_finishes_with_length() {
+    let h = scripted_harness();
+    let mut request = tool_request(
+        "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</tool_call>",
+        false,
+    );
+    request["max_tokens"] = json!(20);
+    let (status, body) = send_json(&h.app, post("/v1/chat/completions", request)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert!(body["choices"][0]["message"].get("tool_calls").is_none());
+}
+
+#[tokio::test]
+async fn tool_mistakes_are_400s_naming_the_field() {
+    let h = scripted_harness();
+    let cases = [
+        (json!({"tools": "x"}), "tools"),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "bad name"}}]}),
+            "tools[0].function.name",
+        ),
+        (
+            json!({"tools": weather_tools(), "tool_choice": "sometimes"}),
+            "tool_choice",
+        ),
+        (
+            json!({"tools": weather_tools(), "tool_choice": {"type": "function", "function": {"name": "other"}}}),
+            "tool_choice.function.name",
+        ),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/x"}}}]}),
+            "tools[0].function.parameters",
+        ),
+        (
+            json!({"tools": weather_tools(), "tool_choice": "required", "response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+    ];
+    for (extra, param) in cases {
+        let mut request = chat("x");
+        for (k, v) in extra.as_object().unwrap() {
+            request[k] = v.clone();
+        }
+        let (status, body) = send_json(&h.app, post("/v1/chat/completions", request)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{extra}: {body}");
+        assert_eq!(error_of(&body)["param"], param, "{extra}: {body}");
+    }
 }

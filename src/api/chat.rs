@@ -1,5 +1,7 @@
 //! `POST /v1/chat/completions`: messages through the model's chat template, streamed or not.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::response::Response;
 use serde::Deserialize;
@@ -11,16 +13,74 @@ use super::generate::{self, finish_reason, prepare, Prepared, PromptJob, Timings
 use super::params::token_budget;
 use super::sse::{ChunkHeader, ChunkShape};
 use super::AppState;
-use crate::engine::GenerationStats;
+use crate::engine::{FinishReason, GenerationStats};
 use crate::template::{RenderContext, TemplateError};
+use crate::tools::stream::ToolStream;
+use crate::tools::{response_format_grammar, ToolError, ToolRequest};
 
 /// Chat-only request fields.
 #[derive(Debug, Deserialize)]
 struct ChatFields {
     messages: Vec<ChatMessage>,
     tools: Option<Value>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
     response_format: Option<Value>,
     logprobs: Option<bool>,
+}
+
+impl From<ToolError> for ApiError {
+    fn from(e: ToolError) -> Self {
+        ApiError::invalid(e.param, e.message)
+    }
+}
+
+/// For templates that do not render tools: the history in the generic format. Calls become
+/// `<tool_call>` blocks in the assistant's text, results become `<tool_response>` user turns, and
+/// the tool instructions join the system message.
+fn generic_history(messages: &mut Vec<Value>, tools: Option<&ToolRequest>) {
+    for message in messages.iter_mut() {
+        let role = message["role"].as_str().unwrap_or("").to_owned();
+        if role == "assistant" {
+            if let Some(Value::Array(calls)) = message.get("tool_calls").cloned() {
+                let mut text = message["content"].as_str().unwrap_or("").to_owned();
+                for call in &calls {
+                    let name = call
+                        .pointer("/function/name")
+                        .cloned()
+                        .unwrap_or(Value::Null);
+                    let arguments = call
+                        .pointer("/function/arguments")
+                        .cloned()
+                        .unwrap_or_else(|| json!({}));
+                    if !text.is_empty() && !text.ends_with('\n') {
+                        text.push('\n');
+                    }
+                    text.push_str(&format!(
+                        "<tool_call>\n{}\n</tool_call>",
+                        json!({"name": name, "arguments": arguments})
+                    ));
+                }
+                message["content"] = json!(text);
+                if let Some(object) = message.as_object_mut() {
+                    object.remove("tool_calls");
+                }
+            }
+        } else if role == "tool" {
+            let result = message["content"].as_str().unwrap_or("").to_owned();
+            *message = json!({"role": "user", "content": format!("<tool_response>\n{result}\n</tool_response>")});
+        }
+    }
+    if let Some(tools) = tools {
+        let instructions = tools.generic_instructions();
+        match messages.first_mut() {
+            Some(first) if first["role"] == "system" => {
+                let text = first["content"].as_str().unwrap_or("").to_owned();
+                first["content"] = json!(format!("{text}\n\n{instructions}"));
+            }
+            _ => messages.insert(0, json!({"role": "system", "content": instructions})),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +212,7 @@ pub async fn chat_completions(
     let Prepared {
         model,
         loaded,
-        options,
+        mut options,
         fields: chat,
     } = prepare::<ChatFields>(&state, &body)?;
     if chat.messages.is_empty() {
@@ -167,26 +227,46 @@ pub async fn chat_completions(
             "`logprobs` is not supported yet",
         ));
     }
-    if let Some(format) = &chat.response_format {
-        let kind = format.get("type").and_then(Value::as_str);
-        if kind != Some("text") {
-            return Err(ApiError::invalid(
-                "response_format",
-                format!("response_format type {kind:?} is not supported yet; only \"text\""),
-            ));
+    let tools = ToolRequest::from_request(
+        chat.tools.as_ref(),
+        chat.tool_choice.as_ref(),
+        chat.parallel_tool_calls,
+        loaded.template.source(),
+    )?;
+    let mut grammar = match chat.response_format.as_ref().filter(|f| !f.is_null()) {
+        Some(format) => response_format_grammar(format)?,
+        None => None,
+    };
+    if let Some(tools) = &tools {
+        tools.check_schemas()?;
+        if let Some(forced) = tools.grammar()? {
+            if grammar.is_some() {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    "a JSON `response_format` cannot be combined with a forced `tool_choice`",
+                ));
+            }
+            grammar = Some(forced);
         }
     }
-    let messages = chat
+    options.sampling.grammar = grammar.map(Arc::from);
+    let mut messages = chat
         .messages
         .iter()
         .enumerate()
         .map(|(i, m)| template_message(m, i))
         .collect::<Result<Vec<_>, _>>()?;
+    let template_tools = if loaded.template.knows_tools() {
+        tools.as_ref().map(ToolRequest::template_tools)
+    } else {
+        generic_history(&mut messages, tools.as_ref());
+        None
+    };
     let prompt = loaded
         .template
         .render(&RenderContext {
             messages,
-            tools: chat.tools.filter(|t| !t.is_null()),
+            tools: template_tools,
             add_generation_prompt: true,
             bos_token: loaded.info.bos_token.clone(),
             eos_token: loaded.info.eos_token.clone(),
@@ -217,19 +297,40 @@ pub async fn chat_completions(
         model,
         options.include_usage,
     );
+    let tools = tools.map(Arc::new);
+    let choices = receivers.len();
+    let stream_tools = tools.clone();
     generate::respond(
         receivers,
         &options,
         header,
         "chat.completion",
-        |header| ChatChunks { header },
-        |i, c| {
-            json!({
+        move |header| ChatChunks {
+            header,
+            streams: stream_tools.map(|t| (t, (0..choices).map(|_| ToolStream::new()).collect())),
+        },
+        |i, c| match &tools {
+            None => json!({
                 "index": i,
                 "message": {"role": "assistant", "content": c.text, "refusal": null},
                 "logprobs": null,
                 "finish_reason": c.reason.map(finish_reason),
-            })
+            }),
+            Some(tools) => {
+                let truncated = c.reason == Some(FinishReason::Length);
+                let (message, has_calls) = tools.finish(&c.text, truncated);
+                let reason = if has_calls {
+                    "tool_calls"
+                } else {
+                    c.reason.map_or("stop", finish_reason)
+                };
+                json!({
+                    "index": i,
+                    "message": message.to_json(),
+                    "logprobs": null,
+                    "finish_reason": reason,
+                })
+            }
         },
     )
     .await
@@ -238,6 +339,17 @@ pub async fn chat_completions(
 /// Chunks of `chat.completion.chunk`.
 struct ChatChunks {
     header: ChunkHeader,
+    /// With tools: the request's tools and each choice's stream (calls are held back and parsed).
+    streams: Option<(Arc<ToolRequest>, Vec<ToolStream>)>,
+}
+
+impl ChatChunks {
+    fn delta_chunk(&self, index: u32, delta: Value) -> Value {
+        self.header.chunk(
+            json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": null}]),
+            None,
+        )
+    }
 }
 
 impl ChunkShape for ChatChunks {
@@ -248,18 +360,40 @@ impl ChunkShape for ChatChunks {
         ))
     }
 
-    fn text(&self, index: u32, text: &str) -> Value {
-        self.header.chunk(
-            json!([{"index": index, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]),
-            None,
-        )
+    fn text(&mut self, index: u32, text: &str) -> Vec<Value> {
+        let deltas = match &mut self.streams {
+            None => vec![json!({"content": text})],
+            Some((tools, streams)) => streams[index as usize].push(text, tools),
+        };
+        deltas
+            .into_iter()
+            .map(|d| self.delta_chunk(index, d))
+            .collect()
     }
 
-    fn finish(&self, index: u32, reason: &'static str, stats: &GenerationStats) -> Value {
-        self.header.chunk(
+    fn finish(&mut self, index: u32, reason: FinishReason, stats: &GenerationStats) -> Vec<Value> {
+        let (deltas, reason) = match &mut self.streams {
+            None => (Vec::new(), finish_reason(reason)),
+            Some((tools, streams)) => {
+                let truncated = reason == FinishReason::Length;
+                let (deltas, _, has_calls) = streams[index as usize].finish(tools, truncated);
+                let reason = if has_calls {
+                    "tool_calls"
+                } else {
+                    finish_reason(reason)
+                };
+                (deltas, reason)
+            }
+        };
+        let mut chunks: Vec<Value> = deltas
+            .into_iter()
+            .map(|d| self.delta_chunk(index, d))
+            .collect();
+        chunks.push(self.header.chunk(
             json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": reason}]),
             Some(("timings", json!(Timings::from(stats)))),
-        )
+        ));
+        chunks
     }
 
     fn header(&self) -> &ChunkHeader {

@@ -13,7 +13,7 @@ use super::generate::{self, finish_reason, prepare, Prepared, PromptJob, Timings
 use super::params::token_budget;
 use super::sse::{ChunkHeader, ChunkShape};
 use super::AppState;
-use crate::engine::{GenerationStats, Token};
+use crate::engine::{FinishReason, GenerationStats, Token};
 
 #[derive(Debug, Deserialize)]
 struct CompletionFields {
@@ -206,24 +206,30 @@ struct CompletionChunks {
     echoes: Echoes,
 }
 
-impl ChunkShape for CompletionChunks {
-    fn opening(&self, index: u32) -> Option<Value> {
-        let echo = self.echoes.of(index);
-        (!echo.is_empty()).then(|| self.text(index, echo))
-    }
-
-    fn text(&self, index: u32, text: &str) -> Value {
+impl CompletionChunks {
+    fn text_chunk(&self, index: u32, text: &str) -> Value {
         self.header.chunk(
             json!([{"index": index, "text": text, "logprobs": null, "finish_reason": null}]),
             None,
         )
     }
+}
 
-    fn finish(&self, index: u32, reason: &'static str, stats: &GenerationStats) -> Value {
-        self.header.chunk(
-            json!([{"index": index, "text": "", "logprobs": null, "finish_reason": reason}]),
+impl ChunkShape for CompletionChunks {
+    fn opening(&self, index: u32) -> Option<Value> {
+        let echo = self.echoes.of(index);
+        (!echo.is_empty()).then(|| self.text_chunk(index, echo))
+    }
+
+    fn text(&mut self, index: u32, text: &str) -> Vec<Value> {
+        vec![self.text_chunk(index, text)]
+    }
+
+    fn finish(&mut self, index: u32, reason: FinishReason, stats: &GenerationStats) -> Vec<Value> {
+        vec![self.header.chunk(
+            json!([{"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason(reason)}]),
             Some(("timings", json!(Timings::from(stats)))),
-        )
+        )]
     }
 
     fn header(&self) -> &ChunkHeader {

@@ -175,6 +175,7 @@ impl CommonFields {
                 repeat_penalty,
                 penalty_last_n,
                 logit_bias,
+                grammar: None,
             },
             max_tokens,
             stop: parse_stop(self.stop.as_ref())?,

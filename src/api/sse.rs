@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
-use super::generate::{finish_reason, merged, Usage};
-use crate::engine::{GenerationEvent, GenerationStats};
+use super::generate::{merged, Usage};
+use crate::engine::{FinishReason, GenerationEvent, GenerationStats};
 
 /// The fields every chunk of one response repeats.
 pub struct ChunkHeader {
@@ -73,8 +73,10 @@ impl ChunkHeader {
 pub trait ChunkShape: Send + 'static {
     /// A chunk sent for each choice before any text (chat: the role delta).
     fn opening(&self, index: u32) -> Option<Value>;
-    fn text(&self, index: u32, text: &str) -> Value;
-    fn finish(&self, index: u32, reason: &'static str, stats: &GenerationStats) -> Value;
+    /// Chunks for a piece of generated text (none while text is held back).
+    fn text(&mut self, index: u32, text: &str) -> Vec<Value>;
+    /// The choice's last chunks, the one with `finish_reason` at the end.
+    fn finish(&mut self, index: u32, reason: FinishReason, stats: &GenerationStats) -> Vec<Value>;
     fn header(&self) -> &ChunkHeader;
 
     /// The final chunk with empty `choices` (sent when `stream_options.include_usage`).
@@ -106,7 +108,7 @@ fn json_event(value: &Value) -> Event {
 }
 
 async fn forward<S: ChunkShape>(
-    shape: S,
+    mut shape: S,
     receivers: Vec<mpsc::Receiver<GenerationEvent>>,
     n: u32,
     include_usage: bool,
@@ -129,13 +131,13 @@ async fn forward<S: ChunkShape>(
             _ = tx.closed() => return,
             next = events.next() => next,
         };
-        let frame = match next {
+        let chunks = match next {
             None => break,
-            Some((index, GenerationEvent::Text(text))) => json_event(&shape.text(index, &text)),
+            Some((index, GenerationEvent::Text(text))) => shape.text(index, &text),
             Some((index, GenerationEvent::Done { reason, stats })) => {
                 usage.add(&stats, index % n == 0);
                 finished += 1;
-                json_event(&shape.finish(index, finish_reason(reason), &stats))
+                shape.finish(index, reason, &stats)
             }
             Some((_, GenerationEvent::Failed(message))) => {
                 let error = ApiError::Internal(message);
@@ -145,8 +147,10 @@ async fn forward<S: ChunkShape>(
                 return;
             }
         };
-        if tx.send(frame).await.is_err() {
-            return;
+        for chunk in chunks {
+            if tx.send(json_event(&chunk)).await.is_err() {
+                return;
+            }
         }
     }
     if finished < choices {

@@ -247,9 +247,19 @@ struct LlamaRunner<'m> {
     samplers: Vec<Option<LlamaSampler>>,
 }
 
-fn sampler_chain(params: &SamplingParams, n_vocab: i32) -> LlamaSampler {
+fn sampler_chain(params: &SamplingParams, model: &LlamaModel) -> LlamaSampler {
+    let n_vocab = model.n_vocab();
     // llama-server's order: biases and penalties reshape logits, then truncation, then temperature.
+    // The grammar goes first: it removes every token that cannot continue a match.
     let mut chain = Vec::new();
+    if let Some(grammar) = &params.grammar {
+        match LlamaSampler::grammar(model, grammar, "root") {
+            Ok(sampler) => chain.push(sampler),
+            // The API only sends grammars it generated and tested; this is a bug, not a client
+            // mistake, and the request still gets an unconstrained answer.
+            Err(e) => tracing::error!(%e, "grammar rejected by llama.cpp; sampling without it"),
+        }
+    }
     if !params.logit_bias.is_empty() {
         let biases: Vec<LlamaLogitBias> = params
             .logit_bias
@@ -288,7 +298,7 @@ fn sampler_chain(params: &SamplingParams, n_vocab: i32) -> LlamaSampler {
 
 impl ModelRunner for LlamaRunner<'_> {
     fn begin_sequence(&mut self, seq: SeqId, params: &SamplingParams) {
-        self.samplers[seq as usize] = Some(sampler_chain(params, self.model.n_vocab()));
+        self.samplers[seq as usize] = Some(sampler_chain(params, self.model));
     }
 
     fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), RunnerError> {

@@ -24,6 +24,8 @@ pub struct SamplingParams {
     pub penalty_last_n: i32,
     /// Additive logit biases.
     pub logit_bias: Vec<(Token, f32)>,
+    /// A GBNF grammar (root rule `root`) the output must match: tool calls and structured output.
+    pub grammar: Option<std::sync::Arc<str>>,
 }
 
 impl Default for SamplingParams {
@@ -40,6 +42,7 @@ impl Default for SamplingParams {
             repeat_penalty: 1.0,
             penalty_last_n: 64,
             logit_bias: Vec::new(),
+            grammar: None,
         }
     }
 }

@@ -1,0 +1,480 @@
+//! Tool calling and structured output: the request's tools and `tool_choice` checked, tools put into
+//! the prompt (the model's own template, or the generic format for templates without tool
+//! support), grammars that force a call or a JSON shape, and raw output turned into an OpenAI
+//! assistant message.
+//!
+//! Must not: fail a request because the model wrote a bad call. Output that does not parse or does
+//! not match a tool's schema comes back as content with `finish_reason: "stop"`, and the reason is
+//! logged.
+
+pub mod parse;
+pub mod schema;
+pub mod stream;
+
+use serde_json::{json, Map, Value};
+
+pub use parse::{ParsedCall, ToolFormat};
+use schema::{GrammarBuilder, SchemaError};
+
+/// A request mistake about tools, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ToolError {
+    pub param: String,
+    pub message: String,
+}
+
+fn tool_error(param: impl Into<String>, message: impl Into<String>) -> ToolError {
+    ToolError {
+        param: param.into(),
+        message: message.into(),
+    }
+}
+
+/// One function tool the client declared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: Option<String>,
+    pub parameters: Value,
+}
+
+/// `tool_choice`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+/// The tools of one request, checked.
+#[derive(Debug, Clone)]
+pub struct ToolRequest {
+    pub tools: Vec<ToolSpec>,
+    pub choice: ToolChoice,
+    pub parallel: bool,
+    pub format: ToolFormat,
+}
+
+/// A call as the client gets it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    /// `call_` and 24 random characters.
+    pub id: String,
+    pub name: String,
+    /// The arguments object as JSON text (OpenAI sends a string).
+    pub arguments: String,
+}
+
+/// The assistant's reply.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AssistantMessage {
+    pub content: Option<String>,
+    pub reasoning: Option<String>,
+    pub tool_calls: Vec<ToolCall>,
+}
+
+impl AssistantMessage {
+    /// OpenAI's `message` object.
+    pub fn to_json(&self) -> Value {
+        let mut message = json!({
+            "role": "assistant",
+            "content": self.content,
+            "refusal": null,
+        });
+        if let Some(reasoning) = &self.reasoning {
+            message["reasoning_content"] = json!(reasoning);
+        }
+        if !self.tool_calls.is_empty() {
+            message["tool_calls"] = Value::Array(
+                self.tool_calls
+                    .iter()
+                    .map(|c| {
+                        json!({"id": c.id, "type": "function",
+                               "function": {"name": c.name, "arguments": c.arguments}})
+                    })
+                    .collect(),
+            );
+        }
+        message
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn schema_error(param: &str, e: SchemaError) -> ToolError {
+    tool_error(param, format!("{e}: lm-sandbox cannot enforce it"))
+}
+
+impl ToolRequest {
+    /// Checks `tools`, `tool_choice` and `parallel_tool_calls`. `None` when there are no tools
+    /// (or `tool_choice` is `none`: the model is then not told about them).
+    pub fn from_request(
+        tools: Option<&Value>,
+        tool_choice: Option<&Value>,
+        parallel: Option<bool>,
+        template_source: &str,
+    ) -> Result<Option<Self>, ToolError> {
+        let list = match tools {
+            None | Some(Value::Null) => {
+                if let Some(choice) = tool_choice.filter(|c| !c.is_null()) {
+                    if choice != "none" && choice != "auto" {
+                        return Err(tool_error(
+                            "tool_choice",
+                            "`tool_choice` needs `tools` (none were given)",
+                        ));
+                    }
+                }
+                return Ok(None);
+            }
+            Some(Value::Array(list)) => list,
+            Some(_) => return Err(tool_error("tools", "`tools` must be an array")),
+        };
+        let mut specs = Vec::with_capacity(list.len());
+        for (i, tool) in list.iter().enumerate() {
+            specs.push(spec(tool, i)?);
+        }
+        for (i, a) in specs.iter().enumerate() {
+            if specs[..i].iter().any(|b| b.name == a.name) {
+                return Err(tool_error(
+                    format!("tools[{i}].function.name"),
+                    format!("two tools are named `{}`", a.name),
+                ));
+            }
+        }
+        let choice = match tool_choice {
+            None | Some(Value::Null) => ToolChoice::Auto,
+            Some(Value::String(s)) => match s.as_str() {
+                "none" => ToolChoice::None,
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                other => {
+                    return Err(tool_error(
+                        "tool_choice",
+                        format!("`tool_choice` must be \"none\", \"auto\", \"required\" or a function; got \"{other}\""),
+                    ))
+                }
+            },
+            Some(Value::Object(o)) => {
+                let name = o
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        tool_error(
+                            "tool_choice.function.name",
+                            "a named `tool_choice` is {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                        )
+                    })?;
+                if !specs.iter().any(|s| s.name == name) {
+                    return Err(tool_error(
+                        "tool_choice.function.name",
+                        format!("`tool_choice` names `{name}`, which is not in `tools`"),
+                    ));
+                }
+                ToolChoice::Named(name.to_owned())
+            }
+            Some(_) => return Err(tool_error("tool_choice", "`tool_choice` must be a string or an object")),
+        };
+        if specs.is_empty() {
+            if matches!(choice, ToolChoice::Required | ToolChoice::Named(_)) {
+                return Err(tool_error(
+                    "tools",
+                    "`tool_choice` requires a call but `tools` is empty",
+                ));
+            }
+            return Ok(None);
+        }
+        if choice == ToolChoice::None {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            tools: specs,
+            choice,
+            parallel: parallel.unwrap_or(true),
+            format: ToolFormat::detect(template_source),
+        }))
+    }
+
+    /// The tools as the template's `tools` variable (OpenAI's shape, as Hugging Face templates
+    /// expect).
+    pub fn template_tools(&self) -> Value {
+        Value::Array(self.tools.iter().map(tool_json).collect())
+    }
+
+    /// For templates without tool support: the instructions that go into the system message.
+    pub fn generic_instructions(&self) -> String {
+        let mut text = String::from(
+            "You can call these tools. Each is described by a JSON schema of its arguments:\n<tools>\n",
+        );
+        for tool in &self.tools {
+            text.push_str(&tool_json(tool).to_string());
+            text.push('\n');
+        }
+        text.push_str(
+            "</tools>\nTo call a tool, reply with only this, once per call:\n<tool_call>\n\
+             {\"name\": \"<tool name>\", \"arguments\": {<the arguments as JSON>}}\n</tool_call>\n\
+             When no tool is needed, answer normally.",
+        );
+        text
+    }
+
+    /// The grammar that forces a call, for `required` and a named choice; `None` for `auto`.
+    pub fn grammar(&self) -> Result<Option<String>, ToolError> {
+        let allowed: Vec<&ToolSpec> = match &self.choice {
+            ToolChoice::Auto | ToolChoice::None => return Ok(None),
+            ToolChoice::Required => self.tools.iter().collect(),
+            ToolChoice::Named(name) => self.tools.iter().filter(|t| &t.name == name).collect(),
+        };
+        let arguments_key = match self.format {
+            ToolFormat::Llama3 => "parameters",
+            _ => "arguments",
+        };
+        let mut g = GrammarBuilder::new();
+        let mut calls = Vec::new();
+        for tool in allowed {
+            let index = self
+                .tools
+                .iter()
+                .position(|t| t.name == tool.name)
+                .unwrap_or(0);
+            let param = format!("tools[{index}].function.parameters");
+            let args = g
+                .schema(&tool.parameters, &param)
+                .map_err(|e| schema_error(&param, e))?;
+            let body = format!(
+                r#""{{" ws "\"name\"" ws ":" ws {} ws "," ws {} ws ":" ws {args} ws "}}""#,
+                schema::literal(&json!(tool.name)),
+                schema::literal(&json!(arguments_key)),
+            );
+            calls.push(g.rule(&format!("call-{}", tool.name), body));
+        }
+        let call = g.rule("call", calls.join(" | "));
+        let root = match self.format {
+            ToolFormat::Hermes | ToolFormat::Generic => {
+                let block = g.rule(
+                    "block",
+                    format!(r#""<tool_call>" ws {call} ws "</tool_call>""#),
+                );
+                if self.parallel {
+                    format!(r#"{block} ( ws {block} )*"#)
+                } else {
+                    block
+                }
+            }
+            ToolFormat::Llama3 => {
+                if self.parallel {
+                    format!(r#"{call} ( ";" ws {call} )*"#)
+                } else {
+                    call
+                }
+            }
+            ToolFormat::Mistral => {
+                if self.parallel {
+                    format!(r#""[TOOL_CALLS][" ws {call} ( ws "," ws {call} )* ws "]""#)
+                } else {
+                    format!(r#""[TOOL_CALLS][" ws {call} ws "]""#)
+                }
+            }
+        };
+        Ok(Some(g.finish(&root)))
+    }
+
+    /// Every tool's schema checked against the supported subset, so a bad one is a 400 in any mode.
+    pub fn check_schemas(&self) -> Result<(), ToolError> {
+        for (i, tool) in self.tools.iter().enumerate() {
+            let param = format!("tools[{i}].function.parameters");
+            GrammarBuilder::new()
+                .schema(&tool.parameters, &param)
+                .map_err(|e| schema_error(&param, e))?;
+        }
+        Ok(())
+    }
+
+    /// The raw output as the assistant message, and whether it holds calls. Calls to unknown
+    /// tools, arguments that do not match their schema, and calls cut off by the token limit all
+    /// come back as content (logged), never as an error.
+    pub fn finish(&self, raw: &str, truncated: bool) -> (AssistantMessage, bool) {
+        let parsed = parse::parse(raw, self.format);
+        let mut message = AssistantMessage {
+            content: parsed.content.clone(),
+            reasoning: parsed.reasoning.clone(),
+            tool_calls: Vec::new(),
+        };
+        let as_content = |message: &mut AssistantMessage, why: &str| {
+            tracing::warn!(
+                format = self.format.name(),
+                why,
+                "tool call returned as content"
+            );
+            message.content = parse::split(raw)
+                .body
+                .filter(|b| !b.trim().is_empty())
+                .map(str::to_owned);
+        };
+        if let Some(problem) = &parsed.problem {
+            tracing::warn!(
+                format = self.format.name(),
+                problem,
+                "tool call did not parse; returned as content"
+            );
+            return (message, false);
+        }
+        if parsed.calls.is_empty() {
+            return (message, false);
+        }
+        if truncated {
+            as_content(&mut message, "the output was cut off by the token limit");
+            return (message, false);
+        }
+        for repair in &parsed.repairs {
+            tracing::info!(format = self.format.name(), repair, "tool call repaired");
+        }
+        let mut calls = parsed.calls;
+        if !self.parallel && calls.len() > 1 {
+            tracing::info!(
+                dropped = calls.len() - 1,
+                "parallel_tool_calls is false: kept the first call"
+            );
+            calls.truncate(1);
+        }
+        for call in &calls {
+            if let Err(why) = self.check_call(call) {
+                as_content(&mut message, &why);
+                return (message, false);
+            }
+        }
+        message.tool_calls = calls
+            .into_iter()
+            .map(|c| ToolCall {
+                id: call_id(),
+                name: c.name,
+                arguments: c.arguments.to_string(),
+            })
+            .collect();
+        (message, true)
+    }
+
+    fn check_call(&self, call: &ParsedCall) -> Result<(), String> {
+        let Some(tool) = self.tools.iter().find(|t| t.name == call.name) else {
+            return Err(format!("`{}` is not one of the tools", call.name));
+        };
+        if let ToolChoice::Named(name) = &self.choice {
+            if name != &call.name {
+                return Err(format!(
+                    "`{}` is not the tool `tool_choice` names",
+                    call.name
+                ));
+            }
+        }
+        schema::validate(&tool.parameters, &call.arguments, "arguments")
+            .map_err(|e| format!("`{}`: {e}", call.name))
+    }
+}
+
+fn tool_json(tool: &ToolSpec) -> Value {
+    let mut function = Map::new();
+    function.insert("name".into(), json!(tool.name));
+    if let Some(description) = &tool.description {
+        function.insert("description".into(), json!(description));
+    }
+    function.insert("parameters".into(), tool.parameters.clone());
+    json!({"type": "function", "function": function})
+}
+
+fn spec(tool: &Value, i: usize) -> Result<ToolSpec, ToolError> {
+    let at = format!("tools[{i}]");
+    let kind = tool.get("type").and_then(Value::as_str);
+    if kind != Some("function") {
+        return Err(tool_error(
+            format!("{at}.type"),
+            format!("only tools of type \"function\" are supported; got {kind:?}"),
+        ));
+    }
+    let function = tool
+        .get("function")
+        .and_then(Value::as_object)
+        .ok_or_else(|| tool_error(format!("{at}.function"), "a tool needs a `function` object"))?;
+    let name = function
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| tool_error(format!("{at}.function.name"), "a function needs a `name`"))?;
+    if !valid_name(name) {
+        return Err(tool_error(
+            format!("{at}.function.name"),
+            format!("`{name}`: names are 1 to 64 of a-z, A-Z, 0-9, _ and -"),
+        ));
+    }
+    let description = match function.get("description") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(d)) => Some(d.clone()),
+        Some(_) => {
+            return Err(tool_error(
+                format!("{at}.function.description"),
+                "`description` must be a string",
+            ))
+        }
+    };
+    let parameters = match function.get("parameters") {
+        None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+        Some(p @ Value::Object(_)) => p.clone(),
+        Some(_) => {
+            return Err(tool_error(
+                format!("{at}.function.parameters"),
+                "`parameters` must be a JSON Schema object",
+            ))
+        }
+    };
+    Ok(ToolSpec {
+        name: name.to_owned(),
+        description,
+        parameters,
+    })
+}
+
+/// `call_` and 24 alphanumerics, as OpenAI's ids look.
+pub fn call_id() -> String {
+    use rand::distributions::{Alphanumeric, DistString};
+    format!(
+        "call_{}",
+        Alphanumeric.sample_string(&mut rand::thread_rng(), 24)
+    )
+}
+
+/// The grammar for `response_format`: any JSON object, or one matching a schema.
+pub fn response_format_grammar(format: &Value) -> Result<Option<String>, ToolError> {
+    let kind = format.get("type").and_then(Value::as_str);
+    match kind {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(GrammarBuilder::new().finish("object"))),
+        Some("json_schema") => {
+            let schema = format
+                .get("json_schema")
+                .and_then(|s| s.get("schema"))
+                .ok_or_else(|| {
+                    tool_error(
+                        "response_format.json_schema.schema",
+                        "a `json_schema` response format needs `json_schema.schema`",
+                    )
+                })?;
+            let param = "response_format.json_schema.schema";
+            let mut g = GrammarBuilder::new();
+            let root = g.schema(schema, param).map_err(|e| schema_error(param, e))?;
+            Ok(Some(g.finish(&root)))
+        }
+        other => Err(tool_error(
+            "response_format.type",
+            format!("`response_format.type` must be \"text\", \"json_object\" or \"json_schema\"; got {other:?}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests;

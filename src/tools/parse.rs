@@ -1,0 +1,623 @@
+//! Raw model output into an OpenAI assistant message: reasoning, content and tool calls.
+//!
+//! Families (chosen from the chat template, or by `tools parse --format`):
+//! - Hermes/Qwen: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, repeated.
+//! - Llama 3.x: the message is JSON, `{"name": ..., "parameters": {...}}` (optionally after
+//!   `<|python_tag|>`; several separated by `;` or newlines).
+//! - Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` or the newer
+//!   `[TOOL_CALLS]name[ARGS]{...}`, repeated.
+//! - Generic (templates without tool support; see `prompt.rs`): Hermes tags, or a message that is
+//!   only a call object or a list of them.
+//!
+//! A reasoning block at the start (`<think>...</think>`, `[THINK]...[/THINK]`) becomes
+//! `reasoning_content`. Text before the first call is content; so is text after the last. Output
+//! that starts a call but does not parse comes back whole as content, with the reason, never as
+//! an error.
+
+use serde_json::{Map, Value};
+
+/// The tool-call syntax a model writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ToolFormat {
+    Hermes,
+    Llama3,
+    Mistral,
+    Generic,
+}
+
+const REASONING_TAGS: [(&str, &str); 2] = [("<think>", "</think>"), ("[THINK]", "[/THINK]")];
+const HERMES_OPEN: &str = "<tool_call>";
+const HERMES_CLOSE: &str = "</tool_call>";
+const PYTHON_TAG: &str = "<|python_tag|>";
+const MISTRAL_CALLS: &str = "[TOOL_CALLS]";
+const MISTRAL_ARGS: &str = "[ARGS]";
+
+impl ToolFormat {
+    /// The family a chat template's source speaks; `Generic` when it has no tool syntax.
+    pub fn detect(template: &str) -> Self {
+        if template.contains(MISTRAL_CALLS) {
+            Self::Mistral
+        } else if template.contains(HERMES_OPEN) {
+            Self::Hermes
+        } else if template.contains(PYTHON_TAG) || template.contains("ipython") {
+            Self::Llama3
+        } else {
+            Self::Generic
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hermes => "hermes",
+            Self::Llama3 => "llama3",
+            Self::Mistral => "mistral",
+            Self::Generic => "generic",
+        }
+    }
+
+    /// Text that starts a call anywhere in the body.
+    fn markers(self) -> &'static [&'static str] {
+        match self {
+            Self::Hermes | Self::Generic => &[HERMES_OPEN],
+            Self::Llama3 => &[PYTHON_TAG],
+            Self::Mistral => &[MISTRAL_CALLS],
+        }
+    }
+
+    /// Whether a body that opens with `{` or `[` may be a bare call.
+    fn bare_json(self) -> bool {
+        matches!(self, Self::Llama3 | Self::Generic)
+    }
+}
+
+/// One call as written: the name and the arguments object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedCall {
+    pub name: String,
+    pub arguments: Value,
+}
+
+/// What the output says.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Parsed {
+    pub reasoning: Option<String>,
+    pub content: Option<String>,
+    pub calls: Vec<ParsedCall>,
+    /// Why output that looked like a call came back as content (for the log and `tools parse`).
+    pub problem: Option<String>,
+    /// Repairs made to calls that did parse (for the log and `tools parse`).
+    pub repairs: Vec<String>,
+}
+
+/// Where the reasoning and the body lie in the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split<'a> {
+    pub reasoning: Option<&'a str>,
+    /// The text after the reasoning block (leading whitespace dropped); `None` while the block is
+    /// still open.
+    pub body: Option<&'a str>,
+}
+
+/// Separates a leading reasoning block from the rest. Used on whole outputs and on streamed
+/// prefixes alike, so both agree.
+pub fn split(text: &str) -> Split<'_> {
+    let start = text.trim_start();
+    for (open, close) in REASONING_TAGS {
+        if let Some(inner) = start.strip_prefix(open) {
+            return match inner.find(close) {
+                Some(end) => Split {
+                    reasoning: Some(&inner[..end]),
+                    body: Some(inner[end + close.len()..].trim_start()),
+                },
+                None => Split {
+                    reasoning: Some(inner),
+                    body: None,
+                },
+            };
+        }
+    }
+    Split {
+        reasoning: None,
+        body: Some(text),
+    }
+}
+
+/// Whether `text` could still grow into a reasoning opening tag.
+pub fn may_open_reasoning(text: &str) -> bool {
+    let start = text.trim_start();
+    start.is_empty()
+        || REASONING_TAGS
+            .iter()
+            .any(|(open, _)| open.starts_with(start) || start.starts_with(open))
+}
+
+/// The length of `body`'s prefix that is content whatever comes next: up to the first call
+/// marker, and never into a tail that may become one. A body that may be a bare JSON call holds
+/// everything.
+pub fn settled_content(body: &str, format: ToolFormat) -> usize {
+    let trimmed = body.trim_start();
+    if trimmed.is_empty() {
+        return 0;
+    }
+    if format.bare_json() && (trimmed.starts_with('{') || trimmed.starts_with('[')) {
+        return 0;
+    }
+    let mut end = body.len();
+    for marker in format.markers() {
+        if let Some(at) = body.find(marker) {
+            end = end.min(at);
+        }
+    }
+    if end < body.len() {
+        return end;
+    }
+    // Hold back a tail that is the start of a marker.
+    for marker in format.markers() {
+        for cut in (1..marker.len()).rev() {
+            if body.ends_with(&marker[..cut]) && body.is_char_boundary(body.len() - cut) {
+                end = end.min(body.len() - cut);
+                break;
+            }
+        }
+    }
+    end
+}
+
+fn non_empty(text: &str) -> Option<String> {
+    (!text.trim().is_empty()).then(|| text.to_owned())
+}
+
+/// Parses a whole output.
+pub fn parse(text: &str, format: ToolFormat) -> Parsed {
+    let split = split(text);
+    let reasoning = split.reasoning.map(|r| r.trim().to_owned());
+    let Some(body) = split.body else {
+        return Parsed {
+            reasoning,
+            problem: Some("the reasoning block never closed".into()),
+            ..Parsed::default()
+        };
+    };
+    let found = match format {
+        Format::Hermes => hermes(body, false),
+        Format::Generic => hermes(body, true),
+        Format::Llama3 => llama3(body),
+        Format::Mistral => mistral(body),
+    };
+    match found {
+        Found::None => Parsed {
+            reasoning,
+            content: non_empty(body),
+            ..Parsed::default()
+        },
+        Found::Calls {
+            before,
+            after,
+            calls,
+            repairs,
+        } => {
+            let mut content = before.to_owned();
+            if !after.trim().is_empty() {
+                content.push_str(after);
+            }
+            Parsed {
+                reasoning,
+                content: non_empty(&content),
+                calls,
+                problem: None,
+                repairs,
+            }
+        }
+        Found::Broken(problem) => Parsed {
+            reasoning,
+            content: non_empty(body),
+            problem: Some(problem),
+            ..Parsed::default()
+        },
+    }
+}
+
+use ToolFormat as Format;
+
+enum Found<'a> {
+    None,
+    Calls {
+        before: &'a str,
+        after: &'a str,
+        calls: Vec<ParsedCall>,
+        repairs: Vec<String>,
+    },
+    Broken(String),
+}
+
+/// The first JSON value at the start of `text` (after whitespace) and the rest after it.
+fn leading_json(text: &str) -> Result<(Value, &str), String> {
+    let trimmed = text.trim_start();
+    let mut stream = serde_json::Deserializer::from_str(trimmed).into_iter::<Value>();
+    match stream.next() {
+        Some(Ok(value)) => Ok((value, &trimmed[stream.byte_offset()..])),
+        Some(Err(e)) => Err(format!("invalid JSON: {e}")),
+        None => Err("no JSON where a call should be".into()),
+    }
+}
+
+/// A call object in any of the shapes models write.
+fn call_of(value: &Value, repairs: &mut Vec<String>) -> Result<ParsedCall, String> {
+    let Value::Object(object) = value else {
+        return Err(format!("a call must be a JSON object, not {value}"));
+    };
+    // OpenAI's own shape: {"type": "function", "function": {"name", "arguments"}}.
+    let object = match object.get("function") {
+        Some(Value::Object(inner)) if inner.contains_key("name") => inner,
+        _ => object,
+    };
+    let name = object
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or("a call needs a string `name`")?
+        .to_owned();
+    let arguments = match object.get("arguments").or_else(|| object.get("parameters")) {
+        None => Value::Object(Map::new()),
+        Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
+            Ok(parsed @ Value::Object(_)) => {
+                repairs.push(format!(
+                    "`{name}`: arguments sent as a JSON string were decoded"
+                ));
+                parsed
+            }
+            _ => return Err(format!("`{name}`: arguments must be a JSON object")),
+        },
+        Some(args @ Value::Object(_)) => args.clone(),
+        Some(other) => {
+            return Err(format!(
+                "`{name}`: arguments must be a JSON object, not {other}"
+            ))
+        }
+    };
+    Ok(ParsedCall { name, arguments })
+}
+
+/// One call object, or a list of them.
+fn calls_of(value: &Value, repairs: &mut Vec<String>) -> Result<Vec<ParsedCall>, String> {
+    match value {
+        Value::Array(items) if !items.is_empty() => {
+            items.iter().map(|item| call_of(item, repairs)).collect()
+        }
+        Value::Array(_) => Err("an empty list of calls".into()),
+        other => Ok(vec![call_of(other, repairs)?]),
+    }
+}
+
+fn hermes(body: &str, bare_json: bool) -> Found<'_> {
+    let Some(first) = body.find(HERMES_OPEN) else {
+        return if bare_json { bare(body) } else { Found::None };
+    };
+    let mut calls = Vec::new();
+    let mut repairs = Vec::new();
+    let mut rest = &body[first..];
+    while let Some(inner) = rest.strip_prefix(HERMES_OPEN) {
+        let (value, after) = match leading_json(inner) {
+            Ok(found) => found,
+            Err(e) => return Found::Broken(format!("call {}: {e}", calls.len() + 1)),
+        };
+        match calls_of(&value, &mut repairs) {
+            Ok(found) => calls.extend(found),
+            Err(e) => return Found::Broken(format!("call {}: {e}", calls.len() + 1)),
+        }
+        let after = after.trim_start();
+        rest = match after.strip_prefix(HERMES_CLOSE) {
+            Some(next) => next.trim_start(),
+            None if after.is_empty() => {
+                repairs.push("the last `</tool_call>` was missing".into());
+                after
+            }
+            None => {
+                return Found::Broken(format!(
+                    "call {}: text after the JSON where `</tool_call>` should be",
+                    calls.len()
+                ))
+            }
+        };
+    }
+    Found::Calls {
+        before: &body[..first],
+        after: rest,
+        calls,
+        repairs,
+    }
+}
+
+/// A body that is nothing but a call object or a list of them.
+fn bare(body: &str) -> Found<'_> {
+    let trimmed = body.trim_start();
+    if !(trimmed.starts_with('{') || trimmed.starts_with('[')) {
+        return Found::None;
+    }
+    let mut repairs = Vec::new();
+    let (value, after) = match leading_json(trimmed) {
+        Ok(found) => found,
+        Err(e) => return Found::Broken(e),
+    };
+    if !after.trim().is_empty() {
+        return Found::Broken("text after the call's JSON".into());
+    }
+    let looks_like_call = match &value {
+        Value::Object(o) => o.contains_key("name"),
+        Value::Array(items) => items.iter().all(|i| i.get("name").is_some()) && !items.is_empty(),
+        _ => false,
+    };
+    if !looks_like_call {
+        // A JSON answer, not a call.
+        return Found::None;
+    }
+    match calls_of(&value, &mut repairs) {
+        Ok(calls) => Found::Calls {
+            before: "",
+            after: "",
+            calls,
+            repairs,
+        },
+        Err(e) => Found::Broken(e),
+    }
+}
+
+fn llama3(body: &str) -> Found<'_> {
+    let trimmed = body.trim_start();
+    let (tagged, json) = match trimmed.strip_prefix(PYTHON_TAG) {
+        Some(rest) => (true, rest.trim_start()),
+        None => (false, trimmed),
+    };
+    if !json.starts_with('{') {
+        return if tagged {
+            Found::Broken("`<|python_tag|>` without a JSON call".into())
+        } else {
+            Found::None
+        };
+    }
+    let mut calls = Vec::new();
+    let mut repairs = Vec::new();
+    let mut rest = json;
+    while rest.starts_with('{') {
+        let (value, after) = match leading_json(rest) {
+            Ok(found) => found,
+            Err(e) => return Found::Broken(format!("call {}: {e}", calls.len() + 1)),
+        };
+        if calls.is_empty() && !tagged && value.get("name").is_none() {
+            // JSON, but not a call.
+            return Found::None;
+        }
+        match call_of(&value, &mut repairs) {
+            Ok(call) => calls.push(call),
+            Err(e) => return Found::Broken(format!("call {}: {e}", calls.len() + 1)),
+        }
+        rest = after.trim_start();
+        rest = rest.strip_prefix(';').unwrap_or(rest).trim_start();
+    }
+    if !rest.is_empty() {
+        return Found::Broken("text after the calls".into());
+    }
+    Found::Calls {
+        before: "",
+        after: "",
+        calls,
+        repairs,
+    }
+}
+
+fn mistral(body: &str) -> Found<'_> {
+    let Some(first) = body.find(MISTRAL_CALLS) else {
+        return Found::None;
+    };
+    let mut calls = Vec::new();
+    let mut repairs = Vec::new();
+    let mut rest = &body[first..];
+    while let Some(inner) = rest.strip_prefix(MISTRAL_CALLS) {
+        let inner = inner.trim_start();
+        if inner.starts_with('[') || inner.starts_with('{') {
+            let (value, after) = match leading_json(inner) {
+                Ok(found) => found,
+                Err(e) => return Found::Broken(format!("[TOOL_CALLS]: {e}")),
+            };
+            match calls_of(&value, &mut repairs) {
+                Ok(found) => calls.extend(found),
+                Err(e) => return Found::Broken(format!("[TOOL_CALLS]: {e}")),
+            }
+            rest = after.trim_start();
+            continue;
+        }
+        let Some(args_at) = inner.find(MISTRAL_ARGS) else {
+            return Found::Broken("[TOOL_CALLS] without `[ARGS]` or a JSON list".into());
+        };
+        // `name[CALL_ID]id[ARGS]{...}` in some versions: the name is what precedes `[`.
+        let name = inner[..args_at].split('[').next().unwrap_or("").trim();
+        if name.is_empty() {
+            return Found::Broken("[TOOL_CALLS] without a function name".into());
+        }
+        let (value, after) = match leading_json(&inner[args_at + MISTRAL_ARGS.len()..]) {
+            Ok(found) => found,
+            Err(e) => return Found::Broken(format!("`{name}` arguments: {e}")),
+        };
+        let mut object = Map::new();
+        object.insert("name".into(), Value::String(name.to_owned()));
+        object.insert("arguments".into(), value);
+        match call_of(&Value::Object(object), &mut repairs) {
+            Ok(call) => calls.push(call),
+            Err(e) => return Found::Broken(e),
+        }
+        rest = after.trim_start();
+    }
+    Found::Calls {
+        before: &body[..first],
+        after: rest,
+        calls,
+        repairs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn call(name: &str, arguments: Value) -> ParsedCall {
+        ParsedCall {
+            name: name.into(),
+            arguments,
+        }
+    }
+
+    #[test]
+    fn hermes_calls_with_text_before_and_several_calls() {
+        let out = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>";
+        let p = parse(out, ToolFormat::Hermes);
+        assert_eq!(p.content.as_deref(), Some("Let me check.\n"));
+        assert_eq!(
+            p.calls,
+            [
+                call("get_weather", json!({"city": "Paris"})),
+                call("get_time", json!({}))
+            ]
+        );
+        assert_eq!(p.problem, None);
+    }
+
+    #[test]
+    fn unicode_and_escaped_quotes_survive_in_arguments() {
+        let out = r#"<tool_call>{"name": "say", "arguments": {"text": "naïve \"quoted\" 東京 \\ done"}}</tool_call>"#;
+        let p = parse(out, ToolFormat::Hermes);
+        assert_eq!(
+            p.calls,
+            [call(
+                "say",
+                json!({"text": "naïve \"quoted\" 東京 \\ done"})
+            )]
+        );
+        assert_eq!(p.content, None);
+    }
+
+    #[test]
+    fn reasoning_goes_to_its_own_field() {
+        let out = "<think>The user wants weather.</think>\n\n<tool_call>{\"name\": \"w\", \"arguments\": {}}</tool_call>";
+        let p = parse(out, ToolFormat::Hermes);
+        assert_eq!(p.reasoning.as_deref(), Some("The user wants weather."));
+        assert_eq!(p.content, None);
+        assert_eq!(p.calls.len(), 1);
+        let p = parse("[THINK]hmm[/THINK]Answer.", ToolFormat::Mistral);
+        assert_eq!(
+            (p.reasoning.as_deref(), p.content.as_deref()),
+            (Some("hmm"), Some("Answer."))
+        );
+    }
+
+    #[test]
+    fn malformed_and_truncated_calls_come_back_as_content() {
+        for out in [
+            "<tool_call>{\"name\": \"w\", \"arguments\": {\"city\": \"Par",
+            "<tool_call>{\"arguments\": {}}</tool_call>",
+            "<tool_call>not json</tool_call>",
+            "<tool_call>{\"name\": \"w\", \"arguments\": 5}</tool_call>",
+        ] {
+            let p = parse(out, ToolFormat::Hermes);
+            assert!(p.calls.is_empty(), "{out}");
+            assert_eq!(p.content.as_deref(), Some(out));
+            assert!(p.problem.is_some(), "{out}");
+        }
+    }
+
+    #[test]
+    fn safe_repairs_are_made_and_said() {
+        let p = parse(
+            "<tool_call>{\"name\": \"w\", \"arguments\": \"{\\\"city\\\": \\\"Oslo\\\"}\"}",
+            ToolFormat::Hermes,
+        );
+        assert_eq!(p.calls, [call("w", json!({"city": "Oslo"}))]);
+        assert_eq!(p.repairs.len(), 2, "{:?}", p.repairs);
+    }
+
+    #[test]
+    fn llama3_json_calls() {
+        let p = parse(
+            "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Rome\"}}",
+            ToolFormat::Llama3,
+        );
+        assert_eq!(p.calls, [call("get_weather", json!({"city": "Rome"}))]);
+        let p = parse(
+            "<|python_tag|>{\"name\": \"a\", \"parameters\": {}}; {\"name\": \"b\", \"parameters\": {\"x\": 1}}",
+            ToolFormat::Llama3,
+        );
+        assert_eq!(p.calls, [call("a", json!({})), call("b", json!({"x": 1}))]);
+        let p = parse("{\"answer\": 42}", ToolFormat::Llama3);
+        assert!(p.calls.is_empty());
+        assert_eq!(p.content.as_deref(), Some("{\"answer\": 42}"));
+        assert_eq!(p.problem, None);
+    }
+
+    #[test]
+    fn mistral_both_forms() {
+        let p = parse(
+            "[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {\"q\": \"x\"}}, {\"name\": \"b\", \"arguments\": {}}]",
+            ToolFormat::Mistral,
+        );
+        assert_eq!(
+            p.calls,
+            [call("a", json!({"q": "x"})), call("b", json!({}))]
+        );
+        let p = parse(
+            "Sure.[TOOL_CALLS]search[ARGS]{\"q\": \"rust\"}[TOOL_CALLS]open[ARGS]{\"id\": 3}",
+            ToolFormat::Mistral,
+        );
+        assert_eq!(p.content.as_deref(), Some("Sure."));
+        assert_eq!(
+            p.calls,
+            [
+                call("search", json!({"q": "rust"})),
+                call("open", json!({"id": 3}))
+            ]
+        );
+        let p = parse(
+            "[TOOL_CALLS]search[CALL_ID]abc123[ARGS]{\"q\": 1}",
+            ToolFormat::Mistral,
+        );
+        assert_eq!(p.calls, [call("search", json!({"q": 1}))]);
+        let p = parse("[TOOL_CALLS]search", ToolFormat::Mistral);
+        assert!(p.calls.is_empty() && p.problem.is_some());
+    }
+
+    #[test]
+    fn generic_takes_tags_or_a_bare_call_object() {
+        let p = parse(
+            "{\"name\": \"shell\", \"arguments\": {\"command\": \"ls\"}}",
+            ToolFormat::Generic,
+        );
+        assert_eq!(p.calls, [call("shell", json!({"command": "ls"}))]);
+        let p = parse("Plain answer.", ToolFormat::Generic);
+        assert_eq!(
+            (p.content.as_deref(), p.calls.len()),
+            (Some("Plain answer."), 0)
+        );
+    }
+
+    #[test]
+    fn the_family_is_detected_from_the_template() {
+        assert_eq!(
+            ToolFormat::detect("{{ '<tool_call>' }}"),
+            ToolFormat::Hermes
+        );
+        assert_eq!(ToolFormat::detect("[TOOL_CALLS]"), ToolFormat::Mistral);
+        assert_eq!(ToolFormat::detect("<|python_tag|>"), ToolFormat::Llama3);
+        assert_eq!(
+            ToolFormat::detect(crate::template::CHATML),
+            ToolFormat::Generic
+        );
+    }
+
+    #[test]
+    fn settled_content_stops_before_a_marker_or_its_beginning() {
+        assert_eq!(settled_content("Hello <tool", ToolFormat::Hermes), 6);
+        assert_eq!(settled_content("Hello <tool_call>{", ToolFormat::Hermes), 6);
+        assert_eq!(settled_content("Hello", ToolFormat::Hermes), 5);
+        assert_eq!(settled_content("  {\"name\"", ToolFormat::Generic), 0);
+        assert_eq!(settled_content("  ", ToolFormat::Hermes), 0);
+    }
+}

@@ -1,0 +1,213 @@
+use serde_json::{json, Value};
+
+use super::stream::ToolStream;
+use super::*;
+
+fn weather_tools() -> Value {
+    json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object",
+                       "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
+                       "required": ["city"]}}},
+           {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}])
+}
+
+fn request(choice: Value) -> ToolRequest {
+    ToolRequest::from_request(Some(&weather_tools()), Some(&choice), None, "<tool_call>")
+        .unwrap()
+        .unwrap()
+}
+
+#[test]
+fn tool_choice_forms_and_their_mistakes() {
+    assert_eq!(request(json!("auto")).choice, ToolChoice::Auto);
+    assert_eq!(request(json!("required")).choice, ToolChoice::Required);
+    assert_eq!(
+        request(json!({"type": "function", "function": {"name": "get_time"}})).choice,
+        ToolChoice::Named("get_time".into())
+    );
+    let none = ToolRequest::from_request(Some(&weather_tools()), Some(&json!("none")), None, "");
+    assert!(none.unwrap().is_none(), "none: tools are not offered");
+    let err = ToolRequest::from_request(
+        Some(&weather_tools()),
+        Some(&json!({"type": "function", "function": {"name": "nope"}})),
+        None,
+        "",
+    )
+    .unwrap_err();
+    assert_eq!(err.param, "tool_choice.function.name");
+    let err = ToolRequest::from_request(None, Some(&json!("required")), None, "").unwrap_err();
+    assert_eq!(err.param, "tool_choice");
+    let err = ToolRequest::from_request(Some(&json!([{"type": "retrieval"}])), None, None, "")
+        .unwrap_err();
+    assert_eq!(err.param, "tools[0].type");
+    let bad_name = json!([{"type": "function", "function": {"name": "has space"}}]);
+    let err = ToolRequest::from_request(Some(&bad_name), None, None, "").unwrap_err();
+    assert_eq!(err.param, "tools[0].function.name");
+    let bad_schema = json!([{"type": "function", "function": {"name": "f",
+        "parameters": {"type": "object", "properties": {"a": {"allOf": []}}}}}]);
+    let tools = ToolRequest::from_request(Some(&bad_schema), None, None, "")
+        .unwrap()
+        .unwrap();
+    let err = tools.check_schemas().unwrap_err();
+    assert_eq!(err.param, "tools[0].function.parameters");
+    assert!(err.message.contains("allOf"), "{}", err.message);
+}
+
+#[test]
+fn forced_choices_get_a_grammar_and_auto_does_not() {
+    assert!(request(json!("auto")).grammar().unwrap().is_none());
+    let named = request(json!({"type": "function", "function": {"name": "get_weather"}}))
+        .grammar()
+        .unwrap()
+        .unwrap();
+    assert!(named.starts_with("root ::= block-"), "{named}");
+    assert!(named.contains(r#""\"get_weather\"""#));
+    assert!(!named.contains(r#""\"get_time\"""#), "only the named tool");
+    let required = request(json!("required")).grammar().unwrap().unwrap();
+    assert!(required.contains(r#""\"get_time\"""#) && required.contains(r#""\"get_weather\"""#));
+}
+
+#[test]
+fn calls_are_checked_against_the_tools() {
+    let tools = request(json!("auto"));
+    let (m, calls) = tools.finish(
+        "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 2}}</tool_call>",
+        false,
+    );
+    assert!(calls);
+    assert_eq!(m.tool_calls[0].name, "get_weather");
+    assert_eq!(m.tool_calls[0].arguments, r#"{"city":"Paris","days":2}"#);
+    assert!(m.tool_calls[0].id.starts_with("call_") && m.tool_calls[0].id.len() == 29);
+    for bad in [
+        "<tool_call>{\"name\": \"launch\", \"arguments\": {}}</tool_call>",
+        "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"days\": 2}}</tool_call>",
+        "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"x\", \"days\": 0}}</tool_call>",
+    ] {
+        let (m, calls) = tools.finish(bad, false);
+        assert!(!calls, "{bad}");
+        assert_eq!(m.content.as_deref(), Some(bad));
+    }
+    let complete = "<tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>";
+    let (m, calls) = tools.finish(complete, true);
+    assert!(!calls, "cut off by max_tokens: not a call");
+    assert_eq!(m.content.as_deref(), Some(complete));
+}
+
+#[test]
+fn parallel_false_keeps_one_call() {
+    let tools = ToolRequest::from_request(Some(&weather_tools()), None, Some(false), "<tool_call>")
+        .unwrap()
+        .unwrap();
+    let out = "<tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call><tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>";
+    assert_eq!(tools.finish(out, false).0.tool_calls.len(), 1);
+}
+
+/// Rebuilds the message a client gets by applying streamed deltas.
+fn apply(deltas: &[Value]) -> (Option<String>, Option<String>, Vec<(String, String)>) {
+    let mut content: Option<String> = None;
+    let mut reasoning: Option<String> = None;
+    let mut calls: Vec<(String, String)> = Vec::new();
+    for d in deltas {
+        if let Some(c) = d.get("content").and_then(Value::as_str) {
+            content.get_or_insert_with(String::new).push_str(c);
+        }
+        if let Some(r) = d.get("reasoning_content").and_then(Value::as_str) {
+            reasoning.get_or_insert_with(String::new).push_str(r);
+        }
+        if let Some(tc) = d.get("tool_calls").and_then(Value::as_array) {
+            for t in tc {
+                let i = t["index"].as_u64().unwrap() as usize;
+                if let Some(name) = t.pointer("/function/name").and_then(Value::as_str) {
+                    assert_eq!(i, calls.len(), "the first delta of a call names it");
+                    assert!(t["id"].as_str().unwrap().starts_with("call_"));
+                    calls.push((name.to_owned(), String::new()));
+                } else {
+                    assert!(t.get("id").is_none(), "id only on the first delta");
+                }
+                calls[i].1.push_str(
+                    t.pointer("/function/arguments")
+                        .and_then(Value::as_str)
+                        .unwrap_or(""),
+                );
+            }
+        }
+    }
+    (content, reasoning, calls)
+}
+
+#[test]
+fn streamed_deltas_add_up_to_the_unstreamed_message_at_every_split() {
+    let tools = request(json!("auto"));
+    let outputs = [
+        "Plain answer with <tags> and { braces }.",
+        "Checking.\n<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"東京\"}}</tool_call>",
+        "<think>need time</think>\n<tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>\n<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call>",
+        "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": 3}}</tool_call>",
+        "<tool_call>{\"name\": \"get_wea",
+        "  \n<think>only thinking</think>The answer is 4.",
+        "{\"name\": \"get_time\", \"arguments\": {}}",
+    ];
+    for out in outputs {
+        let (expected, _) = tools.finish(out, false);
+        let expected_calls: Vec<(String, String)> = expected
+            .tool_calls
+            .iter()
+            .map(|c| (c.name.clone(), c.arguments.clone()))
+            .collect();
+        let boundaries: Vec<usize> = (0..=out.len())
+            .filter(|&i| out.is_char_boundary(i))
+            .collect();
+        for &cut in &boundaries {
+            let mut stream = ToolStream::new();
+            let mut deltas = stream.push(&out[..cut], &tools);
+            deltas.extend(stream.push(&out[cut..], &tools));
+            let (rest, _, _) = stream.finish(&tools, false);
+            deltas.extend(rest);
+            let (content, reasoning, calls) = apply(&deltas);
+            assert_eq!(content, expected.content, "{out:?} cut at {cut}");
+            assert_eq!(reasoning, expected.reasoning, "{out:?} cut at {cut}");
+            assert_eq!(calls, expected_calls, "{out:?} cut at {cut}");
+            assert!(
+                !deltas.iter().any(|d| d
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .is_some_and(|c| c.contains("<tool_call>")))
+                    || expected.tool_calls.is_empty(),
+                "no call markup leaks into content: {out:?} cut at {cut}"
+            );
+        }
+        // Byte by byte, too.
+        let mut stream = ToolStream::new();
+        let mut deltas = Vec::new();
+        for i in 1..boundaries.len() {
+            deltas.extend(stream.push(&out[boundaries[i - 1]..boundaries[i]], &tools));
+        }
+        deltas.extend(stream.finish(&tools, false).0);
+        assert_eq!(apply(&deltas).0, expected.content, "{out:?} piece by piece");
+    }
+}
+
+#[test]
+fn response_formats_compile_or_name_what_they_cannot() {
+    assert!(response_format_grammar(&json!({"type": "text"}))
+        .unwrap()
+        .is_none());
+    assert!(response_format_grammar(&json!({"type": "json_object"}))
+        .unwrap()
+        .unwrap()
+        .starts_with("root ::= object"));
+    let schema = json!({"type": "json_schema", "json_schema": {"name": "x", "strict": true,
+        "schema": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}});
+    assert!(response_format_grammar(&schema).unwrap().is_some());
+    let bad = json!({"type": "json_schema", "json_schema": {"schema": {"not": {}}}});
+    let err = response_format_grammar(&bad).unwrap_err();
+    assert!(err.message.contains("`not`"), "{}", err.message);
+    assert_eq!(
+        response_format_grammar(&json!({"type": "xml"}))
+            .unwrap_err()
+            .param,
+        "response_format.type"
+    );
+}
