@@ -257,27 +257,30 @@ impl ToolRequest {
             calls.push(g.rule(&format!("call-{}", tool.name), body));
         }
         let call = g.rule("call", calls.join(" | "));
+        // A named choice is one call to that function (as OpenAI's); `required` may make several
+        // when parallel calls are allowed.
+        let several = self.parallel && self.choice == ToolChoice::Required;
         let root = match self.format {
             ToolFormat::Hermes | ToolFormat::Generic => {
                 let block = g.rule(
                     "block",
                     format!(r#""<tool_call>" ws {call} ws "</tool_call>""#),
                 );
-                if self.parallel {
+                if several {
                     format!(r#"{block} ( ws {block} )*"#)
                 } else {
                     block
                 }
             }
             ToolFormat::Llama3 => {
-                if self.parallel {
+                if several {
                     format!(r#"{call} ( ";" ws {call} )*"#)
                 } else {
                     call
                 }
             }
             ToolFormat::Mistral => {
-                if self.parallel {
+                if several {
                     format!(r#""[TOOL_CALLS][" ws {call} ( ws "," ws {call} )* ws "]""#)
                 } else {
                     format!(r#""[TOOL_CALLS][" ws {call} ws "]""#)
