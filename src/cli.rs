@@ -26,6 +26,44 @@ pub enum Command {
     Plan(PlanArgs),
     /// Manage the hardened container where shell commands run (reached over SSH).
     Sandbox(SandboxArgs),
+    /// Tool-call helpers.
+    Tools(ToolsArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ToolsArgs {
+    #[command(subcommand)]
+    pub command: ToolsCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ToolsCommand {
+    /// Read raw model output on stdin; print the OpenAI assistant message (content, reasoning,
+    /// tool_calls) it parses to, with the reason when a call does not parse.
+    Parse(ToolsParseArgs),
+}
+
+/// Which tool-call syntax to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatChoice {
+    /// From `--template` (generic without one).
+    Auto,
+    Hermes,
+    Llama3,
+    Mistral,
+    Generic,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ToolsParseArgs {
+    #[arg(long, value_enum, default_value = "auto")]
+    pub format: FormatChoice,
+    /// A Jinja chat template to detect the format from.
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// A JSON file with the request's `tools` array: calls are then checked against them.
+    #[arg(long)]
+    pub tools: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

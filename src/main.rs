@@ -22,6 +22,11 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Gpus(args) => lm_sandbox::gpu::command::gpus(&args)?,
         Command::Plan(args) => lm_sandbox::gpu::command::plan_command(&args)?,
+        Command::Tools(args) => match &args.command {
+            lm_sandbox::cli::ToolsCommand::Parse(parse) => {
+                lm_sandbox::tools::command::parse_command(parse)?
+            }
+        },
         Command::Sandbox(args) => {
             let code = lm_sandbox::sandbox::command::run(&args)?;
             if code != 0 {

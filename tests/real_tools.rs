@@ -28,7 +28,12 @@ fn time_tool() -> Value {
 }
 
 async fn post(url: &str, body: &Value) -> (u16, String) {
-    let response = reqwest::Client::new().post(url).json(body).send().await.unwrap();
+    let response = reqwest::Client::new()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
@@ -42,12 +47,18 @@ fn assemble(sse: &str) -> (Value, String) {
             break;
         }
         let chunk: Value = serde_json::from_str(data).unwrap();
-        let Some(choice) = chunk["choices"].get(0) else { continue };
+        let Some(choice) = chunk["choices"].get(0) else {
+            continue;
+        };
         if let Some(r) = choice["finish_reason"].as_str() {
             reason = r.to_owned();
         }
         content += choice["delta"]["content"].as_str().unwrap_or("");
-        for call in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
+        for call in choice["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             let i = call["index"].as_u64().unwrap() as usize;
             if i == calls.len() {
                 calls.push(json!({"name": call["function"]["name"], "arguments": ""}));
@@ -84,7 +95,8 @@ async fn a_named_tool_choice_gets_a_valid_call_streamed_and_not() {
         assert_eq!(call["type"], "function");
         assert!(call["id"].as_str().unwrap().starts_with("call_"));
         assert_eq!(call["function"]["name"], "get_weather");
-        let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        let args: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
         validate(schema, &args, "arguments").unwrap();
     }
 
@@ -98,8 +110,15 @@ async fn a_named_tool_choice_gets_a_valid_call_streamed_and_not() {
         .iter()
         .map(|c| json!({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}))
         .collect();
-    assert_eq!(message["calls"], Value::Array(expected), "greedy: the same call streamed");
-    assert_eq!(message["content"], choice["message"]["content"].as_str().unwrap_or(""));
+    assert_eq!(
+        message["calls"],
+        Value::Array(expected),
+        "greedy: the same call streamed"
+    );
+    assert_eq!(
+        message["content"],
+        choice["message"]["content"].as_str().unwrap_or("")
+    );
 }
 
 #[tokio::test]
@@ -125,12 +144,19 @@ async fn required_calls_one_of_the_tools_and_history_renders() {
     let (status, body) = post(&url, &request).await;
     assert_eq!(status, 200, "{body}");
     let body: Value = serde_json::from_str(&body).unwrap();
-    let calls = body["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+    let calls = body["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap();
     assert_eq!(calls.len(), 1, "parallel_tool_calls: false");
     let name = calls[0]["function"]["name"].as_str().unwrap();
-    let tool = if name == "get_weather" { weather_tool() } else { time_tool() };
+    let tool = if name == "get_weather" {
+        weather_tool()
+    } else {
+        time_tool()
+    };
     assert_eq!(tool["function"]["name"], name);
-    let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    let args: Value =
+        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
     validate(&tool["function"]["parameters"], &args, "arguments").unwrap();
 }
 
@@ -158,7 +184,10 @@ async fn response_format_json_schema_output_validates() {
             assemble(&body).0["content"].as_str().unwrap().to_owned()
         } else {
             let body: Value = serde_json::from_str(&body).unwrap();
-            body["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
         };
         let value: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
         validate(&schema, &value, "content").unwrap();
@@ -175,6 +204,9 @@ async fn response_format_json_schema_output_validates() {
     let body: Value = serde_json::from_str(&body).unwrap();
     let text = body["choices"][0]["message"]["content"].as_str().unwrap();
     if body["choices"][0]["finish_reason"] == "stop" {
-        assert!(serde_json::from_str::<Value>(text).unwrap().is_object(), "{text}");
+        assert!(
+            serde_json::from_str::<Value>(text).unwrap().is_object(),
+            "{text}"
+        );
     }
 }

@@ -7,6 +7,7 @@
 //! not match a tool's schema comes back as content with `finish_reason: "stop"`, and the reason is
 //! logged.
 
+pub mod command;
 pub mod parse;
 pub mod schema;
 pub mod stream;
