@@ -301,6 +301,22 @@ pub struct ServeSandboxArgs {
         hide_env_values = true
     )]
     pub sandbox_api_keys: Vec<String>,
+    /// Sandbox keys whose chat requests run the server-side shell loop by default (for clients,
+    /// like LM Studio, that cannot send `"sandbox": {"shell": true}`).
+    #[arg(
+        long = "sandbox-auto-shell-key",
+        env = "LM_SANDBOX_SANDBOX_AUTO_SHELL_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub auto_shell_keys: Vec<String>,
+    /// The most `sandbox.max_tool_rounds` a chat request may ask for.
+    #[arg(
+        long = "sandbox-max-tool-rounds",
+        env = "LM_SANDBOX_SANDBOX_MAX_TOOL_ROUNDS",
+        default_value_t = 16
+    )]
+    pub max_tool_rounds: u32,
     /// One JSON line per command (default: STATE_DIR/NAME/audit.jsonl).
     #[arg(long = "sandbox-audit-log", env = "LM_SANDBOX_SANDBOX_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,

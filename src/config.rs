@@ -71,10 +71,19 @@ impl SandboxConfig {
         if args.sandbox_api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err(invalid("--sandbox-api-key", "keys must not be empty"));
         }
+        if args.auto_shell_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err(invalid(
+                "--sandbox-auto-shell-key",
+                "keys must not be empty",
+            ));
+        }
+        if args.max_tool_rounds == 0 {
+            return Err(invalid("--sandbox-max-tool-rounds", "must be at least 1"));
+        }
         if !args.sandbox {
             return Ok(None);
         }
-        if args.sandbox_api_keys.is_empty() {
+        if args.sandbox_api_keys.is_empty() && args.auto_shell_keys.is_empty() {
             return Err(invalid(
                 "--sandbox-api-key",
                 "--sandbox needs at least one key allowed to run commands: there is no \
@@ -225,10 +234,15 @@ impl ServeConfig {
             },
             api: ApiConfig {
                 model_ids,
-                api_keys: ApiKey::list(&args.api_keys, &args.sandbox.sandbox_api_keys),
+                api_keys: ApiKey::list_with_auto_shell(
+                    &args.api_keys,
+                    &args.sandbox.sandbox_api_keys,
+                    &args.sandbox.auto_shell_keys,
+                ),
                 n_predict,
                 chat_template,
                 created,
+                max_tool_rounds: args.sandbox.max_tool_rounds,
             },
             host: args.host,
             port: args.port,

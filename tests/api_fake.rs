@@ -29,6 +29,7 @@ fn api_config(keys: &[&str]) -> ApiConfig {
         n_predict: None,
         chat_template: None,
         created: 1_700_000_000,
+        max_tool_rounds: 16,
     }
 }
 
@@ -1128,4 +1129,197 @@ async fn tool_mistakes_are_400s_naming_the_field() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{extra}: {body}");
         assert_eq!(error_of(&body)["param"], param, "{extra}: {body}");
     }
+}
+
+// ---- The server-side shell loop, with the echo model and a scripted sandbox ----
+
+const FIRST_USER: &str =
+    "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% break %}{% endif %}{% endfor %}";
+const LAST_MESSAGE: &str = "{{ messages[-1].content }}";
+
+async fn loop_harness(template: &str, audit: &std::path::Path) -> Router {
+    let sandbox = lm_sandbox::sandbox::Sandbox::new(
+        Arc::new(ScriptedExecutor),
+        lm_sandbox::sandbox::AuditLog::open(audit).await.unwrap(),
+        lm_sandbox::sandbox::SandboxLimits::default(),
+    );
+    let engine = FakeRunner::new(Duration::ZERO).spawn(WorkerConfig {
+        n_seq: 2,
+        n_batch: 512,
+        n_ctx_seq: 4096,
+        max_queue: 8,
+    });
+    let mut config = api_config(&[]);
+    config.chat_template = Some(template.into());
+    config.api_keys =
+        ApiKey::list_with_auto_shell(&["plain".into()], &["runner".into()], &["studio".into()]);
+    router(AppState::from_parts(engine, config, None, Some(sandbox)))
+}
+
+fn keyed(key: &str, body: Value) -> Request<Body> {
+    let mut request = post("/v1/chat/completions", body);
+    request.headers_mut().insert(
+        header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    request
+}
+
+const SHELL_CALL: &str =
+    "<tool_call>{\"name\": \"shell\", \"arguments\": {\"command\": \"echo hi\"}}</tool_call>";
+
+#[tokio::test]
+async fn the_shell_loop_runs_calls_feeds_results_back_and_answers() {
+    let audit = std::env::temp_dir().join(format!(
+        "lm-sandbox-loop-audit-{}.jsonl",
+        std::process::id()
+    ));
+    let app = loop_harness(LAST_MESSAGE, &audit).await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": SHELL_CALL}],
+                      "sandbox": {"shell": true}});
+    let (status, headers, text) = send(&app, keyed("runner", body.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let response: Value = serde_json::from_str(&text).unwrap();
+    let executions = response["sandbox_executions"].as_array().unwrap();
+    assert_eq!(executions.len(), 1, "{response}");
+    assert_eq!(executions[0]["command"], "echo hi");
+    assert_eq!(executions[0]["result"]["stdout"], "ran echo hi");
+    let choice = &response["choices"][0];
+    assert_eq!(choice["finish_reason"], "stop");
+    // The second round echoed the tool result the first round's call produced.
+    let content = choice["message"]["content"].as_str().unwrap();
+    assert!(
+        content.starts_with("<tool_response>") && content.contains("ran echo hi"),
+        "{content}"
+    );
+    assert!(
+        choice["message"].get("tool_calls").is_none(),
+        "shell calls are the server's"
+    );
+    let prompt_tokens = response["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        prompt_tokens > SHELL_CALL.len() as u64,
+        "usage sums both rounds: {prompt_tokens}"
+    );
+    let request_id = headers["x-request-id"].to_str().unwrap().to_owned();
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        log.contains(&request_id) && log.contains("echo hi"),
+        "{log}"
+    );
+
+    // Streamed: an execution chunk OpenAI SDKs can ignore, then the same answer.
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (status, _, sse) = send(&app, keyed("runner", streamed)).await;
+    assert_eq!(status, StatusCode::OK);
+    let executions: Vec<Value> = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter(|c| c.get("sandbox_execution").is_some())
+        .collect();
+    assert_eq!(executions.len(), 1);
+    assert_eq!(executions[0]["choices"][0]["delta"], json!({}));
+    let (message, reason) = assemble(&sse);
+    assert_eq!(reason, "stop");
+    assert_eq!(message["content"].as_str().unwrap(), content);
+    let usage_chunk = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .find(|c| c["usage"].is_object())
+        .unwrap();
+    assert_eq!(
+        usage_chunk["usage"]["prompt_tokens"].as_u64().unwrap(),
+        prompt_tokens
+    );
+    std::fs::remove_file(&audit).unwrap();
+}
+
+#[tokio::test]
+async fn the_shell_loop_stops_at_max_tool_rounds_and_says_so() {
+    let audit = std::env::temp_dir().join(format!(
+        "lm-sandbox-loop-bound-{}.jsonl",
+        std::process::id()
+    ));
+    // The echo model repeats the first user message every round: a call, forever.
+    let app = loop_harness(FIRST_USER, &audit).await;
+    for stream in [false, true] {
+        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": SHELL_CALL}],
+                          "sandbox": {"shell": true, "max_tool_rounds": 3}, "stream": stream});
+        let (status, _, text) = send(&app, keyed("runner", body)).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let (content, executions) = if stream {
+            let count = text.matches("sandbox_execution").count();
+            (
+                assemble(&text).0["content"].as_str().unwrap().to_owned(),
+                count,
+            )
+        } else {
+            let response: Value = serde_json::from_str(&text).unwrap();
+            (
+                response["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+                response["sandbox_executions"].as_array().unwrap().len(),
+            )
+        };
+        assert_eq!(executions, 3);
+        assert!(content.contains("stopped after 3 round(s)"), "{content}");
+    }
+    let (status, body) = send_json(
+        &app,
+        keyed(
+            "runner",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                               "sandbox": {"shell": true, "max_tool_rounds": 17}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&body)["param"], "sandbox.max_tool_rounds");
+    std::fs::remove_file(&audit).unwrap();
+}
+
+#[tokio::test]
+async fn only_sandbox_keys_get_the_loop_and_auto_shell_keys_get_it_unasked() {
+    let audit =
+        std::env::temp_dir().join(format!("lm-sandbox-loop-keys-{}.jsonl", std::process::id()));
+    let app = loop_harness(LAST_MESSAGE, &audit).await;
+    let asked = json!({"model": MODEL, "messages": [{"role": "user", "content": SHELL_CALL}],
+                       "sandbox": {"shell": true}});
+    let (status, body) = send_json(&app, keyed("plain", asked)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+
+    // A client that cannot send extra fields (LM Studio): its key turns the loop on.
+    let unasked = json!({"model": MODEL, "messages": [{"role": "user", "content": SHELL_CALL}]});
+    let (status, body) = send_json(&app, keyed("studio", unasked.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["sandbox_executions"].as_array().unwrap().len(), 1);
+    // Other keys keep plain OpenAI behaviour: no tools, no execution.
+    let (status, body) = send_json(&app, keyed("runner", unasked)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.get("sandbox_executions").is_none());
+    assert_eq!(body["choices"][0]["message"]["content"], SHELL_CALL);
+
+    // A client tool keeps the normal behaviour: returned to the client, not run.
+    let client_tool = json!({"model": MODEL,
+        "messages": [{"role": "user", "content": "<tool_call>{\"name\": \"lookup\", \"arguments\": {\"q\": \"x\"}}</tool_call>"}],
+        "tools": [{"type": "function", "function": {"name": "lookup",
+                   "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}],
+        "sandbox": {"shell": true}});
+    let (status, body) = send_json(&app, keyed("runner", client_tool)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(
+        body["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+        "lookup"
+    );
+    assert!(body["sandbox_executions"].as_array().unwrap().is_empty());
+    let _ = std::fs::remove_file(&audit);
 }

@@ -575,6 +575,7 @@ async fn serve(sandbox: Sandbox) -> String {
         n_predict: None,
         chat_template: None,
         created: 0,
+        max_tool_rounds: 4,
     };
     let app = router(AppState::from_parts(engine, config, None, Some(sandbox)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -759,6 +760,123 @@ async fn serve_with_the_sandbox_flag_runs_commands_over_http() {
     assert_eq!(status, 401);
     let log = std::fs::read_to_string(&audit).unwrap();
     assert!(log.contains(id.unwrap().as_str()), "{log}");
+    server.start_kill().unwrap();
+    let _ = server.wait().await;
+}
+
+/// The whole flow on the real model and the real container: a forced `shell` call runs in the
+/// sandbox, its result reaches the model, an answer comes back, and the audit log has the command.
+#[cfg(feature = "real-model")]
+#[tokio::test]
+async fn the_real_model_runs_a_forced_shell_call_in_the_sandbox_and_answers() {
+    let fixture = shared();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let audit = state_root().join("loop-audit.jsonl");
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_lm-sandbox"))
+        .args([
+            "serve",
+            "-m",
+            model,
+            "--port",
+            &port.to_string(),
+            "-c",
+            "4096",
+            "--parallel",
+            "1",
+        ])
+        .args([
+            "--sandbox",
+            "--sandbox-api-key",
+            RUNNER_KEY,
+            "--api-key",
+            PLAIN_KEY,
+        ])
+        .args(["--sandbox-state-dir", state_root().to_str().unwrap()])
+        .args(["--sandbox-name", &fixture.name])
+        .args(["--sandbox-audit-log", audit.to_str().unwrap()])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reqwest::get(format!("{base}/health"))
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not become healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let request = json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{"role": "user", "content": "Use the shell tool to run this command: echo hello-sandbox"}],
+        "tool_choice": {"type": "function", "function": {"name": "shell"}},
+        "sandbox": {"shell": true, "max_tool_rounds": 2},
+        "temperature": 0,
+        "max_tokens": 96,
+    });
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(RUNNER_KEY)
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&body).unwrap());
+    let executions = body["sandbox_executions"].as_array().unwrap();
+    assert!(!executions.is_empty(), "{body}");
+    let first = &executions[0];
+    let command = first["command"].as_str().unwrap();
+    assert!(command.contains("echo"), "the model's command: {command}");
+    assert!(first["result"]["exit_code"].is_number(), "{first}");
+    assert!(
+        first["result"]["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("hello"),
+        "{first}"
+    );
+    let choice = &body["choices"][0];
+    assert!(
+        choice["message"]["content"].is_string(),
+        "an answer comes back: {body}"
+    );
+    assert!(body["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    let log = std::fs::read_to_string(&audit).unwrap();
+    let line = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|l| l["request_id"] == request_id.as_str())
+        .expect("the audit log has the loop's command");
+    assert_eq!(line["command"], command);
+    assert_eq!(line["key_id"], ApiKey::new(RUNNER_KEY, true).id.as_str());
+
+    // A key without the sandbox permission cannot trigger it.
+    let refused = client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(PLAIN_KEY)
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
     server.start_kill().unwrap();
     let _ = server.wait().await;
 }

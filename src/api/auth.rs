@@ -25,6 +25,8 @@ pub struct ApiKey {
     pub id: String,
     /// May run commands in the sandbox.
     pub sandbox: bool,
+    /// Chat requests run the server-side shell loop unless they say `"sandbox": {"shell": false}`.
+    pub auto_shell: bool,
 }
 
 impl std::fmt::Debug for ApiKey {
@@ -33,6 +35,7 @@ impl std::fmt::Debug for ApiKey {
         f.debug_struct("ApiKey")
             .field("id", &self.id)
             .field("sandbox", &self.sandbox)
+            .field("auto_shell", &self.auto_shell)
             .finish()
     }
 }
@@ -46,12 +49,34 @@ impl ApiKey {
             secret,
             id,
             sandbox,
+            auto_shell: false,
         }
     }
 
     /// `plain` keys and `sandbox` keys as one list; a key in both may use the sandbox.
     pub fn list(plain: &[String], sandbox: &[String]) -> Vec<Self> {
-        let mut keys: Vec<Self> = sandbox.iter().map(|k| Self::new(k, true)).collect();
+        Self::list_with_auto_shell(plain, sandbox, &[])
+    }
+
+    /// As [`ApiKey::list`], plus `auto_shell` keys: sandbox keys whose chat requests run the
+    /// shell loop by default.
+    pub fn list_with_auto_shell(
+        plain: &[String],
+        sandbox: &[String],
+        auto_shell: &[String],
+    ) -> Vec<Self> {
+        let mut keys: Vec<Self> = auto_shell
+            .iter()
+            .map(|k| Self {
+                auto_shell: true,
+                ..Self::new(k, true)
+            })
+            .collect();
+        for key in sandbox {
+            if !keys.iter().any(|k| &k.secret == key) {
+                keys.push(Self::new(key, true));
+            }
+        }
         for key in plain {
             if !keys.iter().any(|k| &k.secret == key) {
                 keys.push(Self::new(key, false));
@@ -66,6 +91,7 @@ impl ApiKey {
 pub struct Authenticated {
     pub key_id: String,
     pub sandbox: bool,
+    pub auto_shell: bool,
 }
 
 /// This request's id (`req_` and 24 hex digits), also sent back as `x-request-id`.
@@ -112,6 +138,7 @@ pub async fn require_key(
             let authenticated = Authenticated {
                 key_id: key.id.clone(),
                 sandbox: key.sandbox,
+                auto_shell: key.auto_shell,
             };
             request.extensions_mut().insert(authenticated);
             next.run(request).await

@@ -4,16 +4,19 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::Response;
+use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use super::auth::{Authenticated, RequestId};
 use super::error::ApiError;
 use super::extract::JsonObject;
 use super::generate::{self, finish_reason, prepare, Prepared, PromptJob, Timings};
 use super::params::token_budget;
+use super::shell_loop;
 use super::sse::{ChunkHeader, ChunkShape};
-use super::AppState;
-use crate::engine::{FinishReason, GenerationStats};
+use super::{AppState, Loaded};
+use crate::engine::{FinishReason, GenerationStats, Token};
 use crate::template::{RenderContext, TemplateError};
 use crate::tools::stream::ToolStream;
 use crate::tools::{response_format_grammar, ToolError, ToolRequest};
@@ -27,6 +30,8 @@ struct ChatFields {
     parallel_tool_calls: Option<bool>,
     response_format: Option<Value>,
     logprobs: Option<bool>,
+    /// lm-sandbox's extension: `{"shell": bool, "max_tool_rounds": n}`.
+    sandbox: Option<shell_loop::SandboxFields>,
 }
 
 impl From<ToolError> for ApiError {
@@ -38,7 +43,7 @@ impl From<ToolError> for ApiError {
 /// For templates that do not render tools: the history in the generic format. Calls become
 /// `<tool_call>` blocks in the assistant's text, results become `<tool_response>` user turns, and
 /// the tool instructions join the system message.
-fn generic_history(messages: &mut Vec<Value>, tools: Option<&ToolRequest>) {
+pub(super) fn generic_history(messages: &mut Vec<Value>, tools: Option<&ToolRequest>) {
     for message in messages.iter_mut() {
         let role = message["role"].as_str().unwrap_or("").to_owned();
         if role == "assistant" {
@@ -205,8 +210,41 @@ fn template_message(message: &ChatMessage, at: usize) -> Result<Value, ApiError>
     Ok(Value::Object(out))
 }
 
+/// The prompt's tokens: tools into the template (or the generic format), then tokenized.
+pub(super) fn prompt_tokens(
+    loaded: &Loaded,
+    mut messages: Vec<Value>,
+    tools: Option<&ToolRequest>,
+) -> Result<Vec<Token>, ApiError> {
+    let template_tools = if loaded.template.knows_tools() {
+        tools.map(ToolRequest::template_tools)
+    } else {
+        generic_history(&mut messages, tools);
+        None
+    };
+    let prompt = loaded
+        .template
+        .render(&RenderContext {
+            messages,
+            tools: template_tools,
+            add_generation_prompt: true,
+            bos_token: loaded.info.bos_token.clone(),
+            eos_token: loaded.info.eos_token.clone(),
+        })
+        .map_err(|err| match err {
+            TemplateError::Render(message) => ApiError::invalid("messages", message),
+            TemplateError::Syntax(message) => ApiError::Internal(message),
+        })?;
+    let bos = &loaded.info.bos_token;
+    let add_bos = bos.is_empty() || !prompt.starts_with(bos.as_str());
+    // Tokenizing on the runtime is fine: it takes microseconds per kilobyte of prompt.
+    Ok(loaded.info.tokenizer.tokenize(&prompt, add_bos))
+}
+
 pub async fn chat_completions(
     State(state): State<AppState>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    authenticated: Option<Extension<Authenticated>>,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let Prepared {
@@ -227,8 +265,22 @@ pub async fn chat_completions(
             "`logprobs` is not supported yet",
         ));
     }
+    let mut sandbox_request = chat.sandbox.clone().unwrap_or_default();
+    let shell = shell_loop::wanted(
+        &state,
+        &mut sandbox_request,
+        authenticated.as_ref().map(|Extension(a)| a),
+        &request_id,
+        options.n,
+    )?;
+    // With the shell loop, the built-in `shell` tool joins the client's (and may be named in
+    // `tool_choice`).
+    let declared = match &shell {
+        Some(_) => Some(shell_loop::with_shell(chat.tools.as_ref(), &state)?),
+        None => chat.tools.clone(),
+    };
     let tools = ToolRequest::from_request(
-        chat.tools.as_ref(),
+        declared.as_ref(),
         chat.tool_choice.as_ref(),
         chat.parallel_tool_calls,
         loaded.template.source(),
@@ -250,35 +302,28 @@ pub async fn chat_completions(
         }
     }
     options.sampling.grammar = grammar.map(Arc::from);
-    let mut messages = chat
+    let messages = chat
         .messages
         .iter()
         .enumerate()
         .map(|(i, m)| template_message(m, i))
         .collect::<Result<Vec<_>, _>>()?;
-    let template_tools = if loaded.template.knows_tools() {
-        tools.as_ref().map(ToolRequest::template_tools)
-    } else {
-        generic_history(&mut messages, tools.as_ref());
-        None
-    };
-    let prompt = loaded
-        .template
-        .render(&RenderContext {
-            messages,
-            tools: template_tools,
-            add_generation_prompt: true,
-            bos_token: loaded.info.bos_token.clone(),
-            eos_token: loaded.info.eos_token.clone(),
-        })
-        .map_err(|err| match err {
-            TemplateError::Render(message) => ApiError::invalid("messages", message),
-            TemplateError::Syntax(message) => ApiError::Internal(message),
-        })?;
-    let bos = &loaded.info.bos_token;
-    let add_bos = bos.is_empty() || !prompt.starts_with(bos.as_str());
-    // Tokenizing on the runtime is fine: it takes microseconds per kilobyte of prompt.
-    let tokens = loaded.info.tokenizer.tokenize(&prompt, add_bos);
+    // `tool_choice: "none"` leaves no tools, and so no loop.
+    if let (Some(shell), Some(loop_tools)) = (shell, tools.clone()) {
+        if chat
+            .response_format
+            .as_ref()
+            .is_some_and(|f| f.get("type") != Some(&json!("text")))
+        {
+            return Err(ApiError::invalid(
+                "response_format",
+                "a JSON `response_format` cannot be combined with the server-side shell loop",
+            ));
+        }
+        let loop_tools = Arc::new(loop_tools);
+        return shell_loop::run(state.clone(), model, options, messages, loop_tools, shell).await;
+    }
+    let tokens = prompt_tokens(loaded, messages, tools.as_ref())?;
     let max_new_tokens = token_budget(
         tokens.len(),
         options.max_tokens,

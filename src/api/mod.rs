@@ -15,6 +15,7 @@ mod generate;
 mod models;
 mod params;
 mod sandbox;
+mod shell_loop;
 mod sse;
 
 use std::sync::{Arc, OnceLock};
@@ -49,6 +50,8 @@ pub struct ApiConfig {
     pub chat_template: Option<String>,
     /// `created` of the model objects (the model file's modification time).
     pub created: u64,
+    /// The most `sandbox.max_tool_rounds` a request may ask for (`--sandbox-max-tool-rounds`).
+    pub max_tool_rounds: u32,
 }
 
 impl ApiConfig {

@@ -1,0 +1,573 @@
+//! The server-side shell loop: with `serve --sandbox`, a chat request may let the server run the
+//! model's `shell` calls itself. The model gets a built-in `shell` tool; each call it makes runs in
+//! the sandbox (audited under the request's id and key), the result goes back as a `tool` message,
+//! and generation continues until the model answers, calls a client tool, or `max_tool_rounds`
+//! rounds of commands have run, which the reply then says plainly.
+//!
+//! Asking for it: `"sandbox": {"shell": true, "max_tool_rounds": n}` in the request, or a key
+//! given with `--sandbox-auto-shell-key` (for clients that cannot send extra fields, such as
+//! LM Studio pointed at this server). Only keys with the sandbox permission get it.
+//!
+//! What the client sees: the non-streamed response lists every execution in
+//! `sandbox_executions`; a stream sends one chunk per execution, with an empty `delta` and the
+//! execution in `sandbox_execution`, which OpenAI SDKs ignore. Usage sums every round.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::auth::Authenticated;
+use super::chat::prompt_tokens;
+use super::error::ApiError;
+use super::generate::{self, finish_reason, PromptJob, Timings, Usage};
+use super::params::{token_budget, GenerationOptions};
+use super::sse::ChunkHeader;
+use super::AppState;
+use crate::engine::{FinishReason, GenerationEvent, GenerationStats};
+use crate::sandbox::output::CappedBuffer;
+use crate::sandbox::{Caller, ExecRequest, Sandbox};
+use crate::tools::stream::ToolStream;
+use crate::tools::{AssistantMessage, ToolCall, ToolChoice, ToolRequest, ToolSpec};
+
+/// The built-in tool's name.
+pub const SHELL_TOOL: &str = "shell";
+/// `max_tool_rounds` when the request names none.
+pub const DEFAULT_MAX_TOOL_ROUNDS: u32 = 8;
+/// Bytes of each of stdout and stderr the model sees per command.
+const RESULT_LIMIT: usize = 8 * 1024;
+
+/// The request's `sandbox` object.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxFields {
+    pub shell: Option<bool>,
+    pub max_tool_rounds: Option<u32>,
+}
+
+/// A loop the request asked for (or its key is set up for).
+pub struct ShellLoop {
+    pub max_rounds: u32,
+    pub caller: Caller,
+    pub sandbox: Sandbox,
+}
+
+/// Whether this request runs the shell loop; errors for asking without the right key or server.
+pub fn wanted(
+    state: &AppState,
+    fields: &mut SandboxFields,
+    key: Option<&Authenticated>,
+    request_id: &str,
+    n: u32,
+) -> Result<Option<ShellLoop>, ApiError> {
+    let asked = fields.shell;
+    let auto = key.is_some_and(|k| k.auto_shell);
+    if !asked.unwrap_or(auto) {
+        if fields.max_tool_rounds.is_some() && asked.is_none() && !auto {
+            return Err(ApiError::invalid(
+                "sandbox.max_tool_rounds",
+                "`max_tool_rounds` applies to the shell loop: set `sandbox.shell` to true",
+            ));
+        }
+        return Ok(None);
+    }
+    let Some(sandbox) = state.sandbox() else {
+        return Err(ApiError::invalid(
+            "sandbox.shell",
+            "this server runs without --sandbox: it cannot run shell commands",
+        ));
+    };
+    let Some(key) = key.filter(|k| k.sandbox) else {
+        return Err(ApiError::Forbidden(
+            "This API key may not run commands in the sandbox (see --sandbox-api-key)",
+        ));
+    };
+    let cap = state.config().max_tool_rounds;
+    let max_rounds = fields
+        .max_tool_rounds
+        .unwrap_or(DEFAULT_MAX_TOOL_ROUNDS.min(cap));
+    if max_rounds == 0 || max_rounds > cap {
+        return Err(ApiError::out_of_range(
+            "sandbox.max_tool_rounds",
+            &format!("between 1 and {cap} (--sandbox-max-tool-rounds)"),
+            max_rounds,
+        ));
+    }
+    if n != 1 {
+        return Err(ApiError::invalid(
+            "n",
+            "the shell loop runs one conversation: `n` must be 1",
+        ));
+    }
+    Ok(Some(ShellLoop {
+        max_rounds,
+        caller: Caller {
+            request_id: request_id.to_owned(),
+            key_id: Some(key.key_id.clone()),
+        },
+        sandbox: sandbox.clone(),
+    }))
+}
+
+/// The built-in `shell` tool.
+pub fn shell_spec(max_timeout: Duration) -> ToolSpec {
+    ToolSpec {
+        name: SHELL_TOOL.into(),
+        description: Some(
+            "Run a bash command in an isolated Linux sandbox (Debian with python3 and git, working \
+             directory /workspace, no network) and get its stdout, stderr and exit code."
+                .into(),
+        ),
+        parameters: json!({
+            "type": "object",
+            "properties": {
+                "command": {"type": "string", "description": "The bash command to run"},
+                "timeout_s": {"type": "number", "exclusiveMinimum": 0,
+                              "maximum": max_timeout.as_secs_f64(),
+                              "description": "Seconds before the command is killed"}
+            },
+            "required": ["command"]
+        }),
+    }
+}
+
+/// The client's `tools` plus `shell` (a client tool of that name is a 400).
+pub fn with_shell(tools: Option<&Value>, state: &AppState) -> Result<Value, ApiError> {
+    let max_timeout = state
+        .sandbox()
+        .map_or(Duration::from_secs(300), |s| s.limits().max_timeout);
+    let mut list = match tools {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => list.clone(),
+        Some(_) => return Err(ApiError::invalid("tools", "`tools` must be an array")),
+    };
+    if let Some(i) = list
+        .iter()
+        .position(|t| t.pointer("/function/name") == Some(&json!(SHELL_TOOL)))
+    {
+        return Err(ApiError::invalid(
+            format!("tools[{i}].function.name"),
+            "`shell` is the server's built-in tool in the shell loop; name yours differently",
+        ));
+    }
+    let spec = shell_spec(max_timeout);
+    list.push(json!({"type": "function", "function": {
+        "name": spec.name, "description": spec.description, "parameters": spec.parameters}}));
+    Ok(Value::Array(list))
+}
+
+/// One command the loop ran, as the response lists it.
+fn execution_record(round: u32, call: &ToolCall, outcome: &Value) -> Value {
+    let arguments: Value = serde_json::from_str(&call.arguments).unwrap_or(Value::Null);
+    json!({
+        "round": round,
+        "call_id": call.id,
+        "command": arguments["command"],
+        "timeout_s": arguments.get("timeout_s"),
+        "result": outcome,
+    })
+}
+
+/// Runs one `shell` call; returns (what the response shows, what the model reads).
+async fn execute(shell: &ShellLoop, call: &ToolCall) -> (Value, String) {
+    let arguments: Value = serde_json::from_str(&call.arguments).unwrap_or(Value::Null);
+    let command = arguments["command"].as_str().unwrap_or("").to_owned();
+    let limits = shell.sandbox.limits();
+    let timeout = arguments["timeout_s"]
+        .as_f64()
+        .filter(|t| *t > 0.0)
+        .map_or(limits.default_timeout, |t| {
+            Duration::from_secs_f64(t).min(limits.max_timeout)
+        });
+    let request = ExecRequest {
+        command,
+        timeout,
+        stdin: None,
+    };
+    match shell.sandbox.run(request, &shell.caller).await {
+        Ok(out) => {
+            let recap = |text: &str| {
+                let mut b = CappedBuffer::new(RESULT_LIMIT);
+                b.push(text.as_bytes());
+                b.into_text()
+            };
+            let for_model = json!({
+                "exit_code": out.exit_code, "signal": out.signal, "timed_out": out.timed_out,
+                "truncated": out.truncated || out.stdout.len() > RESULT_LIMIT || out.stderr.len() > RESULT_LIMIT,
+                "stdout": recap(&out.stdout), "stderr": recap(&out.stderr),
+            });
+            (json!(out), for_model.to_string())
+        }
+        Err(e) => {
+            let error = json!({"error": e.to_string()});
+            (error.clone(), error.to_string())
+        }
+    }
+}
+
+/// The messages a round adds: the assistant's shell calls, then one `tool` message per result.
+fn round_messages(
+    message: &AssistantMessage,
+    calls: &[ToolCall],
+    results: &[String],
+) -> Vec<Value> {
+    let tool_calls: Vec<Value> = calls
+        .iter()
+        .map(|c| {
+            let arguments: Value = serde_json::from_str(&c.arguments).unwrap_or(json!({}));
+            json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": arguments}})
+        })
+        .collect();
+    let mut out =
+        vec![json!({"role": "assistant", "content": message.content, "tool_calls": tool_calls})];
+    for (call, result) in calls.iter().zip(results) {
+        out.push(json!({"role": "tool", "tool_call_id": call.id, "content": result}));
+    }
+    out
+}
+
+/// Submits one round. `Ok(None)`: the conversation no longer fits (after the first round).
+fn submit_round(
+    state: &AppState,
+    messages: &[Value],
+    tools: &ToolRequest,
+    options: &GenerationOptions,
+    round: u32,
+) -> Result<Option<mpsc::Receiver<GenerationEvent>>, ApiError> {
+    let loaded = state.loaded()?;
+    let tokens = prompt_tokens(loaded, messages.to_vec(), Some(tools))?;
+    let budget = token_budget(
+        tokens.len(),
+        options.max_tokens,
+        loaded.info.n_ctx_seq,
+        state.config().n_predict,
+    );
+    let max_new_tokens = match budget {
+        Ok(b) => b,
+        Err(e) if round == 0 => return Err(e),
+        Err(_) => return Ok(None),
+    };
+    let job = PromptJob {
+        tokens,
+        max_new_tokens,
+    };
+    let mut receivers = generate::submit(&state.engine(), vec![job], options)?;
+    Ok(receivers.pop())
+}
+
+/// After the first round the model chooses freely: a forced choice would never let it answer.
+fn later_rounds(tools: &ToolRequest, options: &mut GenerationOptions) {
+    if tools.choice != ToolChoice::Auto {
+        options.sampling.grammar = None;
+    }
+}
+
+fn auto(tools: &ToolRequest) -> ToolRequest {
+    ToolRequest {
+        choice: ToolChoice::Auto,
+        ..tools.clone()
+    }
+}
+
+fn stopped_note(rounds: u32) -> String {
+    format!(
+        "[lm-sandbox: stopped after {rounds} round(s) of shell commands (max_tool_rounds); the model had not given its answer yet]"
+    )
+}
+
+const CONTEXT_NOTE: &str =
+    "[lm-sandbox: stopped: the conversation with the command results no longer fits the context]";
+
+fn append_note(content: Option<String>, note: &str) -> Option<String> {
+    Some(match content {
+        Some(c) if !c.trim().is_empty() => format!("{c}\n{note}"),
+        _ => note.to_owned(),
+    })
+}
+
+pub async fn run(
+    state: AppState,
+    model: String,
+    options: GenerationOptions,
+    messages: Vec<Value>,
+    tools: Arc<ToolRequest>,
+    shell: ShellLoop,
+) -> Result<Response, ApiError> {
+    // The first round is submitted before answering, so its mistakes (context, queue) are proper
+    // 4xx responses and not in-band stream errors.
+    let first = submit_round(&state, &messages, &tools, &options, 0)?
+        .expect("the first round either fits or is an error");
+    let header = ChunkHeader::new(
+        &state,
+        "chatcmpl",
+        "chat.completion.chunk",
+        model,
+        options.include_usage,
+    );
+    if options.stream {
+        let (tx, rx) = mpsc::channel::<Event>(64);
+        tokio::spawn(stream_loop(
+            state, header, options, messages, tools, shell, first, tx,
+        ));
+        return Ok(Sse::new(ReceiverStream::new(rx).map(Ok::<_, Infallible>)).into_response());
+    }
+    let mut messages = messages;
+    let mut options = options;
+    let mut usage = Usage::default();
+    let mut executions = Vec::new();
+    let mut round = 0;
+    let mut receiver = first;
+    let mut round_tools = (*tools).clone();
+    let mut last_stats: GenerationStats;
+    let (message, reason) = loop {
+        let done = generate::collect(vec![receiver]).await?.remove(0);
+        usage.add(&done.stats, true);
+        last_stats = done.stats;
+        let truncated = done.reason == Some(FinishReason::Length);
+        let (mut message, _) = round_tools.finish(&done.text, truncated);
+        let (shell_calls, client_calls): (Vec<ToolCall>, Vec<ToolCall>) = message
+            .tool_calls
+            .drain(..)
+            .partition(|c| c.name == SHELL_TOOL);
+        message.tool_calls = client_calls;
+        let reason = if message.tool_calls.is_empty() {
+            done.reason.map_or("stop", finish_reason)
+        } else {
+            "tool_calls"
+        };
+        if shell_calls.is_empty() {
+            break (message, reason);
+        }
+        if round == shell.max_rounds {
+            message.content = append_note(message.content, &stopped_note(round));
+            break (message, reason);
+        }
+        round += 1;
+        let mut results = Vec::new();
+        for call in &shell_calls {
+            let (shown, for_model) = execute(&shell, call).await;
+            executions.push(execution_record(round, call, &shown));
+            results.push(for_model);
+        }
+        messages.extend(round_messages(&message, &shell_calls, &results));
+        if !message.tool_calls.is_empty() {
+            break (message, reason);
+        }
+        later_rounds(&round_tools, &mut options);
+        round_tools = auto(&round_tools);
+        match submit_round(&state, &messages, &round_tools, &options, round)? {
+            Some(next) => receiver = next,
+            None => {
+                message.content = append_note(message.content, CONTEXT_NOTE);
+                break (message, reason);
+            }
+        }
+    };
+    Ok(axum::Json(json!({
+        "id": header.id,
+        "object": "chat.completion",
+        "created": header.created,
+        "model": header.model,
+        "system_fingerprint": header.fingerprint,
+        "choices": [{"index": 0, "message": message.to_json(), "logprobs": null, "finish_reason": reason}],
+        "usage": usage,
+        "timings": Timings::from(&last_stats),
+        "sandbox_executions": executions,
+    }))
+    .into_response())
+}
+
+fn event(value: &Value) -> Event {
+    Event::default().data(value.to_string())
+}
+
+fn delta_chunk(header: &ChunkHeader, delta: Value, extra: Option<(&str, Value)>) -> Value {
+    header.chunk(
+        json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
+        extra,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_loop(
+    state: AppState,
+    header: ChunkHeader,
+    mut options: GenerationOptions,
+    mut messages: Vec<Value>,
+    tools: Arc<ToolRequest>,
+    shell: ShellLoop,
+    first: mpsc::Receiver<GenerationEvent>,
+    tx: mpsc::Sender<Event>,
+) {
+    let send = |value: Value| {
+        let tx = tx.clone();
+        async move { tx.send(event(&value)).await.is_ok() }
+    };
+    let opening = delta_chunk(
+        &header,
+        json!({"role": "assistant", "content": "", "refusal": null}),
+        None,
+    );
+    if !send(opening).await {
+        return;
+    }
+    let mut usage = Usage::default();
+    let mut round = 0;
+    let mut receiver = first;
+    let mut round_tools = (*tools).clone();
+    let mut client_index = 0;
+    loop {
+        let mut stream = ToolStream::new();
+        let mut finished = None;
+        loop {
+            let next = tokio::select! {
+                // The client hung up: dropping the receiver cancels the sequence.
+                _ = tx.closed() => return,
+                next = receiver.recv() => next,
+            };
+            match next {
+                Some(GenerationEvent::Text(text)) => {
+                    for delta in stream.push(&text, &round_tools) {
+                        if !send(delta_chunk(&header, delta, None)).await {
+                            return;
+                        }
+                    }
+                }
+                Some(GenerationEvent::Done { reason, stats }) => {
+                    finished = Some((reason, stats));
+                    break;
+                }
+                Some(GenerationEvent::Failed(message)) => {
+                    let error = ApiError::Internal(message);
+                    let _ = tx
+                        .send(
+                            Event::default()
+                                .data(serde_json::to_string(&error.body()).unwrap_or_default()),
+                        )
+                        .await;
+                    return;
+                }
+                None => break,
+            }
+        }
+        let Some((reason, stats)) = finished else {
+            let error =
+                ApiError::Internal("the engine stopped before the generation finished".into());
+            let _ = tx
+                .send(
+                    Event::default().data(serde_json::to_string(&error.body()).unwrap_or_default()),
+                )
+                .await;
+            return;
+        };
+        usage.add(&stats, true);
+        let (deltas, mut message, _) = stream.finish(&round_tools, reason == FinishReason::Length);
+        let content_sent = message
+            .content
+            .as_deref()
+            .is_some_and(|c| !c.trim().is_empty());
+        // Content and reasoning as they are; calls are re-sent below, the client's only.
+        for delta in deltas.into_iter().filter(|d| d.get("tool_calls").is_none()) {
+            if !send(delta_chunk(&header, delta, None)).await {
+                return;
+            }
+        }
+        let (shell_calls, client_calls): (Vec<ToolCall>, Vec<ToolCall>) = message
+            .tool_calls
+            .drain(..)
+            .partition(|c| c.name == SHELL_TOOL);
+        for call in &client_calls {
+            let first = json!({"tool_calls": [{"index": client_index, "id": call.id, "type": "function",
+                               "function": {"name": call.name, "arguments": ""}}]});
+            let args = json!({"tool_calls": [{"index": client_index, "function": {"arguments": call.arguments}}]});
+            client_index += 1;
+            if !send(delta_chunk(&header, first, None)).await
+                || !send(delta_chunk(&header, args, None)).await
+            {
+                return;
+            }
+        }
+        let reason_text = if client_calls.is_empty() {
+            finish_reason(reason)
+        } else {
+            "tool_calls"
+        };
+        let mut note = None;
+        let mut next = None;
+        if !shell_calls.is_empty() && round == shell.max_rounds {
+            note = Some(stopped_note(round));
+        } else if !shell_calls.is_empty() {
+            round += 1;
+            let mut results = Vec::new();
+            for call in &shell_calls {
+                let (shown, for_model) = execute(&shell, call).await;
+                let record = execution_record(round, call, &shown);
+                if !send(delta_chunk(
+                    &header,
+                    json!({}),
+                    Some(("sandbox_execution", record)),
+                ))
+                .await
+                {
+                    return;
+                }
+                results.push(for_model);
+            }
+            message.tool_calls = client_calls.clone();
+            messages.extend(round_messages(&message, &shell_calls, &results));
+            if client_calls.is_empty() {
+                later_rounds(&round_tools, &mut options);
+                round_tools = auto(&round_tools);
+                match submit_round(&state, &messages, &round_tools, &options, round) {
+                    Ok(Some(rx)) => next = Some(rx),
+                    Ok(None) => note = Some(CONTEXT_NOTE.to_owned()),
+                    Err(e) => {
+                        let _ = tx
+                            .send(
+                                Event::default()
+                                    .data(serde_json::to_string(&e.body()).unwrap_or_default()),
+                            )
+                            .await;
+                        return;
+                    }
+                }
+            }
+        }
+        if let Some(rx) = next {
+            receiver = rx;
+            continue;
+        }
+        if let Some(note) = note {
+            // As `append_note` words it in the non-streamed response.
+            let text = if content_sent {
+                format!("\n{note}")
+            } else {
+                note
+            };
+            if !send(delta_chunk(&header, json!({"content": text}), None)).await {
+                return;
+            }
+        }
+        let finish = header.chunk(
+            json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason_text}]),
+            Some(("timings", json!(Timings::from(&stats)))),
+        );
+        if !send(finish).await {
+            return;
+        }
+        break;
+    }
+    if options.include_usage
+        && !send(header.chunk(Value::Array(Vec::new()), Some(("usage", json!(usage))))).await
+    {
+        return;
+    }
+    let _ = tx.send(Event::default().data("[DONE]")).await;
+}
