@@ -65,7 +65,9 @@ async fn generate(engine: &EngineHandle, prompt: Vec<i32>) -> u32 {
     while let Some(event) = events.recv().await {
         match event {
             GenerationEvent::Done { stats, .. } => return stats.generated_tokens,
-            GenerationEvent::Failed(message) => panic!("{message}"),
+            GenerationEvent::Failed(message) | GenerationEvent::Rejected(message) => {
+                panic!("{message}")
+            }
             GenerationEvent::Text(_) => {}
         }
     }

@@ -1323,3 +1323,25 @@ async fn only_sandbox_keys_get_the_loop_and_auto_shell_keys_get_it_unasked() {
     assert!(body["sandbox_executions"].as_array().unwrap().is_empty());
     let _ = std::fs::remove_file(&audit);
 }
+
+#[tokio::test]
+async fn a_grammar_the_engine_refuses_is_a_400_not_a_500() {
+    let h = harness();
+    let mut request = chat("x");
+    request["grammar"] = json!(lm_sandbox::engine::fake::FAKE_INVALID_GRAMMAR);
+    let (status, body) = send_json(&h.app, post("/v1/chat/completions", request.clone())).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(error_of(&body)["param"], "grammar");
+    request["stream"] = json!(true);
+    let (status, _, sse) = send(&h.app, post("/v1/chat/completions", request.clone())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        sse.contains("\"param\":\"grammar\""),
+        "an in-band error: {sse}"
+    );
+    request["stream"] = json!(false);
+    request["response_format"] = json!({"type": "json_object"});
+    let (status, body) = send_json(&h.app, post("/v1/chat/completions", request)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&body)["param"], "grammar");
+}

@@ -210,3 +210,29 @@ async fn response_format_json_schema_output_validates() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_raw_grammar_constrains_the_output_and_a_broken_one_is_a_400() {
+    let server = start(&[]).await;
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let mut request = json!({
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": "Is the sky blue? Answer yes or no."}],
+        "grammar": "root ::= (\"yes\" | \"no\") \".\"",
+        "temperature": 0,
+        "max_tokens": 10,
+    });
+    let (status, body) = post(&url, &request).await;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text == "yes." || text == "no.", "{text}");
+    request["grammar"] = json!("root ::= undefined-rule");
+    let (status, body) = post(&url, &request).await;
+    assert_eq!(status, 400, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["param"], "grammar");
+    // The engine is fine afterwards.
+    request.as_object_mut().unwrap().remove("grammar");
+    assert_eq!(post(&url, &request).await.0, 200);
+}

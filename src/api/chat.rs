@@ -289,6 +289,12 @@ pub async fn chat_completions(
         Some(format) => response_format_grammar(format)?,
         None => None,
     };
+    if grammar.is_some() && options.sampling.grammar.is_some() {
+        return Err(ApiError::invalid(
+            "grammar",
+            "a raw `grammar` cannot be combined with a JSON `response_format`",
+        ));
+    }
     if let Some(tools) = &tools {
         tools.check_schemas()?;
         if let Some(forced) = tools.grammar()? {
@@ -298,10 +304,18 @@ pub async fn chat_completions(
                     "a JSON `response_format` cannot be combined with a forced `tool_choice`",
                 ));
             }
+            if options.sampling.grammar.is_some() {
+                return Err(ApiError::invalid(
+                    "grammar",
+                    "a raw `grammar` cannot be combined with a forced `tool_choice`",
+                ));
+            }
             grammar = Some(forced);
         }
     }
-    options.sampling.grammar = grammar.map(Arc::from);
+    if let Some(grammar) = grammar {
+        options.sampling.grammar = Some(Arc::from(grammar));
+    }
     let messages = chat
         .messages
         .iter()

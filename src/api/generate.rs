@@ -160,6 +160,9 @@ pub async fn collect(
                 choice.stats = stats;
             }
             GenerationEvent::Failed(message) => return Err(ApiError::Internal(message)),
+            GenerationEvent::Rejected(message) => {
+                return Err(ApiError::invalid("grammar", message))
+            }
         }
     }
     if done.iter().any(|c| c.reason.is_none()) {

@@ -41,7 +41,12 @@ pub struct CommonFields {
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// llama-server extension: a GBNF grammar (root rule `root`) the output must match.
+    pub grammar: Option<String>,
 }
+
+/// Longest raw `grammar` accepted.
+pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Deserialize)]
 pub struct StreamOptions {
@@ -158,6 +163,18 @@ impl CommonFields {
                 "`stream_options` is only allowed when `stream` is true",
             ));
         }
+        let grammar = match &self.grammar {
+            None => None,
+            Some(g) if g.trim().is_empty() => None,
+            Some(g) if g.len() > MAX_GRAMMAR_BYTES => {
+                return Err(ApiError::out_of_range(
+                    "grammar",
+                    &format!("at most {MAX_GRAMMAR_BYTES} bytes"),
+                    g.len(),
+                ))
+            }
+            Some(g) => Some(std::sync::Arc::from(g.as_str())),
+        };
         let include_usage = self
             .stream_options
             .as_ref()
@@ -175,7 +192,7 @@ impl CommonFields {
                 repeat_penalty,
                 penalty_last_n,
                 logit_bias,
-                grammar: None,
+                grammar,
             },
             max_tokens,
             stop: parse_stop(self.stop.as_ref())?,

@@ -444,6 +444,16 @@ async fn stream_loop(
                     finished = Some((reason, stats));
                     break;
                 }
+                Some(GenerationEvent::Rejected(message)) => {
+                    let error = ApiError::invalid("grammar", message);
+                    let _ = tx
+                        .send(
+                            Event::default()
+                                .data(serde_json::to_string(&error.body()).unwrap_or_default()),
+                        )
+                        .await;
+                    return;
+                }
                 Some(GenerationEvent::Failed(message)) => {
                     let error = ApiError::Internal(message);
                     let _ = tx

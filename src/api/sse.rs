@@ -139,6 +139,13 @@ async fn forward<S: ChunkShape>(
                 finished += 1;
                 shape.finish(index, reason, &stats)
             }
+            Some((_, GenerationEvent::Rejected(message))) => {
+                // Only the opening chunks went out: the client's mistake, in-band.
+                let _ = tx
+                    .send(error_event(&ApiError::invalid("grammar", message)))
+                    .await;
+                return;
+            }
             Some((_, GenerationEvent::Failed(message))) => {
                 let error = ApiError::Internal(message);
                 tracing::error!(%error, "generation failed mid-stream");

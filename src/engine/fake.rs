@@ -16,6 +16,9 @@ use super::runner::{BatchEntry, ModelRunner, RunnerError};
 use super::worker::{self, WorkerConfig};
 use super::{EngineHandle, ModelInfo, SamplingParams, SeqId, Token, TokenizeText};
 
+/// A grammar the fake runner refuses, standing in for one llama.cpp cannot parse.
+pub const FAKE_INVALID_GRAMMAR: &str = "root ::= (";
+
 /// The fake vocabulary's end-of-generation token.
 pub const FAKE_EOS: Token = 256;
 
@@ -94,12 +97,17 @@ impl FakeRunner {
 }
 
 impl ModelRunner for FakeRunner {
-    fn begin_sequence(&mut self, seq: SeqId, _params: &SamplingParams) {
+    fn begin_sequence(&mut self, seq: SeqId, params: &SamplingParams) -> Result<(), String> {
+        // The fake has no grammar engine; it refuses the one grammar tests use to mean "invalid".
+        if params.grammar.as_deref() == Some(FAKE_INVALID_GRAMMAR) {
+            return Err("fake: the grammar does not parse".into());
+        }
         // The decoded tokens (the fake KV) stay; only the sampling state restarts.
         let state = self.sequences.entry(seq).or_default();
         state.prompt_len = None;
         state.sampled = 0;
         self.log.lock().expect("fake log").begun.push(seq);
+        Ok(())
     }
 
     fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), RunnerError> {

@@ -247,18 +247,16 @@ struct LlamaRunner<'m> {
     samplers: Vec<Option<LlamaSampler>>,
 }
 
-fn sampler_chain(params: &SamplingParams, model: &LlamaModel) -> LlamaSampler {
+fn sampler_chain(params: &SamplingParams, model: &LlamaModel) -> Result<LlamaSampler, String> {
     let n_vocab = model.n_vocab();
     // llama-server's order: biases and penalties reshape logits, then truncation, then temperature.
     // The grammar goes first: it removes every token that cannot continue a match.
     let mut chain = Vec::new();
     if let Some(grammar) = &params.grammar {
-        match LlamaSampler::grammar(model, grammar, "root") {
-            Ok(sampler) => chain.push(sampler),
-            // The API only sends grammars it generated and tested; this is a bug, not a client
-            // mistake, and the request still gets an unconstrained answer.
-            Err(e) => tracing::error!(%e, "grammar rejected by llama.cpp; sampling without it"),
-        }
+        // llama.cpp logs the parse error itself and returns no sampler.
+        let sampler = LlamaSampler::grammar(model, grammar, "root")
+            .map_err(|e| format!("llama.cpp refused the grammar ({e}): check its syntax, that `root` and every rule it uses are defined, and that no rule is left-recursive"))?;
+        chain.push(sampler);
     }
     if !params.logit_bias.is_empty() {
         let biases: Vec<LlamaLogitBias> = params
@@ -293,12 +291,13 @@ fn sampler_chain(params: &SamplingParams, model: &LlamaModel) -> LlamaSampler {
         let seed = params.seed.unwrap_or_else(rand::random);
         chain.push(LlamaSampler::dist(seed));
     }
-    LlamaSampler::chain_simple(chain)
+    Ok(LlamaSampler::chain_simple(chain))
 }
 
 impl ModelRunner for LlamaRunner<'_> {
-    fn begin_sequence(&mut self, seq: SeqId, params: &SamplingParams) {
-        self.samplers[seq as usize] = Some(sampler_chain(params, self.model));
+    fn begin_sequence(&mut self, seq: SeqId, params: &SamplingParams) -> Result<(), String> {
+        self.samplers[seq as usize] = Some(sampler_chain(params, self.model)?);
+        Ok(())
     }
 
     fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), RunnerError> {

@@ -75,6 +75,9 @@ pub enum GenerationEvent {
     },
     /// The engine could not complete the request (a server fault, not a client mistake).
     Failed(String),
+    /// The request's settings were refused before any token (a grammar llama.cpp cannot use): a
+    /// client mistake.
+    Rejected(String),
 }
 
 /// Why a request was not admitted.

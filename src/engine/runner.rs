@@ -26,7 +26,8 @@ pub enum RunnerError {
 /// A model that can decode batches over several sequences and sample from their logits.
 pub trait ModelRunner {
     /// Prepares per-sequence state (the sampler chain) for a new request on `seq`.
-    fn begin_sequence(&mut self, seq: SeqId, params: &SamplingParams);
+    /// `Err`: the settings cannot be used (llama.cpp rejects the grammar); nothing was changed.
+    fn begin_sequence(&mut self, seq: SeqId, params: &SamplingParams) -> Result<(), String>;
 
     /// Runs one forward pass over `batch`.
     fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), RunnerError>;

@@ -176,13 +176,19 @@ impl<R: ModelRunner> Scheduler<R> {
         }
         // Keep the shared prefix, but always decode at least the last prompt token: its logits
         // pick the first generated token.
+        if let Err(reason) = self.runner.begin_sequence(seq, &request.sampling) {
+            // Ignored send error: a client that left needs no answer.
+            let _ = submission
+                .events
+                .try_send(GenerationEvent::Rejected(reason));
+            return Ok(());
+        }
         let cache = &mut self.kv[index];
         let reuse = common_prefix(&cache.tokens, &request.prompt).min(request.prompt.len() - 1);
         if cache.tokens.len() > reuse {
             self.runner.truncate_sequence(seq, reuse as u32);
             cache.tokens.truncate(reuse);
         }
-        self.runner.begin_sequence(seq, &request.sampling);
         let stop = StopMatcher::new(request.stop.clone());
         self.slots[index] = Some(Slot {
             submission,
