@@ -60,6 +60,7 @@ async fn generate(engine: &EngineHandle, prompt: Vec<i32>) -> u32 {
             sampling: greedy_without_eos(),
             max_new_tokens: TOKENS,
             stop: Vec::new(),
+            special_tokens: false,
         })
         .expect("queue has room");
     while let Some(event) = events.recv().await {

@@ -296,6 +296,8 @@ pub async fn chat_completions(
         ));
     }
     if let Some(tools) = &tools {
+        // Markers like `[TOOL_CALLS]` and `<|python_tag|>` are control tokens: keep them as text.
+        options.special_tokens = true;
         tools.check_schemas()?;
         if let Some(forced) = tools.grammar()? {
             if grammar.is_some() {

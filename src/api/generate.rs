@@ -113,6 +113,7 @@ pub fn submit(
                 sampling,
                 max_new_tokens: job.max_new_tokens,
                 stop: options.stop.clone(),
+                special_tokens: options.special_tokens,
             };
             let rx = engine.submit(request).map_err(|err| match err {
                 SubmitError::QueueFull => ApiError::QueueFull,

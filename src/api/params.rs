@@ -63,6 +63,8 @@ pub struct GenerationOptions {
     pub n: u32,
     pub stream: bool,
     pub include_usage: bool,
+    /// Control tokens come out as text (set when tool calls are parsed).
+    pub special_tokens: bool,
 }
 
 fn range_f32(
@@ -199,6 +201,7 @@ impl CommonFields {
             n,
             stream,
             include_usage,
+            special_tokens: false,
         })
     }
 }

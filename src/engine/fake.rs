@@ -163,7 +163,7 @@ impl ModelRunner for FakeRunner {
             .push((seq, keep));
     }
 
-    fn token_bytes(&self, token: Token, out: &mut Vec<u8>) {
+    fn token_bytes(&self, token: Token, _special: bool, out: &mut Vec<u8>) {
         if let Ok(byte) = u8::try_from(token) {
             out.push(byte);
         }

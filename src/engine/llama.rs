@@ -348,10 +348,10 @@ impl ModelRunner for LlamaRunner<'_> {
         }
     }
 
-    fn token_bytes(&self, token: Token, out: &mut Vec<u8>) {
+    fn token_bytes(&self, token: Token, special: bool, out: &mut Vec<u8>) {
         self.model
             .vocab()
-            .token_to_piece_into(LlamaToken(token), out, false, None);
+            .token_to_piece_into(LlamaToken(token), out, special, None);
     }
 
     fn is_end_of_generation(&self, token: Token) -> bool {

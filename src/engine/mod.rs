@@ -40,6 +40,8 @@ pub struct GenerationRequest {
     /// Upper bound on generated tokens, already capped to fit the sequence's context.
     pub max_new_tokens: u32,
     pub stop: Vec<String>,
+    /// Render control tokens as text (the tool-call parser needs markers such as `[TOOL_CALLS]`).
+    pub special_tokens: bool,
 }
 
 /// Why generation ended, in engine terms.

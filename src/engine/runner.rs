@@ -42,8 +42,10 @@ pub trait ModelRunner {
     /// Frees the sequence's KV cells at positions `keep..`; `keep == 0` frees them all.
     fn truncate_sequence(&mut self, seq: SeqId, keep: u32);
 
-    /// Appends the bytes of `token`'s text to `out` (control tokens append nothing).
-    fn token_bytes(&self, token: Token, out: &mut Vec<u8>);
+    /// Appends the bytes of `token`'s text to `out`. Control tokens append nothing unless
+    /// `special` (tool-call markers such as `[TOOL_CALLS]` and `<|python_tag|>` are control
+    /// tokens in their vocabularies).
+    fn token_bytes(&self, token: Token, special: bool, out: &mut Vec<u8>);
 
     /// Whether `token` ends generation (EOS, EOT, ...).
     fn is_end_of_generation(&self, token: Token) -> bool;

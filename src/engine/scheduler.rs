@@ -333,12 +333,13 @@ impl<R: ModelRunner> Scheduler<R> {
     fn accept_token(&mut self, index: usize, token: Token, report: &mut StepReport) {
         let is_end = self.runner.is_end_of_generation(token);
         let mut piece = Vec::new();
-        if !is_end {
-            self.runner.token_bytes(token, &mut piece);
-        }
         let Some(slot) = self.slots[index].as_mut() else {
             return;
         };
+        if !is_end {
+            let special = slot.submission.request.special_tokens;
+            self.runner.token_bytes(token, special, &mut piece);
+        }
         slot.generated += 1;
         slot.first_token_at.get_or_insert_with(Instant::now);
         if is_end {

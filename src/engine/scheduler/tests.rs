@@ -19,6 +19,7 @@ fn submission(
         sampling: SamplingParams::default(),
         max_new_tokens: max,
         stop: stop.iter().map(|s| s.to_string()).collect(),
+        special_tokens: false,
     };
     (
         Submission {
