@@ -64,6 +64,13 @@ fn clean_stale() {
         {
             let _ = docker.output(&["volume", "rm", "--force", old]);
         }
+        // Key layers of earlier runs (each run makes new keys); one still in use stays.
+        let images = docker
+            .output(&["images", "-q", "--filter", &format!("label={TEST_LABEL}")])
+            .unwrap_or_default();
+        for old in images.lines() {
+            let _ = docker.output(&["rmi", old]);
+        }
     });
 }
 
@@ -700,30 +707,26 @@ async fn http_exec_answers_503_within_the_connect_timeout_when_the_sandbox_is_do
     container::down(&docker(), &fixture.name, true).unwrap();
 }
 
-/// The real binary: `serve --sandbox` on the default model, wired to the shared sandbox by flags.
+/// The real binary serving the default model with the shared sandbox; killed when dropped.
 #[cfg(feature = "real-model")]
-#[tokio::test]
-async fn serve_with_the_sandbox_flag_runs_commands_over_http() {
+async fn spawn_serve(extra: &[&str], audit: &Path) -> (tokio::process::Child, String) {
     let fixture = shared();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let audit = state_root().join("serve-audit.jsonl");
     let model = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
     );
-    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_lm-sandbox"))
+    let server = tokio::process::Command::new(env!("CARGO_BIN_EXE_lm-sandbox"))
         .args([
             "serve",
             "-m",
             model,
             "--port",
             &port.to_string(),
-            "-c",
-            "512",
             "--parallel",
             "1",
         ])
@@ -731,23 +734,31 @@ async fn serve_with_the_sandbox_flag_runs_commands_over_http() {
         .args(["--sandbox-state-dir", state_root().to_str().unwrap()])
         .args(["--sandbox-name", &fixture.name])
         .args(["--sandbox-audit-log", audit.to_str().unwrap()])
+        .args(extra)
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(resp) = reqwest::get(format!("{base}/health")).await {
-            if resp.status().is_success() {
-                break;
-            }
-        }
+    while !reqwest::get(format!("{base}/health"))
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
         assert!(
             Instant::now() < deadline,
             "the server did not become healthy"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    (server, base)
+}
+
+/// The real binary: `serve --sandbox` on the default model, wired to the shared sandbox by flags.
+#[cfg(feature = "real-model")]
+#[tokio::test]
+async fn serve_with_the_sandbox_flag_runs_commands_over_http() {
+    let audit = state_root().join("serve-audit.jsonl");
+    let (mut server, base) = spawn_serve(&["-c", "512"], &audit).await;
     let (status, id, body) = post(
         &base,
         Some(RUNNER_KEY),
@@ -769,54 +780,8 @@ async fn serve_with_the_sandbox_flag_runs_commands_over_http() {
 #[cfg(feature = "real-model")]
 #[tokio::test]
 async fn the_real_model_runs_a_forced_shell_call_in_the_sandbox_and_answers() {
-    let fixture = shared();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let audit = state_root().join("loop-audit.jsonl");
-    let model = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-    );
-    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_lm-sandbox"))
-        .args([
-            "serve",
-            "-m",
-            model,
-            "--port",
-            &port.to_string(),
-            "-c",
-            "4096",
-            "--parallel",
-            "1",
-        ])
-        .args([
-            "--sandbox",
-            "--sandbox-api-key",
-            RUNNER_KEY,
-            "--api-key",
-            PLAIN_KEY,
-        ])
-        .args(["--sandbox-state-dir", state_root().to_str().unwrap()])
-        .args(["--sandbox-name", &fixture.name])
-        .args(["--sandbox-audit-log", audit.to_str().unwrap()])
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !reqwest::get(format!("{base}/health"))
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the server did not become healthy"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (mut server, base) = spawn_serve(&["-c", "4096", "--api-key", PLAIN_KEY], &audit).await;
     let request = json!({
         "model": "SmolLM2-135M-Instruct.Q4_1",
         "messages": [{"role": "user", "content": "Use the shell tool to run this command: echo hello-sandbox"}],

@@ -29,7 +29,7 @@ use super::chat::prompt_tokens;
 use super::error::ApiError;
 use super::generate::{self, finish_reason, PromptJob, Timings, Usage};
 use super::params::{token_budget, GenerationOptions};
-use super::sse::ChunkHeader;
+use super::sse::{error_event, ChunkHeader};
 use super::AppState;
 use crate::engine::{FinishReason, GenerationEvent, GenerationStats};
 use crate::sandbox::output::CappedBuffer;
@@ -446,22 +446,12 @@ async fn stream_loop(
                 }
                 Some(GenerationEvent::Rejected(message)) => {
                     let error = ApiError::invalid("grammar", message);
-                    let _ = tx
-                        .send(
-                            Event::default()
-                                .data(serde_json::to_string(&error.body()).unwrap_or_default()),
-                        )
-                        .await;
+                    let _ = tx.send(error_event(&error)).await;
                     return;
                 }
                 Some(GenerationEvent::Failed(message)) => {
                     let error = ApiError::Internal(message);
-                    let _ = tx
-                        .send(
-                            Event::default()
-                                .data(serde_json::to_string(&error.body()).unwrap_or_default()),
-                        )
-                        .await;
+                    let _ = tx.send(error_event(&error)).await;
                     return;
                 }
                 None => break,
@@ -470,11 +460,7 @@ async fn stream_loop(
         let Some((reason, stats)) = finished else {
             let error =
                 ApiError::Internal("the engine stopped before the generation finished".into());
-            let _ = tx
-                .send(
-                    Event::default().data(serde_json::to_string(&error.body()).unwrap_or_default()),
-                )
-                .await;
+            let _ = tx.send(error_event(&error)).await;
             return;
         };
         usage.add(&stats, true);
@@ -539,12 +525,7 @@ async fn stream_loop(
                     Ok(Some(rx)) => next = Some(rx),
                     Ok(None) => note = Some(CONTEXT_NOTE.to_owned()),
                     Err(e) => {
-                        let _ = tx
-                            .send(
-                                Event::default()
-                                    .data(serde_json::to_string(&e.body()).unwrap_or_default()),
-                            )
-                            .await;
+                        let _ = tx.send(error_event(&e)).await;
                         return;
                     }
                 }

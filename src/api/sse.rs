@@ -172,6 +172,6 @@ async fn forward<S: ChunkShape>(
 }
 
 /// An error after the stream began: one in-band event, then the end.
-fn error_event(error: &ApiError) -> Event {
+pub(super) fn error_event(error: &ApiError) -> Event {
     Event::default().data(serde_json::to_string(&error.body()).unwrap_or_default())
 }

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::image::{ensure_image, ensure_keyed_image, Docker, DockerError};
+use super::image::{
+    ensure_image, ensure_keyed_image, Docker, DockerError, KeyedLayer, KEYED_REPOSITORY,
+};
 use super::keys::{self, KeyError};
 use super::ssh::{SshConfig, Transport, SSHD_CONFIG};
 
@@ -293,7 +295,12 @@ pub fn up(config: &UpConfig) -> Result<SandboxState, ContainerError> {
     let (host_pem, host_public) = key_pair(&dir.join(HOST_KEY), "lm-sandbox host")?;
     let docker = &config.docker;
     let base = ensure_image(docker)?;
-    let image = ensure_keyed_image(docker, &base, &host_pem, &host_public, &client_public)?;
+    let keys = KeyedLayer {
+        host_key_pem: &host_pem,
+        host_public: &host_public,
+        client_public: &client_public,
+    };
+    let image = ensure_keyed_image(docker, &base, &keys, &config.labels)?;
     let volume = format!("{}-workspace", config.name);
     if config.transport == TransportKind::Tcp
         && docker
@@ -352,9 +359,15 @@ fn address(docker: &Docker, name: &str) -> Result<String, ContainerError> {
 /// Stops and removes the container (and its workspace volume with `remove_volume`). The keys stay,
 /// so the next `up` keeps the same pinned host key.
 pub fn down(docker: &Docker, name: &str, remove_volume: bool) -> Result<bool, ContainerError> {
-    let existed = inspect(docker, name).is_some();
-    if existed {
+    let found = inspect(docker, name);
+    let existed = found.is_some();
+    if let Some((_, image)) = found {
         docker.output(&["rm", "--force", name])?;
+        // The per-install key layer goes too (`up` rebuilds it in a second); best effort, since
+        // another container may still use it.
+        if image.starts_with(&format!("{KEYED_REPOSITORY}:")) {
+            let _ = docker.output(&["rmi", &image]);
+        }
     }
     if remove_volume {
         let volume = format!("{name}-workspace");

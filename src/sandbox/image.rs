@@ -144,17 +144,15 @@ impl Docker {
             .is_ok()
     }
 
-    /// Builds `dir` as `tag`.
-    fn build(&self, dir: &Path, tag: &str) -> Result<(), DockerError> {
+    /// Builds `dir` as `tag`, with `labels` (`key=value`) besides `lm-sandbox.managed=1`.
+    fn build(&self, dir: &Path, tag: &str, labels: &[String]) -> Result<(), DockerError> {
         let dir = dir.to_string_lossy();
-        self.step(&[
-            "build",
-            "--label",
-            "lm-sandbox.managed=1",
-            "--tag",
-            tag,
-            &dir,
-        ])
+        let mut args = vec!["build", "--label", "lm-sandbox.managed=1"];
+        for label in labels {
+            args.extend(["--label", label.as_str()]);
+        }
+        args.extend(["--tag", tag, &dir]);
+        self.step(&args)
     }
 }
 
@@ -213,7 +211,7 @@ pub fn ensure_image(docker: &Docker) -> Result<String, DockerError> {
     for (name, contents, mode) in CONTEXT {
         write_file(&dir.path().join(name), contents.as_bytes(), mode)?;
     }
-    docker.build(dir.path(), &tag)?;
+    docker.build(dir.path(), &tag, &[])?;
     Ok(tag)
 }
 
@@ -275,16 +273,28 @@ fn import_bookworm(docker: &Docker) -> Result<(), DockerError> {
     Ok(())
 }
 
+/// What the per-install layer adds.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyedLayer<'a> {
+    pub host_key_pem: &'a str,
+    pub host_public: &'a str,
+    pub client_public: &'a str,
+}
+
 /// The image plus this install's keys: the host key (readable by the `sandbox` group, since sshd
 /// runs as that user) and the authorized client key, restricted. Cached by a tag derived from the
-/// image and both public keys.
+/// image and both public keys; `labels` mark it (tests mark theirs for clean-up).
 pub fn ensure_keyed_image(
     docker: &Docker,
     image: &str,
-    host_key_pem: &str,
-    host_public: &str,
-    client_public: &str,
+    keys: &KeyedLayer<'_>,
+    labels: &[String],
 ) -> Result<String, DockerError> {
+    let KeyedLayer {
+        host_key_pem,
+        host_public,
+        client_public,
+    } = *keys;
     let mut hash = Sha256::new();
     for part in [image, host_public, client_public] {
         hash.update((part.len() as u64).to_le_bytes());
@@ -314,7 +324,7 @@ pub fn ensure_keyed_image(
         0o644,
     )?;
     let quiet = Docker::new(docker.program.clone(), Progress::Quiet);
-    quiet.build(dir.path(), &tag)?;
+    quiet.build(dir.path(), &tag, labels)?;
     Ok(tag)
 }
 
