@@ -265,10 +265,10 @@ pub async fn chat_completions(
             "`logprobs` is not supported yet",
         ));
     }
-    let mut sandbox_request = chat.sandbox.clone().unwrap_or_default();
+    let sandbox_request = chat.sandbox.clone().unwrap_or_default();
     let shell = shell_loop::wanted(
         &state,
-        &mut sandbox_request,
+        &sandbox_request,
         authenticated.as_ref().map(|Extension(a)| a),
         &request_id,
         options.n,
@@ -351,13 +351,7 @@ pub async fn chat_completions(
         max_new_tokens,
     };
     let receivers = generate::submit(&state.engine(), vec![job], &options)?;
-    let header = ChunkHeader::new(
-        &state,
-        "chatcmpl",
-        "chat.completion.chunk",
-        model,
-        options.include_usage,
-    );
+    let header = ChunkHeader::chat(&state, model, options.include_usage);
     let tools = tools.map(Arc::new);
     let choices = receivers.len();
     let stream_tools = tools.clone();

@@ -62,7 +62,7 @@ pub struct ShellLoop {
 /// Whether this request runs the shell loop; errors for asking without the right key or server.
 pub fn wanted(
     state: &AppState,
-    fields: &mut SandboxFields,
+    fields: &SandboxFields,
     key: Option<&Authenticated>,
     request_id: &str,
     n: u32,
@@ -304,13 +304,7 @@ pub async fn run(
     // 4xx responses and not in-band stream errors.
     let first = submit_round(&state, &messages, &tools, &options, 0)?
         .expect("the first round either fits or is an error");
-    let header = ChunkHeader::new(
-        &state,
-        "chatcmpl",
-        "chat.completion.chunk",
-        model,
-        options.include_usage,
-    );
+    let header = ChunkHeader::chat(&state, model, options.include_usage);
     if options.stream {
         let (tx, rx) = mpsc::channel::<Event>(64);
         tokio::spawn(stream_loop(

@@ -49,6 +49,17 @@ impl ChunkHeader {
         }
     }
 
+    /// A header for `chat.completion.chunk`s.
+    pub fn chat(state: &super::AppState, model: String, include_usage: bool) -> Self {
+        Self::new(
+            state,
+            "chatcmpl",
+            "chat.completion.chunk",
+            model,
+            include_usage,
+        )
+    }
+
     /// One chunk with `choices`, plus an optional extra top-level field.
     pub fn chunk(&self, choices: Value, extra: Option<(&str, Value)>) -> Value {
         let mut chunk = serde_json::json!({
