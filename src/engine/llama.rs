@@ -15,6 +15,8 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::{LlamaModelParams, LlamaSplitMode};
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
@@ -244,20 +246,69 @@ struct LlamaRunner<'m> {
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
-    samplers: Vec<Option<LlamaSampler>>,
+    samplers: Vec<Option<SequenceSampler>>,
 }
 
-fn sampler_chain(params: &SamplingParams, model: &LlamaModel) -> Result<LlamaSampler, String> {
+/// One sequence's samplers: the chain, and a grammar kept apart so it is consulted for one token
+/// at a time (see [`SequenceSampler::sample`]).
+struct SequenceSampler {
+    chain: LlamaSampler,
+    grammar: Option<LlamaSampler>,
+}
+
+impl SequenceSampler {
+    fn new(params: &SamplingParams, model: &LlamaModel) -> Result<Self, String> {
+        let grammar = match &params.grammar {
+            None => None,
+            // llama.cpp logs the parse error itself and returns no sampler.
+            Some(grammar) => Some(LlamaSampler::grammar(model, grammar, "root").map_err(|e| {
+                format!(
+                    "llama.cpp refused the grammar ({e}): check its syntax, that `root` and every \
+                     rule it uses are defined, and that no rule is left-recursive"
+                )
+            })?),
+        };
+        Ok(Self {
+            chain: sampler_chain(params, model),
+            grammar,
+        })
+    }
+
+    /// llama-server's order with a grammar: sample freely, check just that token against the
+    /// grammar, and only when it is refused constrain the whole vocabulary and sample again, so most
+    /// steps do not run the grammar over every candidate.
+    fn sample(&mut self, ctx: &LlamaContext<'_>, index: i32) -> LlamaToken {
+        let Some(grammar) = self.grammar.as_mut() else {
+            // `llama_sampler_sample` also accepts the token into the chain (penalty history).
+            return self.chain.sample(ctx, index);
+        };
+        let mut candidates = ctx.token_data_array_ith(index);
+        candidates.apply_sampler(&mut self.chain);
+        let free = candidates
+            .selected_token()
+            .expect("the chain ends in a selecting sampler");
+        let mut single = LlamaTokenDataArray::new(vec![LlamaTokenData::new(free, 1.0, 0.0)], false);
+        single.apply_sampler(grammar);
+        let token = if single.data[0].logit() > f32::NEG_INFINITY {
+            free
+        } else {
+            let mut candidates = ctx.token_data_array_ith(index);
+            candidates.apply_sampler(grammar);
+            candidates.apply_sampler(&mut self.chain);
+            candidates
+                .selected_token()
+                .expect("the chain ends in a selecting sampler")
+        };
+        grammar.accept(token);
+        self.chain.accept(token);
+        token
+    }
+}
+
+fn sampler_chain(params: &SamplingParams, model: &LlamaModel) -> LlamaSampler {
     let n_vocab = model.n_vocab();
     // llama-server's order: biases and penalties reshape logits, then truncation, then temperature.
-    // The grammar goes first: it removes every token that cannot continue a match.
     let mut chain = Vec::new();
-    if let Some(grammar) = &params.grammar {
-        // llama.cpp logs the parse error itself and returns no sampler.
-        let sampler = LlamaSampler::grammar(model, grammar, "root")
-            .map_err(|e| format!("llama.cpp refused the grammar ({e}): check its syntax, that `root` and every rule it uses are defined, and that no rule is left-recursive"))?;
-        chain.push(sampler);
-    }
     if !params.logit_bias.is_empty() {
         let biases: Vec<LlamaLogitBias> = params
             .logit_bias
@@ -291,12 +342,12 @@ fn sampler_chain(params: &SamplingParams, model: &LlamaModel) -> Result<LlamaSam
         let seed = params.seed.unwrap_or_else(rand::random);
         chain.push(LlamaSampler::dist(seed));
     }
-    Ok(LlamaSampler::chain_simple(chain))
+    LlamaSampler::chain_simple(chain)
 }
 
 impl ModelRunner for LlamaRunner<'_> {
     fn begin_sequence(&mut self, seq: SeqId, params: &SamplingParams) -> Result<(), String> {
-        self.samplers[seq as usize] = Some(sampler_chain(params, self.model)?);
+        self.samplers[seq as usize] = Some(SequenceSampler::new(params, self.model)?);
         Ok(())
     }
 
@@ -321,7 +372,6 @@ impl ModelRunner for LlamaRunner<'_> {
         let sampler = self.samplers[seq as usize]
             .as_mut()
             .expect("begin_sequence runs before any sample for a sequence");
-        // `llama_sampler_sample` also accepts the token into the chain (penalty history).
         sampler.sample(&self.ctx, batch_index as i32).0
     }
 
