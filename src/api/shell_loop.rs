@@ -35,7 +35,7 @@ use crate::engine::{FinishReason, GenerationEvent, GenerationStats};
 use crate::sandbox::output::CappedBuffer;
 use crate::sandbox::{Caller, ExecRequest, Sandbox};
 use crate::tools::stream::ToolStream;
-use crate::tools::{AssistantMessage, ToolCall, ToolChoice, ToolRequest, ToolSpec};
+use crate::tools::{tool_json, AssistantMessage, ToolCall, ToolChoice, ToolRequest, ToolSpec};
 
 /// The built-in tool's name.
 pub const SHELL_TOOL: &str = "shell";
@@ -157,9 +157,7 @@ pub fn with_shell(tools: Option<&Value>, state: &AppState) -> Result<Value, ApiE
             "`shell` is the server's built-in tool in the shell loop; name yours differently",
         ));
     }
-    let spec = shell_spec(max_timeout);
-    list.push(json!({"type": "function", "function": {
-        "name": spec.name, "description": spec.description, "parameters": spec.parameters}}));
+    list.push(tool_json(&shell_spec(max_timeout)));
     Ok(Value::Array(list))
 }
 
@@ -262,17 +260,12 @@ fn submit_round(
     Ok(receivers.pop())
 }
 
-/// After the first round the model chooses freely: a forced choice would never let it answer.
-fn later_rounds(tools: &ToolRequest, options: &mut GenerationOptions) {
+/// After the first round the model chooses freely: a forced choice (and its grammar) would never
+/// let it answer.
+fn free_choice(tools: &mut ToolRequest, options: &mut GenerationOptions) {
     if tools.choice != ToolChoice::Auto {
+        tools.choice = ToolChoice::Auto;
         options.sampling.grammar = None;
-    }
-}
-
-fn auto(tools: &ToolRequest) -> ToolRequest {
-    ToolRequest {
-        choice: ToolChoice::Auto,
-        ..tools.clone()
     }
 }
 
@@ -354,8 +347,7 @@ pub async fn run(
         if !message.tool_calls.is_empty() {
             break (message, reason);
         }
-        later_rounds(&round_tools, &mut options);
-        round_tools = auto(&round_tools);
+        free_choice(&mut round_tools, &mut options);
         match submit_round(&state, &messages, &round_tools, &options, round)? {
             Some(next) => receiver = next,
             None => {
@@ -513,8 +505,7 @@ async fn stream_loop(
             message.tool_calls = client_calls.clone();
             messages.extend(round_messages(&message, &shell_calls, &results));
             if client_calls.is_empty() {
-                later_rounds(&round_tools, &mut options);
-                round_tools = auto(&round_tools);
+                free_choice(&mut round_tools, &mut options);
                 match submit_round(&state, &messages, &round_tools, &options, round) {
                     Ok(Some(rx)) => next = Some(rx),
                     Ok(None) => note = Some(CONTEXT_NOTE.to_owned()),

@@ -383,7 +383,8 @@ impl ToolRequest {
     }
 }
 
-fn tool_json(tool: &ToolSpec) -> Value {
+/// A tool in OpenAI's request shape.
+pub fn tool_json(tool: &ToolSpec) -> Value {
     let mut function = Map::new();
     function.insert("name".into(), json!(tool.name));
     if let Some(description) = &tool.description {
