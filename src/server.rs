@@ -104,15 +104,18 @@ fn place(config: &ServeConfig) -> Result<(Placement, Inventory), ServeError> {
 /// The plan in llama.cpp's terms: the GPUs that hold something, in device order.
 fn offload(placement: &Placement, config: &ServeConfig) -> GpuOffload {
     let plan = &placement.plan;
+    let used: Vec<_> = plan
+        .devices
+        .iter()
+        .filter(|d| d.end_layer > d.first_layer || d.output > 0)
+        .collect();
     GpuOffload {
         n_gpu_layers: plan.n_gpu_layers,
-        devices: plan
-            .devices
-            .iter()
-            .filter(|d| d.end_layer > d.first_layer || d.output > 0)
-            .map(|d| d.pci_bus_id.clone())
-            .collect(),
+        devices: used.iter().map(|d| d.pci_bus_id.clone()).collect(),
         single_gpu: config.placement.split_mode == SplitMode::None,
+        layers: used.iter().map(|d| d.end_layer - d.first_layer).collect(),
+        bytes: used.iter().map(|d| d.total).collect(),
+        n_layer: placement.model.n_layer,
     }
 }
 
@@ -120,6 +123,8 @@ fn offload(placement: &Placement, config: &ServeConfig) -> GpuOffload {
 pub struct RunningServer {
     pub addr: SocketAddr,
     pub engine: EngineHandle,
+    /// The plan and the GPU reading it was made from.
+    placement: Option<(crate::gpu::plan::Plan, Inventory)>,
     stop: watch::Sender<bool>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -137,6 +142,8 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
     };
     let mut engine_config = config.engine.clone();
     engine_config.offload = offload(&placement, config);
+    // The context size the plan was made for (0 meant the model's trained context).
+    engine_config.n_ctx = placement.model.n_ctx;
     let (engine, _thread) = spawn_llama_engine(engine_config).map_err(ServeError::Spawn)?;
     let addr = format!("{}:{}", config.host, config.port);
     let listener = TcpListener::bind(&addr)
@@ -146,8 +153,13 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
         addr: format!("{}:{}", config.host, config.port),
         source,
     })?;
-    let gpus = spawn_poller(inventory, POLL_INTERVAL);
-    let view = PlacementView { placement, gpus };
+    let gpus = spawn_poller(inventory.clone(), POLL_INTERVAL);
+    let planned = Some((placement.plan.clone(), inventory.clone()));
+    let view = PlacementView {
+        placement,
+        before: inventory,
+        gpus,
+    };
     let state = AppState::from_parts(engine.clone(), config.api.clone(), Some(view), sandbox);
     let app = api::router(state);
     let (stop, mut stopped) = watch::channel(false);
@@ -160,6 +172,7 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
     Ok(RunningServer {
         addr,
         engine,
+        placement: planned,
         stop,
         task,
     })
@@ -200,6 +213,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
         loaded = server.ready() => {
             loaded?;
             tracing::info!(addr = %server.addr, models = ?config.api.model_ids, "ready");
+            log_measured(&server).await;
             shutdown_signal().await;
         }
         _ = shutdown_signal() => {}
@@ -207,6 +221,28 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
     tracing::info!("shutting down: no new connections; waiting for in-flight requests");
     server.shutdown(config.shutdown_timeout).await;
     Ok(())
+}
+
+/// Logs, per planned GPU, the memory the load took against the plan (NVML, before vs. now).
+async fn log_measured(server: &RunningServer) {
+    let Some((plan, before)) = server.placement.clone() else {
+        return;
+    };
+    if plan.devices.iter().all(|d| d.total == 0) {
+        return;
+    }
+    let Ok(Ok(now)) = tokio::task::spawn_blocking(|| NvmlSource.read()).await else {
+        return;
+    };
+    for m in crate::gpu::placement::measure(&plan, &before, &now) {
+        tracing::info!(
+            gpu = %m.pci_bus_id,
+            planned_mib = m.planned >> 20,
+            used_mib = m.used >> 20,
+            difference_percent = m.difference_percent,
+            "GPU memory after loading (used includes the CUDA runtime's own context)"
+        );
+    }
 }
 
 async fn shutdown_signal() {

@@ -849,12 +849,17 @@ async fn placement_shows_the_plan_and_live_gpu_memory() {
     assert_eq!(body["plan"]["n_gpu_layers"], 5);
     assert_eq!(body["plan"]["devices"][0]["pci_bus_id"], "00000000:01:00.0");
     assert_eq!(body["gpus"]["gpus"][0]["memory_free"], 8 * GIB);
-    // A new NVML reading shows up at once.
+    assert_eq!(body["measured"][0]["used"], 0, "nothing loaded yet: {body}");
+    let planned = body["plan"]["devices"][0]["total"].as_u64().unwrap();
+    assert_eq!(body["measured"][0]["planned"], planned);
+    // A new NVML reading shows up at once, and what the load took is measured against the plan.
     let mut later = inventory;
-    later.gpus[0].memory_free = 5 * GIB;
-    gpus_tx.send_replace(later);
+    later.gpus[0].memory_free = 8 * GIB - planned - planned / 10;
+    gpus_tx.send_replace(later.clone());
     let (_, body) = send_json(&app, get()).await;
-    assert_eq!(body["gpus"]["gpus"][0]["memory_free"], 5 * GIB);
+    assert_eq!(body["gpus"]["gpus"][0]["memory_free"], later.gpus[0].memory_free);
+    assert_eq!(body["measured"][0]["used"], planned + planned / 10);
+    assert_eq!(body["measured"][0]["difference_percent"], 10.0);
 }
 
 /// A sandbox executor that answers from a script: no container.

@@ -77,6 +77,8 @@ struct Shared {
 /// The start-up plan and the live GPU readings, for `GET /v1/placement`.
 pub struct PlacementView {
     pub placement: Placement,
+    /// The reading the plan was made from, before the model loaded.
+    pub before: Inventory,
     pub gpus: watch::Receiver<Inventory>,
 }
 
@@ -99,10 +101,15 @@ impl AppState {
         placement: Placement,
         gpus: watch::Receiver<Inventory>,
     ) -> Self {
+        let before = gpus.borrow().clone();
         Self::from_parts(
             engine,
             config,
-            Some(PlacementView { placement, gpus }),
+            Some(PlacementView {
+                placement,
+                before,
+                gpus,
+            }),
             None,
         )
     }

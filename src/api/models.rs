@@ -77,12 +77,15 @@ pub async fn placement(State(state): State<AppState>) -> Json<Value> {
     match state.placement() {
         Some(view) => {
             let gpus = view.gpus.borrow().clone();
+            let measured =
+                crate::gpu::placement::measure(&view.placement.plan, &view.before, &gpus);
             Json(json!({
                 "model": view.placement.model,
                 "plan": view.placement.plan,
                 "gpus": gpus,
+                "measured": measured,
             }))
         }
-        None => Json(json!({"model": null, "plan": null, "gpus": null})),
+        None => Json(json!({"model": null, "plan": null, "gpus": null, "measured": null})),
     }
 }

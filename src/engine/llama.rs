@@ -1,4 +1,5 @@
-//! The one file that touches `llama_cpp_2` (and `llama_cpp_sys_2`, for one getter it lacks): model loading, the context, the batch, samplers.
+//! The file that touches `llama_cpp_2` (and `llama_cpp_sys_2`, for one getter it lacks): model
+//! loading, the context, the batch, samplers. `fit.rs` holds the one other use, llama.cpp's fit.
 //!
 //! Everything here runs on the engine thread except [`Tokenizer`], which only reads the immutable
 //! vocabulary (llama.cpp's vocab is `Sync`) so the HTTP side can validate prompt lengths before a
@@ -53,6 +54,12 @@ pub struct GpuOffload {
     pub devices: Vec<String>,
     /// `--split-mode none`: everything on the first device.
     pub single_gpu: bool,
+    /// The plan's repeating layers on each of `devices` (its `tensor_split`).
+    pub layers: Vec<u32>,
+    /// The plan's bytes on each of `devices` (weights, KV cache, compute, output).
+    pub bytes: Vec<u64>,
+    /// The model's repeating layers.
+    pub n_layer: u32,
 }
 
 /// Errors while loading a model or creating its context.
@@ -106,14 +113,26 @@ fn devices_by_bus_id(bus_ids: &[String]) -> Result<Vec<usize>, LoadError> {
         .collect()
 }
 
-/// The model parameters for an offload decision.
-fn model_params(offload: &GpuOffload) -> Result<LlamaModelParams, LoadError> {
-    let mut params = LlamaModelParams::default().with_n_gpu_layers(offload.n_gpu_layers);
+/// The model parameters for the plan. With several GPUs in a CUDA build the split goes through
+/// llama.cpp's fit with the plan's margins (see `fit.rs`); with any GPU, llama.cpp's own fit is
+/// logged beside the plan.
+fn model_params(config: &LlamaEngineConfig) -> Result<LlamaModelParams, LoadError> {
+    let offload = &config.offload;
+    let params = LlamaModelParams::default().with_n_gpu_layers(offload.n_gpu_layers);
     if offload.n_gpu_layers == 0 || offload.devices.is_empty() {
         return Ok(params);
     }
     let indices = devices_by_bus_id(&offload.devices)?;
-    params = params
+    #[cfg(feature = "cuda")]
+    {
+        compare_with_llama_fit(config, &indices);
+        if indices.len() > 1 && !offload.single_gpu {
+            if let Some(fitted) = fitted_to_plan(config, &indices) {
+                return Ok(fitted);
+            }
+        }
+    }
+    let mut params = params
         .with_devices(&indices)
         .map_err(|e| LoadError::Placement(e.to_string()))?;
     if offload.single_gpu {
@@ -122,6 +141,137 @@ fn model_params(offload: &GpuOffload) -> Result<LlamaModelParams, LoadError> {
             .with_main_gpu(0);
     }
     Ok(params)
+}
+
+/// The context a fit measures, or `None` before the context size is known.
+#[cfg(feature = "cuda")]
+fn fit_context(config: &LlamaEngineConfig) -> Option<super::fit::FitContext> {
+    (config.n_ctx > 0).then(|| super::fit::FitContext {
+        n_ctx: config.n_ctx,
+        n_seq: config.n_seq.max(1),
+        n_batch: config.n_batch,
+        n_ubatch: config.n_batch.min(512),
+    })
+}
+
+/// Logs where llama.cpp's own fit (its default 1 GiB margin per device) would put the model, and
+/// how that differs from the plan.
+#[cfg(feature = "cuda")]
+fn compare_with_llama_fit(config: &LlamaEngineConfig, indices: &[usize]) {
+    use super::fit;
+    let Some(context) = fit_context(config) else {
+        return;
+    };
+    let offload = &config.offload;
+    let margins = vec![fit::LLAMA_DEFAULT_MARGIN; indices.len()];
+    match fit::llama_fit(
+        &config.model_path,
+        offload.n_layer,
+        indices,
+        context,
+        &margins,
+    ) {
+        Ok(split) => {
+            let said = fit::disagreements(
+                "llama.cpp's own fit",
+                offload.n_layer,
+                offload.n_gpu_layers,
+                &offload.layers,
+                &offload.devices,
+                &split,
+            );
+            if said.is_empty() {
+                tracing::info!(?split, "llama.cpp's own fit agrees with the plan");
+            }
+            for line in said {
+                tracing::info!("plan vs llama.cpp: {line}");
+            }
+        }
+        Err(err) => tracing::info!("plan vs llama.cpp: llama.cpp's own fit: {err}"),
+    }
+}
+
+/// The plan's split through llama.cpp's fit: margins that leave each device the plan's bytes.
+/// `None` (with a warning) when the fit cannot reproduce it; llama.cpp's default split applies.
+#[cfg(feature = "cuda")]
+fn fitted_to_plan(config: &LlamaEngineConfig, indices: &[usize]) -> Option<LlamaModelParams> {
+    use super::fit;
+    let offload = &config.offload;
+    let context = fit_context(config)?;
+    let free: Vec<u64> = indices.iter().map(|&i| fit::device_free(i)).collect();
+    let margins = fit::margins_for_plan(&free, &offload.bytes, &offload.layers);
+    // The same fit the params go through below, run first so its split can be logged.
+    match fit::llama_fit(
+        &config.model_path,
+        offload.n_layer,
+        indices,
+        context,
+        &margins,
+    ) {
+        Ok(split) => {
+            let said = fit::disagreements(
+                "the fit to the plan's margins",
+                offload.n_layer,
+                offload.n_gpu_layers,
+                &offload.layers,
+                &offload.devices,
+                &split,
+            );
+            if said.is_empty() {
+                tracing::info!(?split, "llama.cpp's fit reproduces the plan's split");
+            }
+            for line in said {
+                tracing::warn!("placement: {line}");
+            }
+        }
+        Err(err) => {
+            tracing::warn!("placement: {err}; llama.cpp's default split (by free memory) applies");
+            return None;
+        }
+    }
+    let mut params = match LlamaModelParams::default().with_devices(indices) {
+        Ok(params) => params,
+        Err(err) => {
+            tracing::warn!("placement: {err}");
+            return None;
+        }
+    };
+    let mut cparams = context_params(config, context.n_ctx);
+    let path = std::ffi::CString::new(config.model_path.as_os_str().as_encoded_bytes()).ok()?;
+    let mut margin_buf = vec![0usize; llama_cpp_2::max_devices()];
+    for (slot, &margin) in margin_buf.iter_mut().zip(&margins) {
+        *slot = usize::try_from(margin).unwrap_or(usize::MAX);
+    }
+    let fitted = std::pin::Pin::new(&mut params).fit_params(
+        &path,
+        &mut cparams,
+        &mut margin_buf,
+        context.n_ctx,
+        llama_cpp_sys_2::GGML_LOG_LEVEL_WARN,
+    );
+    match fitted {
+        Ok(_) => Some(params),
+        Err(err) => {
+            tracing::warn!("placement: llama.cpp's fit: {err}; its default split applies");
+            None
+        }
+    }
+}
+
+/// The context parameters the engine runs with, for a total context of `n_ctx`.
+fn context_params(config: &LlamaEngineConfig, n_ctx: u32) -> LlamaContextParams {
+    // One KV stream per sequence (not unified): each sequence's attention spans only its own
+    // n_ctx / n_seq cells, not every cell any sequence (active or cached) occupies, which keeps
+    // decode and prefill fast when many sequences hold prefix caches. The scheduler bounds each
+    // sequence to n_ctx / n_seq positions, so no stream can overflow.
+    LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(config.n_batch)
+        .with_n_ubatch(config.n_batch.min(512))
+        .with_n_seq_max(config.n_seq.max(1))
+        .with_n_threads(config.n_threads)
+        .with_n_threads_batch(config.n_threads)
+        .with_kv_unified(false)
 }
 
 /// `LlamaBackend::init` may run once per process; every engine shares it.
@@ -146,12 +296,11 @@ pub fn serve_model(
 ) -> Result<(), LoadError> {
     let backend = backend()?;
     let started = std::time::Instant::now();
-    let model =
-        LlamaModel::load_from_file(backend, &config.model_path, &model_params(&config.offload)?)
-            .map_err(|e| LoadError::Model {
-                path: config.model_path.clone(),
-                reason: e.to_string(),
-            })?;
+    let model = LlamaModel::load_from_file(backend, &config.model_path, &model_params(config)?)
+        .map_err(|e| LoadError::Model {
+            path: config.model_path.clone(),
+            reason: e.to_string(),
+        })?;
     let model = Arc::new(model);
     let n_ctx = if config.n_ctx == 0 {
         model.n_ctx_train()
@@ -162,20 +311,8 @@ pub fn serve_model(
     if n_ctx / n_seq < 16 {
         return Err(LoadError::ContextTooSmall { n_ctx, n_seq });
     }
-    // One KV stream per sequence (not unified): each sequence's attention spans only its own
-    // n_ctx / n_seq cells, not every cell any sequence (active or cached) occupies, which keeps
-    // decode and prefill fast when many sequences hold prefix caches. The scheduler bounds each
-    // sequence to n_ctx / n_seq positions, so no stream can overflow.
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(config.n_batch)
-        .with_n_ubatch(config.n_batch.min(512))
-        .with_n_seq_max(n_seq)
-        .with_n_threads(config.n_threads)
-        .with_n_threads_batch(config.n_threads)
-        .with_kv_unified(false);
     let ctx = model
-        .new_context(backend, params)
+        .new_context(backend, context_params(config, n_ctx))
         .map_err(|e| LoadError::Context {
             n_ctx,
             reason: e.to_string(),

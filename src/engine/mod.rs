@@ -5,10 +5,14 @@
 //! admission queue in front of it.
 //!
 //! Must not: know HTTP or OpenAI's words (`max_tokens` is `max_new_tokens` here), await anything
-//! on the engine thread, or grow a queue without bound. Only `llama.rs` imports `llama_cpp_2`.
+//! on the engine thread, or grow a queue without bound. Only `llama.rs` and `fit.rs` (llama.cpp's
+//! fit, CUDA builds) import `llama_cpp_2` / `llama_cpp_sys_2`.
 
 mod detok;
 pub mod fake;
+// The pure parts are used by CUDA builds and tests only.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod fit;
 mod llama;
 mod runner;
 mod sampling;

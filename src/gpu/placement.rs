@@ -71,6 +71,48 @@ pub fn decide(
     Ok((Placement { model, plan }, facts))
 }
 
+/// What loading took on one planned GPU, beside what the plan said.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Measured {
+    pub pci_bus_id: String,
+    /// The plan's bytes: weights, KV cache, compute buffers, output layer.
+    pub planned: u64,
+    /// Free memory before loading minus free memory now. Includes what the CUDA runtime itself
+    /// takes on the device (its context and cuBLAS workspace), which the plan leaves to the margin,
+    /// and anything other processes allocated meanwhile.
+    pub used: u64,
+    /// `(used - planned) / planned`, in percent.
+    pub difference_percent: f64,
+}
+
+/// Per planned GPU, the memory this process's load took (`before` minus `now`, matched by PCI bus
+/// id) against the plan. GPUs the plan leaves empty, or missing from a reading, are skipped.
+pub fn measure(plan: &Plan, before: &Inventory, now: &Inventory) -> Vec<Measured> {
+    use super::inventory::normalize_bus_id;
+    let find = |inventory: &Inventory, bus: &str| {
+        inventory
+            .gpus
+            .iter()
+            .find(|g| normalize_bus_id(&g.pci_bus_id) == bus)
+            .map(|g| g.memory_free)
+    };
+    plan.devices
+        .iter()
+        .filter(|d| d.total > 0)
+        .filter_map(|d| {
+            let bus = normalize_bus_id(&d.pci_bus_id);
+            let used = find(before, &bus)?.saturating_sub(find(now, &bus)?);
+            let difference_percent = (used as f64 - d.total as f64) / d.total as f64 * 100.0;
+            Some(Measured {
+                pci_bus_id: d.pci_bus_id.clone(),
+                planned: d.total,
+                used,
+                difference_percent: (difference_percent * 10.0).round() / 10.0,
+            })
+        })
+        .collect()
+}
+
 /// How often the live inventory is re-read.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -97,4 +139,91 @@ pub fn spawn_poller(first: Inventory, interval: Duration) -> watch::Receiver<Inv
         }
     }
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::inventory::Gpu;
+    use crate::gpu::plan::{DevicePlan, Policy};
+
+    const GIB: u64 = 1024 * 1024 * 1024;
+
+    fn device(bus: &str, total: u64) -> DevicePlan {
+        DevicePlan {
+            gpu: 0,
+            name: "card".into(),
+            pci_bus_id: bus.into(),
+            first_layer: 0,
+            end_layer: if total > 0 { 10 } else { 0 },
+            weights: total,
+            kv_cache: 0,
+            compute: 0,
+            output: 0,
+            total,
+            budget: 8 * GIB,
+            headroom: 8 * GIB - total,
+        }
+    }
+
+    fn reading(free: &[(&str, u64)]) -> Inventory {
+        Inventory {
+            gpus: free
+                .iter()
+                .map(|&(bus, memory_free)| Gpu {
+                    name: "card".into(),
+                    uuid: String::new(),
+                    pci_bus_id: bus.into(),
+                    memory_total: 12 * GIB,
+                    memory_free,
+                    memory_used: 12 * GIB - memory_free,
+                    compute_capability: [8, 6],
+                    utilization_percent: None,
+                    display_attached: false,
+                    other_process_memory: 0,
+                })
+                .collect(),
+            ram_available: 0,
+            driver_version: None,
+            unavailable: None,
+        }
+    }
+
+    #[test]
+    fn measured_use_is_matched_by_bus_id_and_compared_with_the_plan() {
+        let plan = Plan {
+            policy: Policy::Proportional,
+            devices: vec![
+                device("00000000:01:00.0", 4 * GIB),
+                device("00000000:02:00.0", 2 * GIB),
+                device("00000000:03:00.0", 0),
+            ],
+            n_gpu_layers: 20,
+            tensor_split: vec![10, 10, 0],
+            cpu_layers: 0,
+            cpu_bytes: 0,
+            ram_available: 0,
+            reasons: vec![],
+        };
+        // The readings come in another order than the plan's.
+        let before = reading(&[
+            ("00000000:02:00.0", 6 * GIB),
+            ("00000000:01:00.0", 11 * GIB),
+            ("00000000:03:00.0", 6 * GIB),
+        ]);
+        let now = reading(&[
+            ("00000000:01:00.0", 7 * GIB - GIB / 5),
+            ("00000000:02:00.0", 4 * GIB + GIB / 10),
+            ("00000000:03:00.0", 5 * GIB),
+        ]);
+        let measured = measure(&plan, &before, &now);
+        assert_eq!(measured.len(), 2, "the empty device is skipped");
+        assert_eq!(measured[0].pci_bus_id, "00000000:01:00.0");
+        assert_eq!(measured[0].used, 4 * GIB + GIB / 5);
+        assert_eq!(measured[0].difference_percent, 5.0);
+        assert_eq!(measured[1].used, 2 * GIB - GIB / 10);
+        assert_eq!(measured[1].difference_percent, -5.0);
+        // A GPU gone from the reading is skipped, not a panic.
+        assert_eq!(measure(&plan, &before, &reading(&[])).len(), 0);
+    }
 }
