@@ -19,14 +19,14 @@ nvidia-smi --query-gpu=name,pci.bus_id,memory.total,memory.used,memory.free,comp
 port=18555
 serve() {  # serve LOG [flags...]
   local log=$1; shift
-  RUST_LOG=info ./lm-sandbox serve -m model.gguf -c 8192 --parallel 4 --port $port "$@" > "$OUT/$log" 2>&1 &
+  NO_COLOR=1 RUST_LOG=info ./lm-sandbox serve -m model.gguf -c 8192 --parallel 4 --port $port "$@" > "$OUT/$log" 2>&1 &
   pid=$!
   for _ in $(seq 1 120); do curl -sf localhost:$port/health >/dev/null && return 0; sleep 0.5; done
   echo "server did not come up"; tail -20 "$OUT/$log"; return 1
 }
 decode() {  # one 256-token greedy completion, end-of-text banned; prints tokens/s
   curl -s localhost:$port/v1/completions -H 'content-type: application/json' \
-    -d '{"prompt":"Once upon a time","max_tokens":256,"temperature":0,"logit_bias":{"0":-100,"2":-100}}' \
+    -d '{"model":"model","prompt":"Once upon a time","max_tokens":256,"temperature":0,"logit_bias":{"0":-100,"2":-100}}' \
     | python3 -c 'import json,sys; t=json.load(sys.stdin)["timings"]; print(round(t["predicted_per_second"],1), t["predicted_n"])'
 }
 
@@ -38,9 +38,9 @@ serve serve-gpu.log && {
   decode >/dev/null; echo "GPU decode tok/s (3 runs):"; decode; decode; decode
   kill $pid; wait $pid 2>/dev/null
 }
-grep -E "plan vs llama.cpp|own fit|reproduces|GPU memory after|offloaded|CUDA0 (model|KV|compute)|buffer size|placement" "$OUT/serve-gpu.log" | cut -c1-400 | head -40
+sed 's/\x1b\[[0-9;]*m//g' "$OUT/serve-gpu.log" | grep -E "plan vs|own fit|reproduces|GPU memory after|offload|buffer size|fit|CUDA|cublas|error" | cut -c1-300 | head -60
 
-serve serve-cpu.log --n-gpu-layers 0 && {
+serve serve-cpu.log --n-gpu-layers 0 -t 16 && {
   decode >/dev/null; echo "CPU decode tok/s, same machine (3 runs):"; decode; decode; decode
   kill $pid; wait $pid 2>/dev/null
 }
