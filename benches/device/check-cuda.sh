@@ -9,7 +9,13 @@ cd target/device
 cat part-a/model.part-aa part-b/model.part-ab > model.gguf
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  model.gguf" | sha256sum -c || exit 1
 [ -x lm-sandbox ] || xz -dc bin/lm-sandbox.xz > lm-sandbox && chmod +x lm-sandbox
-export LD_LIBRARY_PATH=$PWD/bin/libs
+# The carried C++ runtime only if the system's is too old for the binary.
+./lm-sandbox --version >/dev/null 2>&1 || export LD_LIBRARY_PATH=$PWD/bin/libs
+# The device's own cuBLAS, which the binary's cuBLAS calls are forwarded to.
+cublas=$(ls /usr/local/cuda/lib64/libcublas.so.* /usr/local/cuda*/targets/x86_64-linux/lib/libcublas.so.* \
+  /usr/lib/x86_64-linux-gnu/libcublas.so.* 2>/dev/null | head -1)
+echo "cuBLAS: ${cublas:-none found}; LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+[ -n "$cublas" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$(dirname "$cublas")"
 nvidia-smi --query-gpu=name,pci.bus_id,memory.total,memory.used,memory.free,compute_cap,driver_version --format=csv
 ./lm-sandbox --version
 ./lm-sandbox gpus
