@@ -6,6 +6,13 @@ use lm_sandbox::cli::{normalize_args, Cli, Command};
 use lm_sandbox::config::ServeConfig;
 
 fn main() -> anyhow::Result<()> {
+    // CUDA 11.x's runtime loads every kernel of the binary onto each GPU when it starts unless told
+    // to load them on first use, the default only from CUDA 12.2: lazily saves hundreds of MiB per
+    // card. Set before any thread exists; an operator's own setting wins.
+    #[cfg(feature = "cuda")]
+    if std::env::var_os("CUDA_MODULE_LOADING").is_none() {
+        std::env::set_var("CUDA_MODULE_LOADING", "LAZY");
+    }
     let cli = Cli::parse_from(normalize_args(std::env::args()));
     tracing_subscriber::fmt()
         .with_env_filter(

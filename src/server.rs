@@ -125,6 +125,7 @@ pub struct RunningServer {
     pub engine: EngineHandle,
     /// The plan and the GPU reading it was made from.
     placement: Option<(crate::gpu::plan::Plan, Inventory)>,
+    engine_thread: std::thread::JoinHandle<()>,
     stop: watch::Sender<bool>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -144,7 +145,7 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
     engine_config.offload = offload(&placement, config);
     // The context size the plan was made for (0 meant the model's trained context).
     engine_config.n_ctx = placement.model.n_ctx;
-    let (engine, _thread) = spawn_llama_engine(engine_config).map_err(ServeError::Spawn)?;
+    let (engine, engine_thread) = spawn_llama_engine(engine_config).map_err(ServeError::Spawn)?;
     let addr = format!("{}:{}", config.host, config.port);
     let listener = TcpListener::bind(&addr)
         .await
@@ -173,6 +174,7 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
         addr,
         engine,
         placement: planned,
+        engine_thread,
         stop,
         task,
     })
@@ -190,10 +192,13 @@ impl RunningServer {
         }
     }
 
-    /// Stops accepting and gives in-flight requests `grace` to finish. Returns whether they did.
+    /// Stops accepting and gives in-flight requests `grace` to finish. Then, once the router (and
+    /// with it every engine handle it held) is gone, waits up to `grace` for the engine thread to
+    /// free the model and context: llama.cpp's GPU buffers must be released before the process
+    /// exits and the CUDA runtime tears down. Returns whether both happened in time.
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.stop.send_replace(true);
-        match tokio::time::timeout(grace, self.task).await {
+        let finished = match tokio::time::timeout(grace, self.task).await {
             Ok(_) => true,
             Err(_) => {
                 tracing::warn!(
@@ -202,7 +207,15 @@ impl RunningServer {
                 );
                 false
             }
+        };
+        drop(self.engine);
+        let thread = self.engine_thread;
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        let joined = tokio::time::timeout(grace, joined).await.is_ok();
+        if !joined {
+            tracing::warn!("the engine thread is still running (another engine handle is alive)");
         }
+        finished && joined
     }
 }
 
@@ -234,13 +247,19 @@ async fn log_measured(server: &RunningServer) {
     let Ok(Ok(now)) = tokio::task::spawn_blocking(|| NvmlSource.read()).await else {
         return;
     };
-    for m in crate::gpu::placement::measure(&plan, &before, &now) {
+    let allocated = match server.engine.state() {
+        EngineState::Ready(info) => info.device_memory,
+        _ => Vec::new(),
+    };
+    for m in crate::gpu::placement::measure(&plan, &before, &now, &allocated) {
         tracing::info!(
             gpu = %m.pci_bus_id,
             planned_mib = m.planned >> 20,
+            allocated_mib = m.allocated.map(|a| a >> 20),
+            allocated_difference_percent = m.allocated_difference_percent,
             used_mib = m.used >> 20,
-            difference_percent = m.difference_percent,
-            "GPU memory after loading (used includes the CUDA runtime's own context)"
+            used_difference_percent = m.difference_percent,
+            "GPU memory after loading: llama.cpp's allocations and NVML's reading (which adds the CUDA runtime's own context) against the plan"
         );
     }
 }

@@ -857,7 +857,10 @@ async fn placement_shows_the_plan_and_live_gpu_memory() {
     later.gpus[0].memory_free = 8 * GIB - planned - planned / 10;
     gpus_tx.send_replace(later.clone());
     let (_, body) = send_json(&app, get()).await;
-    assert_eq!(body["gpus"]["gpus"][0]["memory_free"], later.gpus[0].memory_free);
+    assert_eq!(
+        body["gpus"]["gpus"][0]["memory_free"],
+        later.gpus[0].memory_free
+    );
     assert_eq!(body["measured"][0]["used"], planned + planned / 10);
     assert_eq!(body["measured"][0]["difference_percent"], 10.0);
 }

@@ -431,7 +431,11 @@ async fn the_placement_plan_and_live_gpus_are_served() {
         "{body}"
     );
     assert!(body["gpus"]["ram_available"].as_u64().unwrap() > 0);
-    assert_eq!(body["measured"], serde_json::json!([]), "no GPU, nothing measured");
+    assert_eq!(
+        body["measured"],
+        serde_json::json!([]),
+        "no GPU, nothing measured"
+    );
 }
 
 #[test]

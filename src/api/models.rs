@@ -77,8 +77,17 @@ pub async fn placement(State(state): State<AppState>) -> Json<Value> {
     match state.placement() {
         Some(view) => {
             let gpus = view.gpus.borrow().clone();
-            let measured =
-                crate::gpu::placement::measure(&view.placement.plan, &view.before, &gpus);
+            let allocated = state
+                .loaded()
+                .ok()
+                .map(|l| l.info.device_memory.clone())
+                .unwrap_or_default();
+            let measured = crate::gpu::placement::measure(
+                &view.placement.plan,
+                &view.before,
+                &gpus,
+                &allocated,
+            );
             Json(json!({
                 "model": view.placement.model,
                 "plan": view.placement.plan,

@@ -84,6 +84,7 @@ impl FakeRunner {
             bos_token: String::new(),
             eos_token: "<eos>".to_owned(),
             tokenizer: Arc::new(FakeTokenizer),
+            device_memory: Vec::new(),
         }
     }
 

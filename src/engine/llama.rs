@@ -116,24 +116,27 @@ fn devices_by_bus_id(bus_ids: &[String]) -> Result<Vec<usize>, LoadError> {
 /// The model parameters for the plan. With several GPUs in a CUDA build the split goes through
 /// llama.cpp's fit with the plan's margins (see `fit.rs`); with any GPU, llama.cpp's own fit is
 /// logged beside the plan.
-fn model_params(config: &LlamaEngineConfig) -> Result<LlamaModelParams, LoadError> {
+/// `indices` are llama.cpp's devices for `offload.devices`.
+fn model_params(
+    config: &LlamaEngineConfig,
+    indices: &[usize],
+) -> Result<LlamaModelParams, LoadError> {
     let offload = &config.offload;
     let params = LlamaModelParams::default().with_n_gpu_layers(offload.n_gpu_layers);
-    if offload.n_gpu_layers == 0 || offload.devices.is_empty() {
+    if indices.is_empty() {
         return Ok(params);
     }
-    let indices = devices_by_bus_id(&offload.devices)?;
     #[cfg(feature = "cuda")]
     {
-        compare_with_llama_fit(config, &indices);
+        compare_with_llama_fit(config, indices);
         if indices.len() > 1 && !offload.single_gpu {
-            if let Some(fitted) = fitted_to_plan(config, &indices) {
+            if let Some(fitted) = fitted_to_plan(config, indices) {
                 return Ok(fitted);
             }
         }
     }
     let mut params = params
-        .with_devices(&indices)
+        .with_devices(indices)
         .map_err(|e| LoadError::Placement(e.to_string()))?;
     if offload.single_gpu {
         params = params
@@ -141,6 +144,20 @@ fn model_params(config: &LlamaEngineConfig) -> Result<LlamaModelParams, LoadErro
             .with_main_gpu(0);
     }
     Ok(params)
+}
+
+/// Free memory of each of llama.cpp's devices `indices` (empty in CPU builds, which have none).
+fn devices_free(indices: &[usize]) -> Vec<u64> {
+    #[cfg(feature = "cuda")]
+    return indices
+        .iter()
+        .map(|&i| super::fit::device_free(i))
+        .collect();
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = indices;
+        Vec::new()
+    }
 }
 
 /// The context a fit measures, or `None` before the context size is known.
@@ -296,11 +313,22 @@ pub fn serve_model(
 ) -> Result<(), LoadError> {
     let backend = backend()?;
     let started = std::time::Instant::now();
-    let model = LlamaModel::load_from_file(backend, &config.model_path, &model_params(config)?)
-        .map_err(|e| LoadError::Model {
+    let offload = &config.offload;
+    let indices = if offload.n_gpu_layers == 0 || offload.devices.is_empty() {
+        Vec::new()
+    } else {
+        devices_by_bus_id(&offload.devices)?
+    };
+    // Reading a device's free memory creates its CUDA context first, so the difference after
+    // loading is what the model and its context took, without the runtime's own share.
+    let free_before = devices_free(&indices);
+    let params = model_params(config, &indices)?;
+    let model = LlamaModel::load_from_file(backend, &config.model_path, &params).map_err(|e| {
+        LoadError::Model {
             path: config.model_path.clone(),
             reason: e.to_string(),
-        })?;
+        }
+    })?;
     let model = Arc::new(model);
     let n_ctx = if config.n_ctx == 0 {
         model.n_ctx_train()
@@ -318,6 +346,15 @@ pub fn serve_model(
             reason: e.to_string(),
         })?;
     let n_ctx_seq = ctx.n_ctx() / n_seq;
+    let device_memory: Vec<(String, u64)> = offload
+        .devices
+        .iter()
+        .zip(free_before.iter().zip(devices_free(&indices)))
+        .map(|(bus, (before, after))| (bus.clone(), before.saturating_sub(after)))
+        .collect();
+    for (bus, bytes) in &device_memory {
+        tracing::info!(gpu = %bus, mib = bytes >> 20, "llama.cpp allocated on the GPU while loading");
+    }
     let vocab = model.vocab();
     let token_text = |t: LlamaToken| {
         vocab
@@ -338,6 +375,7 @@ pub fn serve_model(
         tokenizer: Arc::new(Tokenizer {
             model: Arc::clone(&model),
         }),
+        device_memory,
     };
     tracing::info!(
         model = %config.model_path.display(),

@@ -108,6 +108,10 @@ pub struct ModelInfo {
     pub eos_token: String,
     /// Tokenizes on the caller's thread (the vocabulary is immutable and `Sync`).
     pub tokenizer: Arc<dyn TokenizeText>,
+    /// Per GPU (PCI bus id), the bytes loading the model and creating its context took, read as
+    /// llama.cpp's device free memory before and after (the CUDA runtime's own context excluded).
+    /// Empty without GPUs.
+    pub device_memory: Vec<(String, u64)>,
 }
 
 impl std::fmt::Debug for ModelInfo {

@@ -107,6 +107,8 @@ fn read_nvml() -> Inventory {
         .into_iter()
         .flatten()
         .flatten()
+        // This process is not "other": a reading taken while serving must not count our own model.
+        .filter(|p| p.pid != std::process::id())
         .map(|p| match p.used_gpu_memory {
             nvml_wrapper::enums::device::UsedGpuMemory::Used(bytes) => bytes,
             nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => 0,

@@ -83,11 +83,28 @@ pub struct Measured {
     pub used: u64,
     /// `(used - planned) / planned`, in percent.
     pub difference_percent: f64,
+    /// What llama.cpp's load took on this GPU, the runtime's own context excluded: the figure the
+    /// plan estimates. `None` until the model has loaded.
+    pub allocated: Option<u64>,
+    /// `(allocated - planned) / planned`, in percent.
+    pub allocated_difference_percent: Option<f64>,
+}
+
+/// `(actual - planned) / planned` in percent, to one decimal.
+fn percent_off(actual: u64, planned: u64) -> f64 {
+    let off = (actual as f64 - planned as f64) / planned as f64 * 100.0;
+    (off * 10.0).round() / 10.0
 }
 
 /// Per planned GPU, the memory this process's load took (`before` minus `now`, matched by PCI bus
-/// id) against the plan. GPUs the plan leaves empty, or missing from a reading, are skipped.
-pub fn measure(plan: &Plan, before: &Inventory, now: &Inventory) -> Vec<Measured> {
+/// id) against the plan, with what llama.cpp reported allocating (`allocated`: bus id, bytes).
+/// GPUs the plan leaves empty, or missing from a reading, are skipped.
+pub fn measure(
+    plan: &Plan,
+    before: &Inventory,
+    now: &Inventory,
+    allocated: &[(String, u64)],
+) -> Vec<Measured> {
     use super::inventory::normalize_bus_id;
     let find = |inventory: &Inventory, bus: &str| {
         inventory
@@ -102,12 +119,17 @@ pub fn measure(plan: &Plan, before: &Inventory, now: &Inventory) -> Vec<Measured
         .filter_map(|d| {
             let bus = normalize_bus_id(&d.pci_bus_id);
             let used = find(before, &bus)?.saturating_sub(find(now, &bus)?);
-            let difference_percent = (used as f64 - d.total as f64) / d.total as f64 * 100.0;
+            let allocated = allocated
+                .iter()
+                .find(|(b, _)| normalize_bus_id(b) == bus)
+                .map(|&(_, bytes)| bytes);
             Some(Measured {
                 pci_bus_id: d.pci_bus_id.clone(),
                 planned: d.total,
                 used,
-                difference_percent: (difference_percent * 10.0).round() / 10.0,
+                difference_percent: percent_off(used, d.total),
+                allocated,
+                allocated_difference_percent: allocated.map(|a| percent_off(a, d.total)),
             })
         })
         .collect()
@@ -216,14 +238,18 @@ mod tests {
             ("00000000:02:00.0", 4 * GIB + GIB / 10),
             ("00000000:03:00.0", 5 * GIB),
         ]);
-        let measured = measure(&plan, &before, &now);
+        let allocated = vec![("00000000:02:00.0".to_owned(), 2 * GIB + GIB / 50)];
+        let measured = measure(&plan, &before, &now, &allocated);
         assert_eq!(measured.len(), 2, "the empty device is skipped");
+        assert_eq!(measured[0].allocated, None);
+        assert_eq!(measured[1].allocated, Some(2 * GIB + GIB / 50));
+        assert_eq!(measured[1].allocated_difference_percent, Some(1.0));
         assert_eq!(measured[0].pci_bus_id, "00000000:01:00.0");
         assert_eq!(measured[0].used, 4 * GIB + GIB / 5);
         assert_eq!(measured[0].difference_percent, 5.0);
         assert_eq!(measured[1].used, 2 * GIB - GIB / 10);
         assert_eq!(measured[1].difference_percent, -5.0);
         // A GPU gone from the reading is skipped, not a panic.
-        assert_eq!(measure(&plan, &before, &reading(&[])).len(), 0);
+        assert_eq!(measure(&plan, &before, &reading(&[]), &[]).len(), 0);
     }
 }
