@@ -46,6 +46,21 @@ serve serve-gpu.log && {
 }
 sed 's/\x1b\[[0-9;]*m//g' "$OUT/serve-gpu.log" | grep -E "plan vs|own fit|reproduces|GPU memory after|offload|buffer size|fit|CUDA|cublas|error" | cut -c1-300 | head -60
 
+# Four sequences at once on the GPU: aggregate decode tokens/s.
+serve serve-gpu4.log && {
+  start=$(date +%s.%N)
+  for _ in 1 2 3 4; do decode > /dev/null & done; wait
+  python3 -c "print('GPU aggregate decode tok/s, 4 x 256 tokens at once:', round(1024 / ($(date +%s.%N) - $start), 1))"
+  kill $pid; wait $pid 2>/dev/null
+}
+# The same load with CUDA 11.8's default eager module loading, for the runtime's share.
+CUDA_MODULE_LOADING=EAGER serve serve-eager.log && {
+  sleep 3
+  curl -s localhost:$port/v1/placement | python3 -c 'import json,sys; print("eager module loading: measured", json.load(sys.stdin)["measured"])'
+  kill $pid; wait $pid 2>/dev/null
+}
+grep -E "CUDA error|driver shutting down" "$OUT"/serve-*.log && echo "CUDA errors above" || echo "no CUDA errors at shutdown"
+
 serve serve-cpu.log --n-gpu-layers 0 -t 16 && {
   decode >/dev/null; echo "CPU decode tok/s, same machine (3 runs):"; decode; decode; decode
   kill $pid; wait $pid 2>/dev/null
