@@ -49,7 +49,9 @@ sed 's/\x1b\[[0-9;]*m//g' "$OUT/serve-gpu.log" | grep -E "plan vs|own fit|reprod
 # Four sequences at once on the GPU: aggregate decode tokens/s.
 serve serve-gpu4.log && {
   start=$(date +%s.%N)
-  for _ in 1 2 3 4; do decode > /dev/null & done; wait
+  jobs_=()
+  for _ in 1 2 3 4; do decode > /dev/null & jobs_+=($!); done
+  wait "${jobs_[@]}"
   python3 -c "print('GPU aggregate decode tok/s, 4 x 256 tokens at once:', round(1024 / ($(date +%s.%N) - $start), 1))"
   kill $pid; wait $pid 2>/dev/null
 }
