@@ -113,10 +113,10 @@ fn devices_by_bus_id(bus_ids: &[String]) -> Result<Vec<usize>, LoadError> {
         .collect()
 }
 
-/// The model parameters for the plan. With several GPUs in a CUDA build the split goes through
-/// llama.cpp's fit with the plan's margins (see `fit.rs`); with any GPU, llama.cpp's own fit is
-/// logged beside the plan.
-/// `indices` are llama.cpp's devices for `offload.devices`.
+/// The model parameters for the plan, on llama.cpp's devices `indices` (those of
+/// `offload.devices`). With several GPUs in a CUDA build the split goes through llama.cpp's fit
+/// with the plan's margins (see `fit.rs`); with any GPU, llama.cpp's own fit is logged beside the
+/// plan.
 fn model_params(
     config: &LlamaEngineConfig,
     indices: &[usize],
@@ -239,6 +239,13 @@ fn fitted_to_plan(config: &LlamaEngineConfig, indices: &[usize]) -> Option<Llama
             }
             for line in said {
                 tracing::warn!("placement: {line}");
+            }
+            // The plan's layer count is a ceiling (it may be the user's --n-gpu-layers).
+            if split.n_gpu_layers > offload.n_gpu_layers {
+                tracing::warn!(
+                    "placement: the fit would offload more layers than planned; llama.cpp's default split applies"
+                );
+                return None;
             }
         }
         Err(err) => {
