@@ -51,6 +51,15 @@ pub fn margins_for_plan(free: &[u64], planned: &[u64], layers: &[u32]) -> Vec<u6
         .collect()
 }
 
+/// `margins` in the buffer llama.cpp's fit reads: `max_devices` entries, the rest zero.
+pub fn margin_buffer(margins: &[u64], max_devices: usize) -> Vec<usize> {
+    let mut buffer = vec![0usize; max_devices.max(margins.len())];
+    for (slot, &margin) in buffer.iter_mut().zip(margins) {
+        *slot = usize::try_from(margin).unwrap_or(usize::MAX);
+    }
+    buffer
+}
+
 /// How `fit` differs from the plan, one sentence each; empty when they agree.
 pub fn disagreements(
     who: &str,
@@ -173,10 +182,7 @@ mod ffi {
                 buft: std::ptr::null_mut(),
             };
             let mut overrides = vec![empty; sys::llama_max_tensor_buft_overrides() + 1];
-            let mut margin_buf = vec![0usize; max_devices];
-            for (slot, &margin) in margin_buf.iter_mut().zip(margins) {
-                *slot = usize::try_from(margin).unwrap_or(usize::MAX);
-            }
+            let mut margin_buf = super::margin_buffer(margins, max_devices);
             let status = sys::llama_rs_fit_params(
                 path.as_ptr(),
                 &raw mut mparams,
@@ -240,6 +246,15 @@ mod tests {
         assert_eq!(margins[1], 0);
         // A device with no layers (only the output layer) does not divide by zero.
         assert_eq!(margins_for_plan(&[GIB], &[GIB / 2], &[0]), vec![GIB / 4]);
+    }
+
+    #[test]
+    fn the_margin_buffer_has_a_slot_per_device() {
+        assert_eq!(
+            margin_buffer(&[GIB, 2 * GIB], 4),
+            vec![1 << 30, 2 << 30, 0, 0]
+        );
+        assert_eq!(margin_buffer(&[], 2), vec![0, 0]);
     }
 
     #[test]

@@ -171,35 +171,46 @@ fn fit_context(config: &LlamaEngineConfig) -> Option<super::fit::FitContext> {
     })
 }
 
-/// Logs where llama.cpp's own fit (its default 1 GiB margin per device) would put the model, and
-/// how that differs from the plan.
+/// Runs llama.cpp's fit on `indices` with `margins` and names, as `who`, how its split differs
+/// from the plan.
 #[cfg(feature = "cuda")]
-fn compare_with_llama_fit(config: &LlamaEngineConfig, indices: &[usize]) {
+fn fit_against_plan(
+    config: &LlamaEngineConfig,
+    indices: &[usize],
+    margins: &[u64],
+    who: &str,
+) -> Result<(super::fit::FitSplit, Vec<String>), String> {
     use super::fit;
-    let Some(context) = fit_context(config) else {
-        return;
-    };
+    let context = fit_context(config).ok_or("the context size is not known yet")?;
     let offload = &config.offload;
-    let margins = vec![fit::LLAMA_DEFAULT_MARGIN; indices.len()];
-    match fit::llama_fit(
+    let split = fit::llama_fit(
         &config.model_path,
         offload.n_layer,
         indices,
         context,
-        &margins,
-    ) {
-        Ok(split) => {
-            let said = fit::disagreements(
-                "llama.cpp's own fit",
-                offload.n_layer,
-                offload.n_gpu_layers,
-                &offload.layers,
-                &offload.devices,
-                &split,
-            );
-            if said.is_empty() {
-                tracing::info!(?split, "llama.cpp's own fit agrees with the plan");
-            }
+        margins,
+    )?;
+    let said = fit::disagreements(
+        who,
+        offload.n_layer,
+        offload.n_gpu_layers,
+        &offload.layers,
+        &offload.devices,
+        &split,
+    );
+    Ok((split, said))
+}
+
+/// Logs where llama.cpp's own fit (its default 1 GiB margin per device) would put the model, and
+/// how that differs from the plan.
+#[cfg(feature = "cuda")]
+fn compare_with_llama_fit(config: &LlamaEngineConfig, indices: &[usize]) {
+    let margins = vec![super::fit::LLAMA_DEFAULT_MARGIN; indices.len()];
+    match fit_against_plan(config, indices, &margins, "llama.cpp's own fit") {
+        Ok((split, said)) if said.is_empty() => {
+            tracing::info!(?split, "llama.cpp's own fit agrees with the plan");
+        }
+        Ok((_, said)) => {
             for line in said {
                 tracing::info!("plan vs llama.cpp: {line}");
             }
@@ -215,25 +226,10 @@ fn fitted_to_plan(config: &LlamaEngineConfig, indices: &[usize]) -> Option<Llama
     use super::fit;
     let offload = &config.offload;
     let context = fit_context(config)?;
-    let free: Vec<u64> = indices.iter().map(|&i| fit::device_free(i)).collect();
-    let margins = fit::margins_for_plan(&free, &offload.bytes, &offload.layers);
+    let margins = fit::margins_for_plan(&devices_free(indices), &offload.bytes, &offload.layers);
     // The same fit the params go through below, run first so its split can be logged.
-    match fit::llama_fit(
-        &config.model_path,
-        offload.n_layer,
-        indices,
-        context,
-        &margins,
-    ) {
-        Ok(split) => {
-            let said = fit::disagreements(
-                "the fit to the plan's margins",
-                offload.n_layer,
-                offload.n_gpu_layers,
-                &offload.layers,
-                &offload.devices,
-                &split,
-            );
+    match fit_against_plan(config, indices, &margins, "the fit to the plan's margins") {
+        Ok((split, said)) => {
             if said.is_empty() {
                 tracing::info!(?split, "llama.cpp's fit reproduces the plan's split");
             }
@@ -262,10 +258,7 @@ fn fitted_to_plan(config: &LlamaEngineConfig, indices: &[usize]) -> Option<Llama
     };
     let mut cparams = context_params(config, context.n_ctx);
     let path = std::ffi::CString::new(config.model_path.as_os_str().as_encoded_bytes()).ok()?;
-    let mut margin_buf = vec![0usize; llama_cpp_2::max_devices()];
-    for (slot, &margin) in margin_buf.iter_mut().zip(&margins) {
-        *slot = usize::try_from(margin).unwrap_or(usize::MAX);
-    }
+    let mut margin_buf = fit::margin_buffer(&margins, llama_cpp_2::max_devices());
     let fitted = std::pin::Pin::new(&mut params).fit_params(
         &path,
         &mut cparams,
