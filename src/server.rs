@@ -124,7 +124,7 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     pub engine: EngineHandle,
     /// The plan and the GPU reading it was made from.
-    placement: Option<(crate::gpu::plan::Plan, Inventory)>,
+    placement: (crate::gpu::plan::Plan, Inventory),
     engine_thread: std::thread::JoinHandle<()>,
     stop: watch::Sender<bool>,
     task: JoinHandle<std::io::Result<()>>,
@@ -155,7 +155,7 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
         source,
     })?;
     let gpus = spawn_poller(inventory.clone(), POLL_INTERVAL);
-    let planned = Some((placement.plan.clone(), inventory.clone()));
+    let planned = (placement.plan.clone(), inventory.clone());
     let view = PlacementView {
         placement,
         before: inventory,
@@ -238,9 +238,7 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
 
 /// Logs, per planned GPU, the memory the load took against the plan (NVML, before vs. now).
 async fn log_measured(server: &RunningServer) {
-    let Some((plan, before)) = server.placement.clone() else {
-        return;
-    };
+    let (plan, before) = &server.placement;
     if plan.devices.iter().all(|d| d.total == 0) {
         return;
     }
@@ -251,7 +249,7 @@ async fn log_measured(server: &RunningServer) {
         EngineState::Ready(info) => info.device_memory,
         _ => Vec::new(),
     };
-    for m in crate::gpu::placement::measure(&plan, &before, &now, &allocated) {
+    for m in crate::gpu::placement::measure(plan, before, &now, &allocated) {
         tracing::info!(
             gpu = %m.pci_bus_id,
             planned_mib = m.planned >> 20,

@@ -117,9 +117,12 @@ fn devices_by_bus_id(bus_ids: &[String]) -> Result<Vec<usize>, LoadError> {
 /// `offload.devices`). With several GPUs in a CUDA build the split goes through llama.cpp's fit
 /// with the plan's margins (see `fit.rs`); with any GPU, llama.cpp's own fit is logged beside the
 /// plan.
+/// `free` is each device's free memory, read just before (used by the CUDA build's fit).
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn model_params(
     config: &LlamaEngineConfig,
     indices: &[usize],
+    free: &[u64],
 ) -> Result<LlamaModelParams, LoadError> {
     let offload = &config.offload;
     let params = LlamaModelParams::default().with_n_gpu_layers(offload.n_gpu_layers);
@@ -130,7 +133,7 @@ fn model_params(
     {
         compare_with_llama_fit(config, indices);
         if indices.len() > 1 && !offload.single_gpu {
-            if let Some(fitted) = fitted_to_plan(config, indices) {
+            if let Some(fitted) = fitted_to_plan(config, indices, free) {
                 return Ok(fitted);
             }
         }
@@ -167,7 +170,7 @@ fn fit_context(config: &LlamaEngineConfig) -> Option<super::fit::FitContext> {
         n_ctx: config.n_ctx,
         n_seq: config.n_seq.max(1),
         n_batch: config.n_batch,
-        n_ubatch: config.n_batch.min(512),
+        n_ubatch: n_ubatch(config),
     })
 }
 
@@ -222,11 +225,15 @@ fn compare_with_llama_fit(config: &LlamaEngineConfig, indices: &[usize]) {
 /// The plan's split through llama.cpp's fit: margins that leave each device the plan's bytes.
 /// `None` (with a warning) when the fit cannot reproduce it; llama.cpp's default split applies.
 #[cfg(feature = "cuda")]
-fn fitted_to_plan(config: &LlamaEngineConfig, indices: &[usize]) -> Option<LlamaModelParams> {
+fn fitted_to_plan(
+    config: &LlamaEngineConfig,
+    indices: &[usize],
+    free: &[u64],
+) -> Option<LlamaModelParams> {
     use super::fit;
     let offload = &config.offload;
     let context = fit_context(config)?;
-    let margins = fit::margins_for_plan(&devices_free(indices), &offload.bytes, &offload.layers);
+    let margins = fit::margins_for_plan(free, &offload.bytes, &offload.layers);
     // The same fit the params go through below, run first so its split can be logged.
     match fit_against_plan(config, indices, &margins, "the fit to the plan's margins") {
         Ok((split, said)) => {
@@ -275,6 +282,11 @@ fn fitted_to_plan(config: &LlamaEngineConfig, indices: &[usize]) -> Option<Llama
     }
 }
 
+/// The micro-batch: llama.cpp's 512, or less when the batch is smaller.
+fn n_ubatch(config: &LlamaEngineConfig) -> u32 {
+    config.n_batch.min(512)
+}
+
 /// The context parameters the engine runs with, for a total context of `n_ctx`.
 fn context_params(config: &LlamaEngineConfig, n_ctx: u32) -> LlamaContextParams {
     // One KV stream per sequence (not unified): each sequence's attention spans only its own
@@ -284,7 +296,7 @@ fn context_params(config: &LlamaEngineConfig, n_ctx: u32) -> LlamaContextParams 
     LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_batch(config.n_batch)
-        .with_n_ubatch(config.n_batch.min(512))
+        .with_n_ubatch(n_ubatch(config))
         .with_n_seq_max(config.n_seq.max(1))
         .with_n_threads(config.n_threads)
         .with_n_threads_batch(config.n_threads)
@@ -322,7 +334,7 @@ pub fn serve_model(
     // Reading a device's free memory creates its CUDA context first, so the difference after
     // loading is what the model and its context took, without the runtime's own share.
     let free_before = devices_free(&indices);
-    let params = model_params(config, &indices)?;
+    let params = model_params(config, &indices, &free_before)?;
     let model = LlamaModel::load_from_file(backend, &config.model_path, &params).map_err(|e| {
         LoadError::Model {
             path: config.model_path.clone(),
