@@ -1353,3 +1353,40 @@ async fn a_grammar_the_engine_refuses_is_a_400_not_a_500() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error_of(&body)["param"], "grammar");
 }
+
+#[tokio::test]
+async fn a_grammar_that_cannot_work_is_a_400_before_any_stream() {
+    let h = harness();
+    for grammar in [
+        r"root ::= [^\x00-\U0010FFFF]",
+        r#"root ::= "a"{5,2}"#,
+        "root ::= (",
+    ] {
+        for stream in [false, true] {
+            let mut request = chat("x");
+            request["grammar"] = json!(grammar);
+            request["stream"] = json!(stream);
+            let (status, body) = send_json(&h.app, post("/v1/chat/completions", request)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{grammar}: {body}");
+            assert_eq!(error_of(&body)["param"], "grammar");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_grammar_that_dead_ends_midway_ends_that_request_only() {
+    let h = harness();
+    let mut request = chat("hello there");
+    request["grammar"] = json!(lm_sandbox::engine::fake::FAKE_DEAD_END_GRAMMAR);
+    let (status, body) = send_json(&h.app, post("/v1/chat/completions", request.clone())).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(error_of(&body)["param"], "grammar");
+    request["stream"] = json!(true);
+    let (status, _, sse) = send(&h.app, post("/v1/chat/completions", request)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(sse.contains("\"param\":\"grammar\""), "in-band: {sse}");
+    assert!(!sse.contains("[DONE]"), "{sse}");
+    // The engine goes on.
+    let (status, body) = send_json(&h.app, post("/v1/chat/completions", chat("ok"))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

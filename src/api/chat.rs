@@ -289,6 +289,9 @@ pub async fn chat_completions(
         Some(format) => response_format_grammar(format)?,
         None => None,
     };
+    if grammar.is_some() {
+        options.grammar_param = "response_format";
+    }
     if grammar.is_some() && options.sampling.grammar.is_some() {
         return Err(ApiError::invalid(
             "grammar",
@@ -313,6 +316,7 @@ pub async fn chat_completions(
                 ));
             }
             grammar = Some(forced);
+            options.grammar_param = "tool_choice";
         }
     }
     if let Some(grammar) = grammar {

@@ -47,6 +47,14 @@ pub enum ApiError {
     /// The sandbox cannot be reached, or the connection broke mid-command.
     #[error("{0}")]
     SandboxUnavailable(String),
+    /// The server is at its cap of requests in flight (`--max-in-flight`): shed, retry later.
+    #[error(
+        "The server is busy: {limit} requests are in flight; retry after {RETRY_AFTER_SECS} s"
+    )]
+    Overloaded { limit: usize },
+    /// The engine failed while this request was pending (a fault on its thread); it is reloading.
+    #[error("The engine failed: {0}")]
+    EngineFailed(String),
     /// A server fault: the only 5xx that is not about availability.
     #[error("Internal error: {0}")]
     Internal(String),
@@ -78,10 +86,11 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
-            Self::Loading | Self::Unavailable(_) | Self::SandboxUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Loading
+            | Self::Unavailable(_)
+            | Self::SandboxUnavailable(_)
+            | Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) | Self::EngineFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -102,6 +111,8 @@ impl ApiError {
             Self::Loading => ("unavailable_error", Some("model_loading")),
             Self::Unavailable(_) => ("unavailable_error", Some("model_unavailable")),
             Self::SandboxUnavailable(_) => ("unavailable_error", Some("sandbox_unavailable")),
+            Self::Overloaded { .. } => ("unavailable_error", Some("server_overloaded")),
+            Self::EngineFailed(_) => ("server_error", Some("engine_failed")),
             Self::Internal(_) => ("server_error", None),
         }
     }
@@ -150,7 +161,7 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %self, "request failed");
         }
         let mut response = (status, axum::Json(self.body())).into_response();
-        if matches!(self, Self::QueueFull) {
+        if matches!(self, Self::QueueFull | Self::Overloaded { .. }) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));

@@ -59,14 +59,9 @@ pub async fn respond<S: ChunkShape>(
 ) -> Result<Response, ApiError> {
     if options.stream {
         let shape = stream_shape(header);
-        return Ok(sse::stream_response(
-            shape,
-            receivers,
-            options.n,
-            options.include_usage,
-        ));
+        return Ok(sse::stream_response(shape, receivers, options));
     }
-    let done = collect(receivers).await?;
+    let done = collect(receivers, options.grammar_param).await?;
     let mut usage = Usage::default();
     let choices: Vec<Value> = (0u32..)
         .zip(&done)
@@ -102,7 +97,21 @@ pub fn submit(
     jobs: Vec<PromptJob>,
     options: &GenerationOptions,
 ) -> Result<Vec<mpsc::Receiver<GenerationEvent>>, ApiError> {
-    let mut receivers = Vec::with_capacity(jobs.len() * options.n as usize);
+    let total = jobs.len().saturating_mul(options.n as usize);
+    let capacity = engine.queue_capacity();
+    if total > capacity {
+        // Never admissible, so not a 429: retrying cannot help.
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "{} prompt(s) × n = {} makes {total} sequences, more than the {capacity} this \
+                 server queues at once (--max-queue); lower `n` or send fewer prompts",
+                jobs.len(),
+                options.n
+            ),
+        ));
+    }
+    let mut receivers = Vec::with_capacity(total);
     for job in jobs {
         for j in 0..options.n {
             let mut sampling = options.sampling.clone();
@@ -146,9 +155,11 @@ pub struct Completed {
 }
 
 /// Waits for every choice to finish. If the client goes away, the future is dropped with the
-/// receivers, and the engine cancels the sequences.
+/// receivers, and the engine cancels the sequences. A refused grammar is blamed on
+/// `grammar_param`; a channel that closes before its final event means the engine failed.
 pub async fn collect(
     receivers: Vec<mpsc::Receiver<GenerationEvent>>,
+    grammar_param: &str,
 ) -> Result<Vec<Completed>, ApiError> {
     let mut done = vec![Completed::default(); receivers.len()];
     let mut events = merged(receivers);
@@ -160,19 +171,20 @@ pub async fn collect(
                 choice.reason = Some(reason);
                 choice.stats = stats;
             }
-            GenerationEvent::Failed(message) => return Err(ApiError::Internal(message)),
+            GenerationEvent::Failed(message) => return Err(ApiError::EngineFailed(message)),
             GenerationEvent::Rejected(message) => {
-                return Err(ApiError::invalid("grammar", message))
+                return Err(ApiError::invalid(grammar_param, message))
             }
         }
     }
     if done.iter().any(|c| c.reason.is_none()) {
-        return Err(ApiError::Internal(
-            "the engine stopped before the generation finished".into(),
-        ));
+        return Err(ApiError::EngineFailed(ENGINE_STOPPED.into()));
     }
     Ok(done)
 }
+
+/// Why a request ends without its final event: the engine thread dropped it (a fault).
+pub const ENGINE_STOPPED: &str = "the engine stopped before the generation finished";
 
 /// OpenAI's `finish_reason`.
 pub fn finish_reason(reason: FinishReason) -> &'static str {

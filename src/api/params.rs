@@ -13,6 +13,9 @@ use crate::engine::{SamplingParams, Token};
 
 /// At most this many stop strings (OpenAI's limit).
 pub const MAX_STOP_STRINGS: usize = 4;
+/// Longest stop string, in bytes: text that may begin a stop string is held back, so a longer one
+/// would delay the stream by that much and cost that much per token.
+pub const MAX_STOP_BYTES: usize = 1024;
 /// At most this many choices per request (OpenAI's limit for `n`).
 pub const MAX_CHOICES: i64 = 128;
 
@@ -65,6 +68,9 @@ pub struct GenerationOptions {
     pub include_usage: bool,
     /// Control tokens come out as text (set when tool calls are parsed).
     pub special_tokens: bool,
+    /// The field a grammar refused while sampling is blamed on: `grammar`, `response_format` or
+    /// `tool_choice`, whichever the grammar came from.
+    pub grammar_param: &'static str,
 }
 
 fn range_f32(
@@ -175,7 +181,11 @@ impl CommonFields {
                     g.len(),
                 ))
             }
-            Some(g) => Some(std::sync::Arc::from(g.as_str())),
+            Some(g) => {
+                crate::engine::grammar::check(g)
+                    .map_err(|e| ApiError::invalid("grammar", e.to_string()))?;
+                Some(std::sync::Arc::from(g.as_str()))
+            }
         };
         let include_usage = self
             .stream_options
@@ -202,6 +212,7 @@ impl CommonFields {
             stream,
             include_usage,
             special_tokens: false,
+            grammar_param: "grammar",
         })
     }
 }
@@ -227,6 +238,17 @@ fn parse_stop(value: Option<&Value>) -> Result<Vec<String>, ApiError> {
             ))
         }
     };
+    if let Some((i, long)) = stops
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+    {
+        return Err(ApiError::out_of_range(
+            &format!("stop[{i}]"),
+            &format!("at most {MAX_STOP_BYTES} bytes"),
+            format!("{} bytes", long.len()),
+        ));
+    }
     if stops.len() > MAX_STOP_STRINGS {
         return Err(ApiError::out_of_range(
             "stop",
@@ -354,6 +376,23 @@ mod tests {
             param_of(options(json!({"model": "m", "logit_bias": {"5": 101}})).unwrap_err()),
             "logit_bias.5"
         );
+    }
+
+    #[test]
+    fn long_stop_strings_and_bad_grammars_are_400s() {
+        let long = "x".repeat(MAX_STOP_BYTES + 1);
+        assert_eq!(
+            param_of(options(json!({"model": "m", "stop": ["a", long]})).unwrap_err()),
+            "stop[1]"
+        );
+        for grammar in [
+            r"root ::= [^\x00-\U0010FFFF]",
+            r#"root ::= "a"{5,2}"#,
+            "root ::= x",
+        ] {
+            let err = options(json!({"model": "m", "grammar": grammar})).unwrap_err();
+            assert_eq!(param_of(err), "grammar", "{grammar}");
+        }
     }
 
     #[test]

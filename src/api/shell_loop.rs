@@ -314,7 +314,9 @@ pub async fn run(
     let mut round_tools = (*tools).clone();
     let mut last_stats: GenerationStats;
     let (message, reason) = loop {
-        let done = generate::collect(vec![receiver]).await?.remove(0);
+        let done = generate::collect(vec![receiver], options.grammar_param)
+            .await?
+            .remove(0);
         usage.add(&done.stats, true);
         last_stats = done.stats;
         let truncated = done.reason == Some(FinishReason::Length);
@@ -431,12 +433,12 @@ async fn stream_loop(
                     break;
                 }
                 Some(GenerationEvent::Rejected(message)) => {
-                    let error = ApiError::invalid("grammar", message);
+                    let error = ApiError::invalid(options.grammar_param, message);
                     let _ = tx.send(error_event(&error)).await;
                     return;
                 }
                 Some(GenerationEvent::Failed(message)) => {
-                    let error = ApiError::Internal(message);
+                    let error = ApiError::EngineFailed(message);
                     let _ = tx.send(error_event(&error)).await;
                     return;
                 }
@@ -444,8 +446,7 @@ async fn stream_loop(
             }
         }
         let Some((reason, stats)) = finished else {
-            let error =
-                ApiError::Internal("the engine stopped before the generation finished".into());
+            let error = ApiError::EngineFailed(generate::ENGINE_STOPPED.into());
             let _ = tx.send(error_event(&error)).await;
             return;
         };

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
 use super::generate::{merged, Usage};
+use super::params::GenerationOptions;
 use crate::engine::{FinishReason, GenerationEvent, GenerationStats};
 
 /// The fields every chunk of one response repeats.
@@ -106,11 +107,15 @@ const SSE_BUFFER: usize = 64;
 pub fn stream_response<S: ChunkShape>(
     shape: S,
     receivers: Vec<mpsc::Receiver<GenerationEvent>>,
-    n: u32,
-    include_usage: bool,
+    options: &GenerationOptions,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Event>(SSE_BUFFER);
-    tokio::spawn(forward(shape, receivers, n, include_usage, tx));
+    let ends = Ends {
+        n: options.n,
+        include_usage: options.include_usage,
+        grammar_param: options.grammar_param,
+    };
+    tokio::spawn(forward(shape, receivers, ends, tx));
     Sse::new(ReceiverStream::new(rx).map(Ok::<_, Infallible>)).into_response()
 }
 
@@ -118,13 +123,25 @@ fn json_event(value: &Value) -> Event {
     Event::default().data(value.to_string())
 }
 
+/// What `forward` needs of the request's options.
+struct Ends {
+    /// Choices per prompt.
+    n: u32,
+    include_usage: bool,
+    grammar_param: &'static str,
+}
+
 async fn forward<S: ChunkShape>(
     mut shape: S,
     receivers: Vec<mpsc::Receiver<GenerationEvent>>,
-    n: u32,
-    include_usage: bool,
+    ends: Ends,
     tx: mpsc::Sender<Event>,
 ) {
+    let Ends {
+        n,
+        include_usage,
+        grammar_param,
+    } = ends;
     let choices = receivers.len();
     for index in 0..choices as u32 {
         if let Some(chunk) = shape.opening(index) {
@@ -151,14 +168,14 @@ async fn forward<S: ChunkShape>(
                 shape.finish(index, reason, &stats)
             }
             Some((_, GenerationEvent::Rejected(message))) => {
-                // Only the opening chunks went out: the client's mistake, in-band.
+                // The client's mistake, in-band: the stream has begun.
                 let _ = tx
-                    .send(error_event(&ApiError::invalid("grammar", message)))
+                    .send(error_event(&ApiError::invalid(grammar_param, message)))
                     .await;
                 return;
             }
             Some((_, GenerationEvent::Failed(message))) => {
-                let error = ApiError::Internal(message);
+                let error = ApiError::EngineFailed(message);
                 tracing::error!(%error, "generation failed mid-stream");
                 // Ignored send error: the stream ends here either way.
                 let _ = tx.send(error_event(&error)).await;
@@ -172,7 +189,7 @@ async fn forward<S: ChunkShape>(
         }
     }
     if finished < choices {
-        let error = ApiError::Internal("the engine stopped before the generation finished".into());
+        let error = ApiError::EngineFailed(super::generate::ENGINE_STOPPED.into());
         let _ = tx.send(error_event(&error)).await;
         return;
     }

@@ -16,8 +16,16 @@ use super::runner::{BatchEntry, ModelRunner, RunnerError};
 use super::worker::{self, WorkerConfig};
 use super::{EngineHandle, ModelInfo, SamplingParams, SeqId, Token, TokenizeText};
 
-/// A grammar the fake runner refuses, standing in for one llama.cpp cannot parse.
-pub const FAKE_INVALID_GRAMMAR: &str = "root ::= (";
+/// A grammar the fake runner refuses (it passes the API's own check), standing in for one
+/// llama.cpp cannot use.
+pub const FAKE_INVALID_GRAMMAR: &str = "root ::= \"refused by the fake engine\"";
+
+/// A grammar under which the fake runner finds no admissible token after two generated tokens,
+/// standing in for a real grammar that dead-ends midway.
+pub const FAKE_DEAD_END_GRAMMAR: &str = "root ::= \"ab\" <[999999]>";
+
+/// A prompt containing this makes the fake runner panic while sampling: an injected engine fault.
+pub const FAKE_PANIC_PROMPT: &str = "__engine_panic__";
 
 /// The fake vocabulary's end-of-generation token.
 pub const FAKE_EOS: Token = 256;
@@ -49,6 +57,7 @@ struct FakeSequence {
     /// Length of the prompt, fixed at the first sample.
     prompt_len: Option<usize>,
     sampled: usize,
+    dead_end: bool,
 }
 
 /// The echo model described in the module docs.
@@ -107,6 +116,7 @@ impl ModelRunner for FakeRunner {
         let state = self.sequences.entry(seq).or_default();
         state.prompt_len = None;
         state.sampled = 0;
+        state.dead_end = params.grammar.as_deref() == Some(FAKE_DEAD_END_GRAMMAR);
         self.log.lock().expect("fake log").begun.push(seq);
         Ok(())
     }
@@ -135,18 +145,23 @@ impl ModelRunner for FakeRunner {
         Ok(())
     }
 
-    fn sample(&mut self, seq: SeqId, _batch_index: usize) -> Token {
+    fn sample(&mut self, seq: SeqId, _batch_index: usize) -> Result<Token, String> {
         let state = self
             .sequences
             .get_mut(&seq)
             .expect("sampled a begun sequence");
         let prompt_len = *state.prompt_len.get_or_insert(state.decoded.len());
-        let token = state.decoded[..prompt_len]
-            .get(state.sampled)
-            .copied()
-            .unwrap_or(FAKE_EOS);
+        let prompt = &state.decoded[..prompt_len];
+        let marker: Vec<Token> = FAKE_PANIC_PROMPT.bytes().map(Token::from).collect();
+        if prompt.windows(marker.len()).any(|w| w == marker.as_slice()) {
+            panic!("fake: injected engine fault");
+        }
+        if state.dead_end && state.sampled == 2 {
+            return Err("fake: the grammar admits no token here".into());
+        }
+        let token = prompt.get(state.sampled).copied().unwrap_or(FAKE_EOS);
         state.sampled += 1;
-        token
+        Ok(token)
     }
 
     fn end_sequence(&mut self, seq: SeqId) {

@@ -447,13 +447,21 @@ impl SequenceSampler {
     fn new(params: &SamplingParams, model: &LlamaModel) -> Result<Self, String> {
         let grammar = match &params.grammar {
             None => None,
-            // llama.cpp logs the parse error itself and returns no sampler.
-            Some(grammar) => Some(LlamaSampler::grammar(model, grammar, "root").map_err(|e| {
-                format!(
+            // The API checks grammars already; this guard keeps llama.cpp's parser away from any
+            // that slipped past (it has no bounds of its own). llama.cpp logs its own parse
+            // errors and returns no sampler.
+            Some(grammar) => Some(
+                super::grammar::check(grammar)
+                    .map_err(|e| format!("the grammar is refused: {e}"))
+                    .and_then(|_| {
+                        LlamaSampler::grammar(model, grammar, "root").map_err(|e| {
+                            format!(
                     "llama.cpp refused the grammar ({e}): check its syntax, that `root` and every \
                      rule it uses are defined, and that no rule is left-recursive"
                 )
-            })?),
+                        })
+                    })?,
+            ),
         };
         Ok(Self {
             chain: sampler_chain(params, model),
@@ -464,10 +472,14 @@ impl SequenceSampler {
     /// llama-server's order with a grammar: sample freely, check just that token against the
     /// grammar, and only when it is refused constrain the whole vocabulary and sample again, so most
     /// steps do not run the grammar over every candidate.
-    fn sample(&mut self, ctx: &LlamaContext<'_>, index: i32) -> LlamaToken {
+    ///
+    /// A token is only ever accepted into the grammar after the grammar admitted it: llama.cpp
+    /// throws a C++ exception (which would abort the process) when asked to accept one it refuses.
+    /// So when no token at all is admissible, this returns `Err` and accepts nothing.
+    fn sample(&mut self, ctx: &LlamaContext<'_>, index: i32) -> Result<LlamaToken, String> {
         let Some(grammar) = self.grammar.as_mut() else {
             // `llama_sampler_sample` also accepts the token into the chain (penalty history).
-            return self.chain.sample(ctx, index);
+            return Ok(self.chain.sample(ctx, index));
         };
         let mut candidates = ctx.token_data_array_ith(index);
         candidates.apply_sampler(&mut self.chain);
@@ -481,16 +493,30 @@ impl SequenceSampler {
         } else {
             let mut candidates = ctx.token_data_array_ith(index);
             candidates.apply_sampler(grammar);
+            // Indexed by token id: the array holds the whole vocabulary, in id order, until
+            // the chain sorts or truncates it.
+            let admitted: Vec<bool> = candidates
+                .data
+                .iter()
+                .map(|d| d.logit() > f32::NEG_INFINITY)
+                .collect();
+            if !admitted.contains(&true) {
+                return Err(NO_ADMISSIBLE_TOKEN.into());
+            }
             candidates.apply_sampler(&mut self.chain);
-            candidates
-                .selected_token()
-                .expect("the chain ends in a selecting sampler")
+            match candidates.selected_token() {
+                Some(token) if admitted.get(token.0 as usize) == Some(&true) => token,
+                _ => return Err(NO_ADMISSIBLE_TOKEN.into()),
+            }
         };
         grammar.accept(token);
         self.chain.accept(token);
-        token
+        Ok(token)
     }
 }
+
+const NO_ADMISSIBLE_TOKEN: &str =
+    "the grammar admits no token of this model's vocabulary at this point of the output";
 
 fn sampler_chain(params: &SamplingParams, model: &LlamaModel) -> LlamaSampler {
     let n_vocab = model.n_vocab();
@@ -555,11 +581,11 @@ impl ModelRunner for LlamaRunner<'_> {
             .map_err(|e| RunnerError::Decode(e.to_string()))
     }
 
-    fn sample(&mut self, seq: SeqId, batch_index: usize) -> Token {
+    fn sample(&mut self, seq: SeqId, batch_index: usize) -> Result<Token, String> {
         let sampler = self.samplers[seq as usize]
             .as_mut()
             .expect("begin_sequence runs before any sample for a sequence");
-        sampler.sample(&self.ctx, batch_index as i32).0
+        sampler.sample(&self.ctx, batch_index as i32).map(|t| t.0)
     }
 
     fn end_sequence(&mut self, seq: SeqId) {

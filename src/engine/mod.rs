@@ -13,6 +13,7 @@ pub mod fake;
 // The pure parts are used by CUDA builds and tests only.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod fit;
+pub mod grammar;
 mod llama;
 mod runner;
 mod sampling;
@@ -180,6 +181,12 @@ impl EngineHandle {
                 mpsc::error::TrySendError::Closed(_) => SubmitError::Unavailable,
             })?;
         Ok(rx)
+    }
+
+    /// How many requests the admission queue holds: more submitted at once can never all be
+    /// admitted.
+    pub fn queue_capacity(&self) -> usize {
+        self.commands.max_capacity()
     }
 
     /// The current lifecycle state.

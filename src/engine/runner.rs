@@ -33,8 +33,9 @@ pub trait ModelRunner {
     fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), RunnerError>;
 
     /// Samples the next token for `seq` from the logits of batch entry `batch_index`, and
-    /// records it in the sequence's sampler history (penalties).
-    fn sample(&mut self, seq: SeqId, batch_index: usize) -> Token;
+    /// records it in the sequence's sampler history (penalties). `Err`: the sequence's grammar
+    /// admits no token here; nothing was recorded, and the sequence must end.
+    fn sample(&mut self, seq: SeqId, batch_index: usize) -> Result<Token, String>;
 
     /// Drops per-sequence sampling state. The KV cells stay (they are the prefix cache).
     fn end_sequence(&mut self, seq: SeqId);

@@ -255,8 +255,11 @@ impl<R: ModelRunner> Scheduler<R> {
             return report;
         }
         for (index, batch_index) in sample_at {
-            let token = self.runner.sample(index as SeqId, batch_index);
-            self.accept_token(index, token, &mut report);
+            match self.runner.sample(index as SeqId, batch_index) {
+                Ok(token) => self.accept_token(index, token, &mut report),
+                // The request's grammar left no admissible token: its mistake, ended in-band.
+                Err(reason) => self.reject(index, reason, &mut report),
+            }
         }
         report
     }
@@ -392,6 +395,14 @@ impl<R: ModelRunner> Scheduler<R> {
             let stats = slot.stats();
             // Ignored result: the slot is released either way.
             let _ = slot.send(GenerationEvent::Done { reason, stats });
+        }
+        self.release(index, report);
+    }
+
+    fn reject(&mut self, index: usize, message: String, report: &mut StepReport) {
+        if let Some(slot) = self.slots[index].as_ref() {
+            // Ignored result: the slot is released either way.
+            let _ = slot.send(GenerationEvent::Rejected(message));
         }
         self.release(index, report);
     }

@@ -111,7 +111,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 fn schema_error(param: &str, e: SchemaError) -> ToolError {
-    tool_error(param, format!("{e}: lm-sandbox cannot enforce it"))
+    tool_error(param, e.to_string())
 }
 
 impl ToolRequest {
@@ -288,7 +288,10 @@ impl ToolRequest {
                 }
             }
         };
-        Ok(Some(g.finish(&root)))
+        let grammar = g
+            .finish_checked(&root, "tool_choice")
+            .map_err(|e| schema_error("tool_choice", e))?;
+        Ok(Some(grammar))
     }
 
     /// Every tool's schema checked against the supported subset, so a bad one is a 400 in any mode.
@@ -472,7 +475,10 @@ pub fn response_format_grammar(format: &Value) -> Result<Option<String>, ToolErr
             let param = "response_format.json_schema.schema";
             let mut g = GrammarBuilder::new();
             let root = g.schema(schema, param).map_err(|e| schema_error(param, e))?;
-            Ok(Some(g.finish(&root)))
+            let grammar = g
+                .finish_checked(&root, param)
+                .map_err(|e| schema_error(param, e))?;
+            Ok(Some(grammar))
         }
         other => Err(tool_error(
             "response_format.type",

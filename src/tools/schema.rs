@@ -14,13 +14,29 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-/// A schema construct this module does not handle, and where it is (`properties.path.items`).
+/// Why a schema cannot be compiled, and where (`properties.path.items`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unsupported JSON Schema construct `{construct}` at `{at}`")]
-pub struct SchemaError {
-    pub construct: String,
-    pub at: String,
+pub enum SchemaError {
+    /// A construct this module does not handle.
+    #[error(
+        "unsupported JSON Schema construct `{construct}` at `{at}`: lm-sandbox cannot enforce it"
+    )]
+    Unsupported { construct: String, at: String },
+    /// Bounds no value can meet (`minItems` above `maxItems`).
+    #[error("`{at}`: {reason}, so no value can match the schema")]
+    Unsatisfiable { at: String, reason: String },
+    /// Bounds or a shape whose grammar would be too large to build or to sample with.
+    #[error("`{at}`: {reason}")]
+    TooLarge { at: String, reason: String },
 }
+
+/// Most repetitions a bound (`minItems`, `minLength`, ...) may ask the grammar for: llama.cpp's own
+/// limit. A larger maximum is enforced by validation only; a larger minimum is refused.
+pub const MAX_BOUND: u64 = crate::engine::grammar::MAX_REPETITION;
+/// Schemas nested deeper than this are refused.
+pub const MAX_DEPTH: usize = 32;
+/// Largest grammar text a schema may compile to.
+pub const MAX_GRAMMAR_BYTES: usize = 1 << 20;
 
 const ANNOTATIONS: &[&str] = &[
     "title",
@@ -76,6 +92,8 @@ array ::= "[" ws ( value ( ws "," ws value )* )? ws "]"
 pub struct GrammarBuilder {
     rules: BTreeMap<String, String>,
     counter: usize,
+    /// Bytes of rule text so far, bounded by [`MAX_GRAMMAR_BYTES`].
+    bytes: usize,
 }
 
 impl GrammarBuilder {
@@ -103,29 +121,55 @@ impl GrammarBuilder {
     /// Adds a rule `name ::= body` (with a fresh name based on `hint`) and returns the name.
     pub fn rule(&mut self, hint: &str, body: String) -> String {
         let name = self.fresh(hint);
+        self.bytes += name.len() + body.len() + 6;
         self.rules.insert(name.clone(), body);
         name
     }
 
     /// Compiles `schema` (found at `at`) into a rule; returns the rule's name.
     pub fn schema(&mut self, schema: &Value, at: &str) -> Result<String, SchemaError> {
+        // Each level of nesting adds one of these to the path.
+        let depth = at.matches(".properties.").count()
+            + at.matches(".items").count()
+            + at.matches("Of[").count();
+        if depth > MAX_DEPTH {
+            return Err(SchemaError::TooLarge {
+                at: at.into(),
+                reason: format!("schemas nested deeper than {MAX_DEPTH} levels are not supported"),
+            });
+        }
         check(schema, at)?;
         let body = self.body(schema, at)?;
+        self.budget(at, body.len())?;
         Ok(self.rule(at, body))
+    }
+
+    /// Refuses to grow the grammar past [`MAX_GRAMMAR_BYTES`].
+    fn budget(&self, at: &str, more: usize) -> Result<(), SchemaError> {
+        if self.bytes.saturating_add(more) > MAX_GRAMMAR_BYTES {
+            return Err(SchemaError::TooLarge {
+                at: at.into(),
+                reason: format!(
+                    "the schema compiles to a grammar over {} KiB; simplify it",
+                    MAX_GRAMMAR_BYTES >> 10
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn body(&mut self, schema: &Value, at: &str) -> Result<String, SchemaError> {
         let map = match schema {
             Value::Bool(true) => return Ok("value".into()),
             Value::Bool(false) => {
-                return Err(SchemaError {
+                return Err(SchemaError::Unsupported {
                     construct: "false".into(),
                     at: at.into(),
                 })
             }
             Value::Object(map) => map,
             _ => {
-                return Err(SchemaError {
+                return Err(SchemaError::Unsupported {
                     construct: "a schema that is not an object".into(),
                     at: at.into(),
                 })
@@ -152,7 +196,7 @@ impl GrammarBuilder {
             Some(Value::String(t)) => vec![t.as_str()],
             Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
             Some(_) => {
-                return Err(SchemaError {
+                return Err(SchemaError::Unsupported {
                     construct: "type".into(),
                     at: at.into(),
                 })
@@ -161,7 +205,7 @@ impl GrammarBuilder {
         let mut alternatives = Vec::new();
         for kind in types {
             alternatives.push(match kind {
-                "string" => string_body(map),
+                "string" => string_body(map, at)?,
                 "integer" => "integer".into(),
                 "number" => "number".into(),
                 "boolean" => "boolean".into(),
@@ -169,7 +213,7 @@ impl GrammarBuilder {
                 "object" => self.object_body(map, at)?,
                 "array" => self.array_body(map, at)?,
                 other => {
-                    return Err(SchemaError {
+                    return Err(SchemaError::Unsupported {
                         construct: format!("type \"{other}\""),
                         at: at.into(),
                     })
@@ -211,7 +255,10 @@ impl GrammarBuilder {
             }
         }
         let list = if mandatory.is_empty() {
-            // Any non-empty run of the optional properties, in order, or none.
+            // Any non-empty run of the optional properties, in order, or none: quadratic in their
+            // number, so its size is checked before it is built.
+            let pairs: usize = optional.iter().map(|p| p.len() + 16).sum();
+            self.budget(at, pairs.saturating_mul(optional.len()) / 2)?;
             let mut firsts = Vec::new();
             for i in 0..optional.len() {
                 let rest: String = optional[i + 1..]
@@ -236,14 +283,24 @@ impl GrammarBuilder {
             None => "value".to_string(),
             Some(items) => self.schema(items, &format!("{at}.items"))?,
         };
-        let min = map.get("minItems").and_then(Value::as_u64).unwrap_or(0);
-        let max = map.get("maxItems").and_then(Value::as_u64);
+        let (min, max) = bounds(map, "minItems", "maxItems", at)?;
         let body = match (min, max) {
             (_, Some(0)) => String::new(),
             (0, max) => format!("( {item} {} )?", more_rest(&item, 0, max.map(|m| m - 1))),
             (min, max) => format!("{item} {}", more_rest(&item, min - 1, max.map(|m| m - 1))),
         };
         Ok(format!(r#""[" ws {body} ws "]""#))
+    }
+
+    /// The whole grammar with `root ::= root_body`, checked as every grammar is before llama.cpp
+    /// sees it. `at` names the schema for the error.
+    pub fn finish_checked(self, root_body: &str, at: &str) -> Result<String, SchemaError> {
+        let grammar = self.finish(root_body);
+        crate::engine::grammar::check(&grammar).map_err(|e| SchemaError::TooLarge {
+            at: at.into(),
+            reason: format!("its grammar is refused: {e}"),
+        })?;
+        Ok(grammar)
     }
 
     /// The whole grammar with `root ::= root_body`.
@@ -266,14 +323,40 @@ fn more_rest(item: &str, min: u64, max: Option<u64>) -> String {
     }
 }
 
-fn string_body(map: &Map<String, Value>) -> String {
-    let min = map.get("minLength").and_then(Value::as_u64);
-    let max = map.get("maxLength").and_then(Value::as_u64);
-    match (min, max) {
-        (None, None) => "string".into(),
-        (min, Some(max)) => format!(r#""\"" char{{{},{max}}} "\"""#, min.unwrap_or(0)),
-        (Some(min), None) => format!(r#""\"" char{{{min},}} "\"""#),
+/// A `min`/`max` pair of bounds for the grammar: contradictions and minimums over
+/// [`MAX_BOUND`] are refused; a maximum over it is left to validation (the grammar has none).
+fn bounds(
+    map: &Map<String, Value>,
+    min_key: &str,
+    max_key: &str,
+    at: &str,
+) -> Result<(u64, Option<u64>), SchemaError> {
+    let min = map.get(min_key).and_then(Value::as_u64).unwrap_or(0);
+    let max = map.get(max_key).and_then(Value::as_u64);
+    if let Some(max) = max.filter(|&max| max < min) {
+        return Err(SchemaError::Unsatisfiable {
+            at: at.into(),
+            reason: format!("`{min_key}` ({min}) is above `{max_key}` ({max})"),
+        });
     }
+    if min > MAX_BOUND {
+        return Err(SchemaError::TooLarge {
+            at: at.into(),
+            reason: format!(
+                "`{min_key}` ({min}) is over {MAX_BOUND}, more than a grammar can enforce"
+            ),
+        });
+    }
+    Ok((min, max.filter(|&max| max <= MAX_BOUND)))
+}
+
+fn string_body(map: &Map<String, Value>, at: &str) -> Result<String, SchemaError> {
+    let (min, max) = bounds(map, "minLength", "maxLength", at)?;
+    Ok(match (min, max) {
+        (0, None) => "string".into(),
+        (min, Some(max)) => format!(r#""\"" char{{{min},{max}}} "\"""#),
+        (min, None) => format!(r#""\"" char{{{min},}} "\"""#),
+    })
 }
 
 /// A GBNF literal matching exactly the JSON text of `value`.
@@ -299,7 +382,7 @@ pub fn check(schema: &Value, at: &str) -> Result<(), SchemaError> {
     let Value::Object(map) = schema else {
         return match schema {
             Value::Bool(_) => Ok(()),
-            _ => Err(SchemaError {
+            _ => Err(SchemaError::Unsupported {
                 construct: "a schema that is not an object".into(),
                 at: at.into(),
             }),
@@ -310,7 +393,7 @@ pub fn check(schema: &Value, at: &str) -> Result<(), SchemaError> {
             || CHECKED_ONLY.contains(&key.as_str())
             || ENFORCED.contains(&key.as_str());
         if !known {
-            return Err(SchemaError {
+            return Err(SchemaError::Unsupported {
                 construct: key.clone(),
                 at: at.into(),
             });
@@ -318,7 +401,7 @@ pub fn check(schema: &Value, at: &str) -> Result<(), SchemaError> {
     }
     if let Some(extra) = map.get("additionalProperties") {
         if !extra.is_boolean() {
-            return Err(SchemaError {
+            return Err(SchemaError::Unsupported {
                 construct: "additionalProperties (a schema)".into(),
                 at: at.into(),
             });
@@ -465,12 +548,93 @@ mod tests {
         let err = GrammarBuilder::new()
             .schema(&schema, "parameters")
             .unwrap_err();
-        assert_eq!(err.construct, "pattern");
-        assert_eq!(err.at, "parameters.properties.a");
+        assert_eq!(
+            err,
+            SchemaError::Unsupported {
+                construct: "pattern".into(),
+                at: "parameters.properties.a".into()
+            }
+        );
         let err = GrammarBuilder::new()
             .schema(&json!({"$ref": "#/defs/x"}), "schema")
             .unwrap_err();
-        assert_eq!(err.construct, "$ref");
+        assert!(matches!(err, SchemaError::Unsupported { construct, .. } if construct == "$ref"));
+    }
+
+    fn compile(schema: Value) -> Result<String, SchemaError> {
+        let mut g = GrammarBuilder::new();
+        let root = g.schema(&schema, "schema")?;
+        g.finish_checked(&root, "schema")
+    }
+
+    #[test]
+    fn contradictory_and_huge_bounds_are_refused_with_their_place() {
+        let err = compile(json!({"type": "object", "properties": {
+            "xs": {"type": "array", "minItems": 5, "maxItems": 2}}}))
+        .unwrap_err();
+        assert!(
+            matches!(&err, SchemaError::Unsatisfiable { at, .. } if at == "schema.properties.xs"),
+            "{err}"
+        );
+        assert!(matches!(
+            compile(json!({"type": "string", "minLength": 9, "maxLength": 3})),
+            Err(SchemaError::Unsatisfiable { .. })
+        ));
+        assert!(matches!(
+            compile(json!({"type": "array", "minItems": 1_000_000})),
+            Err(SchemaError::TooLarge { .. })
+        ));
+        // A maximum over the grammar's bound is left to validation.
+        let grammar =
+            compile(json!({"type": "string", "minLength": 2, "maxLength": 1_000_000})).unwrap();
+        assert!(grammar.contains("char{2,}"), "{grammar}");
+        let mut deep = json!({"type": "string"});
+        for _ in 0..40 {
+            deep = json!({"type": "array", "items": deep});
+        }
+        assert!(matches!(compile(deep), Err(SchemaError::TooLarge { .. })));
+        let many: serde_json::Map<String, Value> = (0..3000)
+            .map(|i| (format!("property_number_{i}"), json!({"type": "string"})))
+            .collect();
+        assert!(matches!(
+            compile(json!({"type": "object", "properties": many})),
+            Err(SchemaError::TooLarge { .. })
+        ));
+    }
+
+    /// Seeded property test: random schemas built from the supported keywords with random bounds
+    /// either compile to a grammar that passes the grammar check, or are refused; never a panic.
+    #[test]
+    fn generated_schemas_compile_or_are_refused() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        fn schema(rng: &mut StdRng, depth: u32) -> Value {
+            let bound = |rng: &mut StdRng| -> Value {
+                json!([0u64, 1, 3, 2000, 2001, 1 << 40][rng.gen_range(0..6)])
+            };
+            match rng.gen_range(0..if depth > 3 { 3 } else { 6 }) {
+                0 => json!({"type": "string", "minLength": bound(rng), "maxLength": bound(rng)}),
+                1 => json!({"type": ["integer", "null"]}),
+                2 => json!({"enum": ["a", 1, null]}),
+                3 => json!({"type": "array", "items": schema(rng, depth + 1),
+                            "minItems": bound(rng), "maxItems": bound(rng)}),
+                4 => {
+                    let props: serde_json::Map<String, Value> = (0..rng.gen_range(0..4))
+                        .map(|i| (format!("p{i}"), schema(rng, depth + 1)))
+                        .collect();
+                    json!({"type": "object", "properties": props, "required": ["p0"]})
+                }
+                _ => json!({"anyOf": [schema(rng, depth + 1), schema(rng, depth + 1)]}),
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut compiled = 0;
+        for _ in 0..400 {
+            if compile(schema(&mut rng, 0)).is_ok() {
+                compiled += 1;
+            }
+        }
+        assert!(compiled > 50, "only {compiled} of 400 compiled");
     }
 
     #[test]
