@@ -264,6 +264,31 @@ pub struct ServeArgs {
     )]
     pub api_keys: Vec<String>,
 
+    /// Read API keys from FILE, one per line (blank lines and `#` comments skipped), so they do
+    /// not show in `ps` (repeatable; adds to `--api-key`).
+    #[arg(long = "api-key-file", env = "LM_SANDBOX_API_KEY_FILE")]
+    pub api_key_files: Vec<PathBuf>,
+
+    /// Requests handled at once; beyond that, 503 with Retry-After (`/health` is never shed).
+    #[arg(long, env = "LM_SANDBOX_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub max_in_flight: u32,
+
+    /// Seconds a client gets to send a request's headers.
+    #[arg(long, env = "LM_SANDBOX_HEADER_TIMEOUT", default_value_t = 10.0)]
+    pub header_timeout: f64,
+
+    /// Seconds a client gets to send a request's whole body.
+    #[arg(long, env = "LM_SANDBOX_BODY_TIMEOUT", default_value_t = 30.0)]
+    pub body_timeout: f64,
+
+    /// Seconds between SSE keep-alive comments while a stream has nothing to send.
+    #[arg(long, env = "LM_SANDBOX_SSE_KEEP_ALIVE", default_value_t = 15.0)]
+    pub sse_keep_alive: f64,
+
+    /// Include the git revision and backends in `/health` (off: `/health` says only the status).
+    #[arg(long, env = "LM_SANDBOX_HEALTH_BUILD_INFO")]
+    pub health_build_info: bool,
+
     /// A Jinja chat template that replaces the one in the GGUF.
     #[arg(long, env = "LM_SANDBOX_CHAT_TEMPLATE_FILE")]
     pub chat_template_file: Option<PathBuf>,
@@ -301,6 +326,9 @@ pub struct ServeSandboxArgs {
         hide_env_values = true
     )]
     pub sandbox_api_keys: Vec<String>,
+    /// Read sandbox keys from FILE, one per line (repeatable; adds to `--sandbox-api-key`).
+    #[arg(long = "sandbox-api-key-file", env = "LM_SANDBOX_SANDBOX_API_KEY_FILE")]
+    pub sandbox_api_key_files: Vec<PathBuf>,
     /// Sandbox keys whose chat requests run the server-side shell loop by default (for clients,
     /// like LM Studio, that cannot send `"sandbox": {"shell": true}`).
     #[arg(

@@ -28,6 +28,42 @@ fn invalid(flag: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Bounds on the HTTP side.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    pub header_timeout: Duration,
+}
+
+/// Keys from `--api-key-file`-style files: one per line, blank lines and `#` comments skipped.
+fn read_key_files(flag: &'static str, paths: &[PathBuf]) -> Result<Vec<String>, ConfigError> {
+    let mut keys = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(flag, format!("{}: {e}", path.display())))?;
+        #[cfg(unix)]
+        if let Ok(meta) = std::fs::metadata(path) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    "{flag}: the key file is readable by other users; chmod 600 it"
+                );
+            }
+        }
+        let before = keys.len();
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned),
+        );
+        if keys.len() == before {
+            return Err(invalid(flag, format!("{} holds no key", path.display())));
+        }
+    }
+    Ok(keys)
+}
+
 /// Everything `serve` needs, validated.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -41,6 +77,7 @@ pub struct ServeConfig {
     pub placement: PlacementArgs,
     /// `--sandbox`: where the sandbox is and how commands are bounded.
     pub sandbox: Option<SandboxConfig>,
+    pub http: HttpLimits,
 }
 
 /// `serve --sandbox`, validated.
@@ -129,7 +166,20 @@ impl SandboxConfig {
 }
 
 impl ServeConfig {
-    pub fn from_args(args: ServeArgs) -> Result<Self, ConfigError> {
+    pub fn from_args(mut args: ServeArgs) -> Result<Self, ConfigError> {
+        let file_keys = read_key_files("--api-key-file", &args.api_key_files)?;
+        args.api_keys.extend(file_keys);
+        let file_keys = read_key_files(
+            "--sandbox-api-key-file",
+            &args.sandbox.sandbox_api_key_files,
+        )?;
+        args.sandbox.sandbox_api_keys.extend(file_keys);
+        if args.max_in_flight == 0 {
+            return Err(invalid("--max-in-flight", "must be at least 1"));
+        }
+        let header_timeout = seconds("--header-timeout", args.header_timeout)?;
+        let body_timeout = seconds("--body-timeout", args.body_timeout)?;
+        let sse_keep_alive = seconds("--sse-keep-alive", args.sse_keep_alive)?;
         let metadata = std::fs::metadata(&args.model).map_err(|e| ConfigError::Model {
             path: args.model.clone(),
             reason: e.to_string(),
@@ -243,12 +293,17 @@ impl ServeConfig {
                 chat_template,
                 created,
                 max_tool_rounds: args.sandbox.max_tool_rounds,
+                max_in_flight: args.max_in_flight as usize,
+                body_timeout,
+                sse_keep_alive,
+                health_build_info: args.health_build_info,
             },
             host: args.host,
             port: args.port,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
             placement: args.placement,
             sandbox,
+            http: HttpLimits { header_timeout },
         })
     }
 }

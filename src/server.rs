@@ -5,7 +5,6 @@
 //! process with the reason. Before loading, the GPUs are read and the placement planned; a plan that
 //! cannot fit ends the process with the planner's numbers.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -163,12 +162,13 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
     };
     let state = AppState::from_parts(engine.clone(), config.api.clone(), Some(view), sandbox);
     let app = api::router(state);
-    let (stop, mut stopped) = watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        // Err: the sender is gone, which also means stop.
-        let _ = stopped.wait_for(|s| *s).await;
-    });
-    let task = tokio::spawn(server.into_future());
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(serve_connections(
+        listener,
+        app,
+        config.http.header_timeout,
+        stopped,
+    ));
     tracing::info!(%addr, "listening");
     Ok(RunningServer {
         addr,
@@ -178,6 +178,64 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
         stop,
         task,
     })
+}
+
+/// The accept loop: each connection served by hyper (HTTP/1.1 with a deadline for the request
+/// headers, so a client that trickles them cannot hold a connection; HTTP/2 by prior knowledge)
+/// until `stopped`, then no new connections and the open ones finish (graceful shutdown).
+pub async fn serve_connections(
+    listener: TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    mut stopped: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    loop {
+        let (socket, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop_requested(&mut stopped) => break,
+        };
+        let _ = socket.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(socket), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A client's broken connection is its own business; nothing to report.
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Resolves once `stopped` says true, or its sender is gone (which also means stop).
+async fn stop_requested(stopped: &mut watch::Receiver<bool>) {
+    loop {
+        let stop = *stopped.borrow_and_update();
+        if stop || stopped.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 impl RunningServer {

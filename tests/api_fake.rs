@@ -30,6 +30,7 @@ fn api_config(keys: &[&str]) -> ApiConfig {
         chat_template: None,
         created: 1_700_000_000,
         max_tool_rounds: 16,
+        ..ApiConfig::default()
     }
 }
 

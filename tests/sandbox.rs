@@ -583,6 +583,7 @@ async fn serve(sandbox: Sandbox) -> String {
         chat_template: None,
         created: 0,
         max_tool_rounds: 4,
+        ..ApiConfig::default()
     };
     let app = router(AppState::from_parts(engine, config, None, Some(sandbox)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

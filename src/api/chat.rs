@@ -343,7 +343,7 @@ pub async fn chat_completions(
         let loop_tools = Arc::new(loop_tools);
         return shell_loop::run(state.clone(), model, options, messages, loop_tools, shell).await;
     }
-    let tokens = prompt_tokens(loaded, messages, tools.as_ref())?;
+    let tokens = prompt_tokens(&loaded, messages, tools.as_ref())?;
     let max_new_tokens = token_budget(
         tokens.len(),
         options.max_tokens,

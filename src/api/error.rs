@@ -38,6 +38,9 @@ pub enum ApiError {
     MethodNotAllowed { method: String, path: String },
     #[error("The request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The body did not arrive within `--body-timeout`.
+    #[error("The request body did not arrive within {seconds} s")]
+    BodyTimeout { seconds: f64 },
     #[error("The server is busy: the request queue is full; retry after {RETRY_AFTER_SECS} s")]
     QueueFull,
     #[error("Loading model")]
@@ -85,6 +88,7 @@ impl ApiError {
             Self::ModelNotFound(_) | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
             Self::Loading
             | Self::Unavailable(_)
@@ -107,6 +111,7 @@ impl ApiError {
             Self::RouteNotFound { .. } => ("invalid_request_error", Some("unknown_url")),
             Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed")),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
+            Self::BodyTimeout { .. } => ("invalid_request_error", Some("request_timeout")),
             Self::QueueFull => ("rate_limit_error", Some("queue_full")),
             Self::Loading => ("unavailable_error", Some("model_loading")),
             Self::Unavailable(_) => ("unavailable_error", Some("model_unavailable")),

@@ -20,10 +20,10 @@ use crate::engine::{
 };
 
 /// A request body parsed and checked against the loaded model, before its prompt is built.
-pub struct Prepared<'s, T> {
+pub struct Prepared<T> {
     /// The served name the client asked for.
     pub model: String,
-    pub loaded: &'s Loaded,
+    pub loaded: std::sync::Arc<Loaded>,
     pub options: GenerationOptions,
     /// The endpoint's own fields.
     pub fields: T,
@@ -31,10 +31,10 @@ pub struct Prepared<'s, T> {
 
 /// The steps every generation endpoint starts with: common fields, endpoint fields, the model
 /// name (404), the loaded model (503), then the shared ranges (400).
-pub fn prepare<'s, T: DeserializeOwned>(
-    state: &'s AppState,
+pub fn prepare<T: DeserializeOwned>(
+    state: &AppState,
     body: &Value,
-) -> Result<Prepared<'s, T>, ApiError> {
+) -> Result<Prepared<T>, ApiError> {
     let common: CommonFields = parse(body)?;
     let fields: T = parse(body)?;
     let model = state.resolve_model(&common.model)?;

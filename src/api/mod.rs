@@ -12,13 +12,16 @@ mod completions;
 pub mod error;
 mod extract;
 mod generate;
+mod limits;
 mod models;
 mod params;
 mod sandbox;
 mod shell_loop;
 mod sse;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
@@ -29,7 +32,7 @@ pub use auth::ApiKey;
 pub use error::ApiError;
 pub use extract::MAX_BODY_BYTES;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::engine::{EngineHandle, EngineState, ModelInfo};
 use crate::gpu::inventory::Inventory;
@@ -52,6 +55,32 @@ pub struct ApiConfig {
     pub created: u64,
     /// The most `sandbox.max_tool_rounds` a request may ask for (`--sandbox-max-tool-rounds`).
     pub max_tool_rounds: u32,
+    /// Requests handled at once (`--max-in-flight`); more are shed with 503.
+    pub max_in_flight: usize,
+    /// Time a client gets to send a whole request body (`--body-timeout`).
+    pub body_timeout: Duration,
+    /// Interval of SSE keep-alive comments (`--sse-keep-alive`).
+    pub sse_keep_alive: Duration,
+    /// `/health` shows the git revision and backends (`--health-build-info`).
+    pub health_build_info: bool,
+}
+
+impl Default for ApiConfig {
+    /// The CLI's defaults, for tests and embedders.
+    fn default() -> Self {
+        Self {
+            model_ids: Vec::new(),
+            api_keys: Vec::new(),
+            n_predict: None,
+            chat_template: None,
+            created: 0,
+            max_tool_rounds: 16,
+            max_in_flight: 256,
+            body_timeout: Duration::from_secs(30),
+            sse_keep_alive: Duration::from_secs(15),
+            health_build_info: false,
+        }
+    }
 }
 
 impl ApiConfig {
@@ -69,9 +98,15 @@ pub struct Loaded {
 struct Shared {
     engine: EngineHandle,
     config: ApiConfig,
-    loaded: OnceLock<Loaded>,
+    /// The facts of the engine's current load and its compiled template. A std Mutex: held only
+    /// to compare a load id and clone an `Arc`, never across an await.
+    loaded: Mutex<Option<Arc<Loaded>>>,
     placement: Option<PlacementView>,
     sandbox: Option<Sandbox>,
+    /// `--max-in-flight` permits; see `limits`.
+    in_flight: Arc<Semaphore>,
+    /// Requests shed because every permit was taken.
+    shed: AtomicU64,
 }
 
 /// The start-up plan and the live GPU readings, for `GET /v1/placement`.
@@ -124,12 +159,32 @@ impl AppState {
         Self {
             shared: Arc::new(Shared {
                 engine,
-                config,
-                loaded: OnceLock::new(),
+                loaded: Mutex::new(None),
                 placement,
                 sandbox,
+                in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+                shed: AtomicU64::new(0),
+                config,
             }),
         }
+    }
+
+    /// A permit for one more request in flight, or `None` (counted) when all are taken.
+    pub fn try_begin_request(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = Arc::clone(&self.shared.in_flight).try_acquire_owned().ok();
+        if permit.is_none() {
+            self.shared.shed.fetch_add(1, Ordering::Relaxed);
+        }
+        permit
+    }
+
+    /// Requests in flight now, and requests shed since start.
+    pub fn request_counts(&self) -> (usize, u64) {
+        let free = self.shared.in_flight.available_permits();
+        (
+            self.shared.config.max_in_flight.saturating_sub(free),
+            self.shared.shed.load(Ordering::Relaxed),
+        )
     }
 
     pub fn sandbox(&self) -> Option<&Sandbox> {
@@ -148,11 +203,9 @@ impl AppState {
         &self.shared.config
     }
 
-    /// The model's facts and compiled template; 503 until the engine has loaded it.
-    pub fn loaded(&self) -> Result<&Loaded, ApiError> {
-        if let Some(loaded) = self.shared.loaded.get() {
-            return Ok(loaded);
-        }
+    /// The model's facts and compiled template; 503 unless the engine is ready (while it loads,
+    /// after it failed, while it reloads after a fault).
+    pub fn loaded(&self) -> Result<Arc<Loaded>, ApiError> {
         let info = match self.shared.engine.state() {
             EngineState::Ready(info) => info,
             EngineState::Loading => return Err(ApiError::Loading),
@@ -161,10 +214,16 @@ impl AppState {
                 return Err(ApiError::Unavailable("the engine has stopped".into()))
             }
         };
-        Ok(self.shared.loaded.get_or_init(|| Loaded {
+        let mut cache = self.shared.loaded.lock().expect("loaded-model cache");
+        if let Some(loaded) = cache.as_ref().filter(|l| l.info.load_id == info.load_id) {
+            return Ok(Arc::clone(loaded));
+        }
+        let loaded = Arc::new(Loaded {
             template: self.compile_template(&info),
             info,
-        }))
+        });
+        *cache = Some(Arc::clone(&loaded));
+        Ok(loaded)
     }
 
     /// `--chat-template-file` (already checked at start-up), else the GGUF's template, else ChatML.
@@ -234,6 +293,10 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::bound,
         ))
         .layer(axum::middleware::from_fn(auth::request_id))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -46,30 +46,42 @@ pub async fn get(
     Ok(Json(model_object(&state, &id)))
 }
 
-/// 200 when the model is ready, 503 while it loads or after it failed. Never needs a key.
+/// 200 when the model is ready, 503 while it loads, after it failed and while it reloads after a
+/// fault (with the reason). Never needs a key, and never shed. The build (version, git revision,
+/// backends) only with `--health-build-info`.
 pub async fn health(State(state): State<AppState>) -> Response {
-    let build = json!({
-        "version": build_info::VERSION,
-        "git_revision": build_info::GIT_REVISION,
-        "backends": build_info::backends(),
-    });
-    match state.engine().state() {
-        EngineState::Ready(_) => (
-            StatusCode::OK,
-            Json(json!({"status": "ok", "build": build})),
-        )
-            .into_response(),
+    let (in_flight, shed) = state.request_counts();
+    let (status, mut body) = match state.engine().state() {
+        EngineState::Ready(_) => (StatusCode::OK, json!({"status": "ok"})),
         EngineState::Loading => {
             let mut body = serde_json::to_value(ApiError::Loading.body()).unwrap_or_default();
             body["status"] = json!("loading");
-            body["build"] = build;
-            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+            (StatusCode::SERVICE_UNAVAILABLE, body)
         }
-        EngineState::Failed(reason) => ApiError::Unavailable(reason).into_response(),
+        EngineState::Failed(reason) => {
+            let mut body = serde_json::to_value(ApiError::Unavailable(reason.clone()).body())
+                .unwrap_or_default();
+            body["status"] = json!("failed");
+            body["reason"] = json!(reason);
+            (StatusCode::SERVICE_UNAVAILABLE, body)
+        }
         EngineState::Stopped => {
-            ApiError::Unavailable("the engine has stopped".into()).into_response()
+            let mut body =
+                serde_json::to_value(ApiError::Unavailable("the engine has stopped".into()).body())
+                    .unwrap_or_default();
+            body["status"] = json!("stopped");
+            (StatusCode::SERVICE_UNAVAILABLE, body)
         }
+    };
+    body["requests"] = json!({"in_flight": in_flight, "shed": shed});
+    if state.config().health_build_info {
+        body["build"] = json!({
+            "version": build_info::VERSION,
+            "git_revision": build_info::GIT_REVISION,
+            "backends": build_info::backends(),
+        });
     }
+    (status, Json(body)).into_response()
 }
 
 /// The placement plan decided at start-up and the GPUs' live memory.

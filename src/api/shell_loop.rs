@@ -12,17 +12,14 @@
 //! `sandbox_executions`; a stream sends one chunk per execution, with an empty `delta` and the
 //! execution in `sandbox_execution`, which OpenAI SDKs ignore. Usage sums every round.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::auth::Authenticated;
 use super::chat::prompt_tokens;
@@ -240,7 +237,7 @@ fn submit_round(
     round: u32,
 ) -> Result<Option<mpsc::Receiver<GenerationEvent>>, ApiError> {
     let loaded = state.loaded()?;
-    let tokens = prompt_tokens(loaded, messages.to_vec(), Some(tools))?;
+    let tokens = prompt_tokens(&loaded, messages.to_vec(), Some(tools))?;
     let budget = token_budget(
         tokens.len(),
         options.max_tokens,
@@ -300,10 +297,11 @@ pub async fn run(
     let header = ChunkHeader::chat(&state, model, options.include_usage);
     if options.stream {
         let (tx, rx) = mpsc::channel::<Event>(64);
+        let keep_alive = header.keep_alive;
         tokio::spawn(stream_loop(
             state, header, options, messages, tools, shell, first, tx,
         ));
-        return Ok(Sse::new(ReceiverStream::new(rx).map(Ok::<_, Infallible>)).into_response());
+        return Ok(super::sse::body(rx, keep_alive));
     }
     let mut messages = messages;
     let mut options = options;

@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::Value;
@@ -29,6 +29,8 @@ pub struct ChunkHeader {
     pub fingerprint: String,
     /// OpenAI sends `"usage": null` on every chunk but the last when usage was asked for.
     pub include_usage: bool,
+    /// Interval of keep-alive comments while the stream has nothing to send.
+    pub keep_alive: std::time::Duration,
 }
 
 impl ChunkHeader {
@@ -47,6 +49,7 @@ impl ChunkHeader {
             model,
             fingerprint: state.config().system_fingerprint(),
             include_usage,
+            keep_alive: state.config().sse_keep_alive,
         }
     }
 
@@ -110,13 +113,23 @@ pub fn stream_response<S: ChunkShape>(
     options: &GenerationOptions,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Event>(SSE_BUFFER);
+    let keep_alive = shape.header().keep_alive;
     let ends = Ends {
         n: options.n,
         include_usage: options.include_usage,
         grammar_param: options.grammar_param,
     };
     tokio::spawn(forward(shape, receivers, ends, tx));
-    Sse::new(ReceiverStream::new(rx).map(Ok::<_, Infallible>)).into_response()
+    body(rx, keep_alive)
+}
+
+/// The SSE response over the events a task sends to `rx`, with a keep-alive comment every
+/// `keep_alive` while nothing else is sent (a long prompt, a shell round): proxies and clients
+/// with idle timeouts do not take a waiting stream for a dead one.
+pub fn body(rx: mpsc::Receiver<Event>, keep_alive: std::time::Duration) -> Response {
+    Sse::new(ReceiverStream::new(rx).map(Ok::<_, Infallible>))
+        .keep_alive(KeepAlive::new().interval(keep_alive))
+        .into_response()
 }
 
 fn json_event(value: &Value) -> Event {

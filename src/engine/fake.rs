@@ -94,13 +94,23 @@ impl FakeRunner {
             eos_token: "<eos>".to_owned(),
             tokenizer: Arc::new(FakeTokenizer),
             device_memory: Vec::new(),
+            load_id: 0,
         }
     }
 
     /// Starts an engine thread around this runner.
     pub fn spawn(self, config: WorkerConfig) -> EngineHandle {
+        self.spawn_with_policy(config, worker::RestartPolicy::default())
+    }
+
+    /// Starts an engine thread around this runner that recovers from faults as `policy` says.
+    pub fn spawn_with_policy(
+        self,
+        config: WorkerConfig,
+        policy: worker::RestartPolicy,
+    ) -> EngineHandle {
         let info = Self::model_info(config.n_ctx_seq);
-        let (handle, _thread) = worker::spawn_engine_with_runner(self, info, config)
+        let (handle, _thread) = worker::spawn_engine_with_runner(self, info, config, policy)
             .expect("spawning the fake engine thread");
         handle
     }

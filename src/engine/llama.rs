@@ -320,8 +320,8 @@ fn backend() -> Result<&'static LlamaBackend, LoadError> {
 /// handle is gone. Blocks the calling (engine) thread throughout.
 pub fn serve_model(
     config: &LlamaEngineConfig,
-    commands: mpsc::Receiver<Submission>,
-    on_ready: impl FnOnce(ModelInfo),
+    commands: &mut mpsc::Receiver<Submission>,
+    on_ready: &dyn Fn(ModelInfo),
 ) -> Result<(), LoadError> {
     let backend = backend()?;
     let started = std::time::Instant::now();
@@ -388,6 +388,7 @@ pub fn serve_model(
             model: Arc::clone(&model),
         }),
         device_memory,
+        load_id: 0,
     };
     tracing::info!(
         model = %config.model_path.display(),

@@ -113,6 +113,9 @@ pub struct ModelInfo {
     /// llama.cpp's device free memory before and after (the CUDA runtime's own context excluded).
     /// Empty without GPUs.
     pub device_memory: Vec<(String, u64)>,
+    /// Which load of the engine these facts come from (set by the worker; a reload after a fault
+    /// gets a new one).
+    pub load_id: u64,
 }
 
 impl std::fmt::Debug for ModelInfo {
@@ -215,4 +218,4 @@ impl EngineHandle {
 }
 
 pub use worker::spawn_llama_engine;
-pub use worker::{spawn_engine_with_runner, WorkerConfig};
+pub use worker::{spawn_engine_with_runner, RestartPolicy, WorkerConfig};

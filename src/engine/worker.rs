@@ -2,15 +2,20 @@
 //!
 //! The loop never awaits: it blocks on the queue only when no sequence is active, and otherwise
 //! polls it between steps. It ends when every handle is gone and the last sequence has finished.
+//! [`supervise`] runs it: a panic on the engine thread is caught, reported and followed by a
+//! reload, so a fault never leaves a server that says it is healthy but cannot generate.
 
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
 use super::llama::{self, LlamaEngineConfig};
 use super::runner::ModelRunner;
 use super::scheduler::Scheduler;
-use super::{EngineHandle, EngineState, ModelInfo, Submission};
+use super::{EngineHandle, EngineState, GenerationEvent, ModelInfo, Submission};
 
 /// Shape of the batching loop, shared by the real and the fake engine.
 #[derive(Debug, Clone, Copy)]
@@ -23,7 +28,7 @@ pub struct WorkerConfig {
 }
 
 /// Runs the batching loop until every handle is dropped and the last sequence has ended.
-pub fn run<R: ModelRunner>(mut scheduler: Scheduler<R>, mut commands: mpsc::Receiver<Submission>) {
+pub fn run<R: ModelRunner>(mut scheduler: Scheduler<R>, commands: &mut mpsc::Receiver<Submission>) {
     loop {
         while scheduler.has_free_slot() {
             let submission = if scheduler.is_idle() {
@@ -46,6 +51,119 @@ pub fn run<R: ModelRunner>(mut scheduler: Scheduler<R>, mut commands: mpsc::Rece
     }
 }
 
+/// How the engine thread recovers from a fault (a panic) on it.
+#[derive(Debug, Clone, Copy)]
+pub struct RestartPolicy {
+    /// Faults in a row after which the engine stays failed.
+    pub max_restarts: u32,
+    /// Wait before the first reload; doubled for each fault in a row, up to 30 s.
+    pub backoff: Duration,
+    /// Serving this long without a fault forgets the earlier ones.
+    pub healthy_after: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            max_restarts: 5,
+            backoff: Duration::from_secs(1),
+            healthy_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A panic's message, for the log and `/health`.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// Answers every queued request with `Failed`: none of them can run until the engine is back.
+fn fail_queued(commands: &mut mpsc::Receiver<Submission>, reason: &str) {
+    while let Ok(submission) = commands.try_recv() {
+        // Ignored send error: a client that left needs no answer.
+        let _ = submission
+            .events
+            .try_send(GenerationEvent::Failed(reason.to_owned()));
+    }
+}
+
+/// The engine thread's body: `serve` loads and serves until every handle is gone (`Ok`), or
+/// fails to load (`Err`). A panic anywhere in it is caught: the sequences it was running are
+/// dropped with it (their clients see the channel close, `engine_failed`), queued requests are
+/// failed, the state turns `Failed` with the reason (so `/health` is 503), and after a backoff
+/// `serve` runs again, which reloads the model. The first load failing is final, as is a fault
+/// after `max_restarts` in a row.
+pub fn supervise(
+    state_tx: &watch::Sender<EngineState>,
+    commands: &mut mpsc::Receiver<Submission>,
+    policy: RestartPolicy,
+    mut serve: impl FnMut(&mut mpsc::Receiver<Submission>, &dyn Fn(ModelInfo)) -> Result<(), String>,
+) {
+    let mut faults = 0u32;
+    let mut loaded_once = false;
+    loop {
+        let started = Instant::now();
+        let on_ready = |mut info: ModelInfo| {
+            info.load_id = LOADS.fetch_add(1, Ordering::Relaxed);
+            state_tx.send_replace(EngineState::Ready(info));
+        };
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| serve(commands, &on_ready)));
+        let was_ready = matches!(*state_tx.borrow(), EngineState::Ready(_));
+        loaded_once |= was_ready;
+        let reason = match result {
+            Ok(Ok(())) => {
+                state_tx.send_replace(EngineState::Stopped);
+                return;
+            }
+            Ok(Err(err)) if !loaded_once => {
+                tracing::error!(%err, "engine failed");
+                state_tx.send_replace(EngineState::Failed(err));
+                return;
+            }
+            Ok(Err(err)) => format!("reloading the model failed: {err}"),
+            Err(payload) => format!("engine thread panicked: {}", panic_message(&*payload)),
+        };
+        if was_ready && started.elapsed() >= policy.healthy_after {
+            faults = 0;
+        }
+        faults += 1;
+        if faults > policy.max_restarts {
+            let reason = format!(
+                "{reason}; {} faults in a row, not restarting",
+                policy.max_restarts
+            );
+            tracing::error!("{reason}");
+            state_tx.send_replace(EngineState::Failed(reason.clone()));
+            fail_queued(commands, &reason);
+            return;
+        }
+        let wait = policy
+            .backoff
+            .saturating_mul(1 << (faults - 1).min(5))
+            .min(Duration::from_secs(30));
+        tracing::error!(
+            %reason,
+            fault = faults,
+            of = policy.max_restarts,
+            wait_ms = wait.as_millis() as u64,
+            "engine fault; reloading after a backoff"
+        );
+        state_tx.send_replace(EngineState::Failed(format!("{reason}; reloading")));
+        fail_queued(commands, &reason);
+        std::thread::sleep(wait);
+        // Requests that raced the state change are failed too, rather than left waiting.
+        fail_queued(commands, &reason);
+        state_tx.send_replace(EngineState::Loading);
+    }
+}
+
+/// Numbers each successful load, so the API knows when cached model facts are stale.
+static LOADS: AtomicU64 = AtomicU64::new(1);
+
 fn channels(
     max_queue: usize,
 ) -> (
@@ -61,44 +179,56 @@ fn channels(
     (tx, rx, state_tx, state_rx)
 }
 
-/// Starts an engine thread over an already-built runner (the fake runner in tests).
-pub fn spawn_engine_with_runner<R: ModelRunner + Send + 'static>(
+/// Starts an engine thread over an already-built runner (the fake runner in tests). A restart
+/// after a fault starts again from a clone of `runner`.
+pub fn spawn_engine_with_runner<R: ModelRunner + Clone + Send + 'static>(
     runner: R,
     info: ModelInfo,
     config: WorkerConfig,
+    policy: RestartPolicy,
 ) -> std::io::Result<(EngineHandle, JoinHandle<()>)> {
-    let (tx, rx, state_tx, state_rx) = channels(config.max_queue);
+    let (tx, mut rx, state_tx, state_rx) = channels(config.max_queue);
+    let mut info = info;
+    info.load_id = LOADS.fetch_add(1, Ordering::Relaxed);
     // Nothing to load: the engine is ready before its handle is returned.
-    state_tx.send_replace(EngineState::Ready(info));
+    state_tx.send_replace(EngineState::Ready(info.clone()));
     let thread = std::thread::Builder::new()
         .name("engine-fake".into())
         .spawn(move || {
-            let scheduler = Scheduler::new(runner, config.n_seq, config.n_batch, config.n_ctx_seq);
-            run(scheduler, rx);
-            state_tx.send_replace(EngineState::Stopped);
+            let mut first = true;
+            supervise(&state_tx, &mut rx, policy, |commands, on_ready| {
+                if !std::mem::take(&mut first) {
+                    on_ready(info.clone());
+                }
+                let scheduler = Scheduler::new(
+                    runner.clone(),
+                    config.n_seq,
+                    config.n_batch,
+                    config.n_ctx_seq,
+                );
+                run(scheduler, commands);
+                Ok(())
+            });
         })?;
     Ok((EngineHandle::new(tx, state_rx), thread))
 }
 
 /// Starts the llama.cpp engine thread: it loads the model (publishing `Loading`, then `Ready` or
-/// `Failed`) and then serves requests.
+/// `Failed`) and then serves requests, reloading after a fault (see [`supervise`]).
 pub fn spawn_llama_engine(
     config: LlamaEngineConfig,
 ) -> std::io::Result<(EngineHandle, JoinHandle<()>)> {
-    let (tx, rx, state_tx, state_rx) = channels(config.max_queue);
+    let (tx, mut rx, state_tx, state_rx) = channels(config.max_queue);
     let name = format!("engine-{}", config.model_id);
     let thread = std::thread::Builder::new().name(name).spawn(move || {
-        // `serve_model` calls `on_ready` on this thread before it returns, so a borrow is enough.
-        let result = llama::serve_model(&config, rx, |info| {
-            state_tx.send_replace(EngineState::Ready(info));
-        });
-        match result {
-            Ok(()) => state_tx.send_replace(EngineState::Stopped),
-            Err(err) => {
-                tracing::error!(%err, "engine failed");
-                state_tx.send_replace(EngineState::Failed(err.to_string()))
-            }
-        };
+        supervise(
+            &state_tx,
+            &mut rx,
+            RestartPolicy::default(),
+            |commands, on_ready| {
+                llama::serve_model(&config, commands, on_ready).map_err(|e| e.to_string())
+            },
+        );
     })?;
     Ok((EngineHandle::new(tx, state_rx), thread))
 }
