@@ -362,6 +362,13 @@ pub struct ServeSandboxArgs {
         default_value_t = 300.0
     )]
     pub max_timeout: f64,
+    /// Seconds a command may wait for a free slot; then 503 `sandbox_busy`.
+    #[arg(
+        long = "sandbox-queue-timeout",
+        env = "LM_SANDBOX_SANDBOX_QUEUE_TIMEOUT",
+        default_value_t = 10.0
+    )]
+    pub queue_timeout: f64,
     /// Commands running at once; more wait their turn.
     #[arg(
         long = "sandbox-concurrency",

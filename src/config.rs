@@ -90,6 +90,7 @@ pub struct SandboxConfig {
     pub concurrency: usize,
     pub output_limit: usize,
     pub connect_timeout: Duration,
+    pub queue_timeout: Duration,
 }
 
 fn seconds(flag: &'static str, value: f64) -> Result<Duration, ConfigError> {
@@ -161,6 +162,7 @@ impl SandboxConfig {
             concurrency: args.concurrency,
             output_limit: args.output_limit,
             connect_timeout: seconds("--sandbox-connect-timeout", args.connect_timeout)?,
+            queue_timeout: seconds("--sandbox-queue-timeout", args.queue_timeout)?,
         }))
     }
 }

@@ -44,8 +44,13 @@ pub enum ServeError {
 /// The sandbox `--sandbox` asks for: its executor (connecting lazily) and audit log. An
 /// unreachable container is logged, not fatal: requests get 503 until it is back.
 async fn open_sandbox(config: &SandboxConfig) -> Result<Sandbox, ServeError> {
+    // Key ids in the audit log are keyed with this install's secret.
+    let secret = config.dir.join("key-id.secret");
+    crate::api::auth::load_key_id_secret(&secret).map_err(|e| {
+        ServeError::Sandbox(format!("cannot read or create {}: {e}", secret.display()))
+    })?;
     let state = SandboxState::load(&config.dir).map_err(|e| ServeError::Sandbox(e.to_string()))?;
-    let ssh = state
+    let mut ssh = state
         .ssh_config(
             &config.dir,
             config.connect_timeout,
@@ -53,6 +58,7 @@ async fn open_sandbox(config: &SandboxConfig) -> Result<Sandbox, ServeError> {
             config.output_limit,
         )
         .map_err(|e| ServeError::Sandbox(e.to_string()))?;
+    ssh.queue_timeout = config.queue_timeout;
     let audit = AuditLog::open(&config.audit_log).await.map_err(|e| {
         ServeError::Sandbox(format!(
             "cannot open the audit log {}: {e}",

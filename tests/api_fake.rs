@@ -947,10 +947,14 @@ async fn the_sandbox_route_exists_only_with_a_sandbox_and_maps_its_errors() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error_of(&body)["param"], "command");
     let lines = std::fs::read_to_string(&audit).unwrap();
+    let events: Vec<String> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["event"].to_string())
+        .collect();
     assert_eq!(
-        lines.lines().count(),
-        2,
-        "only the two commands that were run: {lines}"
+        events,
+        ["\"start\"", "\"end\"", "\"start\"", "\"end\""],
+        "a start and an end line for each of the two commands that were run: {lines}"
     );
     std::fs::remove_file(&audit).unwrap();
 }

@@ -676,14 +676,18 @@ async fn http_exec_needs_a_sandbox_key_and_is_audited() {
         .collect();
     let first = lines
         .iter()
-        .find(|l| l["request_id"] == id.clone().unwrap().as_str())
+        .find(|l| l["request_id"] == id.clone().unwrap().as_str() && l["event"] == "end")
         .expect("the audit log names the request");
     assert_eq!(first["command"], "cat; echo oops >&2; exit 2");
-    assert_eq!(first["key_id"], ApiKey::new(RUNNER_KEY, true).id.as_str());
+    assert_eq!(first["key_id"], ApiKey::new(RUNNER_KEY, true).id().as_str());
     assert_eq!(first["exit_code"], 2);
     assert_eq!(first["bytes_out"], 9);
     assert!(!log.contains(RUNNER_KEY), "the key itself is never logged");
-    assert_eq!(lines.len(), 2, "refused and invalid requests run nothing");
+    assert_eq!(
+        lines.len(),
+        4,
+        "a start and an end line per command; refused and invalid requests run nothing"
+    );
 }
 
 #[tokio::test]
@@ -832,7 +836,7 @@ async fn the_real_model_runs_a_forced_shell_call_in_the_sandbox_and_answers() {
         .find(|l| l["request_id"] == request_id.as_str())
         .expect("the audit log has the loop's command");
     assert_eq!(line["command"], command);
-    assert_eq!(line["key_id"], ApiKey::new(RUNNER_KEY, true).id.as_str());
+    assert_eq!(line["key_id"], ApiKey::new(RUNNER_KEY, true).id().as_str());
 
     // A key without the sandbox permission cannot trigger it.
     let refused = client

@@ -9,7 +9,10 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest as _, Sha256};
+use std::path::Path;
+use std::sync::OnceLock;
+
+use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
@@ -17,12 +20,57 @@ use super::AppState;
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
+/// The per-install secret that key ids are keyed with: set once at start-up from
+/// `STATE_DIR/key-id.secret` ([`load_key_id_secret`]); a process that never sets it (tests) draws
+/// a random one, so its ids are stable only within the process.
+static KEY_ID_SECRET: OnceLock<[u8; 32]> = OnceLock::new();
+
+/// Reads (or creates, 0600) the per-install secret for key ids at `path`, and uses it for every
+/// key id this process computes. Call before any id is computed.
+pub fn load_key_id_secret(path: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let secret = match std::fs::read(path) {
+        Ok(bytes) if bytes.len() == 32 => bytes,
+        Ok(_) | Err(_) => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let bytes: [u8; 32] = rand::random();
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(path)?;
+            file.write_all(&bytes)?;
+            bytes.to_vec()
+        }
+    };
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&secret);
+    if KEY_ID_SECRET.set(key).is_err() && KEY_ID_SECRET.get() != Some(&key) {
+        tracing::warn!("key ids were computed before the install secret was loaded");
+    }
+    Ok(())
+}
+
+/// `key-` and 12 hex digits of HMAC-SHA256(install secret, key): names a key in logs without
+/// allowing an offline guess of a weak key from the log alone.
+pub fn key_id(key: &str) -> String {
+    use hmac::Mac as _;
+    let secret = KEY_ID_SECRET.get_or_init(rand::random);
+    let mut mac =
+        hmac::Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(key.as_bytes());
+    let digest = mac.finalize().into_bytes();
+    format!("key-{}", &crate::sandbox::image::hex(&digest)[..12])
+}
+
 /// One configured API key.
 #[derive(Clone)]
 pub struct ApiKey {
     secret: String,
-    /// `key-` and the first 12 hex digits of the key's SHA-256: names the key in logs.
-    pub id: String,
     /// May run commands in the sandbox.
     pub sandbox: bool,
     /// Chat requests run the server-side shell loop unless they say `"sandbox": {"shell": false}`.
@@ -33,7 +81,7 @@ impl std::fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the secret, not even in debug output.
         f.debug_struct("ApiKey")
-            .field("id", &self.id)
+            .field("id", &self.id())
             .field("sandbox", &self.sandbox)
             .field("auto_shell", &self.auto_shell)
             .finish()
@@ -42,15 +90,16 @@ impl std::fmt::Debug for ApiKey {
 
 impl ApiKey {
     pub fn new(secret: impl Into<String>, sandbox: bool) -> Self {
-        let secret = secret.into();
-        let digest = Sha256::digest(secret.as_bytes());
-        let id = format!("key-{}", &crate::sandbox::image::hex(&digest)[..12]);
         Self {
-            secret,
-            id,
+            secret: secret.into(),
             sandbox,
             auto_shell: false,
         }
+    }
+
+    /// The key's name in logs (see [`key_id`]).
+    pub fn id(&self) -> String {
+        key_id(&self.secret)
     }
 
     /// `plain` keys and `sandbox` keys as one list; a key in both may use the sandbox.
@@ -136,7 +185,7 @@ pub async fn require_key(
     match find_key(keys, presented) {
         Some(key) => {
             let authenticated = Authenticated {
-                key_id: key.id.clone(),
+                key_id: key.id(),
                 sandbox: key.sandbox,
                 auto_shell: key.auto_shell,
             };
@@ -169,8 +218,8 @@ mod tests {
     fn keys_match_exactly() {
         let keys = ApiKey::list(&["alpha".to_string(), "beta".to_string()], &[]);
         assert_eq!(
-            find_key(&keys, "beta").unwrap().id,
-            ApiKey::new("beta", false).id
+            find_key(&keys, "beta").unwrap().id(),
+            ApiKey::new("beta", false).id()
         );
         assert!(find_key(&keys, "bet").is_none());
         assert!(find_key(&keys, "betaa").is_none());
@@ -186,8 +235,12 @@ mod tests {
         assert_eq!(keys.len(), 2);
         assert!(find_key(&keys, "both").unwrap().sandbox);
         assert!(!find_key(&keys, "plain").unwrap().sandbox);
-        let id = &find_key(&keys, "plain").unwrap().id;
+        let id = &find_key(&keys, "plain").unwrap().id();
         assert!(id.starts_with("key-") && id.len() == 16 && !id.contains("plain"));
         assert!(!format!("{keys:?}").contains("plain"));
+        // Keyed: not the plain SHA-256 prefix anyone could compute from a guess.
+        use sha2::Digest as _;
+        let unkeyed = crate::sandbox::image::hex(&Sha256::digest(b"plain"));
+        assert!(!unkeyed.starts_with(&id[4..]));
     }
 }

@@ -50,6 +50,12 @@ pub enum ApiError {
     /// The sandbox cannot be reached, or the connection broke mid-command.
     #[error("{0}")]
     SandboxUnavailable(String),
+    /// Every sandbox slot stayed taken past the queue deadline, or the tenant cap is reached.
+    #[error("{0}")]
+    SandboxBusy(String),
+    /// The audit log cannot be written, so no command runs (fail closed).
+    #[error("{0}")]
+    AuditUnavailable(String),
     /// The server is at its cap of requests in flight (`--max-in-flight`): shed, retry later.
     #[error(
         "The server is busy: {limit} requests are in flight; retry after {RETRY_AFTER_SECS} s"
@@ -93,6 +99,8 @@ impl ApiError {
             Self::Loading
             | Self::Unavailable(_)
             | Self::SandboxUnavailable(_)
+            | Self::SandboxBusy(_)
+            | Self::AuditUnavailable(_)
             | Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) | Self::EngineFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -116,6 +124,8 @@ impl ApiError {
             Self::Loading => ("unavailable_error", Some("model_loading")),
             Self::Unavailable(_) => ("unavailable_error", Some("model_unavailable")),
             Self::SandboxUnavailable(_) => ("unavailable_error", Some("sandbox_unavailable")),
+            Self::SandboxBusy(_) => ("unavailable_error", Some("sandbox_busy")),
+            Self::AuditUnavailable(_) => ("unavailable_error", Some("audit_unavailable")),
             Self::Overloaded { .. } => ("unavailable_error", Some("server_overloaded")),
             Self::EngineFailed(_) => ("server_error", Some("engine_failed")),
             Self::Internal(_) => ("server_error", None),
@@ -166,7 +176,10 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %self, "request failed");
         }
         let mut response = (status, axum::Json(self.body())).into_response();
-        if matches!(self, Self::QueueFull | Self::Overloaded { .. }) {
+        if matches!(
+            self,
+            Self::QueueFull | Self::Overloaded { .. } | Self::SandboxBusy(_)
+        ) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));

@@ -79,6 +79,8 @@ pub async fn exec(
     match sandbox.run(request, &caller).await {
         Ok(out) => Ok(Json(out)),
         Err(SandboxError::InvalidCommand(message)) => Err(ApiError::invalid("command", message)),
+        Err(e @ SandboxError::Busy(_)) => Err(ApiError::SandboxBusy(e.to_string())),
+        Err(e @ SandboxError::AuditFailed(_)) => Err(ApiError::AuditUnavailable(e.to_string())),
         Err(e) => Err(ApiError::SandboxUnavailable(e.to_string())),
     }
 }

@@ -1,26 +1,48 @@
-//! The audit log: one JSON line per command run through the sandbox, failures included, written
-//! before the caller gets its answer. It names the API key by an id, never the key itself.
+//! The audit log: two JSON lines per command run through the sandbox. `start` is written and
+//! flushed before the command reaches the container (time, ids, the command, stdin's length and
+//! SHA-256); `end` after it finished, whatever happened to the client that asked (exit code,
+//! signal, timeout, bytes, duration, or the error). If `start` cannot be written the command is
+//! refused: nothing runs unrecorded. It names the API key by its keyed id, never the key itself.
+//!
+//! The file is the owner's only (0600), even when it existed before with wider permissions.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
+use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
 
-use super::{ExecOutput, SandboxError};
+use super::{ExecOutput, ExecRequest, SandboxError};
 
 /// Who asked for a command.
 #[derive(Debug, Clone, Default)]
 pub struct Caller {
     /// The HTTP request's id (also sent back as `x-request-id`).
     pub request_id: String,
-    /// The API key's id (`key-` and a hash prefix); `None` for the local CLI.
+    /// The API key's id (`key-` and a keyed hash prefix); `None` for the local CLI.
     pub key_id: Option<String>,
 }
 
+/// The `start` line's record of one command; `end` repeats its `exec_id`.
 #[derive(Serialize)]
-struct Line<'a> {
+struct StartLine<'a> {
+    event: &'static str,
     time: String,
+    exec_id: &'a str,
+    request_id: &'a str,
+    key_id: Option<&'a str>,
+    command: &'a str,
+    stdin_bytes: usize,
+    /// Hex SHA-256 of the stdin bytes (`null` without stdin).
+    stdin_sha256: Option<String>,
+}
+
+#[derive(Serialize)]
+struct EndLine<'a> {
+    event: &'static str,
+    time: String,
+    exec_id: &'a str,
     request_id: &'a str,
     key_id: Option<&'a str>,
     command: &'a str,
@@ -35,6 +57,14 @@ struct Line<'a> {
     error: Option<String>,
 }
 
+/// The audit log could not be written: the command must not run.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the audit log {path}: {source}")]
+pub struct AuditError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
 pub struct AuditLog {
     path: PathBuf,
     // A tokio mutex: a line is written while it is held, across an await; one writer at a time
@@ -42,8 +72,12 @@ pub struct AuditLog {
     file: tokio::sync::Mutex<tokio::fs::File>,
 }
 
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 impl AuditLog {
-    /// Opens `path` for appending (created readable by its owner only).
+    /// Opens `path` for appending, created or narrowed to 0600.
     pub async fn open(path: &Path) -> std::io::Result<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(parent).await?;
@@ -54,6 +88,13 @@ impl AuditLog {
             .mode(0o600)
             .open(path)
             .await?;
+        // `mode` applies only when the file is created; an older file may be wider.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .await?;
+        }
         Ok(Self {
             path: path.to_owned(),
             file: tokio::sync::Mutex::new(file),
@@ -64,42 +105,69 @@ impl AuditLog {
         &self.path
     }
 
-    pub async fn record(
+    async fn write(&self, line: &impl Serialize) -> Result<(), AuditError> {
+        let fail = |source| AuditError {
+            path: self.path.clone(),
+            source,
+        };
+        let mut text = serde_json::to_string(line).map_err(|e| fail(e.into()))?;
+        text.push('\n');
+        let mut file = self.file.lock().await;
+        file.write_all(text.as_bytes()).await.map_err(fail)?;
+        file.flush().await.map_err(fail)?;
+        // Durable before the command runs: a crash right after still leaves the intent.
+        file.sync_data().await.map_err(fail)
+    }
+
+    /// Writes the `start` line for `request` under `exec_id`. An error means the command must
+    /// not run.
+    pub async fn start(
         &self,
+        exec_id: &str,
+        caller: &Caller,
+        request: &ExecRequest,
+    ) -> Result<(), AuditError> {
+        let stdin = request.stdin.as_deref();
+        self.write(&StartLine {
+            event: "start",
+            time: now(),
+            exec_id,
+            request_id: &caller.request_id,
+            key_id: caller.key_id.as_deref(),
+            command: &request.command,
+            stdin_bytes: stdin.map_or(0, <[u8]>::len),
+            stdin_sha256: stdin.map(|s| crate::sandbox::image::hex(&Sha256::digest(s))),
+        })
+        .await
+    }
+
+    /// Writes the `end` line. Failing here is logged: the command has already run.
+    pub async fn end(
+        &self,
+        exec_id: &str,
         caller: &Caller,
         command: &str,
         result: &Result<ExecOutput, SandboxError>,
         elapsed: Duration,
     ) {
-        let line = line(caller, command, result, elapsed);
-        let mut text = match serde_json::to_string(&line) {
-            Ok(text) => text,
-            Err(e) => {
-                tracing::error!(%e, "cannot encode an audit line");
-                return;
-            }
-        };
-        text.push('\n');
-        let mut file = self.file.lock().await;
-        let written = async {
-            file.write_all(text.as_bytes()).await?;
-            file.flush().await
-        };
-        if let Err(e) = written.await {
-            tracing::error!(path = %self.path.display(), %e, "cannot write the audit log");
+        let line = end_line(exec_id, caller, command, result, elapsed);
+        if let Err(e) = self.write(&line).await {
+            tracing::error!(%e, exec_id, "the audit log's end line was not written");
         }
     }
 }
 
-fn line<'a>(
+fn end_line<'a>(
+    exec_id: &'a str,
     caller: &'a Caller,
     command: &'a str,
     result: &'a Result<ExecOutput, SandboxError>,
     elapsed: Duration,
-) -> Line<'a> {
-    let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let base = Line {
-        time,
+) -> EndLine<'a> {
+    let base = EndLine {
+        event: "end",
+        time: now(),
+        exec_id,
         request_id: &caller.request_id,
         key_id: caller.key_id.as_deref(),
         command,
@@ -114,7 +182,7 @@ fn line<'a>(
         error: None,
     };
     match result {
-        Ok(out) => Line {
+        Ok(out) => EndLine {
             exit_code: out.exit_code,
             signal: out.signal.as_deref(),
             timed_out: out.timed_out,
@@ -125,7 +193,7 @@ fn line<'a>(
             duration_ms: out.duration_ms,
             ..base
         },
-        Err(e) => Line {
+        Err(e) => EndLine {
             error: Some(e.to_string()),
             ..base
         },
@@ -136,12 +204,31 @@ fn line<'a>(
 mod tests {
     use super::*;
 
+    fn request(command: &str, stdin: Option<&[u8]>) -> ExecRequest {
+        ExecRequest {
+            command: command.into(),
+            timeout: Duration::from_secs(1),
+            stdin: stdin.map(<[u8]>::to_vec),
+        }
+    }
+
     #[tokio::test]
-    async fn one_line_per_command_with_the_key_id_not_the_key() {
+    async fn start_and_end_lines_with_the_key_id_and_stdin_by_hash() {
         let path =
             std::env::temp_dir().join(format!("lm-sandbox-audit-{}.jsonl", std::process::id()));
         let _ = std::fs::remove_file(&path);
+        // An older, wider file is narrowed to 0600.
+        std::fs::write(&path, "").unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
         let log = AuditLog::open(&path).await.unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
         let caller = Caller {
             request_id: "req_1".into(),
             key_id: Some("key-abc".into()),
@@ -157,9 +244,16 @@ mod tests {
             stdout_bytes: 3,
             stderr_bytes: 0,
         };
-        log.record(&caller, "echo hi", &Ok(out), Duration::from_millis(8))
+        log.start("x1", &caller, &request("cat", Some(b"abc")))
+            .await
+            .unwrap();
+        log.end("x1", &caller, "cat", &Ok(out), Duration::from_millis(8))
             .await;
-        log.record(
+        log.start("x2", &caller, &request("echo 'two\nlines'", None))
+            .await
+            .unwrap();
+        log.end(
+            "x2",
             &caller,
             "echo 'two\nlines'",
             &Err(SandboxError::Unavailable("down".into())),
@@ -171,16 +265,25 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(lines.len(), 2);
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[0]["event"], "start");
+        assert_eq!(lines[0]["exec_id"], "x1");
         assert_eq!(lines[0]["request_id"], "req_1");
         assert_eq!(lines[0]["key_id"], "key-abc");
-        assert_eq!(lines[0]["command"], "echo hi");
-        assert_eq!(lines[0]["exit_code"], 0);
-        assert_eq!(lines[0]["bytes_out"], 3);
-        assert_eq!(lines[0]["duration_ms"], 7);
-        assert!(lines[0]["error"].is_null());
-        assert_eq!(lines[1]["command"], "echo 'two\nlines'");
-        assert!(lines[1]["error"].as_str().unwrap().contains("unreachable"));
+        assert_eq!(lines[0]["stdin_bytes"], 3);
+        assert_eq!(
+            lines[0]["stdin_sha256"],
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(lines[1]["event"], "end");
+        assert_eq!(lines[1]["exec_id"], "x1");
+        assert_eq!(lines[1]["exit_code"], 0);
+        assert_eq!(lines[1]["bytes_out"], 3);
+        assert_eq!(lines[1]["duration_ms"], 7);
+        assert!(lines[1]["error"].is_null());
+        assert!(lines[2]["stdin_sha256"].is_null());
+        assert_eq!(lines[3]["command"], "echo 'two\nlines'");
+        assert!(lines[3]["error"].as_str().unwrap().contains("unreachable"));
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -180,6 +180,7 @@ impl SandboxState {
             connect_timeout,
             max_concurrent,
             output_limit,
+            queue_timeout: super::ssh::DEFAULT_QUEUE_TIMEOUT,
         })
     }
 }

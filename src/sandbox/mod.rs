@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use audit::{AuditLog, Caller};
+pub use audit::{AuditError, AuditLog, Caller};
 
 /// Longest command accepted, in bytes (it travels base64-encoded as one argument).
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -79,6 +79,12 @@ pub enum SandboxError {
     Lost(String),
     #[error("invalid command: {0}")]
     InvalidCommand(String),
+    /// Every slot (`--sandbox-concurrency`) stayed taken past the queue deadline.
+    #[error("the sandbox is busy: {0}")]
+    Busy(String),
+    /// The audit log could not record the command, so it was not run.
+    #[error("the command was refused: {0}")]
+    AuditFailed(String),
 }
 
 pub type ExecFuture<'a> =
@@ -129,20 +135,40 @@ impl Sandbox {
         &self.limits
     }
 
-    /// Runs `request` and records it in the audit log (failures included) before answering.
+    /// Runs `request`, recorded in the audit log: the `start` line is written before the command
+    /// is sent (if it cannot be, the command is refused), and the command runs in a task of its
+    /// own that writes the `end` line when it finishes, even if the caller has gone away.
     pub async fn run(
         &self,
         request: ExecRequest,
         caller: &Caller,
     ) -> Result<ExecOutput, SandboxError> {
-        let started = std::time::Instant::now();
-        let command = request.command.clone();
-        let result = self.executor.exec(request).await;
+        let exec_id = exec_id();
         self.audit
-            .record(caller, &command, &result, started.elapsed())
-            .await;
-        result
+            .start(&exec_id, caller, &request)
+            .await
+            .map_err(|e| SandboxError::AuditFailed(e.to_string()))?;
+        let executor = Arc::clone(&self.executor);
+        let audit = Arc::clone(&self.audit);
+        let caller = caller.clone();
+        let task = tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let command = request.command.clone();
+            let result = executor.exec(request).await;
+            audit
+                .end(&exec_id, &caller, &command, &result, started.elapsed())
+                .await;
+            result
+        });
+        // Dropping the join handle (the caller left) does not cancel the task.
+        task.await
+            .map_err(|e| SandboxError::Lost(format!("the command's task ended: {e}")))?
     }
+}
+
+/// `exec_` and 16 random hex digits: joins a command's `start` and `end` audit lines.
+fn exec_id() -> String {
+    format!("exec_{:016x}", rand::random::<u64>())
 }
 
 /// Checks a command before it is sent: not empty, within [`MAX_COMMAND_BYTES`], no NUL byte.

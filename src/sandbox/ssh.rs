@@ -67,7 +67,12 @@ pub struct SshConfig {
     pub max_concurrent: usize,
     /// Bytes kept of each of stdout and stderr.
     pub output_limit: usize,
+    /// Longest wait for a free slot (`max_concurrent`); then the command is refused as busy.
+    pub queue_timeout: Duration,
 }
+
+/// `--sandbox-queue-timeout`'s default.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts exactly the pinned host key and remembers any other key offered, for the error.
 struct PinnedHost {
@@ -264,8 +269,19 @@ impl SshExecutor {
     /// Runs one command (see [`ExecRequest`]).
     pub async fn run(&self, request: ExecRequest) -> Result<ExecOutput, SandboxError> {
         validate_command(&request.command)?;
-        // The semaphore is never closed.
-        let _permit = self.permits.acquire().await.expect("semaphore closed");
+        let wait = self.config.queue_timeout;
+        let _permit = match tokio::time::timeout(wait, self.permits.acquire()).await {
+            // The semaphore is never closed.
+            Ok(permit) => permit.expect("semaphore closed"),
+            Err(_) => {
+                return Err(SandboxError::Busy(format!(
+                    "all {} command slots stayed taken for {:.1} s (--sandbox-concurrency, \
+                     --sandbox-queue-timeout)",
+                    self.config.max_concurrent,
+                    wait.as_secs_f64()
+                )))
+            }
+        };
         let started = Instant::now();
         let conn = self.connection().await?;
         let (conn, channel) = match conn.handle.channel_open_session().await {
@@ -288,16 +304,22 @@ impl SshExecutor {
             return Err(SandboxError::Lost(format!("starting the command: {e}")));
         }
         let (mut reader, writer) = channel.split();
-        let feed = async {
-            if let Some(stdin) = &request.stdin {
-                // A command that exits without reading its input closes the channel: not an error.
-                let _ = writer.data(&stdin[..]).await;
-            }
-            let _ = writer.eof().await;
-        };
         let limit = self.config.output_limit;
         let deadline =
             tokio::time::Instant::from_std(started) + request.timeout + KILL_GRACE + CLIENT_SLACK;
+        // Writing stdin shares the command's deadline: a command that neither reads its input
+        // nor exits is stopped by its timeout, and the writer gives up with it.
+        let feed = async {
+            let write = async {
+                if let Some(stdin) = &request.stdin {
+                    // A command that exits without reading its input closes the channel: not an
+                    // error.
+                    let _ = writer.data(&stdin[..]).await;
+                }
+                let _ = writer.eof().await;
+            };
+            let _ = tokio::time::timeout_at(deadline, write).await;
+        };
         let read = async {
             let mut out = Collected::new(limit);
             loop {
