@@ -72,8 +72,28 @@ pub struct ModelFacts {
     pub file_bytes: u64,
 }
 
+/// Bounds on what a header may claim, so a mutated file is an error, never a huge allocation,
+/// an overflow or a panic further on (the planner multiplies these).
+const MAX_STRING: u64 = 1 << 24;
+/// Total bytes of metadata strings kept (chat templates are kilobytes; the vocabulary is skipped).
+const MAX_KEPT_STRINGS: usize = 64 << 20;
+const MAX_LAYERS: u64 = 1 << 16;
+const MAX_DIMS: u32 = 8;
+/// Embedding width, head counts, head lengths, vocabulary and context: far above any real model,
+/// far below an overflow when the planner multiplies them.
+const MAX_WIDTH: u64 = 1 << 24;
+const MAX_CONTEXT: u64 = 1 << 27;
+
+fn malformed(what: impl Into<String>) -> GgufError {
+    GgufError::Malformed(what.into())
+}
+
 struct Reader<R> {
     inner: R,
+    /// Bytes the source holds: a count that could not fit in them is refused before anything is
+    /// allocated for it.
+    len: u64,
+    kept: usize,
 }
 
 impl<R: Read> Reader<R> {
@@ -90,10 +110,28 @@ impl<R: Read> Reader<R> {
     fn u64(&mut self) -> Result<u64, GgufError> {
         Ok(u64::from_le_bytes(self.bytes()?))
     }
+    /// Refuses a count of `count` items of at least `min_bytes` each that the file cannot hold.
+    fn check_count(&self, what: &str, count: u64, min_bytes: u64) -> Result<(), GgufError> {
+        if count.saturating_mul(min_bytes) > self.len {
+            return Err(malformed(format!(
+                "{what}: {count} entries cannot fit in a file of {} bytes",
+                self.len
+            )));
+        }
+        Ok(())
+    }
+
     fn string(&mut self) -> Result<String, GgufError> {
         let len = self.u64()?;
-        if len > 1 << 24 {
+        if len > MAX_STRING || len > self.len {
             return Err(GgufError::Malformed(format!("string of {len} bytes")));
+        }
+        self.kept += len as usize;
+        if self.kept > MAX_KEPT_STRINGS {
+            return Err(malformed(format!(
+                "more than {} MiB of metadata strings",
+                MAX_KEPT_STRINGS >> 20
+            )));
         }
         let mut buf = vec![0u8; len as usize];
         self.inner
@@ -138,6 +176,7 @@ impl<R: Read> Reader<R> {
         }
         let item = self.u32()?;
         let len = self.u64()?;
+        self.check_count("array", len, 1)?;
         let fixed = match item {
             0 | 1 | 7 => Some(1),
             2 | 3 => Some(2),
@@ -155,11 +194,15 @@ impl<R: Read> Reader<R> {
                     }
                 }
             }
-            (_, Some(size)) => self.skip(len * size)?,
+            (_, Some(size)) => self.skip(len.saturating_mul(size))?,
             // Strings (the vocabulary): skip each.
             (8, None) => {
+                self.check_count("string array", len, 8)?;
                 for _ in 0..len {
                     let n = self.u64()?;
+                    if n > MAX_STRING {
+                        return Err(malformed(format!("string of {n} bytes")));
+                    }
                     self.skip(n)?;
                 }
             }
@@ -185,8 +228,16 @@ pub fn read_header(path: &Path) -> Result<GgufHeader, GgufError> {
     };
     let file = File::open(path).map_err(io)?;
     let file_bytes = file.metadata().map_err(io)?.len();
+    parse_header(BufReader::with_capacity(1 << 20, file), file_bytes)
+}
+
+/// Reads a GGUF header from `source`, which holds `file_bytes` bytes. Every count and size is
+/// checked against the file before it is used (see the `MAX_*` bounds).
+pub fn parse_header(source: impl Read + Seek, file_bytes: u64) -> Result<GgufHeader, GgufError> {
     let mut r = Reader {
-        inner: BufReader::with_capacity(1 << 20, file),
+        inner: source,
+        len: file_bytes,
+        kept: 0,
     };
     let magic = r.bytes::<4>()?;
     if &magic != b"GGUF" {
@@ -198,16 +249,22 @@ pub fn read_header(path: &Path) -> Result<GgufHeader, GgufError> {
     }
     let n_tensors = r.u64()?;
     let n_kv = r.u64()?;
+    // A tensor entry is at least 24 bytes, a key/value at least 13.
+    r.check_count("tensor table", n_tensors, 24)?;
+    r.check_count("metadata", n_kv, 13)?;
     let mut metadata = HashMap::new();
     for _ in 0..n_kv {
         let key = r.string()?;
         let ty = r.u32()?;
         metadata.insert(key, r.value(ty)?);
     }
-    let mut tensors = Vec::with_capacity(n_tensors as usize);
+    let mut tensors = Vec::with_capacity((n_tensors as usize).min(1 << 16));
     for _ in 0..n_tensors {
         let name = r.string()?;
         let dims = r.u32()?;
+        if dims > MAX_DIMS {
+            return Err(malformed(format!("tensor {name} has {dims} dimensions")));
+        }
         r.skip(u64::from(dims) * 8)?;
         let _ggml_type = r.u32()?;
         let offset = r.u64()?;
@@ -220,9 +277,22 @@ pub fn read_header(path: &Path) -> Result<GgufHeader, GgufError> {
     let alignment = metadata
         .get("general.alignment")
         .and_then(MetaValue::as_u64)
-        .filter(|a| *a > 0)
         .unwrap_or(32);
+    if !alignment.is_power_of_two() || alignment > 1 << 20 {
+        return Err(malformed(format!("alignment {alignment}")));
+    }
     let data_start = position.div_ceil(alignment) * alignment;
+    if data_start > file_bytes {
+        return Err(malformed("the file ends before its tensor data"));
+    }
+    if let Some((name, offset)) = tensors
+        .iter()
+        .find(|(_, offset)| *offset > file_bytes - data_start)
+    {
+        return Err(malformed(format!(
+            "tensor {name} at offset {offset} lies past the end of the file"
+        )));
+    }
     Ok(GgufHeader {
         metadata,
         tensors,
@@ -265,23 +335,45 @@ impl GgufHeader {
             self.arch_u64(&arch, key)
                 .ok_or_else(|| GgufError::Missing(format!("{arch}.{key}")))
         };
-        let n_layer = need("block_count")? as u32;
-        let n_embd = need("embedding_length")?;
-        let n_head = need("attention.head_count")? as u32;
-        let n_head_kv = match self.get(&format!("{arch}.attention.head_count_kv")) {
-            Some(MetaValue::Int(n)) => vec![*n as u32; n_layer as usize],
-            Some(MetaValue::Array { ints, .. }) if ints.len() == n_layer as usize => {
-                ints.iter().map(|&n| n as u32).collect()
+        let bounded = |key: &str, value: u64, max: u64| {
+            if value > max {
+                Err(malformed(format!("{arch}.{key} is {value}; at most {max}")))
+            } else {
+                Ok(value)
             }
+        };
+        let n_layer = bounded("block_count", need("block_count")?, MAX_LAYERS)? as u32;
+        let n_embd = bounded("embedding_length", need("embedding_length")?, MAX_WIDTH)?;
+        let n_head = bounded(
+            "attention.head_count",
+            need("attention.head_count")?,
+            MAX_WIDTH,
+        )? as u32;
+        let n_head_kv = match self.get(&format!("{arch}.attention.head_count_kv")) {
+            Some(MetaValue::Int(n)) => {
+                let n = bounded("attention.head_count_kv", (*n).max(0) as u64, MAX_WIDTH)?;
+                vec![n as u32; n_layer as usize]
+            }
+            Some(MetaValue::Array { ints, .. }) if ints.len() == n_layer as usize => ints
+                .iter()
+                .map(|&n| bounded("attention.head_count_kv", n.max(0) as u64, MAX_WIDTH))
+                .map(|n| n.map(|n| n as u32))
+                .collect::<Result<_, _>>()?,
             _ => vec![n_head; n_layer as usize],
         };
         let head_dim = n_embd / u64::from(n_head.max(1));
-        let key_length = self
-            .arch_u64(&arch, "attention.key_length")
-            .unwrap_or(head_dim);
-        let value_length = self
-            .arch_u64(&arch, "attention.value_length")
-            .unwrap_or(head_dim);
+        let key_length = bounded(
+            "attention.key_length",
+            self.arch_u64(&arch, "attention.key_length")
+                .unwrap_or(head_dim),
+            MAX_WIDTH,
+        )?;
+        let value_length = bounded(
+            "attention.value_length",
+            self.arch_u64(&arch, "attention.value_length")
+                .unwrap_or(head_dim),
+            MAX_WIDTH,
+        )?;
         let sliding_window = self.arch_u64(&arch, "attention.sliding_window");
         let swa_layers = match (
             sliding_window,
@@ -298,6 +390,10 @@ impl GgufHeader {
             Some(MetaValue::Array { len, .. }) => *len,
             _ => self.arch_u64(&arch, "vocab_size").unwrap_or(0),
         };
+        let n_vocab = bounded("vocab_size", n_vocab, MAX_WIDTH)?;
+        let sliding_window = sliding_window
+            .map(|w| bounded("attention.sliding_window", w, MAX_CONTEXT))
+            .transpose()?;
         let mut layer_bytes = vec![0u64; n_layer as usize];
         let (mut output_bytes, mut embedding_bytes, mut has_output) = (0, 0, false);
         for (name, bytes) in self.tensor_sizes() {
@@ -322,7 +418,7 @@ impl GgufHeader {
             output_bytes += embedding_bytes;
         }
         Ok(ModelFacts {
-            n_ctx_train: need("context_length")? as u32,
+            n_ctx_train: bounded("context_length", need("context_length")?, MAX_CONTEXT)? as u32,
             architecture: arch,
             n_layer,
             n_embd,
@@ -467,6 +563,95 @@ mod tests {
         let path = tempfile_path::TempPath::new("notgguf");
         std::fs::write(&path.0, b"PK\x03\x04 definitely not").unwrap();
         assert!(matches!(model_facts(&path.0), Err(GgufError::Magic(_))));
+    }
+
+    /// Every way a header can be cut short or mutated is an error, never a panic, an overflow or
+    /// a huge allocation: truncations at every byte of the first 4 KiB and at 3000 points over
+    /// the rest of the header, and 3000 seeded random byte flips.
+    fn fuzz(bytes: &[u8], header_end: usize) {
+        use rand::{Rng, SeedableRng};
+        let parse = |data: &[u8]| {
+            let header = parse_header(std::io::Cursor::new(data), data.len() as u64)?;
+            header.facts()
+        };
+        parse(bytes).expect("the unmutated file parses");
+        let header_end = header_end.min(bytes.len());
+        let mut cuts: Vec<usize> = (0..header_end.min(4096)).collect();
+        cuts.extend((0..3000).map(|i| i * header_end / 3000));
+        for cut in cuts {
+            assert!(parse(&bytes[..cut]).is_err(), "a file cut at {cut} parsed");
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut mutated = bytes.to_vec();
+        for _ in 0..3000 {
+            let at = rng.gen_range(0..header_end);
+            let old = mutated[at];
+            mutated[at] = match rng.gen_range(0..3) {
+                0 => rng.gen(),
+                1 => 0xff,
+                _ => old ^ (1 << rng.gen_range(0..8)),
+            };
+            // Ok or Err are both fine; the test is that it returns.
+            let _ = parse(&mutated);
+            mutated[at] = old;
+        }
+    }
+
+    #[test]
+    fn a_mutated_synthetic_file_is_an_error_never_a_panic() {
+        let (path, _) = synthetic(4, true);
+        let bytes = std::fs::read(&path.0).unwrap();
+        let header = read_header(&path.0).unwrap();
+        fuzz(&bytes, header.data_start as usize);
+    }
+
+    #[test]
+    fn absurd_counts_are_refused_before_allocating() {
+        let mut bytes = b"GGUF".to_vec();
+        bytes.extend(3u32.to_le_bytes());
+        bytes.extend(u64::MAX.to_le_bytes()); // tensors
+        bytes.extend(0u64.to_le_bytes());
+        let Err(err) = parse_header(std::io::Cursor::new(&bytes), bytes.len() as u64) else {
+            panic!("parsed");
+        };
+        assert!(err.to_string().contains("cannot fit"), "{err}");
+    }
+
+    #[cfg(feature = "real-model")]
+    #[test]
+    fn the_default_models_header_survives_truncation_and_byte_flips() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let header = read_header(&path).unwrap();
+        // The header and tensor table, plus a little of the data (offsets point there).
+        let end = header.data_start as usize + 4096;
+        let mut file = File::open(&path).unwrap();
+        let mut bytes = vec![0u8; end];
+        file.read_exact(&mut bytes).unwrap();
+        // Parse as if the file were whole: the size only bounds counts and the last tensor.
+        let total = header.file_bytes;
+        let parse = |data: &[u8], len: u64| {
+            parse_header(std::io::Cursor::new(data), len).and_then(|h| h.facts())
+        };
+        parse(&bytes, total).unwrap();
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for i in 0..200 {
+            let cut = if i < 100 {
+                rng.gen_range(0..header.data_start as usize)
+            } else {
+                i - 100
+            };
+            assert!(parse(&bytes[..cut], cut as u64).is_err(), "cut at {cut}");
+        }
+        let mut mutated = bytes.clone();
+        for _ in 0..200 {
+            let at = rng.gen_range(0..header.data_start as usize);
+            let old = mutated[at];
+            mutated[at] ^= 1 << rng.gen_range(0..8);
+            let _ = parse(&mutated, total);
+            mutated[at] = old;
+        }
     }
 
     #[cfg(feature = "real-model")]
