@@ -836,7 +836,12 @@ async fn the_real_model_runs_a_forced_shell_call_in_the_sandbox_and_answers() {
         .find(|l| l["request_id"] == request_id.as_str())
         .expect("the audit log has the loop's command");
     assert_eq!(line["command"], command);
-    assert_eq!(line["key_id"], ApiKey::new(RUNNER_KEY, true).id().as_str());
+    // The binary keys ids with this install's secret, which it created next to sandbox.json.
+    let secret = std::fs::read(state_root().join(&shared().name).join("key-id.secret")).unwrap();
+    assert_eq!(
+        line["key_id"],
+        lm_sandbox::api::auth::keyed_id(&secret, RUNNER_KEY).as_str()
+    );
 
     // A key without the sandbox permission cannot trigger it.
     let refused = client

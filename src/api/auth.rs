@@ -58,8 +58,12 @@ pub fn load_key_id_secret(path: &Path) -> std::io::Result<()> {
 /// `key-` and 12 hex digits of HMAC-SHA256(install secret, key): names a key in logs without
 /// allowing an offline guess of a weak key from the log alone.
 pub fn key_id(key: &str) -> String {
+    keyed_id(KEY_ID_SECRET.get_or_init(rand::random), key)
+}
+
+/// [`key_id`] under an explicit `secret` (the bytes of a `key-id.secret` file).
+pub fn keyed_id(secret: &[u8], key: &str) -> String {
     use hmac::Mac as _;
-    let secret = KEY_ID_SECRET.get_or_init(rand::random);
     let mut mac =
         hmac::Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
     mac.update(key.as_bytes());

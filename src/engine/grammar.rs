@@ -33,6 +33,11 @@ pub enum GrammarError {
     Undefined(String),
     #[error("rule `{0}` is left-recursive (it can reach itself without consuming a character)")]
     LeftRecursive(String),
+    #[error(
+        "a `*`, `+` or `{{m,}}` repeats something that can match the empty string (in rule \
+         `{0}`); llama.cpp would loop forever on it"
+    )]
+    EmptyLoop(String),
     #[error("repetition at byte {at}: {reason}")]
     Repetition { at: usize, reason: String },
     #[error("groups nested deeper than {MAX_NESTING} levels at byte {at}")]
@@ -401,6 +406,7 @@ pub fn check(text: &str) -> Result<GrammarFacts, GrammarError> {
         return Err(GrammarError::TooLarge);
     }
     check_left_recursion(&rules)?;
+    check_empty_loops(&rules)?;
     if !productive(&rules).contains("root") {
         return Err(GrammarError::Empty);
     }
@@ -530,6 +536,25 @@ fn check_left_recursion(rules: &BTreeMap<String, Alternatives>) -> Result<(), Gr
                 mark.insert(node, 2);
                 stack.pop();
             }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an unbounded repetition of something nullable: llama.cpp rewrites `x*` as
+/// `S ::= x S | ""`, and with `x` nullable its stack expansion recurses without end (the engine
+/// thread would hang, holding every other request).
+fn check_empty_loops(rules: &BTreeMap<String, Alternatives>) -> Result<(), GrammarError> {
+    fn walk(items: &[Item], nullable: &BTreeSet<&str>) -> bool {
+        items.iter().any(|item| {
+            (item.max.is_none() && atom_nullable(&item.atom, nullable))
+                || matches!(&item.atom, Atom::Group(inner) if inner.iter().any(|alt| walk(alt, nullable)))
+        })
+    }
+    let nullable = nullable_rules(rules);
+    for (name, body) in rules {
+        if body.iter().any(|alt| walk(alt, &nullable)) {
+            return Err(GrammarError::EmptyLoop(name.clone()));
         }
     }
     Ok(())

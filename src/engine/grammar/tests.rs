@@ -85,6 +85,20 @@ fn structure_errors_are_named() {
         check("root ::= a\na ::= \"x\"? b\nb ::= a \"y\" | \"z\""),
         Err(GrammarError::LeftRecursive(_))
     ));
+    for looping in [
+        "root ::= ( ws | \"a\" )*\nws ::= [ ]?",
+        "root ::= ( \"a\"? )+",
+        "root ::= ( \"\" ){2,}",
+        "root ::= x*\nx ::= y\ny ::= \"b\" | \"\"",
+    ] {
+        assert!(
+            matches!(check(looping), Err(GrammarError::EmptyLoop(_))),
+            "{looping:?}: {:?}",
+            check(looping)
+        );
+    }
+    // Bounded repetitions of nullable things are finite, and fine.
+    check("root ::= ( \"a\"? ){0,5} \"b\"").unwrap();
     let deep = format!("root ::= {}\"a\"{}", "(".repeat(100), ")".repeat(100));
     assert!(matches!(check(&deep), Err(GrammarError::TooDeep { .. })));
     for bad in [
