@@ -421,7 +421,9 @@ async fn hostile_commands_are_contained() {
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(lines[0], "1000");
     assert!(lines.contains(&"CapEff:\t0000000000000000"), "{lines:?}");
-    assert!(lines.contains(&"CapBnd:\t0000000000000000"), "{lines:?}");
+    // The container keeps KILL, SETGID, SETUID and SYS_CHROOT for root's sshd; a command holds
+    // none of them (effective and permitted sets empty, no-new-privileges, no set-uid programs).
+    assert!(lines.contains(&"CapBnd:\t00000000000400e0"), "{lines:?}");
     assert!(lines.contains(&"NoNewPrivs:\t1"), "{lines:?}");
     assert_eq!(lines[4], "0", "set-uid programs: {lines:?}");
     assert_eq!(lines[5], "no-sudo");
@@ -436,6 +438,40 @@ async fn hostile_commands_are_contained() {
     )
     .await;
     assert_eq!(out.stdout, "writable\n", "{out:?}");
+
+    // sshd's secrets and configuration are root's: unreadable and unchangeable from a command.
+    let out = run(
+        &ex,
+        "grep -q 'CapPrm:\t0000000000000000' /proc/self/status && echo no-permitted-caps; \
+         cat /etc/lm-sandbox/ssh_host_ed25519_key >/dev/null 2>&1 || echo key-unreadable; \
+         for f in /etc/lm-sandbox/sshd_config /etc/lm-sandbox/authorized_keys; do \
+           echo x >> $f 2>/dev/null && echo \"wrote $f\"; done; \
+         cat /proc/1/environ >/dev/null 2>&1 || echo init-unreadable",
+    )
+    .await;
+    assert_eq!(
+        out.stdout, "no-permitted-caps\nkey-unreadable\ninit-unreadable\n",
+        "{out:?}"
+    );
+
+    // Nothing a command starts outlives it: background jobs, `setsid`, double forks, `nohup`.
+    let out = run(
+        &ex,
+        "sleep 1001 & setsid sleep 1002 & (setsid bash -c 'sleep 1003 &' &); \
+         nohup sleep 1004 >/dev/null 2>&1 & disown; echo started",
+    )
+    .await;
+    assert_eq!(out.stdout, "started\n", "{out:?}");
+    let left = run(&ex, "ps -eo args | grep -c '^sleep 100[1-4]' || true").await;
+    assert_eq!(left.stdout, "0\n", "survivors: {left:?}");
+    // `kill -9 -1` from a command reaches only its own user's processes: its runner and session
+    // die (the connection is lost), root's sshd and init do not, and what it left behind is
+    // killed by init (re-parented to PID 1).
+    let _ = ex.run(request("sleep 1005 & kill -9 -1", 10.0)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = run(&ex, "ps -eo user,args").await;
+    assert!(after.stdout.contains("lm-sandbox-init"), "{after:?}");
+    assert!(!after.stdout.contains("sleep 1005"), "{after:?}");
 
     // Still healthy after all that.
     assert_eq!(run(&ex, "echo alive").await.stdout, "alive\n");

@@ -20,12 +20,17 @@ pub const IMAGE_REPOSITORY: &str = "lm-sandbox";
 pub const KEYED_REPOSITORY: &str = "lm-sandbox-keyed";
 
 /// The build context: (file name, contents, mode).
-pub const CONTEXT: [(&str, &str, u32); 3] = [
+pub const CONTEXT: [(&str, &str, u32); 4] = [
     ("Dockerfile", include_str!("image/Dockerfile"), 0o644),
     ("sshd_config", include_str!("image/sshd_config"), 0o644),
     (
         "lm-sandbox-run",
         include_str!("image/lm-sandbox-run"),
+        0o755,
+    ),
+    (
+        "lm-sandbox-init",
+        include_str!("image/lm-sandbox-init"),
         0o755,
     ),
 ];
@@ -307,14 +312,16 @@ pub fn ensure_keyed_image(
     let dir = ScratchDir::new("keys")?;
     let dockerfile = format!(
         "FROM {image}\n\
-         COPY --chown=0:1000 ssh_host_ed25519_key /etc/lm-sandbox/ssh_host_ed25519_key\n\
+         COPY --chown=0:0 ssh_host_ed25519_key /etc/lm-sandbox/ssh_host_ed25519_key\n\
          COPY --chown=0:0 authorized_keys /etc/lm-sandbox/authorized_keys\n"
     );
     write_file(&dir.path().join("Dockerfile"), dockerfile.as_bytes(), 0o644)?;
+    // COPY keeps the context's mode: the host key is root's alone in the container, so no command
+    // (uid 1000) can read it.
     write_file(
         &dir.path().join("ssh_host_ed25519_key"),
         host_key_pem.as_bytes(),
-        0o640,
+        0o600,
     )?;
     // `restrict`: no forwarding, no PTY, no ~/.ssh/rc, whatever sshd_config says.
     let authorized = format!("restrict {}\n", client_public.trim());
