@@ -362,6 +362,36 @@ pub struct ServeSandboxArgs {
         default_value_t = 300.0
     )]
     pub max_timeout: f64,
+    /// Size of each tenant's /workspace (a tmpfs; filling it is a clean "no space left" error),
+    /// e.g. `1g`, `512m`.
+    #[arg(
+        long = "sandbox-disk",
+        env = "LM_SANDBOX_SANDBOX_DISK",
+        default_value = "1g"
+    )]
+    pub disk: String,
+    /// Most tenant containers (one per API key and session); over the cap, the longest-idle paused
+    /// one is removed, or the command gets 503 `sandbox_busy`.
+    #[arg(
+        long = "sandbox-max-tenants",
+        env = "LM_SANDBOX_SANDBOX_MAX_TENANTS",
+        default_value_t = 16
+    )]
+    pub max_tenants: usize,
+    /// Seconds without a command after which a tenant's container is paused.
+    #[arg(
+        long = "sandbox-idle-stop",
+        env = "LM_SANDBOX_SANDBOX_IDLE_STOP",
+        default_value_t = 600.0
+    )]
+    pub idle_stop: f64,
+    /// Seconds without a command after which a tenant's container and workspace are removed.
+    #[arg(
+        long = "sandbox-idle-remove",
+        env = "LM_SANDBOX_SANDBOX_IDLE_REMOVE",
+        default_value_t = 86400.0
+    )]
+    pub idle_remove: f64,
     /// Seconds a command may wait for a free slot; then 503 `sandbox_busy`.
     #[arg(
         long = "sandbox-queue-timeout",

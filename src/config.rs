@@ -91,6 +91,40 @@ pub struct SandboxConfig {
     pub output_limit: usize,
     pub connect_timeout: Duration,
     pub queue_timeout: Duration,
+    /// Bytes of each tenant's /workspace.
+    pub disk_bytes: u64,
+    pub max_tenants: usize,
+    pub idle_stop: Duration,
+    pub idle_remove: Duration,
+}
+
+/// `1g`, `512m`, `64k`, `1GiB` or a plain byte count.
+fn bytes(flag: &'static str, text: &str) -> Result<u64, ConfigError> {
+    let lower = text.trim().to_ascii_lowercase();
+    let lower = lower.trim_end_matches("ib").trim_end_matches('b');
+    let (digits, unit) = match lower.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => lower.split_at(at),
+        None => (lower, ""),
+    };
+    let shift = match unit {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => {
+            return Err(invalid(
+                flag,
+                format!("not a size: {text:?} (e.g. 1g, 512m)"),
+            ))
+        }
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n >= 1 << 20)
+        .ok_or_else(|| invalid(flag, format!("must be a size of at least 1m; got {text:?}")))
 }
 
 fn seconds(flag: &'static str, value: f64) -> Result<Duration, ConfigError> {
@@ -163,6 +197,13 @@ impl SandboxConfig {
             output_limit: args.output_limit,
             connect_timeout: seconds("--sandbox-connect-timeout", args.connect_timeout)?,
             queue_timeout: seconds("--sandbox-queue-timeout", args.queue_timeout)?,
+            disk_bytes: bytes("--sandbox-disk", &args.disk)?,
+            max_tenants: match args.max_tenants {
+                0 => return Err(invalid("--sandbox-max-tenants", "must be at least 1")),
+                n => n,
+            },
+            idle_stop: seconds("--sandbox-idle-stop", args.idle_stop)?,
+            idle_remove: seconds("--sandbox-idle-remove", args.idle_remove)?,
         }))
     }
 }
@@ -331,6 +372,17 @@ mod tests {
             ConfigError::Invalid { flag, .. } => flag,
             other => panic!("unexpected {other}"),
         }
+    }
+
+    #[test]
+    fn sizes_parse_like_dockers() {
+        assert_eq!(bytes("f", "1g").unwrap(), 1 << 30);
+        assert_eq!(bytes("f", "512M").unwrap(), 512 << 20);
+        assert_eq!(bytes("f", "2GiB").unwrap(), 2 << 30);
+        assert_eq!(bytes("f", "1048576").unwrap(), 1 << 20);
+        assert!(bytes("f", "1x").is_err());
+        assert!(bytes("f", "10k").is_err(), "under 1m");
+        assert!(bytes("f", "99999999999g").is_err());
     }
 
     #[test]

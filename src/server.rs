@@ -6,7 +6,7 @@
 //! cannot fit ends the process with the planner's numbers.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -21,7 +21,9 @@ use crate::gpu::placement::{decide, spawn_poller, Placement, POLL_INTERVAL};
 use crate::gpu::plan::SplitMode;
 use crate::gpu::report;
 use crate::sandbox::container::SandboxState;
+use crate::sandbox::image::{Docker, Progress};
 use crate::sandbox::ssh::SshExecutor;
+use crate::sandbox::tenants::{TenantConfig, Tenants};
 use crate::sandbox::{AuditLog, Sandbox};
 
 #[derive(Debug, thiserror::Error)]
@@ -65,22 +67,31 @@ async fn open_sandbox(config: &SandboxConfig) -> Result<Sandbox, ServeError> {
             config.audit_log.display()
         ))
     })?;
-    let executor = SshExecutor::new(ssh);
+    let executor = SshExecutor::new(ssh.clone());
+    // The container `up` started answers for the sandbox as a whole: reachable means Docker and
+    // the image work, and tenants start from the same image.
     match executor.check().await {
         Ok(()) => tracing::info!(
-            transport = %executor.config().transport,
             audit_log = %config.audit_log.display(),
-            "sandbox connected"
+            max_tenants = config.max_tenants,
+            disk_mib = config.disk_bytes >> 20,
+            "sandbox connected; commands run in a container per tenant"
         ),
         Err(e) => {
             tracing::warn!(%e, "sandbox not reachable yet; /v1/sandbox/exec answers 503 until it is")
         }
     }
-    Ok(Sandbox::new(
-        Arc::new(executor),
-        audit,
-        config.limits.clone(),
-    ))
+    let tenants = Tenants::new(TenantConfig {
+        docker: Docker::new(state.docker.clone(), Progress::Quiet),
+        state,
+        ssh,
+        disk_bytes: config.disk_bytes,
+        max_tenants: config.max_tenants,
+        idle_stop: config.idle_stop,
+        idle_remove: config.idle_remove,
+        record: config.dir.join("tenants.json"),
+    });
+    Ok(Sandbox::new(tenants, audit, config.limits.clone()))
 }
 
 /// Reads the GPUs and plans the placement (blocking: NVML and the GGUF header).

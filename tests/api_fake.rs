@@ -872,6 +872,7 @@ struct ScriptedExecutor;
 impl lm_sandbox::sandbox::Executor for ScriptedExecutor {
     fn exec(
         &self,
+        _tenant: &str,
         request: lm_sandbox::sandbox::ExecRequest,
     ) -> lm_sandbox::sandbox::ExecFuture<'_> {
         Box::pin(async move {

@@ -15,7 +15,9 @@ use super::auth::{Authenticated, RequestId};
 use super::error::ApiError;
 use super::extract::{parse, JsonObject};
 use super::AppState;
-use crate::sandbox::{validate_command, Caller, ExecOutput, ExecRequest, SandboxError};
+use crate::sandbox::{
+    validate_command, validate_session, Caller, ExecOutput, ExecRequest, SandboxError,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +25,8 @@ struct ExecBody {
     command: String,
     timeout_s: Option<f64>,
     stdin: Option<String>,
+    /// A tenant of its own within the key (default: the key's one tenant).
+    session: Option<String>,
 }
 
 pub async fn exec(
@@ -72,9 +76,13 @@ pub async fn exec(
         timeout,
         stdin: body.stdin.map(String::into_bytes),
     };
+    if let Some(session) = &body.session {
+        validate_session(session).map_err(|e| ApiError::invalid("session", e))?;
+    }
     let caller = Caller {
         request_id,
         key_id: Some(key.key_id),
+        session: body.session,
     };
     match sandbox.run(request, &caller).await {
         Ok(out) => Ok(Json(out)),

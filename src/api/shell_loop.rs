@@ -47,6 +47,8 @@ const RESULT_LIMIT: usize = 8 * 1024;
 pub struct SandboxFields {
     pub shell: Option<bool>,
     pub max_tool_rounds: Option<u32>,
+    /// A tenant of its own within the key (default: the key's one tenant).
+    pub session: Option<String>,
 }
 
 /// A loop the request asked for (or its key is set up for).
@@ -108,6 +110,14 @@ pub fn wanted(
         caller: Caller {
             request_id: request_id.to_owned(),
             key_id: Some(key.key_id.clone()),
+            session: match &fields.session {
+                Some(session) => {
+                    crate::sandbox::validate_session(session)
+                        .map_err(|e| ApiError::invalid("sandbox.session", e))?;
+                    Some(session.clone())
+                }
+                None => None,
+            },
         },
         sandbox: sandbox.clone(),
     }))

@@ -22,6 +22,19 @@ pub struct Caller {
     pub request_id: String,
     /// The API key's id (`key-` and a keyed hash prefix); `None` for the local CLI.
     pub key_id: Option<String>,
+    /// A session the request named within its key: a tenant of its own.
+    pub session: Option<String>,
+}
+
+impl Caller {
+    /// The tenant whose container runs this caller's commands: its key, and its session.
+    pub fn tenant(&self) -> String {
+        format!(
+            "{}/{}",
+            self.key_id.as_deref().unwrap_or("local"),
+            self.session.as_deref().unwrap_or("")
+        )
+    }
 }
 
 /// The `start` line's record of one command; `end` repeats its `exec_id`.
@@ -32,6 +45,7 @@ struct StartLine<'a> {
     exec_id: &'a str,
     request_id: &'a str,
     key_id: Option<&'a str>,
+    session: Option<&'a str>,
     command: &'a str,
     stdin_bytes: usize,
     /// Hex SHA-256 of the stdin bytes (`null` without stdin).
@@ -90,7 +104,7 @@ impl AuditLog {
             .await?;
         // `mode` applies only when the file is created; an older file may be wider.
         #[cfg(unix)]
-        {
+        if file.metadata().await?.is_file() {
             use std::os::unix::fs::PermissionsExt as _;
             file.set_permissions(std::fs::Permissions::from_mode(0o600))
                 .await?;
@@ -134,6 +148,7 @@ impl AuditLog {
             exec_id,
             request_id: &caller.request_id,
             key_id: caller.key_id.as_deref(),
+            session: caller.session.as_deref(),
             command: &request.command,
             stdin_bytes: stdin.map_or(0, <[u8]>::len),
             stdin_sha256: stdin.map(|s| crate::sandbox::image::hex(&Sha256::digest(s))),
@@ -232,6 +247,7 @@ mod tests {
         let caller = Caller {
             request_id: "req_1".into(),
             key_id: Some("key-abc".into()),
+            session: None,
         };
         let out = ExecOutput {
             stdout: "hi\n".into(),

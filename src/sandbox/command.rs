@@ -60,6 +60,7 @@ pub fn run(args: &SandboxArgs) -> anyhow::Result<i32> {
                 }
                 Some(s) => println!("sandbox {name}: {s}"),
             }
+            print_tenants(&docker, &status.target)?;
             let runtime = tokio::runtime::Runtime::new().context("starting tokio")?;
             let executor = executor(&status.target)?;
             let started = Instant::now();
@@ -111,6 +112,7 @@ pub fn run(args: &SandboxArgs) -> anyhow::Result<i32> {
                 let caller = Caller {
                     request_id: format!("cli-{}", std::process::id()),
                     key_id: None,
+                    session: None,
                 };
                 let request = ExecRequest {
                     command: exec.command.join(" "),
@@ -157,4 +159,54 @@ fn signal_number(name: &str) -> i32 {
         "TERM" => 15,
         _ => 127,
     }
+}
+
+/// The tenant containers, with their age, idle time (from the server's `tenants.json`) and
+/// workspace use.
+fn print_tenants(docker: &Docker, target: &SandboxTarget) -> anyhow::Result<()> {
+    let tenants = container::tenants(docker, &target.name)?;
+    if tenants.is_empty() {
+        println!("  tenants: none");
+        return Ok(());
+    }
+    let dir = sandbox_dir(&target.state_dir(), &target.name);
+    let record: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("tenants.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    println!("  tenants: {}", tenants.len());
+    for tenant in tenants {
+        let idle = record
+            .iter()
+            .find(|r| r["container"] == tenant.name.as_str())
+            .and_then(|r| r["idle_s"].as_u64())
+            .map_or("?".to_owned(), |s| format!("{s} s"));
+        let used = if tenant.status == "running" {
+            docker
+                .output(&[
+                    "exec",
+                    &tenant.name,
+                    "df",
+                    "-B1",
+                    "--output=used,size",
+                    "/workspace",
+                ])
+                .ok()
+                .and_then(|out| {
+                    let line = out.lines().nth(1)?.to_owned();
+                    let mut parts = line.split_whitespace();
+                    let used: u64 = parts.next()?.parse().ok()?;
+                    let size: u64 = parts.next()?.parse().ok()?;
+                    Some(format!("{} of {} MiB", used >> 20, size >> 20))
+                })
+                .unwrap_or_else(|| "?".into())
+        } else {
+            "-".into()
+        };
+        println!(
+            "    {} {} created {} idle {idle} disk {used}",
+            tenant.name, tenant.status, tenant.created
+        );
+    }
+    Ok(())
 }

@@ -59,8 +59,9 @@ pub enum TransportKind {
     Tcp,
 }
 
-/// Resource limits of the container.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Resource limits of the container (recorded in `sandbox.json`, so tenants get the same).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Profile {
     /// Docker's `--memory` (swap is capped at the same, so none).
     pub memory: String,
@@ -106,6 +107,25 @@ pub struct SandboxState {
     pub user: String,
     /// The pinned host key, `ssh-ed25519 AAAA...`.
     pub host_key: String,
+    /// The limits `up` started the container with; tenants get the same.
+    #[serde(default)]
+    pub profile: Profile,
+    /// Extra labels `up` was given; tenants carry them too.
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+/// Label that marks a tenant container and names the sandbox it belongs to.
+pub const TENANT_LABEL: &str = "lm-sandbox.tenant-of";
+
+/// Where a container's /workspace lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Workspace {
+    /// A named volume (the `up` container: kept across restarts, no size limit).
+    Volume(String),
+    /// A tmpfs of at most this many bytes (tenants: filling it is ENOSPC inside the container,
+    /// never the host's disk; its pages count against the container's memory limit).
+    Tmpfs { bytes: u64 },
 }
 
 /// The default state directory: `$XDG_STATE_HOME/lm-sandbox`, else `~/.local/state/lm-sandbox`.
@@ -186,7 +206,7 @@ impl SandboxState {
 }
 
 /// The `docker run` arguments of the profile (everything but `run` itself).
-pub fn run_args(config: &UpConfig, image: &str, volume: &str) -> Vec<String> {
+pub fn run_args(config: &UpConfig, image: &str, workspace: &Workspace) -> Vec<String> {
     let p = &config.profile;
     let mut args: Vec<String> = [
         "--detach",
@@ -218,8 +238,6 @@ pub fn run_args(config: &UpConfig, image: &str, volume: &str) -> Vec<String> {
         &format!("/tmp:rw,nosuid,nodev,exec,mode=1777,size={}", p.tmp_size),
         "--tmpfs",
         "/run:rw,nosuid,nodev,noexec,mode=0755,size=8m",
-        "--volume",
-        &format!("{volume}:/workspace"),
         "--pids-limit",
         &p.pids_limit.to_string(),
         "--memory",
@@ -236,6 +254,15 @@ pub fn run_args(config: &UpConfig, image: &str, volume: &str) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    match workspace {
+        Workspace::Volume(volume) => {
+            args.extend(["--volume".into(), format!("{volume}:/workspace")]);
+        }
+        Workspace::Tmpfs { bytes } => args.extend([
+            "--tmpfs".into(),
+            format!("/workspace:rw,nosuid,nodev,exec,size={bytes},uid=1000,gid=1000,mode=0750"),
+        ]),
+    }
     for label in &config.labels {
         args.extend(["--label".into(), label.clone()]);
     }
@@ -332,7 +359,7 @@ pub fn up(config: &UpConfig) -> Result<SandboxState, ContainerError> {
                 // workspace volume stays.
                 docker.output(&["rm", "--force", &config.name])?;
             }
-            let args = run_args(config, &image, &volume);
+            let args = run_args(config, &image, &Workspace::Volume(volume.clone()));
             let mut all = vec!["run"];
             all.extend(args.iter().map(String::as_str));
             docker.output(&all)?;
@@ -351,6 +378,8 @@ pub fn up(config: &UpConfig) -> Result<SandboxState, ContainerError> {
         addr,
         user: USER.into(),
         host_key: host_public,
+        profile: config.profile.clone(),
+        labels: config.labels.clone(),
     };
     state.save(&dir)?;
     Ok(state)
@@ -371,6 +400,9 @@ fn address(docker: &Docker, name: &str) -> Result<String, ContainerError> {
 /// Stops and removes the container (and its workspace volume with `remove_volume`). The keys stay,
 /// so the next `up` keeps the same pinned host key.
 pub fn down(docker: &Docker, name: &str, remove_volume: bool) -> Result<bool, ContainerError> {
+    for tenant in tenants(docker, name)? {
+        remove_tenant(docker, &tenant.name)?;
+    }
     let found = inspect(docker, name);
     let existed = found.is_some();
     if let Some((_, image)) = found {
@@ -388,6 +420,93 @@ pub fn down(docker: &Docker, name: &str, remove_volume: bool) -> Result<bool, Co
         }
     }
     Ok(existed)
+}
+
+/// Starts tenant container `tenant` of the sandbox `state` (same image, keys and profile, its own
+/// size-limited workspace, no network), or starts or unpauses it if it exists.
+pub fn start_tenant(
+    docker: &Docker,
+    state: &SandboxState,
+    tenant: &str,
+    disk_bytes: u64,
+) -> Result<(), ContainerError> {
+    match docker
+        .output(&[
+            "container",
+            "inspect",
+            "--format",
+            "{{.State.Status}}",
+            tenant,
+        ])
+        .map(|s| s.trim().to_owned())
+    {
+        Ok(status) if status == "running" => return Ok(()),
+        Ok(status) if status == "paused" => {
+            docker.output(&["unpause", tenant])?;
+            return Ok(());
+        }
+        Ok(_) => {
+            docker.output(&["start", tenant])?;
+            return Ok(());
+        }
+        Err(_) => {}
+    }
+    let mut labels = state.labels.clone();
+    labels.push(format!("{TENANT_LABEL}={}", state.name));
+    let config = UpConfig {
+        name: tenant.to_owned(),
+        state_dir: PathBuf::new(),
+        docker: docker.clone(),
+        profile: state.profile.clone(),
+        transport: TransportKind::Exec,
+        labels,
+    };
+    let args = run_args(
+        &config,
+        &state.image,
+        &Workspace::Tmpfs { bytes: disk_bytes },
+    );
+    let mut all = vec!["run"];
+    all.extend(args.iter().map(String::as_str));
+    docker.output(&all)?;
+    Ok(())
+}
+
+/// One tenant container as Docker reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantContainer {
+    pub name: String,
+    pub status: String,
+    pub created: String,
+}
+
+/// The tenant containers of sandbox `name`.
+pub fn tenants(docker: &Docker, name: &str) -> Result<Vec<TenantContainer>, ContainerError> {
+    let out = docker.output(&[
+        "ps",
+        "--all",
+        "--filter",
+        &format!("label={TENANT_LABEL}={name}"),
+        "--format",
+        "{{.Names}}\t{{.State}}\t{{.CreatedAt}}",
+    ])?;
+    Ok(out
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, '\t');
+            Some(TenantContainer {
+                name: parts.next()?.to_owned(),
+                status: parts.next()?.to_owned(),
+                created: parts.next().unwrap_or("").to_owned(),
+            })
+        })
+        .collect())
+}
+
+/// Removes tenant container `tenant` (its workspace is a tmpfs and goes with it).
+pub fn remove_tenant(docker: &Docker, tenant: &str) -> Result<(), ContainerError> {
+    docker.output(&["rm", "--force", tenant])?;
+    Ok(())
 }
 
 /// Docker's view of the container: `None` if it does not exist.
@@ -429,13 +548,21 @@ mod tests {
 
     #[test]
     fn the_default_profile_is_locked_down() {
-        let args = run_args(&config(TransportKind::Exec), "img", "vol");
+        let args = run_args(
+            &config(TransportKind::Exec),
+            "img",
+            &Workspace::Volume("vol".into()),
+        );
         assert_eq!(flag(&args, "--cap-drop"), ["ALL"]);
+        assert_eq!(
+            flag(&args, "--cap-add"),
+            ["SETUID", "SETGID", "SYS_CHROOT", "KILL"]
+        );
         assert_eq!(flag(&args, "--security-opt"), ["no-new-privileges"]);
         assert!(args.contains(&"--read-only".to_string()));
         assert_eq!(flag(&args, "--network"), ["none"]);
         assert_eq!(flag(&args, "--ipc"), ["none"]);
-        assert_eq!(flag(&args, "--user"), ["1000:1000"]);
+        assert_eq!(flag(&args, "--user"), ["0:0"]);
         assert_eq!(flag(&args, "--pids-limit"), ["256"]);
         assert_eq!(flag(&args, "--memory"), ["1g"]);
         assert_eq!(flag(&args, "--memory-swap"), ["1g"]);
@@ -453,7 +580,11 @@ mod tests {
 
     #[test]
     fn the_tcp_profile_uses_the_internal_network_and_a_listening_sshd() {
-        let args = run_args(&config(TransportKind::Tcp), "img", "vol");
+        let args = run_args(
+            &config(TransportKind::Tcp),
+            "img",
+            &Workspace::Volume("vol".into()),
+        );
         assert_eq!(flag(&args, "--network"), [INTERNAL_NETWORK]);
         assert!(!args.iter().any(|a| a == "--publish" || a == "-p"));
         let image_at = args.iter().position(|a| a == "img").unwrap();
@@ -476,6 +607,8 @@ mod tests {
             addr: Some("172.18.0.2:2222".into()),
             user: USER.into(),
             host_key: "ssh-ed25519 AAAA".into(),
+            profile: Profile::default(),
+            labels: vec!["x=1".into()],
         };
         state.save(&dir).unwrap();
         assert_eq!(SandboxState::load(&dir).unwrap(), state);

@@ -16,6 +16,7 @@ pub mod image;
 pub mod keys;
 pub mod output;
 pub mod ssh;
+pub mod tenants;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -90,10 +91,11 @@ pub enum SandboxError {
 pub type ExecFuture<'a> =
     Pin<Box<dyn Future<Output = Result<ExecOutput, SandboxError>> + Send + 'a>>;
 
-/// Runs commands somewhere isolated. The real one is [`ssh::SshExecutor`]; tests of the HTTP layer
-/// use a fake.
+/// Runs commands somewhere isolated: [`tenants::Tenants`] (a container per tenant, what `serve`
+/// uses), [`ssh::SshExecutor`] (one container, for the CLI); tests of the HTTP layer use a fake.
 pub trait Executor: Send + Sync {
-    fn exec(&self, request: ExecRequest) -> ExecFuture<'_>;
+    /// Runs `request` for `tenant` ([`Caller::tenant`]); an executor of one container ignores it.
+    fn exec(&self, tenant: &str, request: ExecRequest) -> ExecFuture<'_>;
 }
 
 /// Limits on what a caller may ask for.
@@ -154,7 +156,7 @@ impl Sandbox {
         let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
             let command = request.command.clone();
-            let result = executor.exec(request).await;
+            let result = executor.exec(&caller.tenant(), request).await;
             audit
                 .end(&exec_id, &caller, &command, &result, started.elapsed())
                 .await;
@@ -169,6 +171,21 @@ impl Sandbox {
 /// `exec_` and 16 random hex digits: joins a command's `start` and `end` audit lines.
 fn exec_id() -> String {
     format!("exec_{:016x}", rand::random::<u64>())
+}
+
+/// Checks a tenant session name: 1 to 64 of `[A-Za-z0-9_.-]`.
+pub fn validate_session(session: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&session.len())
+        && session
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`session` must be 1 to 64 letters, digits, `_`, `-` or `.`; got {session:?}"
+        ))
+    }
 }
 
 /// Checks a command before it is sent: not empty, within [`MAX_COMMAND_BYTES`], no NUL byte.

@@ -357,7 +357,7 @@ impl SshExecutor {
 }
 
 impl Executor for SshExecutor {
-    fn exec(&self, request: ExecRequest) -> ExecFuture<'_> {
+    fn exec(&self, _tenant: &str, request: ExecRequest) -> ExecFuture<'_> {
         Box::pin(self.run(request))
     }
 }
