@@ -13,11 +13,11 @@ use super::error::ApiError;
 use super::extract::JsonObject;
 use super::generate::{self, finish_reason, prepare, Prepared, PromptJob, Timings};
 use super::params::token_budget;
+use super::prompt::prompt_tokens;
 use super::shell_loop;
 use super::sse::{ChunkHeader, ChunkShape};
-use super::{AppState, Loaded};
-use crate::engine::{FinishReason, GenerationStats, Token};
-use crate::template::{RenderContext, TemplateError};
+use super::AppState;
+use crate::engine::{FinishReason, GenerationStats};
 use crate::tools::stream::ToolStream;
 use crate::tools::{response_format_grammar, ToolError, ToolRequest};
 
@@ -37,54 +37,6 @@ struct ChatFields {
 impl From<ToolError> for ApiError {
     fn from(e: ToolError) -> Self {
         ApiError::invalid(e.param, e.message)
-    }
-}
-
-/// For templates that do not render tools: the history in the generic format. Calls become
-/// `<tool_call>` blocks in the assistant's text, results become `<tool_response>` user turns, and
-/// the tool instructions join the system message.
-pub(super) fn generic_history(messages: &mut Vec<Value>, tools: Option<&ToolRequest>) {
-    for message in messages.iter_mut() {
-        let role = message["role"].as_str().unwrap_or("").to_owned();
-        if role == "assistant" {
-            if let Some(Value::Array(calls)) = message.get("tool_calls").cloned() {
-                let mut text = message["content"].as_str().unwrap_or("").to_owned();
-                for call in &calls {
-                    let name = call
-                        .pointer("/function/name")
-                        .cloned()
-                        .unwrap_or(Value::Null);
-                    let arguments = call
-                        .pointer("/function/arguments")
-                        .cloned()
-                        .unwrap_or_else(|| json!({}));
-                    if !text.is_empty() && !text.ends_with('\n') {
-                        text.push('\n');
-                    }
-                    text.push_str(&format!(
-                        "<tool_call>\n{}\n</tool_call>",
-                        json!({"name": name, "arguments": arguments})
-                    ));
-                }
-                message["content"] = json!(text);
-                if let Some(object) = message.as_object_mut() {
-                    object.remove("tool_calls");
-                }
-            }
-        } else if role == "tool" {
-            let result = message["content"].as_str().unwrap_or("").to_owned();
-            *message = json!({"role": "user", "content": format!("<tool_response>\n{result}\n</tool_response>")});
-        }
-    }
-    if let Some(tools) = tools {
-        let instructions = tools.generic_instructions();
-        match messages.first_mut() {
-            Some(first) if first["role"] == "system" => {
-                let text = first["content"].as_str().unwrap_or("").to_owned();
-                first["content"] = json!(format!("{text}\n\n{instructions}"));
-            }
-            _ => messages.insert(0, json!({"role": "system", "content": instructions})),
-        }
     }
 }
 
@@ -208,37 +160,6 @@ fn template_message(message: &ChatMessage, at: usize) -> Result<Value, ApiError>
         out.insert("tool_call_id".into(), json!(id));
     }
     Ok(Value::Object(out))
-}
-
-/// The prompt's tokens: tools into the template (or the generic format), then tokenized.
-pub(super) fn prompt_tokens(
-    loaded: &Loaded,
-    mut messages: Vec<Value>,
-    tools: Option<&ToolRequest>,
-) -> Result<Vec<Token>, ApiError> {
-    let template_tools = if loaded.template.knows_tools() {
-        tools.map(ToolRequest::template_tools)
-    } else {
-        generic_history(&mut messages, tools);
-        None
-    };
-    let prompt = loaded
-        .template
-        .render(&RenderContext {
-            messages,
-            tools: template_tools,
-            add_generation_prompt: true,
-            bos_token: loaded.info.bos_token.clone(),
-            eos_token: loaded.info.eos_token.clone(),
-        })
-        .map_err(|err| match err {
-            TemplateError::Render(message) => ApiError::invalid("messages", message),
-            TemplateError::Syntax(message) => ApiError::Internal(message),
-        })?;
-    let bos = &loaded.info.bos_token;
-    let add_bos = bos.is_empty() || !prompt.starts_with(bos.as_str());
-    // Tokenizing on the runtime is fine: it takes microseconds per kilobyte of prompt.
-    Ok(loaded.info.tokenizer.tokenize(&prompt, add_bos))
 }
 
 pub async fn chat_completions(

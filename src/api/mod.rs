@@ -15,6 +15,7 @@ mod generate;
 mod limits;
 mod models;
 mod params;
+mod prompt;
 mod sandbox;
 mod shell_loop;
 mod sse;

@@ -22,10 +22,10 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::auth::Authenticated;
-use super::chat::prompt_tokens;
 use super::error::ApiError;
 use super::generate::{self, finish_reason, PromptJob, Timings, Usage};
 use super::params::{token_budget, GenerationOptions};
+use super::prompt::prompt_tokens;
 use super::sse::{error_event, ChunkHeader};
 use super::AppState;
 use crate::engine::{FinishReason, GenerationEvent, GenerationStats};
@@ -305,79 +305,220 @@ pub async fn run(
     let first = submit_round(&state, &messages, &tools, &options, 0)?
         .expect("the first round either fits or is an error");
     let header = ChunkHeader::chat(&state, model, options.include_usage);
-    if options.stream {
-        let (tx, rx) = mpsc::channel::<Event>(64);
+    let include_usage = options.include_usage;
+    let stream = options.stream;
+    let rounds = Rounds {
+        state,
+        options,
+        messages,
+        tools: (*tools).clone(),
+        shell,
+    };
+    // A small buffer: the loop waits for its consumer, so a slow client slows the loop.
+    let (tx, rx) = mpsc::channel::<LoopEvent>(16);
+    if stream {
+        tokio::spawn(rounds.drive(first, tx));
+        let (events, out) = mpsc::channel::<Event>(64);
         let keep_alive = header.keep_alive;
-        tokio::spawn(stream_loop(
-            state, header, options, messages, tools, shell, first, tx,
-        ));
-        return Ok(super::sse::body(rx, keep_alive));
+        tokio::spawn(to_sse(header, include_usage, rx, events));
+        return Ok(super::sse::body(out, keep_alive));
     }
-    let mut messages = messages;
-    let mut options = options;
-    let mut usage = Usage::default();
-    let mut executions = Vec::new();
-    let mut round = 0;
-    let mut receiver = first;
-    let mut round_tools = (*tools).clone();
-    let mut last_stats: GenerationStats;
-    let (message, reason) = loop {
-        let done = generate::collect(vec![receiver], options.grammar_param)
-            .await?
-            .remove(0);
-        usage.add(&done.stats, true);
-        last_stats = done.stats;
-        let truncated = done.reason == Some(FinishReason::Length);
-        let (mut message, _) = round_tools.finish(&done.text, truncated);
-        let (shell_calls, client_calls): (Vec<ToolCall>, Vec<ToolCall>) = message
-            .tool_calls
-            .drain(..)
-            .partition(|c| c.name == SHELL_TOOL);
-        message.tool_calls = client_calls;
-        let reason = if message.tool_calls.is_empty() {
-            done.reason.map_or("stop", finish_reason)
-        } else {
-            "tool_calls"
-        };
-        if shell_calls.is_empty() {
-            break (message, reason);
-        }
-        if round == shell.max_rounds {
-            message.content = append_note(message.content, &stopped_note(round));
-            break (message, reason);
-        }
-        round += 1;
-        let mut results = Vec::new();
-        for call in &shell_calls {
-            let (shown, for_model) = execute(&shell, call).await;
-            executions.push(execution_record(round, call, &shown));
-            results.push(for_model);
-        }
-        messages.extend(round_messages(&message, &shell_calls, &results));
-        if !message.tool_calls.is_empty() {
-            break (message, reason);
-        }
-        free_choice(&mut round_tools, &mut options);
-        match submit_round(&state, &messages, &round_tools, &options, round)? {
-            Some(next) => receiver = next,
-            None => {
-                message.content = append_note(message.content, CONTEXT_NOTE);
-                break (message, reason);
+    // Not streamed: the loop runs inside this request's future, so a client that goes away drops
+    // it (and cancels the generation) as for any other request.
+    let (_, response) = tokio::join!(rounds.drive(first, tx), to_json(header, rx));
+    response
+}
+
+/// What the round loop reports, in order: any number of `Deltas` and `Execution`s, then exactly
+/// one `Finished` or `Failed`.
+enum LoopEvent {
+    /// Content or reasoning that can no longer become a call, as it settles (streamed at once).
+    Deltas(Vec<Value>),
+    /// A `shell` command the loop ran: its record for the response.
+    Execution(Value),
+    /// The answer: the last round's message (only the client's own calls left in it), its
+    /// finish reason, a note to append when the loop stopped early, and the totals.
+    Finished {
+        message: AssistantMessage,
+        reason: &'static str,
+        note: Option<String>,
+        stats: GenerationStats,
+        usage: Usage,
+    },
+    Failed(ApiError),
+}
+
+/// One shell loop's state: the conversation so far and what each round needs.
+struct Rounds {
+    state: AppState,
+    options: GenerationOptions,
+    messages: Vec<Value>,
+    tools: ToolRequest,
+    shell: ShellLoop,
+}
+
+impl Rounds {
+    /// The one round loop: generate, parse, run the `shell` calls, feed their results back, repeat
+    /// until the model answers, calls a client tool, the context is full or the bound is hit.
+    /// Ends early, silently, when `events`' consumer is gone.
+    async fn drive(
+        mut self,
+        first: mpsc::Receiver<GenerationEvent>,
+        events: mpsc::Sender<LoopEvent>,
+    ) {
+        let mut usage = Usage::default();
+        let mut round = 0;
+        let mut receiver = first;
+        loop {
+            let mut stream = ToolStream::new();
+            let finished = loop {
+                let next = tokio::select! {
+                    // The consumer is gone: dropping the receiver cancels the sequence.
+                    _ = events.closed() => return,
+                    next = receiver.recv() => next,
+                };
+                match next {
+                    Some(GenerationEvent::Text(text)) => {
+                        let deltas = stream.push(&text, &self.tools);
+                        if !deltas.is_empty()
+                            && events.send(LoopEvent::Deltas(deltas)).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Some(GenerationEvent::Done { reason, stats }) => break Ok((reason, stats)),
+                    Some(GenerationEvent::Rejected(message)) => {
+                        break Err(ApiError::invalid(self.options.grammar_param, message))
+                    }
+                    Some(GenerationEvent::Failed(message)) => {
+                        break Err(ApiError::EngineFailed(message))
+                    }
+                    None => break Err(ApiError::EngineFailed(generate::ENGINE_STOPPED.into())),
+                }
+            };
+            let (reason, stats) = match finished {
+                Ok(done) => done,
+                Err(error) => {
+                    let _ = events.send(LoopEvent::Failed(error)).await;
+                    return;
+                }
+            };
+            usage.add(&stats, true);
+            // The same final parse as a non-streamed reply (invariant 17); calls are not
+            // streamed from here: the client's own are part of `Finished`.
+            let (deltas, mut message, _) =
+                stream.finish(&self.tools, reason == FinishReason::Length);
+            let settled: Vec<Value> = deltas
+                .into_iter()
+                .filter(|d| d.get("tool_calls").is_none())
+                .collect();
+            if !settled.is_empty() && events.send(LoopEvent::Deltas(settled)).await.is_err() {
+                return;
+            }
+            let (shell_calls, client_calls): (Vec<ToolCall>, Vec<ToolCall>) = message
+                .tool_calls
+                .drain(..)
+                .partition(|c| c.name == SHELL_TOOL);
+            message.tool_calls = client_calls;
+            let reason_text = if message.tool_calls.is_empty() {
+                finish_reason(reason)
+            } else {
+                "tool_calls"
+            };
+            let finish = |message, note| LoopEvent::Finished {
+                message,
+                reason: reason_text,
+                note,
+                stats,
+                usage,
+            };
+            if shell_calls.is_empty() {
+                let _ = events.send(finish(message, None)).await;
+                return;
+            }
+            if round == self.shell.max_rounds {
+                let _ = events
+                    .send(finish(message, Some(stopped_note(round))))
+                    .await;
+                return;
+            }
+            round += 1;
+            let mut results = Vec::new();
+            for call in &shell_calls {
+                let (shown, for_model) = execute(&self.shell, call).await;
+                let record = execution_record(round, call, &shown);
+                if events.send(LoopEvent::Execution(record)).await.is_err() {
+                    return;
+                }
+                results.push(for_model);
+            }
+            self.messages
+                .extend(round_messages(&message, &shell_calls, &results));
+            if !message.tool_calls.is_empty() {
+                let _ = events.send(finish(message, None)).await;
+                return;
+            }
+            free_choice(&mut self.tools, &mut self.options);
+            match submit_round(
+                &self.state,
+                &self.messages,
+                &self.tools,
+                &self.options,
+                round,
+            ) {
+                Ok(Some(next)) => receiver = next,
+                Ok(None) => {
+                    let _ = events
+                        .send(finish(message, Some(CONTEXT_NOTE.to_owned())))
+                        .await;
+                    return;
+                }
+                Err(error) => {
+                    let _ = events.send(LoopEvent::Failed(error)).await;
+                    return;
+                }
             }
         }
-    };
-    Ok(axum::Json(json!({
-        "id": header.id,
-        "object": "chat.completion",
-        "created": header.created,
-        "model": header.model,
-        "system_fingerprint": header.fingerprint,
-        "choices": [{"index": 0, "message": message.to_json(), "logprobs": null, "finish_reason": reason}],
-        "usage": usage,
-        "timings": Timings::from(&last_stats),
-        "sandbox_executions": executions,
-    }))
-    .into_response())
+    }
+}
+
+/// The non-streamed consumer: one chat completion with every execution listed.
+async fn to_json(
+    header: ChunkHeader,
+    mut events: mpsc::Receiver<LoopEvent>,
+) -> Result<Response, ApiError> {
+    let mut executions = Vec::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            LoopEvent::Deltas(_) => {}
+            LoopEvent::Execution(record) => executions.push(record),
+            LoopEvent::Failed(error) => return Err(error),
+            LoopEvent::Finished {
+                mut message,
+                reason,
+                note,
+                stats,
+                usage,
+            } => {
+                if let Some(note) = note {
+                    message.content = append_note(message.content, &note);
+                }
+                return Ok(axum::Json(json!({
+                    "id": header.id,
+                    "object": "chat.completion",
+                    "created": header.created,
+                    "model": header.model,
+                    "system_fingerprint": header.fingerprint,
+                    "choices": [{"index": 0, "message": message.to_json(), "logprobs": null, "finish_reason": reason}],
+                    "usage": usage,
+                    "timings": Timings::from(&stats),
+                    "sandbox_executions": executions,
+                }))
+                .into_response());
+            }
+        }
+    }
+    Err(ApiError::EngineFailed(generate::ENGINE_STOPPED.into()))
 }
 
 fn event(value: &Value) -> Event {
@@ -391,15 +532,12 @@ fn delta_chunk(header: &ChunkHeader, delta: Value, extra: Option<(&str, Value)>)
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn stream_loop(
-    state: AppState,
+/// The streamed consumer: OpenAI's chunks, one extra chunk per execution, then the client's calls,
+/// the note, the finish, usage and `[DONE]`. Returning drops `events`, which stops the loop.
+async fn to_sse(
     header: ChunkHeader,
-    mut options: GenerationOptions,
-    mut messages: Vec<Value>,
-    tools: Arc<ToolRequest>,
-    shell: ShellLoop,
-    first: mpsc::Receiver<GenerationEvent>,
+    include_usage: bool,
+    mut events: mpsc::Receiver<LoopEvent>,
     tx: mpsc::Sender<Event>,
 ) {
     let send = |value: Value| {
@@ -414,92 +552,25 @@ async fn stream_loop(
     if !send(opening).await {
         return;
     }
-    let mut usage = Usage::default();
-    let mut round = 0;
-    let mut receiver = first;
-    let mut round_tools = (*tools).clone();
-    let mut client_index = 0;
     loop {
-        let mut stream = ToolStream::new();
-        let mut finished = None;
-        loop {
-            let next = tokio::select! {
-                // The client hung up: dropping the receiver cancels the sequence.
-                _ = tx.closed() => return,
-                next = receiver.recv() => next,
-            };
-            match next {
-                Some(GenerationEvent::Text(text)) => {
-                    for delta in stream.push(&text, &round_tools) {
-                        if !send(delta_chunk(&header, delta, None)).await {
-                            return;
-                        }
-                    }
-                }
-                Some(GenerationEvent::Done { reason, stats }) => {
-                    finished = Some((reason, stats));
-                    break;
-                }
-                Some(GenerationEvent::Rejected(message)) => {
-                    let error = ApiError::invalid(options.grammar_param, message);
-                    let _ = tx.send(error_event(&error)).await;
-                    return;
-                }
-                Some(GenerationEvent::Failed(message)) => {
-                    let error = ApiError::EngineFailed(message);
-                    let _ = tx.send(error_event(&error)).await;
-                    return;
-                }
-                None => break,
-            }
-        }
-        let Some((reason, stats)) = finished else {
+        let next = tokio::select! {
+            _ = tx.closed() => return,
+            next = events.recv() => next,
+        };
+        let Some(next) = next else {
             let error = ApiError::EngineFailed(generate::ENGINE_STOPPED.into());
             let _ = tx.send(error_event(&error)).await;
             return;
         };
-        usage.add(&stats, true);
-        let (deltas, mut message, _) = stream.finish(&round_tools, reason == FinishReason::Length);
-        let content_sent = message
-            .content
-            .as_deref()
-            .is_some_and(|c| !c.trim().is_empty());
-        // Content and reasoning as they are; calls are re-sent below, the client's only.
-        for delta in deltas.into_iter().filter(|d| d.get("tool_calls").is_none()) {
-            if !send(delta_chunk(&header, delta, None)).await {
-                return;
+        match next {
+            LoopEvent::Deltas(deltas) => {
+                for delta in deltas {
+                    if !send(delta_chunk(&header, delta, None)).await {
+                        return;
+                    }
+                }
             }
-        }
-        let (shell_calls, client_calls): (Vec<ToolCall>, Vec<ToolCall>) = message
-            .tool_calls
-            .drain(..)
-            .partition(|c| c.name == SHELL_TOOL);
-        for call in &client_calls {
-            let first = json!({"tool_calls": [{"index": client_index, "id": call.id, "type": "function",
-                               "function": {"name": call.name, "arguments": ""}}]});
-            let args = json!({"tool_calls": [{"index": client_index, "function": {"arguments": call.arguments}}]});
-            client_index += 1;
-            if !send(delta_chunk(&header, first, None)).await
-                || !send(delta_chunk(&header, args, None)).await
-            {
-                return;
-            }
-        }
-        let reason_text = if client_calls.is_empty() {
-            finish_reason(reason)
-        } else {
-            "tool_calls"
-        };
-        let mut note = None;
-        let mut next = None;
-        if !shell_calls.is_empty() && round == shell.max_rounds {
-            note = Some(stopped_note(round));
-        } else if !shell_calls.is_empty() {
-            round += 1;
-            let mut results = Vec::new();
-            for call in &shell_calls {
-                let (shown, for_model) = execute(&shell, call).await;
-                let record = execution_record(round, call, &shown);
+            LoopEvent::Execution(record) => {
                 if !send(delta_chunk(
                     &header,
                     json!({}),
@@ -509,50 +580,60 @@ async fn stream_loop(
                 {
                     return;
                 }
-                results.push(for_model);
             }
-            message.tool_calls = client_calls.clone();
-            messages.extend(round_messages(&message, &shell_calls, &results));
-            if client_calls.is_empty() {
-                free_choice(&mut round_tools, &mut options);
-                match submit_round(&state, &messages, &round_tools, &options, round) {
-                    Ok(Some(rx)) => next = Some(rx),
-                    Ok(None) => note = Some(CONTEXT_NOTE.to_owned()),
-                    Err(e) => {
-                        let _ = tx.send(error_event(&e)).await;
+            LoopEvent::Failed(error) => {
+                let _ = tx.send(error_event(&error)).await;
+                return;
+            }
+            LoopEvent::Finished {
+                message,
+                reason,
+                note,
+                stats,
+                usage,
+            } => {
+                for (index, call) in message.tool_calls.iter().enumerate() {
+                    let first = json!({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                                       "function": {"name": call.name, "arguments": ""}}]});
+                    let args = json!({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]});
+                    if !send(delta_chunk(&header, first, None)).await
+                        || !send(delta_chunk(&header, args, None)).await
+                    {
                         return;
                     }
                 }
-            }
-        }
-        if let Some(rx) = next {
-            receiver = rx;
-            continue;
-        }
-        if let Some(note) = note {
-            // As `append_note` words it in the non-streamed response.
-            let text = if content_sent {
-                format!("\n{note}")
-            } else {
-                note
-            };
-            if !send(delta_chunk(&header, json!({"content": text}), None)).await {
+                if let Some(note) = note {
+                    // As `append_note` words it in the non-streamed reply: on a line of its own
+                    // after the final round's content.
+                    let content_sent = message
+                        .content
+                        .as_deref()
+                        .is_some_and(|c| !c.trim().is_empty());
+                    let text = if content_sent {
+                        format!("\n{note}")
+                    } else {
+                        note
+                    };
+                    if !send(delta_chunk(&header, json!({"content": text}), None)).await {
+                        return;
+                    }
+                }
+                let finish = header.chunk(
+                    json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason}]),
+                    Some(("timings", json!(Timings::from(&stats)))),
+                );
+                if !send(finish).await {
+                    return;
+                }
+                if include_usage
+                    && !send(header.chunk(Value::Array(Vec::new()), Some(("usage", json!(usage)))))
+                        .await
+                {
+                    return;
+                }
+                let _ = tx.send(Event::default().data("[DONE]")).await;
                 return;
             }
         }
-        let finish = header.chunk(
-            json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason_text}]),
-            Some(("timings", json!(Timings::from(&stats)))),
-        );
-        if !send(finish).await {
-            return;
-        }
-        break;
     }
-    if options.include_usage
-        && !send(header.chunk(Value::Array(Vec::new()), Some(("usage", json!(usage))))).await
-    {
-        return;
-    }
-    let _ = tx.send(Event::default().data("[DONE]")).await;
 }

@@ -366,7 +366,13 @@ mod tests {
             assert!(sshd.lines().any(|l| l == line), "sshd_config lacks {line}");
         }
         let (_, dockerfile, _) = CONTEXT[0];
-        assert!(dockerfile.contains("USER sandbox"));
+        // sshd (root, privilege-separated) runs sessions as uid 1000; the tools are root's.
+        assert!(dockerfile.contains("useradd --uid 1000"));
+        assert!(dockerfile.contains("chown -R root:root /etc/lm-sandbox /usr/local/libexec"));
         assert!(dockerfile.contains("FROM debian:bookworm"));
+        let (_, runner, _) = CONTEXT[2];
+        assert!(runner.contains("PR_SET_CHILD_SUBREAPER"));
+        let (_, init, _) = CONTEXT[3];
+        assert!(init.contains("reap_orphans"));
     }
 }

@@ -1,0 +1,90 @@
+//! From chat messages to prompt tokens, shared by the chat route and the shell loop: tools into
+//! the model's template, or the generic tool format for templates that do not render tools, then
+//! tokenized. Knows nothing of either caller.
+
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::Loaded;
+use crate::engine::Token;
+use crate::template::{RenderContext, TemplateError};
+use crate::tools::ToolRequest;
+
+/// For templates that do not render tools: the history in the generic format. Calls become
+/// `<tool_call>` blocks in the assistant's text, results become `<tool_response>` user turns, and
+/// the tool instructions join the system message.
+fn generic_history(messages: &mut Vec<Value>, tools: Option<&ToolRequest>) {
+    for message in messages.iter_mut() {
+        let role = message["role"].as_str().unwrap_or("").to_owned();
+        if role == "assistant" {
+            if let Some(Value::Array(calls)) = message.get("tool_calls").cloned() {
+                let mut text = message["content"].as_str().unwrap_or("").to_owned();
+                for call in &calls {
+                    let name = call
+                        .pointer("/function/name")
+                        .cloned()
+                        .unwrap_or(Value::Null);
+                    let arguments = call
+                        .pointer("/function/arguments")
+                        .cloned()
+                        .unwrap_or_else(|| json!({}));
+                    if !text.is_empty() && !text.ends_with('\n') {
+                        text.push('\n');
+                    }
+                    text.push_str(&format!(
+                        "<tool_call>\n{}\n</tool_call>",
+                        json!({"name": name, "arguments": arguments})
+                    ));
+                }
+                message["content"] = json!(text);
+                if let Some(object) = message.as_object_mut() {
+                    object.remove("tool_calls");
+                }
+            }
+        } else if role == "tool" {
+            let result = message["content"].as_str().unwrap_or("").to_owned();
+            *message = json!({"role": "user", "content": format!("<tool_response>\n{result}\n</tool_response>")});
+        }
+    }
+    if let Some(tools) = tools {
+        let instructions = tools.generic_instructions();
+        match messages.first_mut() {
+            Some(first) if first["role"] == "system" => {
+                let text = first["content"].as_str().unwrap_or("").to_owned();
+                first["content"] = json!(format!("{text}\n\n{instructions}"));
+            }
+            _ => messages.insert(0, json!({"role": "system", "content": instructions})),
+        }
+    }
+}
+
+/// The prompt's tokens: tools into the template (or the generic format), then tokenized.
+pub fn prompt_tokens(
+    loaded: &Loaded,
+    mut messages: Vec<Value>,
+    tools: Option<&ToolRequest>,
+) -> Result<Vec<Token>, ApiError> {
+    let template_tools = if loaded.template.knows_tools() {
+        tools.map(ToolRequest::template_tools)
+    } else {
+        generic_history(&mut messages, tools);
+        None
+    };
+    let prompt = loaded
+        .template
+        .render(&RenderContext {
+            messages,
+            tools: template_tools,
+            add_generation_prompt: true,
+            bos_token: loaded.info.bos_token.clone(),
+            eos_token: loaded.info.eos_token.clone(),
+        })
+        .map_err(|err| match err {
+            TemplateError::Render(message) => ApiError::invalid("messages", message),
+            TemplateError::Syntax(message) => ApiError::Internal(message),
+        })?;
+    let bos = &loaded.info.bos_token;
+    let add_bos = bos.is_empty() || !prompt.starts_with(bos.as_str());
+    // Tokenizing on the runtime is fine: it takes microseconds per kilobyte of prompt.
+    Ok(loaded.info.tokenizer.tokenize(&prompt, add_bos))
+}
