@@ -104,12 +104,14 @@ pub struct SandboxTarget {
     pub docker: String,
 }
 
-impl SandboxTarget {
-    pub fn state_dir(&self) -> PathBuf {
-        self.state_dir
-            .clone()
-            .unwrap_or_else(crate::sandbox::container::default_state_dir)
-    }
+/// `sandbox up --transport`, as the command line spells it (`sandbox::command` maps it to the
+/// sandbox's own type, so this module imports nothing of the sandbox).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportArg {
+    /// No network; SSH over `docker exec -i`.
+    Exec,
+    /// sshd listening on an internal Docker network.
+    Tcp,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -130,7 +132,7 @@ pub struct SandboxUpArgs {
     pub tmp_size: String,
     /// `exec`: no network, SSH over `docker exec -i`; `tcp`: sshd on an internal network.
     #[arg(long, value_enum, default_value = "exec")]
-    pub transport: crate::sandbox::container::TransportKind,
+    pub transport: TransportArg,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::api::{ApiConfig, ApiKey};
 use crate::cli::{PlacementArgs, ServeArgs, ServeSandboxArgs};
 use crate::engine::{GpuOffload, LlamaEngineConfig};
-use crate::sandbox::container::sandbox_dir;
+use crate::sandbox::container::{resolve_state_dir, sandbox_dir};
 use crate::sandbox::SandboxLimits;
 use crate::template::ChatTemplate;
 
@@ -182,7 +182,10 @@ impl SandboxConfig {
                 format!("must be at least 1024 bytes; got {}", args.output_limit),
             ));
         }
-        let dir = sandbox_dir(&args.target.state_dir(), &args.target.name);
+        let dir = sandbox_dir(
+            &resolve_state_dir(args.target.state_dir.as_deref()),
+            &args.target.name,
+        );
         Ok(Some(Self {
             audit_log: args
                 .audit_log

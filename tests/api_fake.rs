@@ -880,6 +880,9 @@ impl lm_sandbox::sandbox::Executor for ScriptedExecutor {
                 "down" => Err(lm_sandbox::sandbox::SandboxError::Unavailable(
                     "no route to the sandbox".into(),
                 )),
+                "busy" => Err(lm_sandbox::sandbox::SandboxError::Busy(
+                    "all slots stayed taken".into(),
+                )),
                 command => Ok(lm_sandbox::sandbox::ExecOutput {
                     stdout: format!("ran {command}"),
                     stderr: String::new(),
@@ -947,6 +950,14 @@ async fn the_sandbox_route_exists_only_with_a_sandbox_and_maps_its_errors() {
     let (status, body) = send_json(&app, with_key("runner", json!({"command": "a\u{0}b"}))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error_of(&body)["param"], "command");
+    let (status, headers, body) = send(&app, with_key("runner", json!({"command": "busy"}))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    assert!(body.contains("\"sandbox_busy\""), "{body}");
+    let bad_session = json!({"command": "id", "session": "../../etc"});
+    let (status, body) = send_json(&app, with_key("runner", bad_session)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&body)["param"], "session");
     let lines = std::fs::read_to_string(&audit).unwrap();
     let events: Vec<String> = lines
         .lines()
@@ -954,8 +965,15 @@ async fn the_sandbox_route_exists_only_with_a_sandbox_and_maps_its_errors() {
         .collect();
     assert_eq!(
         events,
-        ["\"start\"", "\"end\"", "\"start\"", "\"end\""],
-        "a start and an end line for each of the two commands that were run: {lines}"
+        [
+            "\"start\"",
+            "\"end\"",
+            "\"start\"",
+            "\"end\"",
+            "\"start\"",
+            "\"end\""
+        ],
+        "a start and an end line for each of the three commands that were run: {lines}"
     );
     std::fs::remove_file(&audit).unwrap();
 }

@@ -9,7 +9,7 @@ use super::container::{self, container_status, sandbox_dir, Profile, SandboxStat
 use super::image::{Docker, Progress};
 use super::ssh::SshExecutor;
 use super::{AuditLog, Caller, ExecRequest, Sandbox, SandboxLimits};
-use crate::cli::{SandboxArgs, SandboxCommand, SandboxTarget};
+use crate::cli::{SandboxArgs, SandboxCommand, SandboxTarget, TransportArg};
 
 /// Commands `sandbox exec` and `status` allow at once (one).
 const CLI_CONCURRENCY: usize = 1;
@@ -19,7 +19,7 @@ pub fn run(args: &SandboxArgs) -> anyhow::Result<i32> {
         SandboxCommand::Up(up) => {
             let config = UpConfig {
                 name: up.target.name.clone(),
-                state_dir: up.target.state_dir(),
+                state_dir: container::resolve_state_dir(up.target.state_dir.as_deref()),
                 docker: Docker::new(up.target.docker.clone(), Progress::Show),
                 profile: Profile {
                     memory: up.memory.clone(),
@@ -27,7 +27,10 @@ pub fn run(args: &SandboxArgs) -> anyhow::Result<i32> {
                     pids_limit: up.pids_limit,
                     tmp_size: up.tmp_size.clone(),
                 },
-                transport: up.transport,
+                transport: match up.transport {
+                    TransportArg::Exec => container::TransportKind::Exec,
+                    TransportArg::Tcp => container::TransportKind::Tcp,
+                },
                 labels: Vec::new(),
             };
             let state = container::up(&config)?;
@@ -99,7 +102,10 @@ pub fn run(args: &SandboxArgs) -> anyhow::Result<i32> {
             }
             let runtime = tokio::runtime::Runtime::new().context("starting tokio")?;
             let executor = executor(&exec.target)?;
-            let dir = sandbox_dir(&exec.target.state_dir(), &exec.target.name);
+            let dir = sandbox_dir(
+                &container::resolve_state_dir(exec.target.state_dir.as_deref()),
+                &exec.target.name,
+            );
             let out = runtime.block_on(async {
                 let audit = AuditLog::open(&dir.join("audit.jsonl"))
                     .await
@@ -137,7 +143,10 @@ pub fn run(args: &SandboxArgs) -> anyhow::Result<i32> {
 }
 
 fn executor(target: &SandboxTarget) -> anyhow::Result<SshExecutor> {
-    let dir = sandbox_dir(&target.state_dir(), &target.name);
+    let dir = sandbox_dir(
+        &container::resolve_state_dir(target.state_dir.as_deref()),
+        &target.name,
+    );
     let state = SandboxState::load(&dir)?;
     let config = state.ssh_config(&dir, Duration::from_secs(10), CLI_CONCURRENCY, 1 << 20)?;
     Ok(SshExecutor::new(config))
@@ -169,7 +178,10 @@ fn print_tenants(docker: &Docker, target: &SandboxTarget) -> anyhow::Result<()> 
         println!("  tenants: none");
         return Ok(());
     }
-    let dir = sandbox_dir(&target.state_dir(), &target.name);
+    let dir = sandbox_dir(
+        &container::resolve_state_dir(target.state_dir.as_deref()),
+        &target.name,
+    );
     let record: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("tenants.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())

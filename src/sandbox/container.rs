@@ -50,7 +50,7 @@ pub enum ContainerError {
 }
 
 /// How commands reach sshd.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TransportKind {
     /// `docker exec -i` + `sshd -i` over stdio; the container has no network.
@@ -135,6 +135,11 @@ pub fn default_state_dir() -> PathBuf {
     }
     let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
     home.join(".local/state/lm-sandbox")
+}
+
+/// `--sandbox-state-dir` if given, else [`default_state_dir`].
+pub fn resolve_state_dir(given: Option<&Path>) -> PathBuf {
+    given.map_or_else(default_state_dir, Path::to_path_buf)
 }
 
 /// Where one sandbox's files live.
