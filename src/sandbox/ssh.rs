@@ -269,19 +269,7 @@ impl SshExecutor {
     /// Runs one command (see [`ExecRequest`]).
     pub async fn run(&self, request: ExecRequest) -> Result<ExecOutput, SandboxError> {
         validate_command(&request.command)?;
-        let wait = self.config.queue_timeout;
-        let _permit = match tokio::time::timeout(wait, self.permits.acquire()).await {
-            // The semaphore is never closed.
-            Ok(permit) => permit.expect("semaphore closed"),
-            Err(_) => {
-                return Err(SandboxError::Busy(format!(
-                    "all {} command slots stayed taken for {:.1} s (--sandbox-concurrency, \
-                     --sandbox-queue-timeout)",
-                    self.config.max_concurrent,
-                    wait.as_secs_f64()
-                )))
-            }
-        };
+        let _permit = acquire_slot(&self.permits, &self.config).await?;
         let started = Instant::now();
         let conn = self.connection().await?;
         let (conn, channel) = match conn.handle.channel_open_session().await {
@@ -353,6 +341,24 @@ impl SshExecutor {
             )));
         }
         Ok(out.finish(request.timeout, elapsed))
+    }
+}
+
+/// A command slot of `slots` within `config.queue_timeout`, else [`SandboxError::Busy`].
+pub(super) async fn acquire_slot<'s>(
+    slots: &'s Semaphore,
+    config: &SshConfig,
+) -> Result<tokio::sync::SemaphorePermit<'s>, SandboxError> {
+    let wait = config.queue_timeout;
+    match tokio::time::timeout(wait, slots.acquire()).await {
+        // The semaphore is never closed.
+        Ok(permit) => Ok(permit.expect("semaphore closed")),
+        Err(_) => Err(SandboxError::Busy(format!(
+            "all {} command slots stayed taken for {:.1} s (--sandbox-concurrency, \
+             --sandbox-queue-timeout)",
+            config.max_concurrent,
+            wait.as_secs_f64()
+        ))),
     }
 }
 

@@ -257,19 +257,7 @@ impl Tenants {
     }
 
     async fn run(&self, key: &str, request: ExecRequest) -> Result<ExecOutput, SandboxError> {
-        let wait = self.config.ssh.queue_timeout;
-        let _slot = match tokio::time::timeout(wait, self.slots.acquire()).await {
-            // The semaphore is never closed.
-            Ok(permit) => permit.expect("semaphore closed"),
-            Err(_) => {
-                return Err(SandboxError::Busy(format!(
-                    "all {} command slots stayed taken for {:.1} s (--sandbox-concurrency, \
-                     --sandbox-queue-timeout)",
-                    self.config.ssh.max_concurrent,
-                    wait.as_secs_f64()
-                )))
-            }
-        };
+        let _slot = super::ssh::acquire_slot(&self.slots, &self.config.ssh).await?;
         let (name, executor) = self.checkout(key).await?;
         let result = executor.run(request).await;
         self.checkin(&name).await;

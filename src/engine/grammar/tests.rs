@@ -3,23 +3,20 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 
-const JSON: &str = r#"root ::= object
-ws ::= [ \t\n]{0,20}
-char ::= [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} )
-string ::= "\"" char* "\""
-integer ::= "-"? ( "0" | [1-9] [0-9]{0,15} )
-number ::= integer ( "." [0-9]{1,16} )? ( [eE] [-+]? [0-9]{1,3} )?
-boolean ::= "true" | "false"
-null ::= "null"
-value ::= object | array | string | number | boolean | null
-object ::= "{" ws ( string ws ":" ws value ( ws "," ws string ws ":" ws value )* )? ws "}"
-array ::= "[" ws ( value ( ws "," ws value )* )? ws "]"
+/// An arithmetic-expression grammar with comments, nesting, classes and every repetition form.
+const EXPR: &str = r#"# expressions
+root ::= expr ( ";" ws expr ){0,8}
+expr ::= term ( ws [-+] ws term )*
+term ::= factor ( ws [*/] ws factor )*
+factor ::= number | "(" ws expr ws ")" | "-" factor
+number ::= [0-9]+ ( "." [0-9]{1,6} )? ( [eE] [-+]? [0-9]{1,3} )?
+ws ::= [ \t]{0,4}
 "#;
 
 #[test]
 fn ordinary_grammars_pass() {
     for grammar in [
-        JSON,
+        EXPR,
         "root ::= \"yes.\" | \"no.\"",
         "root ::= [a-z]+ # a comment\n  # another\n",
         "root ::= ( \"a\" |\n  \"b\" )*\r\nother ::= root",
@@ -128,7 +125,7 @@ fn structure_errors_are_named() {
 #[test]
 fn mutated_grammars_never_panic() {
     let seeds = [
-        JSON,
+        EXPR,
         "root ::= ( \"a\" | [b-d]{1,3} )* \"e\"?",
         "root ::= x\nx ::= \"y\"",
     ];
