@@ -338,3 +338,42 @@ async fn a_corrupt_model_file_is_a_clear_error_from_plan_and_serve() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Two 15 MiB prompts tokenize for seconds; meanwhile the server answers everyone else at once
+/// (they used to block the runtime's workers: `/health` took 5 s).
+#[tokio::test]
+async fn huge_prompts_do_not_stall_other_requests() {
+    let mut server = Server::start().await;
+    let content = "hello world ".repeat(1_300_000);
+    let big = {
+        let server = &server;
+        let content = &content;
+        futures::future::join_all((0..2).map(|_| async move {
+            server
+                .chat(json!({"messages": [{"role": "user", "content": content}]}))
+                .await
+        }))
+    };
+    let probe = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut worst = Duration::ZERO;
+        for _ in 0..20 {
+            let started = Instant::now();
+            let status = reqwest::get(format!("{}/health", server.base))
+                .await
+                .unwrap()
+                .status();
+            assert!(status.is_success());
+            worst = worst.max(started.elapsed());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        worst
+    };
+    let (answers, worst) = tokio::join!(big, probe);
+    for (status, body) in answers {
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("context_length_exceeded"), "{body}");
+    }
+    assert!(worst < Duration::from_millis(500), "/health took {worst:?}");
+    server.assert_serves().await;
+}

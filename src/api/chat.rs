@@ -13,7 +13,7 @@ use super::error::ApiError;
 use super::extract::JsonObject;
 use super::generate::{self, finish_reason, prepare, Prepared, PromptJob, Timings};
 use super::params::token_budget;
-use super::prompt::prompt_tokens;
+use super::prompt::tokens_off_runtime;
 use super::shell_loop;
 use super::sse::{ChunkHeader, ChunkShape};
 use super::AppState;
@@ -264,7 +264,7 @@ pub async fn chat_completions(
         let loop_tools = Arc::new(loop_tools);
         return shell_loop::run(state.clone(), model, options, messages, loop_tools, shell).await;
     }
-    let tokens = prompt_tokens(&loaded, messages, tools.as_ref())?;
+    let tokens = tokens_off_runtime(Arc::clone(&loaded), messages, tools.clone()).await?;
     let max_new_tokens = token_budget(
         tokens.len(),
         options.max_tokens,

@@ -128,7 +128,11 @@ pub async fn completions(
     let mut echoes = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.into_iter().enumerate() {
         let (tokens, text) = match prompt {
-            Prompt::Text(text) => (loaded.info.tokenizer.tokenize(&text, true), text),
+            Prompt::Text(text) => (
+                super::prompt::tokenize_off_runtime(std::sync::Arc::clone(&loaded), text.clone())
+                    .await?,
+                text,
+            ),
             // Echoing a token prompt would need detokenization on this side; say so.
             Prompt::Tokens(_) if echo => {
                 return Err(ApiError::invalid("echo", "`echo` needs a text prompt"));

@@ -1,6 +1,12 @@
 //! From chat messages to prompt tokens, shared by the chat route and the shell loop: tools into
 //! the model's template, or the generic tool format for templates that do not render tools, then
 //! tokenized. Knows nothing of either caller.
+//!
+//! Rendering and tokenizing a 16 MiB prompt takes seconds of CPU, so both run on the blocking
+//! pool ([`tokens_off_runtime`]), never on a runtime worker: two such requests used to stall every
+//! other connection, `/health` included, for as long.
+
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
@@ -59,7 +65,7 @@ fn generic_history(messages: &mut Vec<Value>, tools: Option<&ToolRequest>) {
 }
 
 /// The prompt's tokens: tools into the template (or the generic format), then tokenized.
-pub fn prompt_tokens(
+fn prompt_tokens(
     loaded: &Loaded,
     mut messages: Vec<Value>,
     tools: Option<&ToolRequest>,
@@ -87,4 +93,25 @@ pub fn prompt_tokens(
     let add_bos = bos.is_empty() || !prompt.starts_with(bos.as_str());
     // Tokenizing on the runtime is fine: it takes microseconds per kilobyte of prompt.
     Ok(loaded.info.tokenizer.tokenize(&prompt, add_bos))
+}
+
+/// [`prompt_tokens`] on the blocking pool.
+pub async fn tokens_off_runtime(
+    loaded: Arc<Loaded>,
+    messages: Vec<Value>,
+    tools: Option<ToolRequest>,
+) -> Result<Vec<Token>, ApiError> {
+    tokio::task::spawn_blocking(move || prompt_tokens(&loaded, messages, tools.as_ref()))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the prompt task failed: {e}")))?
+}
+
+/// Tokenizes `text` on the blocking pool (`add_bos` as [`crate::engine::TokenizeText`]).
+pub async fn tokenize_off_runtime(
+    loaded: Arc<Loaded>,
+    text: String,
+) -> Result<Vec<Token>, ApiError> {
+    tokio::task::spawn_blocking(move || loaded.info.tokenizer.tokenize(&text, true))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the tokenizer task failed: {e}")))
 }

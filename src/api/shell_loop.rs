@@ -25,7 +25,7 @@ use super::auth::Authenticated;
 use super::error::ApiError;
 use super::generate::{self, finish_reason, PromptJob, Timings, Usage};
 use super::params::{token_budget, GenerationOptions};
-use super::prompt::prompt_tokens;
+use super::prompt::tokens_off_runtime;
 use super::sse::{error_event, ChunkHeader};
 use super::AppState;
 use crate::engine::{FinishReason, GenerationEvent, GenerationStats};
@@ -239,7 +239,7 @@ fn round_messages(
 }
 
 /// Submits one round. `Ok(None)`: the conversation no longer fits (after the first round).
-fn submit_round(
+async fn submit_round(
     state: &AppState,
     messages: &[Value],
     tools: &ToolRequest,
@@ -247,7 +247,8 @@ fn submit_round(
     round: u32,
 ) -> Result<Option<mpsc::Receiver<GenerationEvent>>, ApiError> {
     let loaded = state.loaded()?;
-    let tokens = prompt_tokens(&loaded, messages.to_vec(), Some(tools))?;
+    let tokens =
+        tokens_off_runtime(Arc::clone(&loaded), messages.to_vec(), Some(tools.clone())).await?;
     let budget = token_budget(
         tokens.len(),
         options.max_tokens,
@@ -302,7 +303,8 @@ pub async fn run(
 ) -> Result<Response, ApiError> {
     // The first round is submitted before answering, so its mistakes (context, queue) are proper
     // 4xx responses and not in-band stream errors.
-    let first = submit_round(&state, &messages, &tools, &options, 0)?
+    let first = submit_round(&state, &messages, &tools, &options, 0)
+        .await?
         .expect("the first round either fits or is an error");
     let header = ChunkHeader::chat(&state, model, options.include_usage);
     let include_usage = options.include_usage;
@@ -465,7 +467,9 @@ impl Rounds {
                 &self.tools,
                 &self.options,
                 round,
-            ) {
+            )
+            .await
+            {
                 Ok(Some(next)) => receiver = next,
                 Ok(None) => {
                     let _ = events
