@@ -6,6 +6,7 @@
 //! cannot fit ends the process with the planner's numbers.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use std::time::Duration;
 
@@ -197,9 +198,15 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
     })
 }
 
+/// Most connections open at once; more are closed as soon as they are accepted.
+pub const MAX_CONNECTIONS: usize = 4096;
+
 /// The accept loop: each connection served by hyper (HTTP/1.1 with a deadline for the request
 /// headers, so a client that trickles them cannot hold a connection; HTTP/2 by prior knowledge)
-/// until `stopped`, then no new connections and the open ones finish (graceful shutdown).
+/// until `stopped`, then no new connections and the open ones finish (graceful shutdown). A
+/// connection that sends nothing within the header deadline is closed (hyper's own deadline starts
+/// at the first byte), and at most [`MAX_CONNECTIONS`] are open at once, so idle sockets cannot
+/// exhaust file descriptors.
 pub async fn serve_connections(
     listener: TcpListener,
     app: axum::Router,
@@ -216,6 +223,8 @@ pub async fn serve_connections(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
+    let builder = Arc::new(builder);
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (socket, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -229,15 +238,30 @@ pub async fn serve_connections(
             },
             _ = stop_requested(&mut stopped) => break,
         };
+        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+            tracing::warn!(
+                limit = MAX_CONNECTIONS,
+                "too many open connections; closing a new one"
+            );
+            continue;
+        };
         let _ = socket.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(socket), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let builder = Arc::clone(&builder);
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _permit = permit;
+            // Silent connections are closed at the header deadline.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_timeout, socket.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(socket), service)
+                .into_owned();
             // A client's broken connection is its own business; nothing to report.
-            let _ = connection.await;
+            let _ = watcher.watch(connection).await;
         });
     }
     drop(listener);

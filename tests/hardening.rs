@@ -235,6 +235,13 @@ async fn a_slow_loris_cannot_hold_a_connection() {
     let answer = read_until_closed(&mut socket, Duration::from_secs(5)).await;
     assert!(answer.is_some(), "the connection was held open");
     assert!(started.elapsed() < Duration::from_secs(3));
+    // A connection that never sends a byte is closed at the same deadline.
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    assert!(read_until_closed(&mut silent, Duration::from_secs(5))
+        .await
+        .is_some());
+    assert!(started.elapsed() < Duration::from_secs(3));
     // A body that trickles: 408 at the body deadline.
     let mut socket = TcpStream::connect(server.addr).await.unwrap();
     socket
