@@ -98,33 +98,16 @@ pub struct SandboxConfig {
     pub idle_remove: Duration,
 }
 
-/// `1g`, `512m`, `64k`, `1GiB` or a plain byte count.
+/// A size of at least 1 MiB, as Docker writes them (`1g`, `512m`, `1GiB`, bytes).
 fn bytes(flag: &'static str, text: &str) -> Result<u64, ConfigError> {
-    let lower = text.trim().to_ascii_lowercase();
-    let lower = lower.trim_end_matches("ib").trim_end_matches('b');
-    let (digits, unit) = match lower.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((at, _)) => lower.split_at(at),
-        None => (lower, ""),
-    };
-    let shift = match unit {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        _ => {
-            return Err(invalid(
-                flag,
-                format!("not a size: {text:?} (e.g. 1g, 512m)"),
-            ))
-        }
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
+    crate::sandbox::container::parse_size(text)
         .filter(|&n| n >= 1 << 20)
-        .ok_or_else(|| invalid(flag, format!("must be a size of at least 1m; got {text:?}")))
+        .ok_or_else(|| {
+            invalid(
+                flag,
+                format!("must be a size of at least 1m (e.g. 1g, 512m); got {text:?}"),
+            )
+        })
 }
 
 fn seconds(flag: &'static str, value: f64) -> Result<Duration, ConfigError> {

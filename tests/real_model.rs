@@ -300,7 +300,27 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         let url = format!("{base}/v1/chat/completions");
         async move { post(&client, &url, &request).await }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SIGTERM once the request is in flight (a connection whose request has not arrived yet is
+    // closed by a graceful shutdown, as in any HTTP server).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let health: Value = client
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if health["requests"]["in_flight"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the request never arrived: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -999,6 +999,16 @@ async fn tenants_cannot_see_signal_or_fill_each_other() {
     // `sandbox status` lists the tenants; `sandbox down` (at the end of the suite) removes them.
     let listed = container::tenants(&docker(), &fixture.name).unwrap();
     assert!(listed.len() >= 3, "{listed:?}");
+    // The workspace's memory comes on top of the processes' limit (1 GiB + 16 MiB here).
+    let memory = docker()
+        .output(&[
+            "inspect",
+            "--format",
+            "{{.HostConfig.Memory}}",
+            &listed[0].name,
+        ])
+        .unwrap();
+    assert_eq!(memory.trim(), ((1u64 << 30) + (16 << 20)).to_string());
     let _ = std::fs::remove_file(&audit);
 }
 

@@ -427,6 +427,25 @@ pub fn down(docker: &Docker, name: &str, remove_volume: bool) -> Result<bool, Co
     Ok(existed)
 }
 
+/// A size as Docker writes them (`1g`, `512m`, `64k`, `1GiB`, or bytes); `None` if it is not one.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let lower = text.trim().to_ascii_lowercase();
+    let lower = lower.trim_end_matches("ib").trim_end_matches('b');
+    let (digits, unit) = match lower.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => lower.split_at(at),
+        None => (lower, ""),
+    };
+    let shift = match unit {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return None,
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
 /// Starts tenant container `tenant` of the sandbox `state` (same image, keys and profile, its own
 /// size-limited workspace, no network), or starts or unpauses it if it exists.
 pub fn start_tenant(
@@ -458,11 +477,17 @@ pub fn start_tenant(
     }
     let mut labels = state.labels.clone();
     labels.push(format!("{TENANT_LABEL}={}", state.name));
+    // The workspace is a tmpfs, whose pages count against the container's memory: the tenant gets
+    // its processes' limit plus the workspace, so a full workspace is ENOSPC, not an OOM kill.
+    let mut profile = state.profile.clone();
+    if let Some(memory) = parse_size(&profile.memory).and_then(|m| m.checked_add(disk_bytes)) {
+        profile.memory = memory.to_string();
+    }
     let config = UpConfig {
         name: tenant.to_owned(),
         state_dir: PathBuf::new(),
         docker: docker.clone(),
-        profile: state.profile.clone(),
+        profile,
         transport: TransportKind::Exec,
         labels,
     };
@@ -581,6 +606,16 @@ mod tests {
             .any(|a| a.contains("docker.sock") || a == "--privileged"));
         assert!(!args.iter().any(|a| a == "--mount" || a == "-v"));
         assert_eq!(args.last().unwrap(), "img");
+    }
+
+    #[test]
+    fn sizes_parse_as_docker_writes_them() {
+        assert_eq!(parse_size("1g"), Some(1 << 30));
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("2GiB"), Some(2 << 30));
+        assert_eq!(parse_size("1048576"), Some(1 << 20));
+        assert_eq!(parse_size("1x"), None);
+        assert_eq!(parse_size("99999999999999g"), None);
     }
 
     #[test]
