@@ -1057,6 +1057,24 @@ async fn tenants_are_capped_paused_when_idle_and_woken_on_use() {
     // Over the cap, a paused tenant makes room.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(tenant_run(&sandbox, &c, "echo c").await.stdout, "c\n");
+    // A new pool (a restarted server) adopts the existing tenants: they count against the cap.
+    let restarted = Sandbox::new(
+        tenants_for(&fixture, |c| c.max_tenants = 2),
+        AuditLog::open(&audit).await.unwrap(),
+        SandboxLimits::default(),
+    );
+    let d = caller("d", None);
+    assert_eq!(tenant_run(&restarted, &d, "echo d").await.stdout, "d\n");
+    let left = container::tenants(&docker(), &fixture.name).unwrap();
+    assert_eq!(
+        left.len(),
+        2,
+        "the adopted tenants count: a paused one made room for the new one: {left:?}"
+    );
+    assert_eq!(
+        tenant_run(&restarted, &c, "echo again").await.stdout,
+        "again\n"
+    );
     container::down(&docker(), &fixture.name, true).unwrap();
     assert!(container::tenants(&docker(), &fixture.name)
         .unwrap()

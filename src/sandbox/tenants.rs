@@ -82,13 +82,51 @@ pub fn container_name(sandbox: &str, key: &str) -> String {
     )
 }
 
+/// An executor reaching tenant container `container` with the pool's SSH settings.
+fn executor_for(config: &TenantConfig, container: &str) -> SshExecutor {
+    let mut ssh = config.ssh.clone();
+    ssh.transport = Transport::DockerExec {
+        docker: config.docker.program.clone(),
+        container: container.to_owned(),
+    };
+    SshExecutor::new(ssh)
+}
+
 impl Tenants {
+    /// The pool, adopting the tenant containers an earlier server left (they count against the
+    /// cap and are reaped like new ones, idle from now).
     pub fn new(config: TenantConfig) -> Arc<Self> {
         let slots = Semaphore::new(config.ssh.max_concurrent.max(1));
+        let mut table = HashMap::new();
+        match container::tenants(&config.docker, &config.state.name) {
+            Ok(existing) => {
+                for found in existing {
+                    let paused = found.status != "running";
+                    table.insert(
+                        found.name.clone(),
+                        Tenant {
+                            executor: Arc::new(executor_for(&config, &found.name)),
+                            created: SystemTime::now(),
+                            last_used: Instant::now(),
+                            active: 0,
+                            // Stopped or paused: the next command starts or unpauses it.
+                            paused,
+                        },
+                    );
+                }
+                if !table.is_empty() {
+                    tracing::info!(
+                        tenants = table.len(),
+                        "adopted the tenant containers of an earlier run"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(%e, "cannot list existing tenant containers"),
+        }
         let tenants = Arc::new(Self {
             config,
             slots,
-            table: tokio::sync::Mutex::new(HashMap::new()),
+            table: tokio::sync::Mutex::new(table),
         });
         // The reaper holds a weak reference: it ends when the pool is dropped.
         let weak = Arc::downgrade(&tenants);
@@ -108,12 +146,7 @@ impl Tenants {
     }
 
     fn executor_for(&self, container: &str) -> SshExecutor {
-        let mut ssh = self.config.ssh.clone();
-        ssh.transport = Transport::DockerExec {
-            docker: self.config.docker.program.clone(),
-            container: container.to_owned(),
-        };
-        SshExecutor::new(ssh)
+        executor_for(&self.config, container)
     }
 
     async fn docker<T: Send + 'static>(
