@@ -1414,3 +1414,58 @@ async fn a_grammar_that_dead_ends_midway_ends_that_request_only() {
     let (status, body) = send_json(&h.app, post("/v1/chat/completions", chat("ok"))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
+
+#[tokio::test]
+async fn tokenize_detokenize_apply_template_and_input_tokens_in_llama_servers_shapes() {
+    let h = harness();
+    let (status, body) = send_json(&h.app, post("/tokenize", json!({"content": "hé"}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"tokens": [104, 195, 169]}));
+    // Pieces: text when a token is whole UTF-8, its bytes when it is part of a character.
+    let (_, body) = send_json(
+        &h.app,
+        post("/tokenize", json!({"content": "hé", "with_pieces": true})),
+    )
+    .await;
+    assert_eq!(
+        body,
+        json!({"tokens": [{"id": 104, "piece": "h"}, {"id": 195, "piece": [195]},
+                          {"id": 169, "piece": [169]}]})
+    );
+    let (_, body) = send_json(
+        &h.app,
+        post("/detokenize", json!({"tokens": [104, 195, 169]})),
+    )
+    .await;
+    assert_eq!(body, json!({"content": "hé"}));
+    let (status, body) =
+        send_json(&h.app, post("/detokenize", json!({"tokens": [1, 99999]}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&body)["param"], "tokens[1]");
+    let (status, body) = send_json(
+        &h.app,
+        post("/tokenize", json!({"content": "x", "model": "nope"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    // The prompt a chat request renders to, and its length, without running it (no `model`
+    // needed).
+    let request = json!({"messages": [{"role": "user", "content": "hi"}]});
+    let (status, body) = send_json(&h.app, post("/apply-template", request.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["prompt"], echoed("hi"));
+    let (_, body) = send_json(
+        &h.app,
+        post("/v1/chat/completions/input_tokens", request.clone()),
+    )
+    .await;
+    assert_eq!(body["object"], "chat.completion.input_tokens");
+    assert_eq!(body["input_tokens"], echoed("hi").len());
+    assert!(
+        h.log.lock().unwrap().batches.is_empty(),
+        "nothing was decoded"
+    );
+    let (status, body) = send_json(&h.app, post("/apply-template", json!({"messages": []}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&body)["param"], "messages");
+}

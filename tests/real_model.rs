@@ -488,3 +488,55 @@ fn a_plan_that_cannot_fit_stops_the_server_before_loading_with_the_numbers() {
         other => panic!("expected DoesNotFit, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn tokenize_round_trips_and_input_tokens_match_a_real_request() {
+    let server = start(&["--parallel", "1"]).await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let text = "Hello world! Ünïcödé, 数字 123, emoji 🦀 and\ttabs";
+    let (status, body) = post(
+        &client,
+        &format!("{base}/tokenize"),
+        &json!({"content": text}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let tokens = body["tokens"].as_array().unwrap().clone();
+    assert!(tokens.len() > 5);
+    let (_, back) = post(
+        &client,
+        &format!("{base}/detokenize"),
+        &json!({"tokens": tokens}),
+    )
+    .await;
+    assert_eq!(back["content"], text);
+    // ChatML's control tokens are single tokens, rendered back as text.
+    let (_, body) = post(
+        &client,
+        &format!("{base}/tokenize"),
+        &json!({"content": "<|im_start|>user", "with_pieces": true}),
+    )
+    .await;
+    assert_eq!(body["tokens"][0]["piece"], "<|im_start|>", "{body}");
+    // The count of a chat request without running it equals what running it reports.
+    let request = chat("What is the capital of France?", 1);
+    let (_, counted) = post(
+        &client,
+        &format!("{base}/v1/chat/completions/input_tokens"),
+        &request,
+    )
+    .await;
+    let (_, ran) = post(&client, &format!("{base}/v1/chat/completions"), &request).await;
+    assert_eq!(
+        counted["input_tokens"], ran["usage"]["prompt_tokens"],
+        "{counted} {ran}"
+    );
+    let (_, rendered) = post(&client, &format!("{base}/apply-template"), &request).await;
+    let prompt = rendered["prompt"].as_str().unwrap();
+    assert!(
+        prompt.contains("<|im_start|>user\nWhat is the capital of France?<|im_end|>")
+            && prompt.ends_with("<|im_start|>assistant\n"),
+        "{prompt}"
+    );
+}

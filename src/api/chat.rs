@@ -162,6 +162,48 @@ fn template_message(message: &ChatMessage, at: usize) -> Result<Value, ApiError>
     Ok(Value::Object(out))
 }
 
+/// A chat request's rendered prompt and its tokens, without running it (`/apply-template`,
+/// `/v1/chat/completions/input_tokens`): the same checks and rendering as a real request, the
+/// client's tools included. `model` may be left out: the served model is meant.
+pub(super) async fn render_request(
+    state: &AppState,
+    body: &Value,
+) -> Result<(String, Vec<crate::engine::Token>), ApiError> {
+    let mut body = body.clone();
+    if body.get("model").is_none() {
+        body["model"] = json!(state
+            .config()
+            .model_ids
+            .first()
+            .cloned()
+            .unwrap_or_default());
+    }
+    let Prepared {
+        loaded,
+        fields: chat,
+        ..
+    } = prepare::<ChatFields>(state, &body)?;
+    if chat.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must not be empty",
+        ));
+    }
+    let tools = ToolRequest::from_request(
+        chat.tools.as_ref(),
+        chat.tool_choice.as_ref(),
+        chat.parallel_tool_calls,
+        loaded.template.source(),
+    )?;
+    let messages = chat
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| template_message(m, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    super::prompt::rendered_off_runtime(loaded, messages, tools).await
+}
+
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(RequestId(request_id)): Extension<RequestId>,

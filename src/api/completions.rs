@@ -129,8 +129,12 @@ pub async fn completions(
     for (i, prompt) in prompts.into_iter().enumerate() {
         let (tokens, text) = match prompt {
             Prompt::Text(text) => (
-                super::prompt::tokenize_off_runtime(std::sync::Arc::clone(&loaded), text.clone())
-                    .await?,
+                super::prompt::tokenize_off_runtime(
+                    std::sync::Arc::clone(&loaded),
+                    text.clone(),
+                    true,
+                )
+                .await?,
                 text,
             ),
             // Echoing a token prompt would need detokenization on this side; say so.

@@ -19,6 +19,7 @@ mod prompt;
 mod sandbox;
 mod shell_loop;
 mod sse;
+mod tokens;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -270,12 +271,20 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    let mut router = Router::new().route("/health", get(models::health));
+    let mut router = Router::new()
+        .route("/health", get(models::health))
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
+        .route("/apply-template", post(tokens::apply_template));
     for prefix in ["/v1", ""] {
         router = router
             .route(
                 &format!("{prefix}/chat/completions"),
                 post(chat::chat_completions),
+            )
+            .route(
+                &format!("{prefix}/chat/completions/input_tokens"),
+                post(tokens::input_tokens),
             )
             .route(
                 &format!("{prefix}/completions"),

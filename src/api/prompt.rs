@@ -64,12 +64,12 @@ fn generic_history(messages: &mut Vec<Value>, tools: Option<&ToolRequest>) {
     }
 }
 
-/// The prompt's tokens: tools into the template (or the generic format), then tokenized.
-fn prompt_tokens(
+/// The rendered prompt (tools into the template, or the generic format) and its tokens.
+fn render_and_tokenize(
     loaded: &Loaded,
     mut messages: Vec<Value>,
     tools: Option<&ToolRequest>,
-) -> Result<Vec<Token>, ApiError> {
+) -> Result<(String, Vec<Token>), ApiError> {
     let template_tools = if loaded.template.knows_tools() {
         tools.map(ToolRequest::template_tools)
     } else {
@@ -91,8 +91,27 @@ fn prompt_tokens(
         })?;
     let bos = &loaded.info.bos_token;
     let add_bos = bos.is_empty() || !prompt.starts_with(bos.as_str());
-    // Tokenizing on the runtime is fine: it takes microseconds per kilobyte of prompt.
-    Ok(loaded.info.tokenizer.tokenize(&prompt, add_bos))
+    let tokens = loaded.info.tokenizer.tokenize(&prompt, add_bos);
+    Ok((prompt, tokens))
+}
+
+fn prompt_tokens(
+    loaded: &Loaded,
+    messages: Vec<Value>,
+    tools: Option<&ToolRequest>,
+) -> Result<Vec<Token>, ApiError> {
+    render_and_tokenize(loaded, messages, tools).map(|(_, tokens)| tokens)
+}
+
+/// The rendered prompt and its tokens, on the blocking pool (`/apply-template`, `input_tokens`).
+pub async fn rendered_off_runtime(
+    loaded: Arc<Loaded>,
+    messages: Vec<Value>,
+    tools: Option<ToolRequest>,
+) -> Result<(String, Vec<Token>), ApiError> {
+    tokio::task::spawn_blocking(move || render_and_tokenize(&loaded, messages, tools.as_ref()))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the prompt task failed: {e}")))?
 }
 
 /// [`prompt_tokens`] on the blocking pool.
@@ -110,8 +129,9 @@ pub async fn tokens_off_runtime(
 pub async fn tokenize_off_runtime(
     loaded: Arc<Loaded>,
     text: String,
+    add_bos: bool,
 ) -> Result<Vec<Token>, ApiError> {
-    tokio::task::spawn_blocking(move || loaded.info.tokenizer.tokenize(&text, true))
+    tokio::task::spawn_blocking(move || loaded.info.tokenizer.tokenize(&text, add_bos))
         .await
         .map_err(|e| ApiError::Internal(format!("the tokenizer task failed: {e}")))
 }

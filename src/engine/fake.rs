@@ -38,6 +38,13 @@ impl TokenizeText for FakeTokenizer {
     fn tokenize(&self, text: &str, _add_bos: bool) -> Vec<Token> {
         text.bytes().map(Token::from).collect()
     }
+
+    fn piece(&self, token: Token) -> Vec<u8> {
+        match u8::try_from(token) {
+            Ok(byte) => vec![byte],
+            Err(_) => b"<eos>".to_vec(),
+        }
+    }
 }
 
 /// What the fake runner saw, shared with the test that drives it.

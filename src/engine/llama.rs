@@ -427,6 +427,14 @@ impl TokenizeText for Tokenizer {
             .map(|t| t.0)
             .collect()
     }
+
+    fn piece(&self, token: Token) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.model
+            .vocab()
+            .token_to_piece_into(LlamaToken(token), &mut out, true, None);
+        out
+    }
 }
 
 /// llama.cpp behind the [`ModelRunner`] seam.

@@ -133,6 +133,10 @@ pub trait TokenizeText: Send + Sync {
     /// `add_bos`: prepend BOS if the model wants one. Special-token text (e.g. `<|im_start|>`)
     /// is parsed into its token.
     fn tokenize(&self, text: &str, add_bos: bool) -> Vec<Token>;
+
+    /// The bytes of `token`'s text, control tokens rendered (`<|im_start|>`). A piece may be part
+    /// of a UTF-8 character.
+    fn piece(&self, token: Token) -> Vec<u8>;
 }
 
 /// The engine's lifecycle, published through a `watch`.
