@@ -202,7 +202,7 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
 pub const MAX_CONNECTIONS: usize = 4096;
 
 /// The accept loop: each connection served by hyper (HTTP/1.1 with a deadline for the request
-/// headers, so a client that trickles them cannot hold a connection; HTTP/2 by prior knowledge)
+/// headers, so a client that trickles them cannot hold a connection)
 /// until `stopped`, then no new connections and the open ones finish (graceful shutdown). A
 /// connection that sends nothing within the header deadline is closed (hyper's own deadline starts
 /// at the first byte), and at most [`MAX_CONNECTIONS`] are open at once, so idle sockets cannot
@@ -213,14 +213,15 @@ pub async fn serve_connections(
     header_timeout: Duration,
     mut stopped: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only: every client of this server speaks it, and hyper's version-sniffing
+    // connection (`auto`) is cancelled outright by a graceful shutdown before it has read enough
+    // bytes, which could drop a request that had just arrived.
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
     let builder = Arc::new(builder);
@@ -257,9 +258,7 @@ pub async fn serve_connections(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
-            let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(socket), service)
-                .into_owned();
+            let connection = builder.serve_connection(TokioIo::new(socket), service);
             // A client's broken connection is its own business; nothing to report.
             let _ = watcher.watch(connection).await;
         });
