@@ -905,7 +905,8 @@ fn tenants_for(fixture: &Fixture, tune: impl FnOnce(&mut TenantConfig)) -> Arc<T
         state,
         ssh,
         disk_bytes: 16 << 20,
-        max_tenants: 4,
+        // Room for the tenants other tests make of the shared sandbox: a new pool adopts them.
+        max_tenants: 32,
         idle_stop: Duration::from_secs(600),
         idle_remove: Duration::from_secs(3600),
         record: fixture.dir.join("tenants.json"),
