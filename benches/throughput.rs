@@ -61,6 +61,7 @@ async fn generate(engine: &EngineHandle, prompt: Vec<i32>) -> u32 {
             max_new_tokens: TOKENS,
             stop: Vec::new(),
             special_tokens: false,
+            logprobs: None,
         })
         .expect("queue has room");
     while let Some(event) = events.recv().await {
@@ -69,7 +70,7 @@ async fn generate(engine: &EngineHandle, prompt: Vec<i32>) -> u32 {
             GenerationEvent::Failed(message) | GenerationEvent::Rejected(message) => {
                 panic!("{message}")
             }
-            GenerationEvent::Text(_) => {}
+            GenerationEvent::Text(_) | GenerationEvent::Logprobs(_) => {}
         }
     }
     panic!("engine stopped");

@@ -709,7 +709,8 @@ async fn a_dropped_stream_cancels_its_sequence_and_a_queued_request_starts() {
 async fn unsupported_features_are_refused_clearly_not_ignored() {
     let h = harness();
     for (field, value, param) in [
-        ("logprobs", json!(true), "logprobs"),
+        ("top_logprobs", json!(3), "top_logprobs"),
+        ("top_logprobs", json!(21), "top_logprobs"),
         (
             "response_format",
             json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}}}),
@@ -1468,4 +1469,104 @@ async fn tokenize_detokenize_apply_template_and_input_tokens_in_llama_servers_sh
     let (status, body) = send_json(&h.app, post("/apply-template", json!({"messages": []}))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error_of(&body)["param"], "messages");
+}
+
+/// The JSON chunks of an SSE body, `[DONE]` left out.
+fn sse_chunks(body: &str) -> Vec<Value> {
+    sse_data(body)
+        .iter()
+        .filter(|f| f.as_str() != "[DONE]")
+        .map(|f| serde_json::from_str(f).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn chat_logprobs_stream_and_answer_alike_and_follow_the_distribution() {
+    let h = harness();
+    let mut request = chat("héllo");
+    request["logprobs"] = json!(true);
+    request["top_logprobs"] = json!(2);
+    let (status, body) = send_json(&h.app, post("/v1/chat/completions", request.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let choice = &body["choices"][0];
+    let content = choice["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(choice["logprobs"]["refusal"], Value::Null);
+    // One entry per generated token but EOS; their bytes are the message.
+    let bytes: Vec<u8> = content
+        .iter()
+        .flat_map(|t| t["bytes"].as_array().unwrap().clone())
+        .map(|b| b.as_u64().unwrap() as u8)
+        .collect();
+    assert_eq!(String::from_utf8(bytes).unwrap(), echoed("héllo"));
+    assert_eq!(
+        content.len() as u64 + 1,
+        body["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    // The fake's logits: the echoed token 2, the next byte 1, 255 others 0.
+    let expected = 2.0 - (2f64.exp() + 1f64.exp() + 255.0).ln();
+    for t in content {
+        let lp = t["logprob"].as_f64().unwrap();
+        assert!((lp - expected).abs() < 1e-4, "{t}");
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        assert_eq!(
+            top[0]["bytes"], t["bytes"],
+            "the chosen token is the likeliest"
+        );
+        assert!(top[1]["logprob"].as_f64().unwrap() < lp);
+    }
+    // Streamed: the chunks' logprobs add up to the same list.
+    request["stream"] = json!(true);
+    let (status, _, sse) = send(&h.app, post("/v1/chat/completions", request)).await;
+    assert_eq!(status, StatusCode::OK);
+    let streamed: Vec<Value> = sse_chunks(&sse)
+        .iter()
+        .flat_map(|c| {
+            c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(&streamed, content);
+    // Not asked for: null, and nothing computed.
+    let (_, plain) = send_json(&h.app, post("/v1/chat/completions", chat("x"))).await;
+    assert_eq!(plain["choices"][0]["logprobs"], Value::Null);
+}
+
+#[tokio::test]
+async fn completion_logprobs_have_tokens_offsets_and_top_maps() {
+    let h = harness();
+    let request = json!({"model": MODEL, "prompt": "aé", "logprobs": 1, "max_tokens": 8});
+    let (status, body) = send_json(&h.app, post("/v1/completions", request.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let lp = &body["choices"][0]["logprobs"];
+    // "a", then "é" split over two byte tokens.
+    assert_eq!(lp["text_offset"], json!([0, 1, 2]));
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 3);
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 1);
+    assert_eq!(lp["tokens"][0], "a");
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let (_, _, sse) = send(&h.app, post("/v1/completions", streamed)).await;
+    let offsets: Vec<Value> = sse_chunks(&sse)
+        .iter()
+        .flat_map(|c| {
+            c["choices"][0]["logprobs"]["text_offset"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(Value::Array(offsets), lp["text_offset"]);
+    for (field, value, param) in [
+        ("logprobs", json!(21), "logprobs"),
+        ("echo", json!(true), "echo"),
+    ] {
+        let mut bad = request.clone();
+        bad[field] = value;
+        let (status, body) = send_json(&h.app, post("/v1/completions", bad)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(error_of(&body)["param"], param);
+    }
 }

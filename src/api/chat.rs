@@ -17,7 +17,7 @@ use super::prompt::tokens_off_runtime;
 use super::shell_loop;
 use super::sse::{ChunkHeader, ChunkShape};
 use super::AppState;
-use crate::engine::{FinishReason, GenerationStats};
+use crate::engine::{FinishReason, GenerationStats, TokenLogprob};
 use crate::tools::stream::ToolStream;
 use crate::tools::{response_format_grammar, ToolError, ToolRequest};
 
@@ -30,6 +30,7 @@ struct ChatFields {
     parallel_tool_calls: Option<bool>,
     response_format: Option<Value>,
     logprobs: Option<bool>,
+    top_logprobs: Option<i64>,
     /// lm-sandbox's extension: `{"shell": bool, "max_tool_rounds": n}`.
     sandbox: Option<shell_loop::SandboxFields>,
 }
@@ -223,9 +224,14 @@ pub async fn chat_completions(
         ));
     }
     if chat.logprobs == Some(true) {
+        options.logprobs = Some(super::params::top_logprobs(
+            "top_logprobs",
+            chat.top_logprobs,
+        )?);
+    } else if chat.top_logprobs.is_some() {
         return Err(ApiError::invalid(
-            "logprobs",
-            "`logprobs` is not supported yet",
+            "top_logprobs",
+            "`top_logprobs` needs `logprobs: true`",
         ));
     }
     let sandbox_request = chat.sandbox.clone().unwrap_or_default();
@@ -303,6 +309,12 @@ pub async fn chat_completions(
                 "a JSON `response_format` cannot be combined with the server-side shell loop",
             ));
         }
+        if options.logprobs.is_some() {
+            return Err(ApiError::invalid(
+                "logprobs",
+                "`logprobs` cannot be combined with the server-side shell loop",
+            ));
+        }
         let loop_tools = Arc::new(loop_tools);
         return shell_loop::run(state.clone(), model, options, messages, loop_tools, shell).await;
     }
@@ -322,6 +334,14 @@ pub async fn chat_completions(
     let tools = tools.map(Arc::new);
     let choices = receivers.len();
     let stream_tools = tools.clone();
+    let wants_logprobs = options.logprobs.is_some();
+    let logprobs_of = move |c: &generate::Completed| {
+        if wants_logprobs {
+            super::logprobs::chat(&c.logprobs)
+        } else {
+            Value::Null
+        }
+    };
     generate::respond(
         receivers,
         &options,
@@ -330,12 +350,13 @@ pub async fn chat_completions(
         move |header| ChatChunks {
             header,
             streams: stream_tools.map(|t| (t, (0..choices).map(|_| ToolStream::new()).collect())),
+            held_logprobs: wants_logprobs.then(|| vec![Vec::new(); choices]),
         },
         |i, c| match &tools {
             None => json!({
                 "index": i,
                 "message": {"role": "assistant", "content": c.text, "refusal": null},
-                "logprobs": null,
+                "logprobs": logprobs_of(c),
                 "finish_reason": c.reason.map(finish_reason),
             }),
             Some(tools) => {
@@ -349,7 +370,7 @@ pub async fn chat_completions(
                 json!({
                     "index": i,
                     "message": message.to_json(),
-                    "logprobs": null,
+                    "logprobs": logprobs_of(c),
                     "finish_reason": reason,
                 })
             }
@@ -363,6 +384,9 @@ struct ChatChunks {
     header: ChunkHeader,
     /// With tools: the request's tools and each choice's stream (calls are held back and parsed).
     streams: Option<(Arc<ToolRequest>, Vec<ToolStream>)>,
+    /// Per choice, when log-probabilities were asked for: those of tokens whose text produced no
+    /// chunk yet (held by the tool-call parser); they go on the choice's next chunk.
+    held_logprobs: Option<Vec<Vec<TokenLogprob>>>,
 }
 
 impl ChatChunks {
@@ -371,6 +395,19 @@ impl ChatChunks {
             json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": null}]),
             None,
         )
+    }
+
+    /// Puts the log-probabilities of the tokens behind `chunks` (with any held earlier) on the
+    /// first of them; with no chunk to carry them they wait for the next.
+    fn attach_logprobs(&mut self, index: u32, chunks: &mut [Value], tokens: Vec<TokenLogprob>) {
+        let Some(held) = &mut self.held_logprobs else {
+            return;
+        };
+        let held = &mut held[index as usize];
+        held.extend(tokens);
+        if let Some(first) = chunks.first_mut() {
+            first["choices"][0]["logprobs"] = super::logprobs::chat(&std::mem::take(held));
+        }
     }
 }
 
@@ -382,18 +419,26 @@ impl ChunkShape for ChatChunks {
         ))
     }
 
-    fn text(&mut self, index: u32, text: &str) -> Vec<Value> {
+    fn text(&mut self, index: u32, text: &str, logprobs: Vec<TokenLogprob>) -> Vec<Value> {
         let deltas = match &mut self.streams {
             None => vec![json!({"content": text})],
             Some((tools, streams)) => streams[index as usize].push(text, tools),
         };
-        deltas
+        let mut chunks: Vec<Value> = deltas
             .into_iter()
             .map(|d| self.delta_chunk(index, d))
-            .collect()
+            .collect();
+        self.attach_logprobs(index, &mut chunks, logprobs);
+        chunks
     }
 
-    fn finish(&mut self, index: u32, reason: FinishReason, stats: &GenerationStats) -> Vec<Value> {
+    fn finish(
+        &mut self,
+        index: u32,
+        reason: FinishReason,
+        stats: &GenerationStats,
+        logprobs: Vec<TokenLogprob>,
+    ) -> Vec<Value> {
         let (deltas, reason) = match &mut self.streams {
             None => (Vec::new(), finish_reason(reason)),
             Some((tools, streams)) => {
@@ -415,6 +460,13 @@ impl ChunkShape for ChatChunks {
             json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": reason}]),
             Some(("timings", json!(Timings::from(stats)))),
         ));
+        let held = self
+            .held_logprobs
+            .as_ref()
+            .is_some_and(|h| !h[index as usize].is_empty());
+        if held || !logprobs.is_empty() {
+            self.attach_logprobs(index, &mut chunks, logprobs);
+        }
         chunks
     }
 

@@ -10,10 +10,11 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::JsonObject;
 use super::generate::{self, finish_reason, prepare, Prepared, PromptJob, Timings};
+use super::logprobs::CompletionLogprobs;
 use super::params::token_budget;
 use super::sse::{ChunkHeader, ChunkShape};
 use super::AppState;
-use crate::engine::{FinishReason, GenerationStats, Token};
+use crate::engine::{FinishReason, GenerationStats, Token, TokenLogprob};
 
 #[derive(Debug, Deserialize)]
 struct CompletionFields {
@@ -101,7 +102,7 @@ pub async fn completions(
     let Prepared {
         model,
         loaded,
-        options,
+        mut options,
         fields,
     } = prepare::<CompletionFields>(&state, &body)?;
     if fields.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -110,11 +111,8 @@ pub async fn completions(
             "`suffix` (fill-in-the-middle) is not supported yet",
         ));
     }
-    if fields.logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::invalid(
-            "logprobs",
-            "`logprobs` is not supported yet",
-        ));
+    if fields.logprobs.is_some() {
+        options.logprobs = Some(super::params::top_logprobs("logprobs", fields.logprobs)?);
     }
     if let Some(best_of) = fields.best_of.filter(|&b| b != 1) {
         return Err(ApiError::invalid(
@@ -123,6 +121,13 @@ pub async fn completions(
         ));
     }
     let echo = fields.echo.unwrap_or(false);
+    if echo && options.logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "echo",
+            "`echo` with `logprobs` would need the prompt's log-probabilities, which this server \
+             does not compute; drop one of them",
+        ));
+    }
     let prompts = prompts(&fields.prompt, loaded.info.n_vocab)?;
     let mut jobs = Vec::with_capacity(prompts.len());
     let mut echoes = Vec::with_capacity(prompts.len());
@@ -174,6 +179,8 @@ pub async fn completions(
         texts: Arc::new(echoes),
         n: options.n,
     };
+    let wants_logprobs = options.logprobs.is_some();
+    let choices = receivers.len();
     generate::respond(
         receivers,
         &options,
@@ -182,12 +189,18 @@ pub async fn completions(
         |header| CompletionChunks {
             header,
             echoes: echoes.clone(),
+            logprobs: wants_logprobs.then(|| vec![CompletionLogprobs::default(); choices]),
         },
         |i, c| {
+            let logprobs = if wants_logprobs {
+                CompletionLogprobs::default().next(&c.logprobs)
+            } else {
+                Value::Null
+            };
             json!({
                 "index": i,
                 "text": format!("{}{}", echoes.of(i), c.text),
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": c.reason.map(finish_reason),
             })
         },
@@ -212,6 +225,8 @@ impl Echoes {
 struct CompletionChunks {
     header: ChunkHeader,
     echoes: Echoes,
+    /// Per choice, when the request asked for log-probabilities.
+    logprobs: Option<Vec<CompletionLogprobs>>,
 }
 
 impl CompletionChunks {
@@ -221,6 +236,14 @@ impl CompletionChunks {
             None,
         )
     }
+
+    /// The `logprobs` of the chunk carrying `tokens`' text: null unless asked for.
+    fn logprobs_of(&mut self, index: u32, tokens: &[TokenLogprob]) -> Value {
+        match &mut self.logprobs {
+            Some(choices) => choices[index as usize].next(tokens),
+            None => Value::Null,
+        }
+    }
 }
 
 impl ChunkShape for CompletionChunks {
@@ -229,13 +252,26 @@ impl ChunkShape for CompletionChunks {
         (!echo.is_empty()).then(|| self.text_chunk(index, echo))
     }
 
-    fn text(&mut self, index: u32, text: &str) -> Vec<Value> {
-        vec![self.text_chunk(index, text)]
+    fn text(&mut self, index: u32, text: &str, logprobs: Vec<TokenLogprob>) -> Vec<Value> {
+        let mut chunk = self.text_chunk(index, text);
+        chunk["choices"][0]["logprobs"] = self.logprobs_of(index, &logprobs);
+        vec![chunk]
     }
 
-    fn finish(&mut self, index: u32, reason: FinishReason, stats: &GenerationStats) -> Vec<Value> {
+    fn finish(
+        &mut self,
+        index: u32,
+        reason: FinishReason,
+        stats: &GenerationStats,
+        logprobs: Vec<TokenLogprob>,
+    ) -> Vec<Value> {
+        let logprobs = if logprobs.is_empty() {
+            Value::Null
+        } else {
+            self.logprobs_of(index, &logprobs)
+        };
         vec![self.header.chunk(
-            json!([{"index": index, "text": "", "logprobs": null, "finish_reason": finish_reason(reason)}]),
+            json!([{"index": index, "text": "", "logprobs": logprobs, "finish_reason": finish_reason(reason)}]),
             Some(("timings", json!(Timings::from(stats)))),
         )]
     }

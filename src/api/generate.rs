@@ -16,7 +16,7 @@ use super::sse::{self, ChunkHeader, ChunkShape};
 use super::{AppState, Loaded};
 use crate::engine::{
     EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStats, SubmitError,
-    Token,
+    Token, TokenLogprob,
 };
 
 /// A request body parsed and checked against the loaded model, before its prompt is built.
@@ -123,6 +123,7 @@ pub fn submit(
                 max_new_tokens: job.max_new_tokens,
                 stop: options.stop.clone(),
                 special_tokens: options.special_tokens,
+                logprobs: options.logprobs,
             };
             let rx = engine.submit(request).map_err(|err| match err {
                 SubmitError::QueueFull => ApiError::QueueFull,
@@ -150,6 +151,8 @@ pub fn merged(
 #[derive(Debug, Default, Clone)]
 pub struct Completed {
     pub text: String,
+    /// Per generated token, when the request asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprob>,
     pub reason: Option<FinishReason>,
     pub stats: GenerationStats,
 }
@@ -167,6 +170,7 @@ pub async fn collect(
         let choice = &mut done[index as usize];
         match event {
             GenerationEvent::Text(text) => choice.text.push_str(&text),
+            GenerationEvent::Logprobs(tokens) => choice.logprobs.extend(tokens),
             GenerationEvent::Done { reason, stats } => {
                 choice.reason = Some(reason);
                 choice.stats = stats;

@@ -13,6 +13,7 @@ pub mod error;
 mod extract;
 mod generate;
 mod limits;
+mod logprobs;
 mod models;
 mod params;
 mod prompt;

@@ -71,6 +71,9 @@ pub struct GenerationOptions {
     /// The field a grammar refused while sampling is blamed on: `grammar`, `response_format` or
     /// `tool_choice`, whichever the grammar came from.
     pub grammar_param: &'static str,
+    /// Report log-probabilities with this many alternatives per token (set by each endpoint from
+    /// its own fields: chat's `logprobs`/`top_logprobs`, completions' `logprobs`).
+    pub logprobs: Option<u8>,
 }
 
 fn range_f32(
@@ -213,7 +216,22 @@ impl CommonFields {
             include_usage,
             special_tokens: false,
             grammar_param: "grammar",
+            logprobs: None,
         })
+    }
+}
+
+/// A count of alternatives per token (`top_logprobs`, completions' `logprobs`): 0 to 20.
+pub fn top_logprobs(param: &str, value: Option<i64>) -> Result<u8, ApiError> {
+    let max = crate::engine::MAX_TOP_LOGPROBS;
+    match value {
+        None => Ok(0),
+        Some(n) if (0..=i64::from(max)).contains(&n) => Ok(n as u8),
+        Some(n) => Err(ApiError::out_of_range(
+            param,
+            &format!("between 0 and {max}"),
+            n,
+        )),
     }
 }
 

@@ -388,6 +388,8 @@ impl Rounds {
                             return;
                         }
                     }
+                    // The loop refuses `logprobs`, so none are computed.
+                    Some(GenerationEvent::Logprobs(_)) => {}
                     Some(GenerationEvent::Done { reason, stats }) => break Ok((reason, stats)),
                     Some(GenerationEvent::Rejected(message)) => {
                         break Err(ApiError::invalid(self.options.grammar_param, message))

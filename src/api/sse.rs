@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::error::ApiError;
 use super::generate::{merged, Usage};
 use super::params::GenerationOptions;
-use crate::engine::{FinishReason, GenerationEvent, GenerationStats};
+use crate::engine::{FinishReason, GenerationEvent, GenerationStats, TokenLogprob};
 
 /// The fields every chunk of one response repeats.
 pub struct ChunkHeader {
@@ -88,10 +88,18 @@ impl ChunkHeader {
 pub trait ChunkShape: Send + 'static {
     /// A chunk sent for each choice before any text (chat: the role delta).
     fn opening(&self, index: u32) -> Option<Value>;
-    /// Chunks for a piece of generated text (none while text is held back).
-    fn text(&mut self, index: u32, text: &str) -> Vec<Value>;
-    /// The choice's last chunks, the one with `finish_reason` at the end.
-    fn finish(&mut self, index: u32, reason: FinishReason, stats: &GenerationStats) -> Vec<Value>;
+    /// Chunks for a piece of generated text (none while text is held back), with the
+    /// log-probabilities of its tokens (empty unless the request asked for them).
+    fn text(&mut self, index: u32, text: &str, logprobs: Vec<TokenLogprob>) -> Vec<Value>;
+    /// The choice's last chunks, the one with `finish_reason` at the end; `logprobs` are those of
+    /// tokens no text was sent for.
+    fn finish(
+        &mut self,
+        index: u32,
+        reason: FinishReason,
+        stats: &GenerationStats,
+        logprobs: Vec<TokenLogprob>,
+    ) -> Vec<Value>;
     fn header(&self) -> &ChunkHeader;
 
     /// The final chunk with empty `choices` (sent when `stream_options.include_usage`).
@@ -166,6 +174,8 @@ async fn forward<S: ChunkShape>(
     let mut events = merged(receivers);
     let mut usage = Usage::default();
     let mut finished = 0;
+    // Each choice's log-probabilities, until the text they belong to arrives.
+    let mut logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); choices];
     loop {
         let next = tokio::select! {
             // The client hung up: dropping `events` cancels every sequence.
@@ -174,11 +184,19 @@ async fn forward<S: ChunkShape>(
         };
         let chunks = match next {
             None => break,
-            Some((index, GenerationEvent::Text(text))) => shape.text(index, &text),
+            Some((index, GenerationEvent::Logprobs(tokens))) => {
+                logprobs[index as usize].extend(tokens);
+                continue;
+            }
+            Some((index, GenerationEvent::Text(text))) => {
+                let tokens = std::mem::take(&mut logprobs[index as usize]);
+                shape.text(index, &text, tokens)
+            }
             Some((index, GenerationEvent::Done { reason, stats })) => {
                 usage.add(&stats, index % n == 0);
                 finished += 1;
-                shape.finish(index, reason, &stats)
+                let tokens = std::mem::take(&mut logprobs[index as usize]);
+                shape.finish(index, reason, &stats, tokens)
             }
             Some((_, GenerationEvent::Rejected(message))) => {
                 // The client's mistake, in-band: the stream has begun.

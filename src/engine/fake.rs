@@ -181,6 +181,21 @@ impl ModelRunner for FakeRunner {
         Ok(token)
     }
 
+    /// The fake's logits: the echoed token leads by 2, the byte after it by 1, the rest are 0.
+    fn logprobs(
+        &self,
+        _seq: SeqId,
+        _batch_index: usize,
+        chosen: Token,
+        top_n: usize,
+    ) -> (f32, Vec<(Token, f32)>) {
+        let n_vocab = FAKE_EOS as usize + 1;
+        let mut logits = vec![0.0; n_vocab];
+        logits[chosen as usize] = 2.0;
+        logits[(chosen as usize + 1) % n_vocab] = 1.0;
+        super::logprobs::Shaping::new(1.0, &[]).logprobs(&logits, chosen, top_n)
+    }
+
     fn end_sequence(&mut self, seq: SeqId) {
         self.log.lock().expect("fake log").ended.push(seq);
     }

@@ -450,6 +450,8 @@ struct LlamaRunner<'m> {
 struct SequenceSampler {
     chain: LlamaSampler,
     grammar: Option<LlamaSampler>,
+    /// The distribution log-probabilities are reported from.
+    shaping: super::logprobs::Shaping,
 }
 
 impl SequenceSampler {
@@ -475,6 +477,7 @@ impl SequenceSampler {
         Ok(Self {
             chain: sampler_chain(params, model),
             grammar,
+            shaping: super::logprobs::Shaping::new(params.temperature, &params.logit_bias),
         })
     }
 
@@ -595,6 +598,21 @@ impl ModelRunner for LlamaRunner<'_> {
             .as_mut()
             .expect("begin_sequence runs before any sample for a sequence");
         sampler.sample(&self.ctx, batch_index as i32).map(|t| t.0)
+    }
+
+    fn logprobs(
+        &self,
+        seq: SeqId,
+        batch_index: usize,
+        chosen: Token,
+        top_n: usize,
+    ) -> (f32, Vec<(Token, f32)>) {
+        let sampler = self.samplers[seq as usize]
+            .as_ref()
+            .expect("begin_sequence runs before any sample for a sequence");
+        // The row `sample` just read: batch entries with logits keep them until the next decode.
+        let logits = self.ctx.get_logits_ith(batch_index as i32);
+        sampler.shaping.logprobs(logits, chosen, top_n)
     }
 
     fn end_sequence(&mut self, seq: SeqId) {

@@ -15,6 +15,7 @@ pub mod fake;
 mod fit;
 pub mod grammar;
 mod llama;
+pub mod logprobs;
 mod runner;
 mod sampling;
 mod scheduler;
@@ -27,6 +28,7 @@ use tokio::sync::{mpsc, watch};
 
 pub use detok::Utf8Decoder;
 pub use llama::{GpuOffload, LlamaEngineConfig, Tokenizer};
+pub use logprobs::{TokenLogprob, TopLogprob, MAX_TOP_LOGPROBS};
 pub use runner::{BatchEntry, ModelRunner, RunnerError};
 pub use sampling::SamplingParams;
 pub use scheduler::Scheduler;
@@ -47,6 +49,9 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// Render control tokens as text (the tool-call parser needs markers such as `[TOOL_CALLS]`).
     pub special_tokens: bool,
+    /// Report each generated token's log-probability with this many alternatives (at most
+    /// [`MAX_TOP_LOGPROBS`]); `None` computes nothing.
+    pub logprobs: Option<u8>,
 }
 
 /// Why generation ended, in engine terms.
@@ -76,6 +81,9 @@ pub struct GenerationStats {
 pub enum GenerationEvent {
     /// Newly generated text: whole characters, never part of a stop string.
     Text(String),
+    /// The log-probabilities of the tokens whose text the next `Text` carries (or, before `Done`,
+    /// the last text). Sent only for requests that asked for them.
+    Logprobs(Vec<TokenLogprob>),
     Done {
         reason: FinishReason,
         stats: GenerationStats,
@@ -173,10 +181,11 @@ impl EngineHandle {
         &self,
         request: GenerationRequest,
     ) -> Result<mpsc::Receiver<GenerationEvent>, SubmitError> {
-        // Every token yields at most one event, plus the final one: with this capacity the engine's
-        // `try_send` never finds the channel full while the receiver is alive, and the channel is
-        // still bounded (by the sequence's context).
-        let capacity = request.max_new_tokens as usize + 2;
+        // Every token yields at most one event (two with log-probabilities), plus the final one:
+        // with this capacity the engine's `try_send` never finds the channel full while the
+        // receiver is alive, and the channel is still bounded (by the sequence's context).
+        let per_token = if request.logprobs.is_some() { 2 } else { 1 };
+        let capacity = request.max_new_tokens as usize * per_token + 2;
         let (tx, rx) = mpsc::channel(capacity);
         self.commands
             .try_send(Submission {

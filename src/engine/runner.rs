@@ -37,6 +37,17 @@ pub trait ModelRunner {
     /// admits no token here; nothing was recorded, and the sequence must end.
     fn sample(&mut self, seq: SeqId, batch_index: usize) -> Result<Token, String>;
 
+    /// The log-probability of `chosen` and of the `top_n` most likely tokens at batch entry
+    /// `batch_index`, from the distribution `seq` samples from (see `logprobs.rs`). Called after
+    /// `sample`, only for requests that ask for log-probabilities.
+    fn logprobs(
+        &self,
+        seq: SeqId,
+        batch_index: usize,
+        chosen: Token,
+        top_n: usize,
+    ) -> (f32, Vec<(Token, f32)>);
+
     /// Drops per-sequence sampling state. The KV cells stay (they are the prefix cache).
     fn end_sequence(&mut self, seq: SeqId);
 

@@ -23,6 +23,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::detok::Utf8Decoder;
+use super::logprobs::{TokenLogprob, TopLogprob};
 use super::runner::{BatchEntry, ModelRunner};
 use super::stop::StopMatcher;
 use super::{FinishReason, GenerationEvent, GenerationStats, SeqId, Submission, Token};
@@ -42,6 +43,9 @@ struct Slot {
     admitted_at: Instant,
     first_token_at: Option<Instant>,
     order: u64,
+    /// Log-probabilities of tokens whose text has not been sent yet (held back by the UTF-8
+    /// decoder or the stop matcher).
+    logprobs: Vec<TokenLogprob>,
 }
 
 impl Slot {
@@ -63,6 +67,18 @@ impl Slot {
             prompt_ms: first.duration_since(self.admitted_at).as_secs_f64() * 1e3,
             generation_ms: now.duration_since(first).as_secs_f64() * 1e3,
         }
+    }
+
+    /// Sends `text`, preceded by the log-probabilities of the tokens it completes; `false` means
+    /// the client is gone.
+    fn send_text(&mut self, text: String) -> bool {
+        if !self.logprobs.is_empty() {
+            let logprobs = std::mem::take(&mut self.logprobs);
+            if !self.send(GenerationEvent::Logprobs(logprobs)) {
+                return false;
+            }
+        }
+        self.send(GenerationEvent::Text(text))
     }
 
     /// Sends an event; `false` means the client is gone and the slot should be dropped.
@@ -201,6 +217,7 @@ impl<R: ModelRunner> Scheduler<R> {
             admitted_at: Instant::now(),
             first_token_at: None,
             order: self.next_order,
+            logprobs: Vec::new(),
         });
         self.next_order += 1;
         Ok(())
@@ -256,7 +273,10 @@ impl<R: ModelRunner> Scheduler<R> {
         }
         for (index, batch_index) in sample_at {
             match self.runner.sample(index as SeqId, batch_index) {
-                Ok(token) => self.accept_token(index, token, &mut report),
+                Ok(token) => {
+                    self.record_logprobs(index, batch_index, token);
+                    self.accept_token(index, token, &mut report);
+                }
                 // The request's grammar left no admissible token: its mistake, ended in-band.
                 Err(reason) => self.reject(index, reason, &mut report),
             }
@@ -333,6 +353,43 @@ impl<R: ModelRunner> Scheduler<R> {
         (batch, sample_at)
     }
 
+    /// For a request that asked for them, the sampled token's log-probability and alternatives,
+    /// kept until the token's text is sent. End-of-generation tokens are not reported (they have
+    /// no text), as OpenAI does not report them.
+    fn record_logprobs(&mut self, index: usize, batch_index: usize, token: Token) {
+        let Some(slot) = self.slots[index].as_mut() else {
+            return;
+        };
+        let Some(top_n) = slot.submission.request.logprobs else {
+            return;
+        };
+        if self.runner.is_end_of_generation(token) {
+            return;
+        }
+        let special = slot.submission.request.special_tokens;
+        let (logprob, top) =
+            self.runner
+                .logprobs(index as SeqId, batch_index, token, usize::from(top_n));
+        let bytes = |t: Token| {
+            let mut out = Vec::new();
+            self.runner.token_bytes(t, special, &mut out);
+            out
+        };
+        slot.logprobs.push(TokenLogprob {
+            token,
+            bytes: bytes(token),
+            logprob,
+            top: top
+                .into_iter()
+                .map(|(token, logprob)| TopLogprob {
+                    token,
+                    bytes: bytes(token),
+                    logprob,
+                })
+                .collect(),
+        });
+    }
+
     fn accept_token(&mut self, index: usize, token: Token, report: &mut StepReport) {
         let is_end = self.runner.is_end_of_generation(token);
         let mut piece = Vec::new();
@@ -351,7 +408,7 @@ impl<R: ModelRunner> Scheduler<R> {
         }
         let text = slot.decoder.push(&piece);
         let outcome = slot.stop.push(&text);
-        if !outcome.emit.is_empty() && !slot.send(GenerationEvent::Text(outcome.emit)) {
+        if !outcome.emit.is_empty() && !slot.send_text(outcome.emit) {
             self.release(index, report);
             return;
         }
@@ -383,7 +440,16 @@ impl<R: ModelRunner> Scheduler<R> {
         } else {
             reason
         };
-        if !outcome.emit.is_empty() && !slot.send(GenerationEvent::Text(outcome.emit)) {
+        let sent = if !outcome.emit.is_empty() {
+            slot.send_text(outcome.emit)
+        } else if !outcome.stopped && !slot.logprobs.is_empty() {
+            // Tokens without text of their own (a control token not rendered) still count.
+            let logprobs = std::mem::take(&mut slot.logprobs);
+            slot.send(GenerationEvent::Logprobs(logprobs))
+        } else {
+            true
+        };
+        if !sent {
             self.release(index, report);
             return;
         }

@@ -20,6 +20,7 @@ fn submission(
         max_new_tokens: max,
         stop: stop.iter().map(|s| s.to_string()).collect(),
         special_tokens: false,
+        logprobs: None,
     };
     (
         Submission {
