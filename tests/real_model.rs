@@ -544,3 +544,70 @@ async fn tokenize_round_trips_and_input_tokens_match_a_real_request() {
         "{prompt}"
     );
 }
+
+/// The chat `logprobs.content` entries of a response, streamed or not.
+async fn logprob_entries(client: &reqwest::Client, url: &str, request: &Value) -> Vec<Value> {
+    let response = client.post(url).json(request).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    if request["stream"] != json!(true) {
+        let body: Value = response.json().await.unwrap();
+        return body["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .clone();
+    }
+    let body = response.text().await.unwrap();
+    body.split("\n\n")
+        .filter_map(|f| f.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .flat_map(|d| {
+            let chunk: Value = serde_json::from_str(d).unwrap();
+            chunk["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn logprobs_of_greedy_and_forced_answers_agree_streamed_and_not() {
+    let server = start(&["--parallel", "2"]).await;
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let client = reqwest::Client::new();
+    let mut greedy = chat("What is the capital of France?", 12);
+    greedy["logprobs"] = json!(true);
+    greedy["top_logprobs"] = json!(5);
+    let entries = logprob_entries(&client, &url, &greedy).await;
+    assert!(!entries.is_empty());
+    for entry in &entries {
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 5);
+        // Greedy: the chosen token is the likeliest.
+        assert_eq!(top[0]["bytes"], entry["bytes"], "{entry}");
+        assert!(
+            (top[0]["logprob"].as_f64().unwrap() - entry["logprob"].as_f64().unwrap()).abs() < 1e-6
+        );
+        assert!(entry["logprob"].as_f64().unwrap() <= 0.0);
+    }
+
+    // A forced answer: the grammar fixes the text; the log-probabilities are the model's own.
+    let mut forced = greedy.clone();
+    forced["grammar"] = json!(r#"root ::= "The capital of France is Paris.""#);
+    forced["max_tokens"] = json!(32);
+    let plain = logprob_entries(&client, &url, &forced).await;
+    forced["stream"] = json!(true);
+    let streamed = logprob_entries(&client, &url, &forced).await;
+    let text: String = plain.iter().map(|e| e["token"].as_str().unwrap()).collect();
+    assert_eq!(text, "The capital of France is Paris.");
+    let sum =
+        |entries: &[Value]| -> f64 { entries.iter().map(|e| e["logprob"].as_f64().unwrap()).sum() };
+    assert_eq!(plain.len(), streamed.len());
+    assert!(
+        (sum(&plain) - sum(&streamed)).abs() < 1e-3,
+        "{} vs {}",
+        sum(&plain),
+        sum(&streamed)
+    );
+    assert!(sum(&plain) < 0.0);
+}
