@@ -1570,3 +1570,87 @@ async fn completion_logprobs_have_tokens_offsets_and_top_maps() {
         assert_eq!(error_of(&body)["param"], param);
     }
 }
+
+#[tokio::test]
+async fn embeddings_take_every_input_shape_and_encode_floats_and_base64() {
+    let h = harness();
+    let body = json!({"model": MODEL, "input": ["abc", "abd", "abc"]});
+    let (status, resp) = send_json(&h.app, post("/v1/embeddings", body)).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["object"], "list");
+    assert_eq!(resp["model"], MODEL);
+    assert_eq!(resp["usage"]["prompt_tokens"], 9);
+    let data = resp["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3);
+    let vector = |i: usize| -> Vec<f64> {
+        data[i]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(data[1]["index"], 1);
+    assert_eq!(data[0]["object"], "embedding");
+    let norm: f64 = vector(0).iter().map(|x| x * x).sum();
+    assert!((norm - 1.0).abs() < 1e-5, "L2-normalised: {norm}");
+    assert_eq!(vector(0), vector(2));
+    assert_ne!(vector(0), vector(1));
+    // Token ids embed like the text they spell; base64 holds the same little-endian floats.
+    let tokens = json!({"model": MODEL, "input": [[97, 98, 99]], "encoding_format": "base64", "dimensions": 4});
+    let (status, resp) = send_json(&h.app, post("/v1/embeddings", tokens)).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(resp["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let floats: Vec<f32> = bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(floats.len(), 4);
+    let norm: f32 = floats.iter().map(|x| x * x).sum();
+    assert!((norm - 1.0).abs() < 1e-5);
+    let first4: Vec<f64> = vector(0)[..4].to_vec();
+    let renorm: f64 = first4.iter().map(|x| x * x).sum::<f64>().sqrt();
+    for (a, b) in floats.iter().zip(&first4) {
+        assert!((f64::from(*a) - b / renorm).abs() < 1e-5);
+    }
+    for (input, extra, param, code) in [
+        (json!([]), json!({}), "input", None),
+        (json!(""), json!({}), "input", None),
+        (json!(["a", 1]), json!({}), "input[1]", None),
+        (json!([[1, 999]]), json!({}), "input[0][1]", None),
+        (
+            json!("x".repeat(600)),
+            json!({}),
+            "input",
+            Some("context_length_exceeded"),
+        ),
+        (json!("x"), json!({"dimensions": 9}), "dimensions", None),
+        (
+            json!("x"),
+            json!({"encoding_format": "int8"}),
+            "encoding_format",
+            None,
+        ),
+    ] {
+        let mut body = json!({"model": MODEL, "input": input});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, resp) = send_json(&h.app, post("/v1/embeddings", body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{resp}");
+        let error = error_of(&resp);
+        assert_eq!(error["param"], param, "{resp}");
+        if let Some(code) = code {
+            assert_eq!(error["code"], code);
+        }
+    }
+    let (status, _) = send_json(
+        &h.app,
+        post("/v1/embeddings", json!({"model": "nope", "input": "x"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

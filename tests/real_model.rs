@@ -611,3 +611,89 @@ async fn logprobs_of_greedy_and_forced_answers_agree_streamed_and_not() {
     );
     assert!(sum(&plain) < 0.0);
 }
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[tokio::test]
+async fn embeddings_rank_paraphrases_above_unrelated_sentences() {
+    let server = start(&["--parallel", "2"]).await;
+    let url = format!("http://{}/v1/embeddings", server.addr);
+    let client = reqwest::Client::new();
+    let sentences = [
+        "The cat sat on the mat.",
+        "A cat was sitting on the rug.",
+        "Quarterly revenue grew by twelve percent.",
+        "The stock market fell sharply on Monday.",
+    ];
+    let (status, body) = post(
+        &client,
+        &url,
+        &json!({"model": MODEL_ID, "input": sentences}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let vectors: Vec<Vec<f64>> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(vectors.len(), 4);
+    assert_eq!(vectors[0].len(), 576, "SmolLM2-135M's width");
+    let paraphrase = cosine(&vectors[0], &vectors[1]);
+    for unrelated in [2, 3] {
+        assert!(
+            paraphrase > cosine(&vectors[0], &vectors[unrelated]),
+            "paraphrase {paraphrase} vs unrelated {}",
+            cosine(&vectors[0], &vectors[unrelated])
+        );
+    }
+    // Packed or alone, an input embeds the same.
+    let (_, alone) = post(
+        &client,
+        &url,
+        &json!({"model": MODEL_ID, "input": sentences[1]}),
+    )
+    .await;
+    let single: Vec<f64> = alone["data"][0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert!(cosine(&single, &vectors[1]) > 0.9999);
+    // usage counts the tokens embedded: each sentence as /tokenize counts it.
+    let mut expected = 0;
+    for sentence in sentences {
+        let (_, t) = post(
+            &client,
+            &format!("http://{}/tokenize", server.addr),
+            &json!({"content": sentence, "add_special": true}),
+        )
+        .await;
+        expected += t["tokens"].as_array().unwrap().len() as u64;
+    }
+    assert_eq!(body["usage"]["prompt_tokens"].as_u64().unwrap(), expected);
+    // Over the embedding context: a 400, never silent truncation.
+    let long = "word ".repeat(5000);
+    let (status, body) = post(&client, &url, &json!({"model": MODEL_ID, "input": long})).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "context_length_exceeded");
+    // Chat still works beside the embedding context.
+    let (status, _) = post(
+        &client,
+        &format!("http://{}/v1/chat/completions", server.addr),
+        &chat("Hi", 4),
+    )
+    .await;
+    assert_eq!(status, 200);
+}

@@ -9,6 +9,7 @@
 pub mod auth;
 mod chat;
 mod completions;
+mod embeddings;
 pub mod error;
 mod extract;
 mod generate;
@@ -290,6 +291,10 @@ pub fn router(state: AppState) -> Router {
             .route(
                 &format!("{prefix}/completions"),
                 post(completions::completions),
+            )
+            .route(
+                &format!("{prefix}/embeddings"),
+                post(embeddings::embeddings),
             )
             .route(&format!("{prefix}/models"), get(models::list))
             .route(&format!("{prefix}/models/{{*id}}"), get(models::get))

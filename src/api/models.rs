@@ -23,6 +23,9 @@ fn model_object(state: &AppState, id: &str) -> Value {
             "n_ctx_train": info.n_ctx_train,
             "n_ctx_seq": info.n_ctx_seq,
             "n_vocab": info.n_vocab,
+            "n_embd": info.n_embd,
+            "n_ctx_embed": info.n_ctx_embed,
+            "pooling": info.pooling,
         });
     }
     object

@@ -27,6 +27,9 @@ pub const FAKE_DEAD_END_GRAMMAR: &str = "root ::= \"ab\" <[999999]>";
 /// A prompt containing this makes the fake runner panic while sampling: an injected engine fault.
 pub const FAKE_PANIC_PROMPT: &str = "__engine_panic__";
 
+/// Width of the fake model's embeddings.
+pub const FAKE_EMBD: usize = 8;
+
 /// The fake vocabulary's end-of-generation token.
 pub const FAKE_EOS: Token = 256;
 
@@ -102,6 +105,9 @@ impl FakeRunner {
             tokenizer: Arc::new(FakeTokenizer),
             device_memory: Vec::new(),
             load_id: 0,
+            n_ctx_embed: n_ctx_seq,
+            n_embd: FAKE_EMBD as u32,
+            pooling: "mean".into(),
         }
     }
 
@@ -219,5 +225,21 @@ impl ModelRunner for FakeRunner {
 
     fn is_end_of_generation(&self, token: Token) -> bool {
         token == FAKE_EOS
+    }
+
+    /// Mean pooling over fixed per-token vectors: token `t`'s component `k` is `sin(t·(k+1))`.
+    fn embed(&mut self, inputs: &[Vec<Token>]) -> Result<Vec<Vec<f32>>, String> {
+        Ok(inputs
+            .iter()
+            .map(|input| {
+                let mut sum = [0f32; FAKE_EMBD];
+                for &t in input {
+                    for (k, v) in sum.iter_mut().enumerate() {
+                        *v += (t as f32 * (k + 1) as f32).sin();
+                    }
+                }
+                sum.iter().map(|v| v / input.len().max(1) as f32).collect()
+            })
+            .collect())
     }
 }

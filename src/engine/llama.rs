@@ -9,7 +9,7 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use super::runner::{BatchEntry, ModelRunner, RunnerError};
 use super::scheduler::Scheduler;
 use super::worker;
-use super::{ModelInfo, SamplingParams, SeqId, Submission, Token, TokenizeText};
+use super::{EngineCommand, LiveCounts, ModelInfo, SamplingParams, SeqId, Token, TokenizeText};
 
 /// What the engine thread needs to load and serve one model, in llama.cpp's words.
 #[derive(Debug, Clone)]
@@ -320,7 +320,8 @@ fn backend() -> Result<&'static LlamaBackend, LoadError> {
 /// handle is gone. Blocks the calling (engine) thread throughout.
 pub fn serve_model(
     config: &LlamaEngineConfig,
-    commands: &mut mpsc::Receiver<Submission>,
+    commands: &mut mpsc::Receiver<EngineCommand>,
+    live: &LiveCounts,
     on_ready: &dyn Fn(ModelInfo),
 ) -> Result<(), LoadError> {
     let backend = backend()?;
@@ -374,7 +375,12 @@ pub fn serve_model(
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default()
     };
+    let (pooling, pooling_text) = pooling_of(&model);
+    let n_ctx_embed = n_ctx_embed(config, model.n_ctx_train());
     let info = ModelInfo {
+        n_ctx_embed,
+        n_embd: model.n_embd_out().max(0) as u32,
+        pooling: pooling_text,
         n_ctx_seq,
         n_ctx_train: model.n_ctx_train(),
         n_vocab: model.n_vocab(),
@@ -407,10 +413,129 @@ pub fn serve_model(
         batch: LlamaBatch::new(config.n_batch as usize, 1),
         samplers: (0..n_seq).map(|_| None).collect(),
         ctx,
+        embedder: None,
+        embed_params: EmbedParams {
+            n_ctx: n_ctx_embed,
+            pooling,
+            n_threads: config.n_threads,
+        },
     };
     let scheduler = Scheduler::new(runner, n_seq as usize, config.n_batch as usize, n_ctx_seq);
-    worker::run(scheduler, commands);
+    worker::run(scheduler, commands, live);
     Ok(())
+}
+
+/// The most sequences one embedding decode packs.
+const EMBED_SEQS: u32 = 64;
+
+/// The embedding context's size: the batch size, within the trained context. One decode covers
+/// a whole input (pooling needs every token of a sequence in the same micro-batch).
+fn n_ctx_embed(config: &LlamaEngineConfig, n_ctx_train: u32) -> u32 {
+    config.n_batch.min(n_ctx_train.max(16))
+}
+
+/// The pooling the GGUF declares (`ARCH.pooling_type`), else mean, and how to say so.
+fn pooling_of(model: &LlamaModel) -> (LlamaPoolingType, String) {
+    let declared = model
+        .meta_val_str("general.architecture")
+        .ok()
+        .and_then(|arch| model.meta_val_str(&format!("{arch}.pooling_type")).ok())
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .map(LlamaPoolingType::from);
+    match declared {
+        Some(LlamaPoolingType::Mean) => (LlamaPoolingType::Mean, "mean".into()),
+        Some(LlamaPoolingType::Cls) => (LlamaPoolingType::Cls, "cls".into()),
+        Some(LlamaPoolingType::Last) => (LlamaPoolingType::Last, "last".into()),
+        Some(LlamaPoolingType::Rank) => (LlamaPoolingType::Rank, "rank".into()),
+        _ => (
+            LlamaPoolingType::Mean,
+            "mean (the model declares no pooling)".into(),
+        ),
+    }
+}
+
+/// How the embedding context is made, when the first embedding request comes.
+struct EmbedParams {
+    n_ctx: u32,
+    pooling: LlamaPoolingType,
+    n_threads: i32,
+}
+
+/// A context with embeddings on (llama.cpp's embedding path, not the generation context), its
+/// batch, made on first use so a server that never embeds pays nothing for it.
+struct Embedder<'m> {
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+}
+
+impl<'m> Embedder<'m> {
+    fn new(model: &'m LlamaModel, params: &EmbedParams) -> Result<Self, String> {
+        let backend = backend().map_err(|e| e.to_string())?;
+        let cparams = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(params.n_ctx))
+            .with_n_batch(params.n_ctx)
+            .with_n_ubatch(params.n_ctx)
+            .with_n_seq_max(EMBED_SEQS)
+            .with_n_threads(params.n_threads)
+            .with_n_threads_batch(params.n_threads)
+            .with_embeddings(true)
+            .with_pooling_type(params.pooling)
+            // Sequences share one KV stream: it is cleared after every decode.
+            .with_kv_unified(true);
+        let ctx = model
+            .new_context(backend, cparams)
+            .map_err(|e| format!("cannot create the embedding context: {e}"))?;
+        tracing::info!(n_ctx = params.n_ctx, pooling = ?params.pooling, "embedding context created");
+        Ok(Self {
+            ctx,
+            batch: LlamaBatch::new(params.n_ctx as usize, 1),
+        })
+    }
+
+    /// Packs inputs into decodes of at most `n_ctx` tokens and `EMBED_SEQS` sequences.
+    fn embed(&mut self, inputs: &[Vec<Token>]) -> Result<Vec<Vec<f32>>, String> {
+        let n_ctx = self.ctx.n_ctx() as usize;
+        let mut out = Vec::with_capacity(inputs.len());
+        let mut next = 0;
+        while next < inputs.len() {
+            self.batch.clear();
+            self.ctx.clear_kv_cache();
+            let mut seqs = 0;
+            let mut tokens = 0;
+            while let Some(input) = inputs.get(next) {
+                if seqs == EMBED_SEQS as usize || tokens + input.len() > n_ctx {
+                    break;
+                }
+                for (pos, &token) in input.iter().enumerate() {
+                    // Every token is an output: pooling reads them all.
+                    self.batch
+                        .add(LlamaToken(token), pos as i32, &[seqs as i32], true)
+                        .map_err(|e| e.to_string())?;
+                }
+                tokens += input.len();
+                seqs += 1;
+                next += 1;
+            }
+            if seqs == 0 {
+                return Err(format!(
+                    "an input of {} tokens does not fit the embedding context of {n_ctx}",
+                    inputs[next].len()
+                ));
+            }
+            self.ctx
+                .decode(&mut self.batch)
+                .map_err(|e| format!("embedding decode failed: {e}"))?;
+            for seq in 0..seqs {
+                let embedding = self
+                    .ctx
+                    .embeddings_seq_ith(seq as i32)
+                    .map_err(|e| format!("no pooled embedding for an input: {e}"))?;
+                out.push(embedding.to_vec());
+            }
+        }
+        self.ctx.clear_kv_cache();
+        Ok(out)
+    }
 }
 
 /// Tokenizes with the loaded model's vocabulary, from any thread.
@@ -443,6 +568,8 @@ struct LlamaRunner<'m> {
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
     samplers: Vec<Option<SequenceSampler>>,
+    embedder: Option<Embedder<'m>>,
+    embed_params: EmbedParams,
 }
 
 /// One sequence's samplers: the chain, and a grammar kept apart so it is consulted for one token
@@ -646,5 +773,15 @@ impl ModelRunner for LlamaRunner<'_> {
 
     fn is_end_of_generation(&self, token: Token) -> bool {
         self.model.vocab().is_eog(LlamaToken(token))
+    }
+
+    fn embed(&mut self, inputs: &[Vec<Token>]) -> Result<Vec<Vec<f32>>, String> {
+        if self.embedder.is_none() {
+            self.embedder = Some(Embedder::new(self.model, &self.embed_params)?);
+        }
+        self.embedder
+            .as_mut()
+            .expect("created just above")
+            .embed(inputs)
     }
 }

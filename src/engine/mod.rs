@@ -24,7 +24,7 @@ mod worker;
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 pub use detok::Utf8Decoder;
 pub use llama::{GpuOffload, LlamaEngineConfig, Tokenizer};
@@ -124,6 +124,13 @@ pub struct ModelInfo {
     /// Which load of the engine these facts come from (set by the worker; a reload after a fault
     /// gets a new one).
     pub load_id: u64,
+    /// The embedding context's size: the most tokens one embedding input may have.
+    pub n_ctx_embed: u32,
+    /// Width of an embedding.
+    pub n_embd: u32,
+    /// How token embeddings are pooled into one vector, and where that came from (e.g. `mean
+    /// (the model declares no pooling)`).
+    pub pooling: String,
 }
 
 impl std::fmt::Debug for ModelInfo {
@@ -163,17 +170,80 @@ pub struct Submission {
     pub events: mpsc::Sender<GenerationEvent>,
 }
 
+/// Pooled embeddings of each input, in order (not normalized), or why they could not be made.
+pub type EmbedResult = Result<Vec<Vec<f32>>, String>;
+
+/// Inputs to embed, each already checked to fit `ModelInfo::n_ctx_embed`.
+#[derive(Debug)]
+pub struct EmbedJob {
+    pub inputs: Vec<Vec<Token>>,
+    /// Dropping the receiver cancels the job if it has not run yet.
+    pub reply: oneshot::Sender<EmbedResult>,
+}
+
+/// What the admission queue carries to the engine thread.
+#[derive(Debug)]
+pub enum EngineCommand {
+    Generate(Submission),
+    Embed(EmbedJob),
+}
+
+/// What the engine thread is doing, published after every step for `/metrics`.
+#[derive(Debug, Default)]
+pub struct LiveCounts {
+    /// Sequences bound to a request.
+    pub active: std::sync::atomic::AtomicUsize,
+    /// KV cells holding tokens (prefix caches included).
+    pub kv_cells: std::sync::atomic::AtomicUsize,
+    /// Decode steps run.
+    pub decodes: std::sync::atomic::AtomicU64,
+}
+
 /// Cheap, cloneable front of an engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
-    commands: mpsc::Sender<Submission>,
+    commands: mpsc::Sender<EngineCommand>,
     state: watch::Receiver<EngineState>,
+    live: Arc<LiveCounts>,
 }
 
 impl EngineHandle {
     /// Builds a handle over an existing channel pair (the worker and tests use this).
-    pub fn new(commands: mpsc::Sender<Submission>, state: watch::Receiver<EngineState>) -> Self {
-        Self { commands, state }
+    pub fn new(commands: mpsc::Sender<EngineCommand>, state: watch::Receiver<EngineState>) -> Self {
+        Self {
+            commands,
+            state,
+            live: Arc::default(),
+        }
+    }
+
+    /// The engine thread's live counts (it writes them; readers load them).
+    pub fn live(&self) -> &Arc<LiveCounts> {
+        &self.live
+    }
+
+    /// Queues inputs to embed, as `submit` queues a generation (a full queue is an immediate
+    /// error). They run between decode steps, packed into as few decodes as the embedding
+    /// context allows.
+    pub fn embed(
+        &self,
+        inputs: Vec<Vec<Token>>,
+    ) -> Result<oneshot::Receiver<EmbedResult>, SubmitError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(EngineCommand::Embed(EmbedJob { inputs, reply }))?;
+        Ok(rx)
+    }
+
+    fn send(&self, command: EngineCommand) -> Result<(), SubmitError> {
+        self.commands.try_send(command).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => SubmitError::Unavailable,
+        })
+    }
+
+    /// Requests waiting in the admission queue now.
+    pub fn queued(&self) -> usize {
+        self.commands.max_capacity() - self.commands.capacity()
     }
 
     /// Queues a request. Never blocks: a full queue is an immediate error.
@@ -187,15 +257,10 @@ impl EngineHandle {
         let per_token = if request.logprobs.is_some() { 2 } else { 1 };
         let capacity = request.max_new_tokens as usize * per_token + 2;
         let (tx, rx) = mpsc::channel(capacity);
-        self.commands
-            .try_send(Submission {
-                request,
-                events: tx,
-            })
-            .map_err(|err| match err {
-                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-                mpsc::error::TrySendError::Closed(_) => SubmitError::Unavailable,
-            })?;
+        self.send(EngineCommand::Generate(Submission {
+            request,
+            events: tx,
+        }))?;
         Ok(rx)
     }
 

@@ -59,6 +59,10 @@ pub trait ModelRunner {
     /// tokens in their vocabularies).
     fn token_bytes(&self, token: Token, special: bool, out: &mut Vec<u8>);
 
+    /// The pooled embedding of each input (not normalized), packed into as few decodes as the
+    /// embedding context allows. Every input fits that context (the API checks).
+    fn embed(&mut self, inputs: &[Vec<Token>]) -> Result<Vec<Vec<f32>>, String>;
+
     /// Whether `token` ends generation (EOS, EOT, ...).
     fn is_end_of_generation(&self, token: Token) -> bool;
 }

@@ -149,6 +149,27 @@ impl<R: ModelRunner> Scheduler<R> {
         &self.runner
     }
 
+    /// Runs an embedding job between steps (it does not touch the generation sequences).
+    pub fn embed(&mut self, job: super::EmbedJob) {
+        // A client that left while queued costs nothing.
+        if job.reply.is_closed() {
+            return;
+        }
+        let result = self.runner.embed(&job.inputs);
+        // Ignored send error: a client that left needs no answer.
+        let _ = job.reply.send(result);
+    }
+
+    /// Sequences bound to a request now.
+    pub fn active(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// KV cells in use: the tokens every sequence holds, prefix caches included.
+    pub fn kv_cells(&self) -> usize {
+        self.kv.iter().map(|c| c.tokens.len()).sum()
+    }
+
     pub fn has_free_slot(&self) -> bool {
         self.slots.iter().any(Option::is_none)
     }

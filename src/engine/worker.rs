@@ -7,6 +7,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use super::llama::{self, LlamaEngineConfig};
 use super::runner::ModelRunner;
 use super::scheduler::Scheduler;
-use super::{EngineHandle, EngineState, GenerationEvent, ModelInfo, Submission};
+use super::{EngineCommand, EngineHandle, EngineState, GenerationEvent, LiveCounts, ModelInfo};
 
 /// Shape of the batching loop, shared by the real and the fake engine.
 #[derive(Debug, Clone, Copy)]
@@ -28,26 +29,51 @@ pub struct WorkerConfig {
 }
 
 /// Runs the batching loop until every handle is dropped and the last sequence has ended.
-pub fn run<R: ModelRunner>(mut scheduler: Scheduler<R>, commands: &mut mpsc::Receiver<Submission>) {
+///
+/// Embedding jobs run as they are taken from the queue, between steps. A generation that finds
+/// every sequence busy is parked (at most one), and the queue is not read further until it is
+/// admitted, so the queue keeps its bound and its order.
+pub fn run<R: ModelRunner>(
+    mut scheduler: Scheduler<R>,
+    commands: &mut mpsc::Receiver<EngineCommand>,
+    live: &LiveCounts,
+) {
+    let mut parked = None;
     loop {
-        while scheduler.has_free_slot() {
-            let submission = if scheduler.is_idle() {
+        if let Some(submission) = parked.take() {
+            if let Err(submission) = scheduler.admit(submission) {
+                parked = Some(*submission);
+            }
+        }
+        while parked.is_none() {
+            let command = if scheduler.is_idle() {
                 // Nothing to decode: sleeping on the queue is the engine's idle state.
                 match commands.blocking_recv() {
-                    Some(submission) => submission,
+                    Some(command) => command,
                     None => return,
                 }
             } else {
                 match commands.try_recv() {
-                    Ok(submission) => submission,
+                    Ok(command) => command,
                     // Empty, or closed with sequences still running: decode them first.
                     Err(_) => break,
                 }
             };
-            // Cannot fail: a slot is free.
-            let _ = scheduler.admit(submission);
+            match command {
+                EngineCommand::Embed(job) => scheduler.embed(job),
+                EngineCommand::Generate(submission) => {
+                    if let Err(submission) = scheduler.admit(submission) {
+                        parked = Some(*submission);
+                    }
+                }
+            }
         }
-        scheduler.step();
+        let report = scheduler.step();
+        if report.batch_tokens > 0 {
+            live.decodes.fetch_add(1, Ordering::Relaxed);
+        }
+        live.active.store(scheduler.active(), Ordering::Relaxed);
+        live.kv_cells.store(scheduler.kv_cells(), Ordering::Relaxed);
     }
 }
 
@@ -82,12 +108,19 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Answers every queued request with `Failed`: none of them can run until the engine is back.
-fn fail_queued(commands: &mut mpsc::Receiver<Submission>, reason: &str) {
-    while let Ok(submission) = commands.try_recv() {
-        // Ignored send error: a client that left needs no answer.
-        let _ = submission
-            .events
-            .try_send(GenerationEvent::Failed(reason.to_owned()));
+fn fail_queued(commands: &mut mpsc::Receiver<EngineCommand>, reason: &str) {
+    while let Ok(command) = commands.try_recv() {
+        // Ignored send errors: a client that left needs no answer.
+        match command {
+            EngineCommand::Generate(submission) => {
+                let _ = submission
+                    .events
+                    .try_send(GenerationEvent::Failed(reason.to_owned()));
+            }
+            EngineCommand::Embed(job) => {
+                let _ = job.reply.send(Err(reason.to_owned()));
+            }
+        }
     }
 }
 
@@ -99,9 +132,9 @@ fn fail_queued(commands: &mut mpsc::Receiver<Submission>, reason: &str) {
 /// after `max_restarts` in a row.
 pub fn supervise(
     state_tx: &watch::Sender<EngineState>,
-    commands: &mut mpsc::Receiver<Submission>,
+    commands: &mut mpsc::Receiver<EngineCommand>,
     policy: RestartPolicy,
-    mut serve: impl FnMut(&mut mpsc::Receiver<Submission>, &dyn Fn(ModelInfo)) -> Result<(), String>,
+    mut serve: impl FnMut(&mut mpsc::Receiver<EngineCommand>, &dyn Fn(ModelInfo)) -> Result<(), String>,
 ) {
     let mut faults = 0u32;
     let mut loaded_once = false;
@@ -167,8 +200,8 @@ static LOADS: AtomicU64 = AtomicU64::new(1);
 fn channels(
     max_queue: usize,
 ) -> (
-    mpsc::Sender<Submission>,
-    mpsc::Receiver<Submission>,
+    mpsc::Sender<EngineCommand>,
+    mpsc::Receiver<EngineCommand>,
     watch::Sender<EngineState>,
     watch::Receiver<EngineState>,
 ) {
@@ -188,6 +221,8 @@ pub fn spawn_engine_with_runner<R: ModelRunner + Clone + Send + 'static>(
     policy: RestartPolicy,
 ) -> std::io::Result<(EngineHandle, JoinHandle<()>)> {
     let (tx, mut rx, state_tx, state_rx) = channels(config.max_queue);
+    let handle = EngineHandle::new(tx, state_rx);
+    let live = Arc::clone(handle.live());
     let mut info = info;
     info.load_id = LOADS.fetch_add(1, Ordering::Relaxed);
     // Nothing to load: the engine is ready before its handle is returned.
@@ -206,11 +241,11 @@ pub fn spawn_engine_with_runner<R: ModelRunner + Clone + Send + 'static>(
                     config.n_batch,
                     config.n_ctx_seq,
                 );
-                run(scheduler, commands);
+                run(scheduler, commands, &live);
                 Ok(())
             });
         })?;
-    Ok((EngineHandle::new(tx, state_rx), thread))
+    Ok((handle, thread))
 }
 
 /// Starts the llama.cpp engine thread: it loads the model (publishing `Loading`, then `Ready` or
@@ -219,6 +254,8 @@ pub fn spawn_llama_engine(
     config: LlamaEngineConfig,
 ) -> std::io::Result<(EngineHandle, JoinHandle<()>)> {
     let (tx, mut rx, state_tx, state_rx) = channels(config.max_queue);
+    let handle = EngineHandle::new(tx, state_rx);
+    let live = Arc::clone(handle.live());
     let name = format!("engine-{}", config.model_id);
     let thread = std::thread::Builder::new().name(name).spawn(move || {
         supervise(
@@ -226,9 +263,9 @@ pub fn spawn_llama_engine(
             &mut rx,
             RestartPolicy::default(),
             |commands, on_ready| {
-                llama::serve_model(&config, commands, on_ready).map_err(|e| e.to_string())
+                llama::serve_model(&config, commands, &live, on_ready).map_err(|e| e.to_string())
             },
         );
     })?;
-    Ok((EngineHandle::new(tx, state_rx), thread))
+    Ok((handle, thread))
 }

@@ -1,0 +1,254 @@
+//! `POST /v1/embeddings`: OpenAI's embeddings over the model's embedding context.
+//!
+//! `input` is a string, strings, token ids or lists of token ids; every input must fit the
+//! embedding context (a 400 `context_length_exceeded` otherwise, never silent truncation). The
+//! engine returns pooled vectors; this file truncates them to `dimensions`, L2-normalises them and
+//! encodes them as floats or base64 (little-endian f32, as the OpenAI SDKs decode it).
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::extract::{parse, JsonObject};
+use super::AppState;
+use crate::engine::{SubmitError, Token};
+
+/// OpenAI's limit on inputs per request.
+pub const MAX_INPUTS: usize = 2048;
+
+#[derive(Debug, Deserialize)]
+struct EmbeddingFields {
+    model: String,
+    input: Value,
+    encoding_format: Option<String>,
+    dimensions: Option<i64>,
+}
+
+/// One input as given.
+enum Input {
+    Text(String),
+    Tokens(Vec<Token>),
+}
+
+fn inputs(value: &Value, n_vocab: i32) -> Result<Vec<Input>, ApiError> {
+    let shape = || {
+        ApiError::invalid(
+            "input",
+            "`input` must be a string, an array of strings, an array of token ids, or an array of token-id arrays",
+        )
+    };
+    let tokens = |items: &[Value], param: &str| -> Result<Vec<Token>, ApiError> {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                item.as_i64()
+                    .filter(|t| (0..i64::from(n_vocab)).contains(t))
+                    .map(|t| t as Token)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            format!("{param}[{i}]"),
+                            format!(
+                                "token ids must be integers between 0 and {}; got {item}",
+                                n_vocab - 1
+                            ),
+                        )
+                    })
+            })
+            .collect()
+    };
+    let list = match value {
+        Value::String(s) => return Ok(vec![Input::Text(s.clone())]),
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::invalid("input", "`input` must not be empty"))
+        }
+        Value::Array(items) => items,
+        _ => return Err(shape()),
+    };
+    if list.len() > MAX_INPUTS {
+        return Err(ApiError::out_of_range(
+            "input",
+            &format!("at most {MAX_INPUTS} inputs"),
+            list.len(),
+        ));
+    }
+    match &list[0] {
+        Value::Number(_) => Ok(vec![Input::Tokens(tokens(list, "input")?)]),
+        Value::String(_) => list
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                item.as_str()
+                    .map(|s| Input::Text(s.to_owned()))
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            format!("input[{i}]"),
+                            "expected a string like the first entry",
+                        )
+                    })
+            })
+            .collect(),
+        Value::Array(_) => list
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let param = format!("input[{i}]");
+                let items = item.as_array().ok_or_else(shape)?;
+                Ok(Input::Tokens(tokens(items, &param)?))
+            })
+            .collect(),
+        _ => Err(shape()),
+    }
+}
+
+/// Truncates to `dimensions` (when given) and scales to unit L2 length (a zero vector stays zero).
+pub fn finish_vector(mut v: Vec<f32>, dimensions: Option<usize>) -> Vec<f32> {
+    if let Some(d) = dimensions {
+        v.truncate(d);
+    }
+    let norm = v
+        .iter()
+        .map(|x| f64::from(*x) * f64::from(*x))
+        .sum::<f64>()
+        .sqrt();
+    if norm > 0.0 {
+        for x in &mut v {
+            *x = (f64::from(*x) / norm) as f32;
+        }
+    }
+    v
+}
+
+/// Little-endian f32 bytes, base64: what the OpenAI SDKs decode.
+pub fn base64_vector(v: &[f32]) -> String {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+pub async fn embeddings(
+    State(state): State<AppState>,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    let fields: EmbeddingFields = parse(&body)?;
+    let model = state.resolve_model(&fields.model)?;
+    let loaded = state.loaded()?;
+    let info = &loaded.info;
+    let base64 = match fields.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "encoding_format",
+                format!("`encoding_format` must be `float` or `base64`; got {other:?}"),
+            ))
+        }
+    };
+    let dimensions = match fields.dimensions {
+        None => None,
+        Some(d) if (1..=i64::from(info.n_embd)).contains(&d) => Some(d as usize),
+        Some(d) => {
+            return Err(ApiError::out_of_range(
+                "dimensions",
+                &format!("between 1 and the model's {}", info.n_embd),
+                d,
+            ))
+        }
+    };
+    let given = inputs(&fields.input, info.n_vocab)?;
+    let texts: Vec<Option<String>> = given
+        .iter()
+        .map(|i| match i {
+            Input::Text(t) => Some(t.clone()),
+            Input::Tokens(_) => None,
+        })
+        .collect();
+    // Tokenizing many long inputs takes a while: on the blocking pool, all at once.
+    let tokenizer = std::sync::Arc::clone(&info.tokenizer);
+    let tokenized = tokio::task::spawn_blocking(move || {
+        texts
+            .into_iter()
+            .map(|t| t.map(|t| tokenizer.tokenize(&t, true)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("the tokenizer task failed: {e}")))?;
+    let mut token_lists = Vec::with_capacity(given.len());
+    for (i, (input, tokens)) in given.into_iter().zip(tokenized).enumerate() {
+        let tokens = match input {
+            Input::Tokens(t) => t,
+            Input::Text(_) => tokens.unwrap_or_default(),
+        };
+        let param = if fields.input.is_string() {
+            "input".to_owned()
+        } else {
+            format!("input[{i}]")
+        };
+        if tokens.is_empty() {
+            return Err(ApiError::invalid(param, "an input must not be empty"));
+        }
+        if tokens.len() > info.n_ctx_embed as usize {
+            return Err(ApiError::InvalidRequest {
+                message: format!(
+                    "{param} has {} tokens, more than the embedding context of {} tokens; \
+                     shorten or split it",
+                    tokens.len(),
+                    info.n_ctx_embed
+                ),
+                param: Some(param),
+                code: Some("context_length_exceeded"),
+            });
+        }
+        token_lists.push(tokens);
+    }
+    let prompt_tokens: usize = token_lists.iter().map(Vec::len).sum();
+    let reply = state.engine().embed(token_lists).map_err(|err| match err {
+        SubmitError::QueueFull => ApiError::QueueFull,
+        SubmitError::Unavailable => ApiError::Unavailable(err.to_string()),
+    })?;
+    let vectors = reply
+        .await
+        .map_err(|_| {
+            ApiError::EngineFailed("the engine stopped before the embeddings were made".into())
+        })?
+        .map_err(ApiError::EngineFailed)?;
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, v)| {
+            let v = finish_vector(v, dimensions);
+            let embedding = if base64 {
+                json!(base64_vector(&v))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }))
+    .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vectors_are_truncated_then_unit_length() {
+        let v = finish_vector(vec![3.0, 4.0, 12.0], Some(2));
+        assert_eq!(v, vec![0.6, 0.8]);
+        assert_eq!(finish_vector(vec![0.0, 0.0], None), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn base64_is_little_endian_f32() {
+        assert_eq!(base64_vector(&[1.0]), "AACAPw==");
+    }
+}
