@@ -291,6 +291,14 @@ pub struct ServeArgs {
     #[arg(long, env = "LM_SANDBOX_HEALTH_BUILD_INFO")]
     pub health_build_info: bool,
 
+    /// Serve Prometheus metrics at `GET /metrics` (behind the API key when keys are set).
+    #[arg(long, env = "LM_SANDBOX_METRICS")]
+    pub metrics: bool,
+
+    /// `/metrics` needs no API key (for a scraper on a trusted network).
+    #[arg(long, env = "LM_SANDBOX_METRICS_PUBLIC", requires = "metrics")]
+    pub metrics_public: bool,
+
     /// A Jinja chat template that replaces the one in the GGUF.
     #[arg(long, env = "LM_SANDBOX_CHAT_TEMPLATE_FILE")]
     pub chat_template_file: Option<PathBuf>,

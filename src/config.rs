@@ -326,6 +326,8 @@ impl ServeConfig {
                 body_timeout,
                 sse_keep_alive,
                 health_build_info: args.health_build_info,
+                metrics: args.metrics,
+                metrics_public: args.metrics_public,
             },
             host: args.host,
             port: args.port,

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod gpu;
+pub mod metrics;
 pub mod sandbox;
 pub mod server;
 pub mod template;

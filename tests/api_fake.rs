@@ -778,13 +778,17 @@ async fn a_repeated_prompt_reports_cached_tokens_in_usage_and_timings() {
     assert_eq!(cold["choices"][0]["message"], warm["choices"][0]["message"]);
 }
 
-#[tokio::test]
-async fn placement_shows_the_plan_and_live_gpu_memory() {
+const GIB: u64 = 1 << 30;
+
+/// A one-GPU inventory and the plan for a small fake model on it.
+fn fake_placement() -> (
+    lm_sandbox::gpu::placement::Placement,
+    lm_sandbox::gpu::inventory::Inventory,
+) {
     use lm_sandbox::gpu::gguf::ModelFacts;
     use lm_sandbox::gpu::inventory::{Gpu, Inventory};
     use lm_sandbox::gpu::placement::{ModelSummary, Placement};
     use lm_sandbox::gpu::plan::{plan, PlanConfig};
-    const GIB: u64 = 1 << 30;
     let facts = ModelFacts {
         architecture: "llama".into(),
         n_layer: 4,
@@ -811,6 +815,8 @@ async fn placement_shows_the_plan_and_live_gpu_memory() {
         memory_used: 0,
         compute_capability: [8, 6],
         utilization_percent: Some(0),
+        temperature_celsius: Some(61),
+        power_watts: Some(87.5),
         display_attached: false,
         other_process_memory: 0,
     };
@@ -832,6 +838,12 @@ async fn placement_shows_the_plan_and_live_gpu_memory() {
         },
         plan: placed,
     };
+    (placement, inventory)
+}
+
+#[tokio::test]
+async fn placement_shows_the_plan_and_live_gpu_memory() {
+    let (placement, inventory) = fake_placement();
     let (gpus_tx, gpus_rx) = watch::channel(inventory.clone());
     let engine = FakeRunner::new(Duration::ZERO).spawn(WorkerConfig {
         n_seq: 1,
@@ -1650,6 +1662,197 @@ async fn embeddings_take_every_input_shape_and_encode_floats_and_base64() {
     let (status, _) = send_json(
         &h.app,
         post("/v1/embeddings", json!({"model": "nope", "input": "x"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// Samples of a metrics text: `(name, labels, value)`. A quick reader for these assertions; the
+/// Prometheus project's own OpenMetrics parser checks the real server's text in
+/// `tests/clients.rs`.
+/// A sample: name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+fn samples(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap();
+                    (k.to_owned(), v.trim_matches('"').to_owned())
+                })
+                .collect();
+            (name.to_owned(), labels, value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The value of the sample `name` whose labels include every pair of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples(text)
+        .into_iter()
+        .find(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, v)| v)
+        .unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_count_requests_tokens_and_gpus_in_prometheus_text() {
+    let (placement, inventory) = fake_placement();
+    let (_gpus_tx, gpus_rx) = watch::channel(inventory);
+    let engine = FakeRunner::new(Duration::ZERO).spawn(WorkerConfig {
+        n_seq: 2,
+        n_batch: 64,
+        n_ctx_seq: 256,
+        max_queue: 4,
+    });
+    let mut config = api_config(&["k"]);
+    config.metrics = true;
+    let app = router(AppState::with_placement(engine, config, placement, gpus_rx));
+    // Behind the key unless --metrics-public.
+    let (status, _, _) = send(&app, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let keyed = |mut r: Request<Body>| {
+        r.headers_mut()
+            .insert(header::AUTHORIZATION, "Bearer k".parse().unwrap());
+        r
+    };
+    let scrape_keyed = || async {
+        let (status, headers, body) = send(
+            &app,
+            keyed(Request::get("/metrics").body(Body::empty()).unwrap()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"));
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        body
+    };
+    let model = [("model", MODEL)];
+    let before = scrape_keyed().await;
+    assert_eq!(sample(&before, "llamacpp:requests_processing", &model), 0.0);
+    assert_eq!(sample(&before, "llamacpp:kv_cache_tokens", &model), 0.0);
+    // GPU gauges from the inventory, labelled by bus id and name.
+    let gpu = [("pci_bus_id", "00000000:01:00.0"), ("name", "Fake GPU")];
+    assert_eq!(
+        sample(&before, "lmsandbox_gpu_memory_total_bytes", &gpu),
+        (8 * GIB) as f64
+    );
+    assert_eq!(
+        sample(&before, "lmsandbox_gpu_temperature_celsius", &gpu),
+        61.0
+    );
+    assert_eq!(sample(&before, "lmsandbox_gpu_power_watts", &gpu), 87.5);
+
+    let (status, body) = send_json(&app, keyed(post("/v1/chat/completions", chat("hi")))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let prompt = body["usage"]["prompt_tokens"].as_f64().unwrap();
+    let completion = body["usage"]["completion_tokens"].as_f64().unwrap();
+    let after = scrape_keyed().await;
+    assert_eq!(
+        sample(&after, "llamacpp:prompt_tokens_total", &model),
+        prompt
+    );
+    assert_eq!(
+        sample(&after, "llamacpp:tokens_predicted_total", &model),
+        completion
+    );
+    assert!(sample(&after, "llamacpp:n_decode_total", &model) >= completion);
+    assert!(
+        sample(&after, "llamacpp:kv_cache_tokens", &model) > 0.0,
+        "the prefix cache holds it"
+    );
+    let route = [("route", "/v1/chat/completions"), ("status", "200")];
+    assert_eq!(
+        sample(&after, "lmsandbox_request_duration_seconds_count", &route),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "lmsandbox_time_to_first_token_seconds_count",
+            &model
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&after, "lmsandbox_completion_tokens_sum", &model),
+        completion
+    );
+    // Histogram buckets are cumulative: monotone in `le`, ending at the count.
+    for name in [
+        "lmsandbox_time_to_first_token_seconds",
+        "lmsandbox_time_per_output_token_seconds",
+        "lmsandbox_prompt_tokens",
+    ] {
+        let buckets: Vec<(f64, f64)> = samples(&after)
+            .into_iter()
+            .filter(|(n, _, _)| *n == format!("{name}_bucket"))
+            .map(|(_, labels, v)| {
+                let le = &labels.iter().find(|(k, _)| k == "le").unwrap().1;
+                (
+                    if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().unwrap()
+                    },
+                    v,
+                )
+            })
+            .collect();
+        assert!(buckets.len() > 10, "{name}");
+        assert!(
+            buckets
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+            "{name}"
+        );
+        assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, 1.0), "{name}");
+    }
+    // A second identical request is a prefix-cache hit.
+    send_json(&app, keyed(post("/v1/chat/completions", chat("hi")))).await;
+    let again = scrape_keyed().await;
+    assert_eq!(
+        sample(&again, "lmsandbox_prefix_cache_hits_total", &model),
+        1.0
+    );
+    // --metrics-public: no key needed; the text ends with OpenMetrics' EOF.
+    let engine = FakeRunner::new(Duration::ZERO).spawn(WorkerConfig {
+        n_seq: 1,
+        n_batch: 64,
+        n_ctx_seq: 256,
+        max_queue: 1,
+    });
+    let mut config = api_config(&["k"]);
+    config.metrics = true;
+    config.metrics_public = true;
+    let public = router(AppState::new(engine, config));
+    let (status, _, body) = send(
+        &public,
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Without --metrics there is no route.
+    let (status, _, _) = send(
+        &harness().app,
+        Request::get("/metrics").body(Body::empty()).unwrap(),
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -170,7 +170,12 @@ pub async fn require_key(
     next: Next,
 ) -> Response {
     let keys = &state.config().api_keys;
-    if keys.is_empty() || request.uri().path() == "/health" {
+    let public = match request.uri().path() {
+        "/health" => true,
+        "/metrics" => state.config().metrics_public,
+        _ => false,
+    };
+    if keys.is_empty() || public {
         return next.run(request).await;
     }
     let presented = request

@@ -19,7 +19,7 @@ use super::extract::MAX_BODY_BYTES;
 use super::AppState;
 
 /// Paths never shed: a monitor must be able to see an overloaded server.
-const NEVER_SHED: &[&str] = &["/health"];
+const NEVER_SHED: &[&str] = &["/health", "/metrics"];
 
 /// The middleware: permit, body within its deadline, then the handler.
 pub async fn bound(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -29,6 +29,9 @@ pub async fn bound(State(state): State<AppState>, request: Request, next: Next) 
     let Some(permit) = state.try_begin_request() else {
         let limit = state.config().max_in_flight;
         tracing::warn!(limit, "shed a request: too many in flight");
+        if let Some(metrics) = state.metrics() {
+            metrics.shed("overloaded");
+        }
         return ApiError::Overloaded { limit }.into_response();
     };
     let (parts, body) = request.into_parts();

@@ -41,6 +41,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use crate::engine::{EngineHandle, EngineState, ModelInfo};
 use crate::gpu::inventory::Inventory;
 use crate::gpu::placement::Placement;
+use crate::metrics::Metrics;
 use crate::sandbox::Sandbox;
 use crate::template::{ChatTemplate, CHATML};
 
@@ -67,6 +68,10 @@ pub struct ApiConfig {
     pub sse_keep_alive: Duration,
     /// `/health` shows the git revision and backends (`--health-build-info`).
     pub health_build_info: bool,
+    /// Serve `GET /metrics` (`--metrics`).
+    pub metrics: bool,
+    /// `/metrics` needs no key (`--metrics-public`).
+    pub metrics_public: bool,
 }
 
 impl Default for ApiConfig {
@@ -83,6 +88,8 @@ impl Default for ApiConfig {
             body_timeout: Duration::from_secs(30),
             sse_keep_alive: Duration::from_secs(15),
             health_build_info: false,
+            metrics: false,
+            metrics_public: false,
         }
     }
 }
@@ -111,6 +118,8 @@ struct Shared {
     in_flight: Arc<Semaphore>,
     /// Requests shed because every permit was taken.
     shed: AtomicU64,
+    /// With `--metrics`.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// The start-up plan and the live GPU readings, for `GET /v1/placement`.
@@ -160,6 +169,19 @@ impl AppState {
         placement: Option<PlacementView>,
         sandbox: Option<Sandbox>,
     ) -> Self {
+        let metrics = config.metrics.then(|| Arc::new(Metrics::new()));
+        if let Some(metrics) = &metrics {
+            let metrics = Arc::clone(metrics);
+            let model = config.model_ids.first().cloned().unwrap_or_default();
+            // Ignored error: an engine already observed (a second state over it) keeps its hook.
+            let _ = engine.live().on_finished.set(Box::new(move |stats| {
+                metrics.observe_generation(&model, stats);
+            }));
+        }
+        let sandbox = match (&metrics, sandbox) {
+            (Some(metrics), Some(sandbox)) => Some(sandbox.with_metrics(Arc::clone(metrics))),
+            (_, sandbox) => sandbox,
+        };
         Self {
             shared: Arc::new(Shared {
                 engine,
@@ -168,9 +190,15 @@ impl AppState {
                 sandbox,
                 in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
                 shed: AtomicU64::new(0),
+                metrics,
                 config,
             }),
         }
+    }
+
+    /// The metrics, with `--metrics`.
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.shared.metrics.as_ref()
     }
 
     /// A permit for one more request in flight, or `None` (counted) when all are taken.
@@ -278,6 +306,9 @@ pub fn router(state: AppState) -> Router {
         .route("/tokenize", post(tokens::tokenize))
         .route("/detokenize", post(tokens::detokenize))
         .route("/apply-template", post(tokens::apply_template));
+    if state.config().metrics {
+        router = router.route("/metrics", get(models::metrics));
+    }
     for prefix in ["/v1", ""] {
         router = router
             .route(
@@ -315,6 +346,10 @@ pub fn router(state: AppState) -> Router {
             limits::bound,
         ))
         .layer(axum::middleware::from_fn(auth::request_id))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            models::track,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }

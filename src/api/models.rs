@@ -49,6 +49,61 @@ pub async fn get(
     Ok(Json(model_object(&state, &id)))
 }
 
+/// `GET /metrics` (with `--metrics`): Prometheus's text exposition.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let Some(metrics) = state.metrics() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let engine = state.engine();
+    let model = state
+        .config()
+        .model_ids
+        .first()
+        .cloned()
+        .unwrap_or_default();
+    let reading = crate::metrics::EngineReading {
+        model: &model,
+        live: engine.live(),
+        queued: engine.queued(),
+    };
+    let gpus = state.placement().map(|p| p.gpus.borrow().clone());
+    let text = metrics.encode(&[reading], gpus.as_ref());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Records every request's route, status and time to its response head (with `--metrics`), and
+/// counts 429s as shed.
+pub async fn track(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(metrics) = state.metrics().cloned() else {
+        return next.run(request).await;
+    };
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = request.method().to_string();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        metrics.shed("queue_full");
+    }
+    metrics.observe_request(&route, &method, status.as_u16(), started.elapsed());
+    response
+}
+
 /// 200 when the model is ready, 503 while it loads, after it failed and while it reloads after a
 /// fault (with the reason). Never needs a key, and never shed. The build (version, git revision,
 /// backends) only with `--health-build-info`.

@@ -73,6 +73,8 @@ pub struct GenerationStats {
     pub generated_tokens: u32,
     pub prompt_ms: f64,
     pub generation_ms: f64,
+    /// Time from submission until a sequence was free for it.
+    pub queue_ms: f64,
 }
 
 /// What the engine sends back for one request, in order: any number of `Text`, then exactly one
@@ -168,6 +170,7 @@ pub enum EngineState {
 pub struct Submission {
     pub request: GenerationRequest,
     pub events: mpsc::Sender<GenerationEvent>,
+    pub submitted_at: std::time::Instant,
 }
 
 /// Pooled embeddings of each input, in order (not normalized), or why they could not be made.
@@ -188,15 +191,34 @@ pub enum EngineCommand {
     Embed(EmbedJob),
 }
 
+/// Called on the engine thread for every generation that ends with `Done`: it must be quick.
+pub type FinishedHook = Box<dyn Fn(&GenerationStats) + Send + Sync>;
+
 /// What the engine thread is doing, published after every step for `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct LiveCounts {
     /// Sequences bound to a request.
     pub active: std::sync::atomic::AtomicUsize,
     /// KV cells holding tokens (prefix caches included).
     pub kv_cells: std::sync::atomic::AtomicUsize,
+    /// KV cells of the context, over all sequences.
+    pub kv_capacity: std::sync::atomic::AtomicUsize,
+    /// Generations taken off the queue that wait for a free sequence (0 or 1): they still count
+    /// against the queue's bound.
+    pub parked: std::sync::atomic::AtomicUsize,
     /// Decode steps run.
     pub decodes: std::sync::atomic::AtomicU64,
+    /// Told of every finished generation (the metrics); set once, by whoever serves the engine.
+    pub on_finished: std::sync::OnceLock<FinishedHook>,
+}
+
+impl std::fmt::Debug for LiveCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveCounts")
+            .field("active", &self.active)
+            .field("kv_cells", &self.kv_cells)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Cheap, cloneable front of an engine thread.
@@ -235,15 +257,19 @@ impl EngineHandle {
     }
 
     fn send(&self, command: EngineCommand) -> Result<(), SubmitError> {
+        if self.queued() >= self.queue_capacity() && !self.commands.is_closed() {
+            return Err(SubmitError::QueueFull);
+        }
         self.commands.try_send(command).map_err(|err| match err {
             mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => SubmitError::Unavailable,
         })
     }
 
-    /// Requests waiting in the admission queue now.
+    /// Requests waiting for a sequence now: in the admission queue, or taken off it and parked.
     pub fn queued(&self) -> usize {
         self.commands.max_capacity() - self.commands.capacity()
+            + self.live.parked.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Queues a request. Never blocks: a full queue is an immediate error.
@@ -260,6 +286,7 @@ impl EngineHandle {
         self.send(EngineCommand::Generate(Submission {
             request,
             events: tx,
+            submitted_at: std::time::Instant::now(),
         }))?;
         Ok(rx)
     }

@@ -66,6 +66,11 @@ impl Slot {
             generated_tokens: self.generated,
             prompt_ms: first.duration_since(self.admitted_at).as_secs_f64() * 1e3,
             generation_ms: now.duration_since(first).as_secs_f64() * 1e3,
+            queue_ms: self
+                .admitted_at
+                .duration_since(self.submission.submitted_at)
+                .as_secs_f64()
+                * 1e3,
         }
     }
 
@@ -96,12 +101,14 @@ impl Slot {
 }
 
 /// What one step did, for the worker loop and for tests.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct StepReport {
     /// Tokens in the decoded batch (0: nothing to do).
     pub batch_tokens: usize,
     /// Sequences that finished or were cancelled during the step.
     pub ended: Vec<SeqId>,
+    /// The stats of every generation that ended with `Done` during the step.
+    pub finished: Vec<GenerationStats>,
 }
 
 /// The tokens whose KV cells a sequence holds, at positions `0..tokens.len()`.
@@ -168,6 +175,11 @@ impl<R: ModelRunner> Scheduler<R> {
     /// KV cells in use: the tokens every sequence holds, prefix caches included.
     pub fn kv_cells(&self) -> usize {
         self.kv.iter().map(|c| c.tokens.len()).sum()
+    }
+
+    /// KV cells of the context: `n_ctx_seq` for each sequence.
+    pub fn kv_capacity(&self) -> usize {
+        self.kv.len() * self.n_ctx_seq as usize
     }
 
     pub fn has_free_slot(&self) -> bool {
@@ -480,6 +492,7 @@ impl<R: ModelRunner> Scheduler<R> {
     fn send_done(&mut self, index: usize, reason: FinishReason, report: &mut StepReport) {
         if let Some(slot) = self.slots[index].as_ref() {
             let stats = slot.stats();
+            report.finished.push(stats);
             // Ignored result: the slot is released either way.
             let _ = slot.send(GenerationEvent::Done { reason, stats });
         }

@@ -39,10 +39,13 @@ pub fn run<R: ModelRunner>(
     live: &LiveCounts,
 ) {
     let mut parked = None;
+    live.kv_capacity
+        .store(scheduler.kv_capacity(), Ordering::Relaxed);
     loop {
         if let Some(submission) = parked.take() {
-            if let Err(submission) = scheduler.admit(submission) {
-                parked = Some(*submission);
+            match scheduler.admit(submission) {
+                Err(submission) => parked = Some(*submission),
+                Ok(()) => live.parked.store(0, Ordering::Relaxed),
             }
         }
         while parked.is_none() {
@@ -63,6 +66,7 @@ pub fn run<R: ModelRunner>(
                 EngineCommand::Embed(job) => scheduler.embed(job),
                 EngineCommand::Generate(submission) => {
                     if let Err(submission) = scheduler.admit(submission) {
+                        live.parked.store(1, Ordering::Relaxed);
                         parked = Some(*submission);
                     }
                 }
@@ -71,6 +75,11 @@ pub fn run<R: ModelRunner>(
         let report = scheduler.step();
         if report.batch_tokens > 0 {
             live.decodes.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(hook) = live.on_finished.get() {
+            for stats in &report.finished {
+                hook(stats);
+            }
         }
         live.active.store(scheduler.active(), Ordering::Relaxed);
         live.kv_cells.store(scheduler.kv_cells(), Ordering::Relaxed);

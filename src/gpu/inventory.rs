@@ -23,6 +23,10 @@ pub struct Gpu {
     #[serde(default)]
     pub utilization_percent: Option<u32>,
     #[serde(default)]
+    pub temperature_celsius: Option<u32>,
+    #[serde(default)]
+    pub power_watts: Option<f64>,
+    #[serde(default)]
     pub display_attached: bool,
     /// Memory held by other processes (compute and graphics).
     #[serde(default)]
@@ -123,6 +127,11 @@ fn read_nvml() -> Inventory {
             memory_used: memory.used,
             compute_capability: compute,
             utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
+            temperature_celsius: device
+                .temperature(nvml_wrapper::enum_wrappers::device::TemperatureSensor::Gpu)
+                .ok(),
+            // NVML reports milliwatts.
+            power_watts: device.power_usage().ok().map(|mw| f64::from(mw) / 1e3),
             // "Active" (a display is being driven), not "connected": datacenter cards report a
             // display mode as connected with no display (seen on an H100), which would cost them a
             // needless margin.

@@ -201,6 +201,8 @@ mod tests {
                     memory_used: 12 * GIB - memory_free,
                     compute_capability: [8, 6],
                     utilization_percent: None,
+                    temperature_celsius: None,
+                    power_watts: None,
                     display_attached: false,
                     other_process_memory: 0,
                 })

@@ -122,6 +122,7 @@ pub struct Sandbox {
     executor: Arc<dyn Executor>,
     audit: Arc<AuditLog>,
     limits: SandboxLimits,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Sandbox {
@@ -130,7 +131,14 @@ impl Sandbox {
             executor,
             audit: Arc::new(audit),
             limits,
+            metrics: None,
         }
+    }
+
+    /// Counts every command's outcome and run time in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn limits(&self) -> &SandboxLimits {
@@ -153,6 +161,7 @@ impl Sandbox {
         let executor = Arc::clone(&self.executor);
         let audit = Arc::clone(&self.audit);
         let caller = caller.clone();
+        let metrics = self.metrics.clone();
         let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
             let command = request.command.clone();
@@ -160,11 +169,25 @@ impl Sandbox {
             audit
                 .end(&exec_id, &caller, &command, &result, started.elapsed())
                 .await;
+            if let Some(metrics) = metrics {
+                metrics.observe_sandbox(outcome(&result), started.elapsed());
+            }
             result
         });
         // Dropping the join handle (the caller left) does not cancel the task.
         task.await
             .map_err(|e| SandboxError::Lost(format!("the command's task ended: {e}")))?
+    }
+}
+
+/// A command's outcome in one word, for the metrics.
+fn outcome(result: &Result<ExecOutput, SandboxError>) -> &'static str {
+    match result {
+        Err(_) => "error",
+        Ok(out) if out.timed_out => "timed_out",
+        Ok(out) if out.signal.is_some() => "signal",
+        Ok(out) if out.exit_code == Some(0) => "ok",
+        Ok(_) => "failed",
     }
 }
 

@@ -26,6 +26,7 @@ fn submission(
         Submission {
             request,
             events: tx,
+            submitted_at: std::time::Instant::now(),
         },
         rx,
     )

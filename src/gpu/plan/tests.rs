@@ -19,6 +19,8 @@ fn gpu(name: &str, bus: &str, total: u64, used: u64, cc: [u32; 2], display: bool
         memory_used: used,
         compute_capability: cc,
         utilization_percent: Some(0),
+        temperature_celsius: None,
+        power_watts: None,
         display_attached: display,
         other_process_memory: used,
     }
