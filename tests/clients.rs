@@ -1,0 +1,47 @@
+//! The dialects' own official client libraries (pinned in `tests/clients/requirements.txt`,
+//! installed into `target/clients-venv` by `.ci/setup`) against the real binary's server on the
+//! default model. Needs `--features real-model`.
+
+#![cfg(feature = "real-model")]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Runs `tests/clients/SCRIPT` with the venv's Python against a server started with `extra`.
+async fn run_client(script: &str, extra: &[&str]) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join("target/clients-venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run .ci/setup (it runs .ci/clients-venv)",
+        python.display()
+    );
+    let server = common::start(extra).await;
+    let base = format!("http://{}", server.addr);
+    let script = root.join("tests/clients").join(script);
+    // The client blocks; the server runs on this runtime's other threads meanwhile.
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .arg(base)
+            .arg(common::MODEL_ID)
+            .output()
+            .expect("the client script runs")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "client script failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    println!("{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_sdk_reads_embeddings_logprobs_and_metrics() {
+    run_client("openai_sdk.py", &["--parallel", "2", "--metrics"]).await;
+}
