@@ -28,6 +28,34 @@ pub enum Command {
     Sandbox(SandboxArgs),
     /// Tool-call helpers.
     Tools(ToolsArgs),
+    /// Model file checks.
+    Model(ModelArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    #[command(subcommand)]
+    pub command: ModelCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ModelCommand {
+    /// Compare llama.cpp's tokenization of a GGUF with Hugging Face's (`tokenizers`), built from
+    /// the GGUF's own vocabulary, merges and pre-tokenizer name, or from a tokenizer.json beside
+    /// it, over a corpus of hard cases. Exit status 1 when they differ.
+    Check(ModelCheckArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelCheckArgs {
+    /// The GGUF file.
+    pub model: std::path::PathBuf,
+    /// Texts to compare instead of the built-in corpus, one per line (`\n` and `\t` escapes).
+    #[arg(long)]
+    pub corpus: Option<std::path::PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -22,6 +22,7 @@ pub mod build_info;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod fidelity;
 pub mod gpu;
 pub mod metrics;
 pub mod sandbox;

@@ -17,7 +17,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,llama_cpp_2=warn".into()),
+                .unwrap_or_else(|_| "info,llama_cpp_2=warn,llama-cpp-2=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -32,6 +32,14 @@ fn main() -> anyhow::Result<()> {
         Command::Tools(args) => match &args.command {
             lm_sandbox::cli::ToolsCommand::Parse(parse) => {
                 lm_sandbox::tools::command::parse_command(parse)?
+            }
+        },
+        Command::Model(args) => match &args.command {
+            lm_sandbox::cli::ModelCommand::Check(check) => {
+                let code = lm_sandbox::fidelity::command::check(check)?;
+                if code != 0 {
+                    std::process::exit(code);
+                }
             }
         },
         Command::Sandbox(args) => {

@@ -697,3 +697,42 @@ async fn embeddings_rank_paraphrases_above_unrelated_sentences() {
     .await;
     assert_eq!(status, 200);
 }
+
+#[test]
+fn the_default_models_tokenizer_matches_hugging_faces() {
+    use lm_sandbox::fidelity::{compare, from_gguf, reference_tokenizer, CORPUS};
+    let path = common::model_path();
+    let llama = lm_sandbox::engine::load_vocabulary(&path).unwrap();
+    let (reference, source) = reference_tokenizer(&path).unwrap();
+    let report = compare(&llama, &reference, source, CORPUS).unwrap();
+    assert!(report.tokens > 300);
+    assert!(report.mismatches.is_empty(), "{:#?}", report.mismatches);
+    // The check has teeth: the same vocabulary under Llama 3's pre-tokenizer (newline runs split
+    // off whitespace, a punctuation mark joined to the word after it) differs on whitespace and
+    // code. (GPT-2's rules would not: this vocabulary has no multi-digit tokens, so grouping
+    // digits before BPE changes nothing.)
+    let mut header = lm_sandbox::gpu::gguf::read_header_with_arrays(&path).unwrap();
+    header.metadata.insert(
+        "tokenizer.ggml.pre".into(),
+        lm_sandbox::gpu::gguf::MetaValue::Str("llama3".into()),
+    );
+    let (wrong, source) = from_gguf(&header).unwrap();
+    let report = compare(&llama, &wrong, source, CORPUS).unwrap();
+    assert!(
+        report
+            .mismatches
+            .iter()
+            .any(|m| m.text.starts_with("tabs")),
+        "{:#?}",
+        report.mismatches
+    );
+    // The command says the same, with its exit status.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lm-sandbox"))
+        .args(["model", "check"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains(": 0 mismatch(es)"), "{stdout}");
+}

@@ -538,6 +538,20 @@ impl<'m> Embedder<'m> {
     }
 }
 
+/// llama.cpp's tokenizer for the GGUF at `path`, without its weights (`vocab_only`).
+pub fn load_vocabulary(path: &std::path::Path) -> Result<Tokenizer, LoadError> {
+    let backend = backend()?;
+    let params = LlamaModelParams::default().with_vocab_only(true);
+    let model =
+        LlamaModel::load_from_file(backend, path, &params).map_err(|e| LoadError::Model {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    Ok(Tokenizer {
+        model: Arc::new(model),
+    })
+}
+
 /// Tokenizes with the loaded model's vocabulary, from any thread.
 pub struct Tokenizer {
     model: Arc<LlamaModel>,

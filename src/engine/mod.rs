@@ -27,7 +27,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use detok::Utf8Decoder;
-pub use llama::{GpuOffload, LlamaEngineConfig, Tokenizer};
+pub use llama::{load_vocabulary, GpuOffload, LlamaEngineConfig, LoadError, Tokenizer};
 pub use logprobs::{TokenLogprob, TopLogprob, MAX_TOP_LOGPROBS};
 pub use runner::{BatchEntry, ModelRunner, RunnerError};
 pub use sampling::SamplingParams;

@@ -35,7 +35,12 @@ pub enum MetaValue {
     Float(f64),
     Bool(bool),
     Str(String),
-    Array { len: u64, ints: Vec<i64> },
+    Array {
+        len: u64,
+        ints: Vec<i64>,
+    },
+    /// A string array, kept only by [`read_header_with_arrays`] (the vocabulary, the merges).
+    Strings(Vec<String>),
 }
 
 impl MetaValue {
@@ -94,6 +99,9 @@ struct Reader<R> {
     /// allocated for it.
     len: u64,
     kept: usize,
+    /// Keep string arrays and long integer arrays (the tokenizer's tables) instead of skipping
+    /// them.
+    keep_arrays: bool,
 }
 
 impl<R: Read> Reader<R> {
@@ -186,8 +194,9 @@ impl<R: Read> Reader<R> {
         };
         let mut ints = Vec::new();
         match (item, fixed) {
-            // Integer arrays are small (per-layer head counts); keep them.
-            (0..=5 | 10 | 11, Some(_)) if len <= 4096 => {
+            // Integer arrays are small (per-layer head counts); keep them. Token types are long:
+            // kept when asked for.
+            (0..=5 | 10 | 11, Some(_)) if len <= 4096 || self.keep_arrays => {
                 for _ in 0..len {
                     if let MetaValue::Int(i) = self.scalar(item)? {
                         ints.push(i);
@@ -195,6 +204,14 @@ impl<R: Read> Reader<R> {
                 }
             }
             (_, Some(size)) => self.skip(len.saturating_mul(size))?,
+            (8, None) if self.keep_arrays => {
+                self.check_count("string array", len, 8)?;
+                // Each string is checked against the file and the kept-strings budget.
+                let strings = (0..len)
+                    .map(|_| self.string())
+                    .collect::<Result<Vec<_>, _>>()?;
+                return Ok(MetaValue::Strings(strings));
+            }
             // Strings (the vocabulary): skip each.
             (8, None) => {
                 self.check_count("string array", len, 8)?;
@@ -222,22 +239,44 @@ pub struct GgufHeader {
 
 /// Reads the header of the GGUF file at `path`.
 pub fn read_header(path: &Path) -> Result<GgufHeader, GgufError> {
+    open_header(path, false)
+}
+
+/// Reads the header keeping every array: the tokenizer's vocabulary, merges and token types.
+pub fn read_header_with_arrays(path: &Path) -> Result<GgufHeader, GgufError> {
+    open_header(path, true)
+}
+
+fn open_header(path: &Path, keep_arrays: bool) -> Result<GgufHeader, GgufError> {
     let io = |source| GgufError::Io {
         path: path.display().to_string(),
         source,
     };
     let file = File::open(path).map_err(io)?;
     let file_bytes = file.metadata().map_err(io)?.len();
-    parse_header(BufReader::with_capacity(1 << 20, file), file_bytes)
+    read(
+        BufReader::with_capacity(1 << 20, file),
+        file_bytes,
+        keep_arrays,
+    )
 }
 
 /// Reads a GGUF header from `source`, which holds `file_bytes` bytes. Every count and size is
 /// checked against the file before it is used (see the `MAX_*` bounds).
 pub fn parse_header(source: impl Read + Seek, file_bytes: u64) -> Result<GgufHeader, GgufError> {
+    read(source, file_bytes, false)
+}
+
+fn read(
+    source: impl Read + Seek,
+    file_bytes: u64,
+    keep_arrays: bool,
+) -> Result<GgufHeader, GgufError> {
     let mut r = Reader {
         inner: source,
         len: file_bytes,
         kept: 0,
+        keep_arrays,
     };
     let magic = r.bytes::<4>()?;
     if &magic != b"GGUF" {
