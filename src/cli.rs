@@ -30,6 +30,22 @@ pub enum Command {
     Tools(ToolsArgs),
     /// Model file checks.
     Model(ModelArgs),
+    /// A refreshing terminal view of a running server (models, sequences, queue, tokens/s, TTFT,
+    /// GPU memory against the plan), from its /metrics, /health and /v1/placement.
+    Top(TopArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TopArgs {
+    /// The server, e.g. http://127.0.0.1:8080.
+    #[arg(default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// A key for servers that have keys (/metrics is behind it unless --metrics-public).
+    #[arg(long, env = "LM_SANDBOX_API_KEY")]
+    pub api_key: Option<String>,
+    /// Seconds between readings.
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -29,3 +29,4 @@ pub mod sandbox;
 pub mod server;
 pub mod template;
 pub mod tools;
+pub mod top;

@@ -434,3 +434,130 @@ impl Metrics {
 
 /// The content type of [`Metrics::encode`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// One sample of a metrics text: name, labels, value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+impl Sample {
+    /// The value of label `key`.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The samples of a text [`Metrics::encode`] wrote (`lm-sandbox top` reads a server's
+/// `/metrics` with it). Written here rather than taken from a crate: the maintained Rust parser
+/// (`prometheus-parse`) refuses the colons of llama-server's metric names. It reads sample lines
+/// only — `name{k="v",…} value` — and skips comments and lines it cannot read; label values are
+/// taken as written (this exporter's values have no escapes).
+pub fn read_samples(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let value = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v.parse().ok()?,
+            };
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .map(|pair| {
+                    let (k, v) = pair.split_once('=')?;
+                    Some((k.to_owned(), v.trim_matches('"').to_owned()))
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Some(Sample {
+                name: name.to_owned(),
+                labels,
+                value,
+            })
+        })
+        .collect()
+}
+
+/// Prometheus's `histogram_quantile`: the `q` quantile of cumulative `(le, count)` buckets,
+/// interpolated linearly inside the bucket it falls in. `None` with no observations.
+pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                // Past the last finite bound: say the bound.
+                return Some(lower.0);
+            }
+            let in_bucket = count - lower.1;
+            let fraction = if in_bucket > 0.0 {
+                (rank - lower.1) / in_bucket
+            } else {
+                0.0
+            };
+            return Some(lower.0 + (le - lower.0) * fraction);
+        }
+        lower = (le, count);
+    }
+    Some(lower.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_read_back_what_encode_wrote() {
+        let metrics = Metrics::new();
+        metrics.observe_request(
+            "/v1/chat/completions",
+            "POST",
+            200,
+            Duration::from_millis(3),
+        );
+        let text = metrics.encode(&[], None);
+        let samples = read_samples(&text);
+        let count = samples
+            .iter()
+            .find(|s| s.name == "lmsandbox_request_duration_seconds_count")
+            .unwrap();
+        assert_eq!(count.value, 1.0);
+        assert_eq!(count.label("route"), Some("/v1/chat/completions"));
+        assert!(samples
+            .iter()
+            .any(|s| s.name == "lmsandbox_request_duration_seconds_bucket"
+                && s.label("le") == Some("+Inf")));
+    }
+
+    #[test]
+    fn quantiles_interpolate_inside_buckets() {
+        let buckets = [
+            (0.1, 0.0),
+            (0.2, 50.0),
+            (0.4, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        assert_eq!(histogram_quantile(0.5, &buckets), Some(0.2));
+        assert!((histogram_quantile(0.75, &buckets).unwrap() - 0.3).abs() < 1e-9);
+        assert_eq!(histogram_quantile(0.5, &[(f64::INFINITY, 0.0)]), None);
+        assert_eq!(
+            histogram_quantile(0.99, &[(1.0, 0.0), (f64::INFINITY, 5.0)]),
+            Some(1.0)
+        );
+    }
+}

@@ -1667,45 +1667,12 @@ async fn embeddings_take_every_input_shape_and_encode_floats_and_base64() {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
-/// Samples of a metrics text: `(name, labels, value)`. A quick reader for these assertions; the
-/// Prometheus project's own OpenMetrics parser checks the real server's text in
-/// `tests/clients.rs`.
-/// A sample: name, labels, value.
-type Sample = (String, Vec<(String, String)>, f64);
-
-fn samples(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|line| {
-            let (series, value) = line.rsplit_once(' ').unwrap();
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => (name, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split("\",")
-                .filter(|p| !p.is_empty())
-                .map(|pair| {
-                    let (k, v) = pair.split_once('=').unwrap();
-                    (k.to_owned(), v.trim_matches('"').to_owned())
-                })
-                .collect();
-            (name.to_owned(), labels, value.parse().unwrap())
-        })
-        .collect()
-}
-
 /// The value of the sample `name` whose labels include every pair of `labels`.
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    samples(text)
+    lm_sandbox::metrics::read_samples(text)
         .into_iter()
-        .find(|(n, l, _)| {
-            n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
-        })
-        .map(|(_, _, v)| v)
+        .find(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
+        .map(|s| s.value)
         .unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{text}"))
 }
 
@@ -1801,18 +1768,18 @@ async fn metrics_count_requests_tokens_and_gpus_in_prometheus_text() {
         "lmsandbox_time_per_output_token_seconds",
         "lmsandbox_prompt_tokens",
     ] {
-        let buckets: Vec<(f64, f64)> = samples(&after)
+        let buckets: Vec<(f64, f64)> = lm_sandbox::metrics::read_samples(&after)
             .into_iter()
-            .filter(|(n, _, _)| *n == format!("{name}_bucket"))
-            .map(|(_, labels, v)| {
-                let le = &labels.iter().find(|(k, _)| k == "le").unwrap().1;
+            .filter(|s| s.name == format!("{name}_bucket"))
+            .map(|s| {
+                let le = s.label("le").unwrap();
                 (
                     if le == "+Inf" {
                         f64::INFINITY
                     } else {
                         le.parse().unwrap()
                     },
-                    v,
+                    s.value,
                 )
             })
             .collect();
@@ -1856,4 +1823,75 @@ async fn metrics_count_requests_tokens_and_gpus_in_prometheus_text() {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn top_renders_a_live_servers_models_rates_and_gpus() {
+    use lm_sandbox::top::{render, Snapshot, View};
+    use ratatui::backend::TestBackend;
+    use ratatui::Terminal;
+    let (placement, inventory) = fake_placement();
+    let (_gpus_tx, gpus_rx) = watch::channel(inventory);
+    let engine = FakeRunner::new(Duration::ZERO).spawn(WorkerConfig {
+        n_seq: 2,
+        n_batch: 64,
+        n_ctx_seq: 256,
+        max_queue: 4,
+    });
+    let mut config = api_config(&[]);
+    config.metrics = true;
+    let app = router(AppState::with_placement(engine, config, placement, gpus_rx));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = reqwest::Client::new();
+    let before = Snapshot::fetch(&client, &url, None).await.unwrap();
+    for _ in 0..3 {
+        let response = client
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&chat("hello there"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let now = Snapshot::fetch(&client, &url, None).await.unwrap();
+    let view = View::new(&url, &now, Some(&before));
+    let model = &view.models[0];
+    assert_eq!(model.id, MODEL);
+    assert_eq!(model.state, "ready");
+    assert_eq!(model.active, Some(0.0));
+    assert!(model.tokens_per_second.unwrap() > 0.0, "{model:?}");
+    assert!(model.ttft_p50.is_some() && model.ttft_p95 >= model.ttft_p50);
+    assert_eq!(view.gpus[0].name, "Fake GPU");
+    assert!(view.gpus[0].planned.unwrap() > 0);
+
+    let mut terminal = Terminal::new(TestBackend::new(110, 14)).unwrap();
+    terminal.draw(|frame| render(frame, &view)).unwrap();
+    let screen: String = terminal
+        .backend()
+        .buffer()
+        .content()
+        .chunks(110)
+        .map(|row| row.iter().map(|c| c.symbol()).collect::<String>() + "\n")
+        .collect();
+    for expected in [
+        "lm-sandbox top",
+        "Models",
+        MODEL,
+        "ready",
+        "TTFT p95",
+        "Fake GPU",
+        "00000000:01:00.0",
+        "0 MiB / 8192 MiB",
+        "requests in flight",
+    ] {
+        assert!(
+            screen.contains(expected),
+            "{expected:?} missing from\n{screen}"
+        );
+    }
+    // The tokens/s cell shows a number, not a dash.
+    let row = screen.lines().find(|l| l.contains(MODEL)).unwrap();
+    assert!(!row.contains('—'), "{row}");
 }

@@ -719,10 +719,7 @@ fn the_default_models_tokenizer_matches_hugging_faces() {
     let (wrong, source) = from_gguf(&header).unwrap();
     let report = compare(&llama, &wrong, source, CORPUS).unwrap();
     assert!(
-        report
-            .mismatches
-            .iter()
-            .any(|m| m.text.starts_with("tabs")),
+        report.mismatches.iter().any(|m| m.text.starts_with("tabs")),
         "{:#?}",
         report.mismatches
     );
