@@ -49,42 +49,53 @@ impl Shaping {
     }
 
     /// The log-probability of `chosen` and the `top_n` most likely tokens with theirs, from one
-    /// row of logits (indexed by token id).
+    /// row of logits (indexed by token id). Two passes over the row and no allocation of its size
+    /// (the row is copied only when there are biases): it runs once per generated token.
     pub fn logprobs(
         &self,
         logits: &[f32],
         chosen: Token,
         top_n: usize,
     ) -> (f32, Vec<(Token, f32)>) {
-        let mut shaped: Vec<f32> = logits.to_vec();
-        for &(token, bias) in &self.logit_bias {
-            if let Some(logit) = shaped.get_mut(token as usize) {
-                *logit += bias;
+        let biased;
+        let shaped: &[f32] = if self.logit_bias.is_empty() {
+            logits
+        } else {
+            let mut copy = logits.to_vec();
+            for &(token, bias) in &self.logit_bias {
+                if let Some(logit) = copy.get_mut(token as usize) {
+                    *logit += bias;
+                }
+            }
+            biased = copy;
+            &biased
+        };
+        let inv_t = 1.0 / self.temperature;
+        // Pass 1: the maximum, and the `top_n` largest (kept sorted, largest first; ties keep
+        // the lower token id first).
+        let mut max = f32::NEG_INFINITY;
+        let mut top: Vec<(f32, usize)> = Vec::with_capacity(top_n + 1);
+        for (i, &l) in shaped.iter().enumerate() {
+            max = max.max(l);
+            if top_n > 0 && (top.len() < top_n || l > top[top.len() - 1].0) {
+                let at = top.partition_point(|&(t, _)| t >= l);
+                top.insert(at, (l, i));
+                top.truncate(top_n);
             }
         }
-        let inv_t = 1.0 / self.temperature;
-        let max = shaped.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        // log-sum-exp around the maximum, in f64 so 150 000 terms lose nothing.
+        // Pass 2: log-sum-exp around the maximum, summed in f64 so 150 000 terms lose nothing.
         let sum: f64 = shaped
             .iter()
-            .map(|&l| f64::from((l - max) * inv_t).exp())
+            .map(|&l| f64::from(((l - max) * inv_t).exp()))
             .sum();
         let log_z = sum.ln() as f32;
         let logprob = |l: f32| (l - max) * inv_t - log_z;
         let chosen_lp = shaped
             .get(chosen as usize)
             .map_or(f32::NEG_INFINITY, |&l| logprob(l));
-        let top_n = top_n.min(shaped.len());
-        let mut order: Vec<usize> = (0..shaped.len()).collect();
-        let by_logit_desc = |a: &usize, b: &usize| shaped[*b].total_cmp(&shaped[*a]).then(a.cmp(b));
-        if top_n > 0 && top_n < order.len() {
-            order.select_nth_unstable_by(top_n - 1, by_logit_desc);
-        }
-        order.truncate(top_n);
-        order.sort_unstable_by(by_logit_desc);
-        let top = order
+        let top = top
             .into_iter()
-            .map(|i| (i as Token, logprob(shaped[i])))
+            .map(|(l, i)| (i as Token, logprob(l)))
             .collect();
         (chosen_lp, top)
     }
