@@ -10,11 +10,12 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::JsonObject;
 use super::generate::{self, finish_reason, prepare, Prepared, PromptJob, Timings};
+use super::inputs::{text_or_tokens, Input};
 use super::logprobs::CompletionLogprobs;
 use super::params::token_budget;
 use super::sse::{ChunkHeader, ChunkShape};
 use super::AppState;
-use crate::engine::{FinishReason, GenerationStats, Token, TokenLogprob};
+use crate::engine::{FinishReason, GenerationStats, TokenLogprob};
 
 #[derive(Debug, Deserialize)]
 struct CompletionFields {
@@ -23,76 +24,6 @@ struct CompletionFields {
     suffix: Option<String>,
     best_of: Option<i64>,
     logprobs: Option<i64>,
-}
-
-/// A prompt as given: text to tokenize, or tokens.
-enum Prompt {
-    Text(String),
-    Tokens(Vec<Token>),
-}
-
-fn token_list(items: &[Value], param: &str, n_vocab: i32) -> Result<Vec<Token>, ApiError> {
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            item.as_i64()
-                .filter(|t| (0..i64::from(n_vocab)).contains(t))
-                .map(|t| t as Token)
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        format!("{param}[{i}]"),
-                        format!(
-                            "token ids must be integers between 0 and {}; got {item}",
-                            n_vocab - 1
-                        ),
-                    )
-                })
-        })
-        .collect()
-}
-
-fn prompts(value: &Value, n_vocab: i32) -> Result<Vec<Prompt>, ApiError> {
-    let shape_error = || {
-        ApiError::invalid(
-            "prompt",
-            "`prompt` must be a string, an array of strings, an array of token ids, or an array of token-id arrays",
-        )
-    };
-    match value {
-        Value::String(s) => Ok(vec![Prompt::Text(s.clone())]),
-        Value::Array(items) if items.is_empty() => {
-            Err(ApiError::invalid("prompt", "`prompt` must not be empty"))
-        }
-        Value::Array(items) => match &items[0] {
-            Value::String(_) => items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| {
-                    item.as_str()
-                        .map(|s| Prompt::Text(s.to_owned()))
-                        .ok_or_else(|| {
-                            ApiError::invalid(
-                                format!("prompt[{i}]"),
-                                "expected a string like the first entry",
-                            )
-                        })
-                })
-                .collect(),
-            Value::Number(_) => Ok(vec![Prompt::Tokens(token_list(items, "prompt", n_vocab)?)]),
-            Value::Array(_) => items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| {
-                    let param = format!("prompt[{i}]");
-                    let list = item.as_array().ok_or_else(shape_error)?;
-                    Ok(Prompt::Tokens(token_list(list, &param, n_vocab)?))
-                })
-                .collect(),
-            _ => Err(shape_error()),
-        },
-        _ => Err(shape_error()),
-    }
 }
 
 pub async fn completions(
@@ -128,12 +59,12 @@ pub async fn completions(
              does not compute; drop one of them",
         ));
     }
-    let prompts = prompts(&fields.prompt, loaded.info.n_vocab)?;
+    let prompts = text_or_tokens(&fields.prompt, "prompt", loaded.info.n_vocab, None)?;
     let mut jobs = Vec::with_capacity(prompts.len());
     let mut echoes = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.into_iter().enumerate() {
         let (tokens, text) = match prompt {
-            Prompt::Text(text) => (
+            Input::Text(text) => (
                 super::prompt::tokenize_off_runtime(
                     std::sync::Arc::clone(&loaded),
                     text.clone(),
@@ -143,10 +74,10 @@ pub async fn completions(
                 text,
             ),
             // Echoing a token prompt would need detokenization on this side; say so.
-            Prompt::Tokens(_) if echo => {
+            Input::Tokens(_) if echo => {
                 return Err(ApiError::invalid("echo", "`echo` needs a text prompt"));
             }
-            Prompt::Tokens(tokens) => (tokens, String::new()),
+            Input::Tokens(tokens) => (tokens, String::new()),
         };
         if tokens.is_empty() {
             return Err(ApiError::invalid(

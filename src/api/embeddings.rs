@@ -13,8 +13,9 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::extract::{parse, JsonObject};
+use super::inputs::{text_or_tokens, Input};
 use super::AppState;
-use crate::engine::{SubmitError, Token};
+use crate::engine::SubmitError;
 
 /// OpenAI's limit on inputs per request.
 pub const MAX_INPUTS: usize = 2048;
@@ -25,83 +26,6 @@ struct EmbeddingFields {
     input: Value,
     encoding_format: Option<String>,
     dimensions: Option<i64>,
-}
-
-/// One input as given.
-enum Input {
-    Text(String),
-    Tokens(Vec<Token>),
-}
-
-fn inputs(value: &Value, n_vocab: i32) -> Result<Vec<Input>, ApiError> {
-    let shape = || {
-        ApiError::invalid(
-            "input",
-            "`input` must be a string, an array of strings, an array of token ids, or an array of token-id arrays",
-        )
-    };
-    let tokens = |items: &[Value], param: &str| -> Result<Vec<Token>, ApiError> {
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| {
-                item.as_i64()
-                    .filter(|t| (0..i64::from(n_vocab)).contains(t))
-                    .map(|t| t as Token)
-                    .ok_or_else(|| {
-                        ApiError::invalid(
-                            format!("{param}[{i}]"),
-                            format!(
-                                "token ids must be integers between 0 and {}; got {item}",
-                                n_vocab - 1
-                            ),
-                        )
-                    })
-            })
-            .collect()
-    };
-    let list = match value {
-        Value::String(s) => return Ok(vec![Input::Text(s.clone())]),
-        Value::Array(items) if items.is_empty() => {
-            return Err(ApiError::invalid("input", "`input` must not be empty"))
-        }
-        Value::Array(items) => items,
-        _ => return Err(shape()),
-    };
-    if list.len() > MAX_INPUTS {
-        return Err(ApiError::out_of_range(
-            "input",
-            &format!("at most {MAX_INPUTS} inputs"),
-            list.len(),
-        ));
-    }
-    match &list[0] {
-        Value::Number(_) => Ok(vec![Input::Tokens(tokens(list, "input")?)]),
-        Value::String(_) => list
-            .iter()
-            .enumerate()
-            .map(|(i, item)| {
-                item.as_str()
-                    .map(|s| Input::Text(s.to_owned()))
-                    .ok_or_else(|| {
-                        ApiError::invalid(
-                            format!("input[{i}]"),
-                            "expected a string like the first entry",
-                        )
-                    })
-            })
-            .collect(),
-        Value::Array(_) => list
-            .iter()
-            .enumerate()
-            .map(|(i, item)| {
-                let param = format!("input[{i}]");
-                let items = item.as_array().ok_or_else(shape)?;
-                Ok(Input::Tokens(tokens(items, &param)?))
-            })
-            .collect(),
-        _ => Err(shape()),
-    }
 }
 
 /// Truncates to `dimensions` (when given) and scales to unit L2 length (a zero vector stays zero).
@@ -157,7 +81,7 @@ pub async fn embeddings(
             ))
         }
     };
-    let given = inputs(&fields.input, info.n_vocab)?;
+    let given = text_or_tokens(&fields.input, "input", info.n_vocab, Some(MAX_INPUTS))?;
     let texts: Vec<Option<String>> = given
         .iter()
         .map(|i| match i {

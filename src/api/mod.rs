@@ -13,6 +13,7 @@ mod embeddings;
 pub mod error;
 mod extract;
 mod generate;
+mod inputs;
 mod limits;
 mod logprobs;
 mod models;
