@@ -5,32 +5,17 @@ per input: the HTTP status (or `timeout` / `no answer`), then whether the proces
 and a normal request still succeeded. Restarts the server when it died. Used for the before/after
 table in the hardening issue's closing note."""
 import http.client
+import os
 import json
 import socket
-import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serving import start  # noqa: E402
+
 binary, model = sys.argv[1], sys.argv[2]
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
-
-
-def start():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "serve", "-m", model, "--port", str(port), "-t", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(150):
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            c.request("GET", "/health")
-            if c.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("server did not start")
 
 
 def chat(port, extra, timeout=10):
@@ -77,7 +62,7 @@ cases = [
     ("stop: one string of 100000 bytes", {"stop": ["x" * 100000]}),
     ("n: 128 (over the queue of 64)", {"n": 128}),
 ]
-proc, port = start()
+proc, port = start(binary, model)
 print(f"binary: {binary}")
 for name, extra in cases:
     status = chat(port, extra)
@@ -88,5 +73,5 @@ for name, extra in cases:
     if not alive or after != "200":
         proc.kill()
         proc.wait()
-        proc, port = start()
+        proc, port = start(binary, model)
 proc.kill()

@@ -9,36 +9,20 @@ Starts `serve -t 2` on a free port and measures, interleaved A-B-A-B for ROUNDS 
   `timings.predicted_per_second`, which excludes the prompt).
 """
 import http.client
+import os
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serving import start  # noqa: E402
 
 binary, model = sys.argv[1], sys.argv[2]
 rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 SENTENCES = [f"Sentence number {i} is about {topic}." for i, topic in enumerate(
     ["cats", "rivers", "stocks", "music", "rockets", "bread", "chess", "rain"] * 4)]
-
-
-def start():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "serve", "-m", model, "--port", str(port), "-t", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(150):
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            c.request("GET", "/health")
-            if c.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("server did not start")
 
 
 def post(port, path, body):
@@ -71,7 +55,7 @@ def decode_rate(port, top_logprobs):
     return data["timings"]["predicted_per_second"]
 
 
-proc, port = start()
+proc, port = start(binary, model)
 try:
     # Warm up: the embedding context is made on first use.
     embeddings_per_second(port, 1, total=2)
