@@ -35,11 +35,15 @@ fn api_config(keys: &[&str]) -> ApiConfig {
 }
 
 fn harness_with(config: WorkerConfig, delay: Duration, keys: &[&str]) -> Harness {
+    harness_with_api(config, delay, api_config(keys))
+}
+
+fn harness_with_api(config: WorkerConfig, delay: Duration, api: ApiConfig) -> Harness {
     let runner = FakeRunner::new(delay);
     let log = Arc::clone(&runner.log);
     let engine = runner.spawn(config);
     Harness {
-        app: router(AppState::new(engine, api_config(keys))),
+        app: router(AppState::new(engine, api)),
         log,
     }
 }
@@ -624,7 +628,9 @@ async fn wait_for(log: &Arc<Mutex<FakeLog>>, what: &str, done: impl Fn(&FakeLog)
 
 #[tokio::test]
 async fn a_full_queue_is_429_with_retry_after() {
-    let h = harness_with(
+    let mut api = api_config(&[]);
+    api.metrics = true;
+    let h = harness_with_api(
         WorkerConfig {
             n_seq: 1,
             n_batch: 64,
@@ -632,7 +638,7 @@ async fn a_full_queue_is_429_with_retry_after() {
             max_queue: 1,
         },
         Duration::from_millis(20),
-        &[],
+        api,
     );
     let long = chat(&"z".repeat(300));
     let spawn_send = |body: Value| {
@@ -648,6 +654,20 @@ async fn a_full_queue_is_429_with_retry_after() {
     assert_eq!(headers[header::RETRY_AFTER], "1");
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(error_of(&body)["code"], "queue_full");
+    // Counted as shed, and visible while the queue is full.
+    let (_, _, text) = send(
+        &h.app,
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
+    let queue_full = [("reason", "queue_full")];
+    assert_eq!(
+        sample(&text, "lmsandbox_requests_shed_total", &queue_full),
+        1.0
+    );
+    let model = [("model", MODEL)];
+    assert_eq!(sample(&text, "llamacpp:requests_processing", &model), 1.0);
+    assert_eq!(sample(&text, "llamacpp:requests_deferred", &model), 1.0);
     running.abort();
     queued.abort();
 }
@@ -939,6 +959,7 @@ async fn the_sandbox_route_exists_only_with_a_sandbox_and_maps_its_errors() {
     });
     let mut config = api_config(&[]);
     config.api_keys = ApiKey::list(&["plain".into()], &["runner".into()]);
+    config.metrics = true;
     let app = router(AppState::from_parts(engine, config, None, Some(sandbox)));
     let with_key = |key: &str, body: Value| {
         let mut request = post("/sandbox/exec", body);
@@ -989,6 +1010,22 @@ async fn the_sandbox_route_exists_only_with_a_sandbox_and_maps_its_errors() {
         "a start and an end line for each of the three commands that were run: {lines}"
     );
     std::fs::remove_file(&audit).unwrap();
+    // The metrics count each command by outcome, from the same end-of-command task.
+    let mut scrape = Request::get("/metrics").body(Body::empty()).unwrap();
+    scrape
+        .headers_mut()
+        .insert(header::AUTHORIZATION, "Bearer plain".parse().unwrap());
+    let (status, _, text) = send(&app, scrape).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    for (outcome, count) in [("ok", 1.0), ("error", 2.0)] {
+        let labels = [("outcome", outcome)];
+        assert_eq!(
+            sample(&text, "lmsandbox_sandbox_commands_total", &labels),
+            count
+        );
+        let name = "lmsandbox_sandbox_command_duration_seconds_count";
+        assert_eq!(sample(&text, name, &labels), count);
+    }
 }
 
 // ---- Tool calls, scripted: a template that renders only the last message, so the echo model
