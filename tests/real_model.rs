@@ -733,3 +733,25 @@ fn the_default_models_tokenizer_matches_hugging_faces() {
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains(": 0 mismatch(es)"), "{stdout}");
 }
+
+#[test]
+fn a_tokenizer_json_beside_the_gguf_is_the_reference() {
+    use lm_sandbox::fidelity::{compare, from_gguf, reference_tokenizer, Reference, CORPUS};
+    let path = common::model_path();
+    let dir = std::env::temp_dir().join(format!("lmsbx-tokjson-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let linked = dir.join("model.gguf");
+    let _ = std::fs::remove_file(&linked);
+    std::os::unix::fs::symlink(&path, &linked).unwrap();
+    // A tokenizer.json written from the GGUF's own tables: the check must pick it up.
+    let header = lm_sandbox::gpu::gguf::read_header_with_arrays(&path).unwrap();
+    let (built, _) = from_gguf(&header).unwrap();
+    let json = dir.join("tokenizer.json");
+    built.save(&json, false).unwrap();
+    let (reference, source) = reference_tokenizer(&linked).unwrap();
+    assert_eq!(source, Reference::TokenizerJson(json));
+    let llama = lm_sandbox::engine::load_vocabulary(&linked).unwrap();
+    let report = compare(&llama, &reference, source, CORPUS).unwrap();
+    assert!(report.mismatches.is_empty(), "{:#?}", report.mismatches);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
