@@ -302,7 +302,7 @@ impl ServeConfig {
             .map_or(0, |d| d.as_secs());
         Ok(Self {
             engine: LlamaEngineConfig {
-                model_path: args.model,
+                model_path: args.model.clone(),
                 model_id: stem,
                 n_ctx: args.ctx_size,
                 n_seq: args.parallel,
@@ -328,6 +328,7 @@ impl ServeConfig {
                 health_build_info: args.health_build_info,
                 metrics: args.metrics,
                 metrics_public: args.metrics_public,
+                model_path: Some(args.model.clone()),
             },
             host: args.host,
             port: args.port,

@@ -45,3 +45,8 @@ async fn run_client(script: &str, extra: &[&str]) {
 async fn the_openai_python_sdk_reads_embeddings_logprobs_and_metrics() {
     run_client("openai_sdk.py", &["--parallel", "2", "--metrics"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ollama_python_library_lists_shows_chats_generates_and_embeds() {
+    run_client("ollama_client.py", &["--parallel", "2"]).await;
+}

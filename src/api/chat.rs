@@ -205,18 +205,102 @@ pub(super) async fn render_request(
     super::prompt::rendered_off_runtime(loaded, messages, tools).await
 }
 
+/// A chat request under way: the shell loop's response, or the engine's receivers for the caller's
+/// dialect to shape.
+pub(super) enum ChatStart {
+    Loop(Response),
+    Generation(StartedChat),
+}
+
+/// A submitted chat generation.
+pub(super) struct StartedChat {
+    /// The served name the client asked for.
+    pub model: String,
+    pub options: super::params::GenerationOptions,
+    /// The request's tools: their output is parsed into calls.
+    pub tools: Option<Arc<ToolRequest>>,
+    pub receivers: Vec<tokio::sync::mpsc::Receiver<crate::engine::GenerationEvent>>,
+}
+
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(RequestId(request_id)): Extension<RequestId>,
     authenticated: Option<Extension<Authenticated>>,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
+    let authenticated = authenticated.map(|Extension(a)| a);
+    let StartedChat {
+        model,
+        options,
+        tools,
+        receivers,
+    } = match start_chat(&state, &request_id, authenticated.as_ref(), &body).await? {
+        ChatStart::Loop(response) => return Ok(response),
+        ChatStart::Generation(started) => started,
+    };
+    let header = ChunkHeader::chat(&state, model, options.include_usage);
+    let choices = receivers.len();
+    let stream_tools = tools.clone();
+    let wants_logprobs = options.logprobs.is_some();
+    let logprobs_of = move |c: &generate::Completed| {
+        if wants_logprobs {
+            super::logprobs::chat(&c.logprobs)
+        } else {
+            Value::Null
+        }
+    };
+    generate::respond(
+        receivers,
+        &options,
+        header,
+        "chat.completion",
+        move |header| ChatChunks {
+            header,
+            streams: stream_tools.map(|t| (t, (0..choices).map(|_| ToolStream::new()).collect())),
+            held_logprobs: wants_logprobs.then(|| vec![Vec::new(); choices]),
+        },
+        |i, c| match &tools {
+            None => json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text, "refusal": null},
+                "logprobs": logprobs_of(c),
+                "finish_reason": c.reason.map(finish_reason),
+            }),
+            Some(tools) => {
+                let truncated = c.reason == Some(FinishReason::Length);
+                let (message, has_calls) = tools.finish(&c.text, truncated);
+                let reason = if has_calls {
+                    "tool_calls"
+                } else {
+                    c.reason.map_or("stop", finish_reason)
+                };
+                json!({
+                    "index": i,
+                    "message": message.to_json(),
+                    "logprobs": logprobs_of(c),
+                    "finish_reason": reason,
+                })
+            }
+        },
+    )
+    .await
+}
+
+/// Everything a chat request does before its output is shaped: validation, tools, grammars, the
+/// shell loop, the prompt, the budget and the submission. Shared by the OpenAI and Ollama routes.
+pub(super) async fn start_chat(
+    state: &AppState,
+    request_id: &str,
+    authenticated: Option<&Authenticated>,
+    body: &Value,
+) -> Result<ChatStart, ApiError> {
+    let state = state.clone();
     let Prepared {
         model,
         loaded,
         mut options,
         fields: chat,
-    } = prepare::<ChatFields>(&state, &body)?;
+    } = prepare::<ChatFields>(&state, body)?;
     if chat.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
@@ -238,8 +322,8 @@ pub async fn chat_completions(
     let shell = shell_loop::wanted(
         &state,
         &sandbox_request,
-        authenticated.as_ref().map(|Extension(a)| a),
-        &request_id,
+        authenticated,
+        request_id,
         options.n,
     )?;
     // With the shell loop, the built-in `shell` tool joins the client's (and may be named in
@@ -316,7 +400,9 @@ pub async fn chat_completions(
             ));
         }
         let loop_tools = Arc::new(loop_tools);
-        return shell_loop::run(state.clone(), model, options, messages, loop_tools, shell).await;
+        return shell_loop::run(state.clone(), model, options, messages, loop_tools, shell)
+            .await
+            .map(ChatStart::Loop);
     }
     let tokens = tokens_off_runtime(Arc::clone(&loaded), messages, tools.clone()).await?;
     let max_new_tokens = token_budget(
@@ -330,53 +416,12 @@ pub async fn chat_completions(
         max_new_tokens,
     };
     let receivers = generate::submit(&state.engine(), vec![job], &options)?;
-    let header = ChunkHeader::chat(&state, model, options.include_usage);
-    let tools = tools.map(Arc::new);
-    let choices = receivers.len();
-    let stream_tools = tools.clone();
-    let wants_logprobs = options.logprobs.is_some();
-    let logprobs_of = move |c: &generate::Completed| {
-        if wants_logprobs {
-            super::logprobs::chat(&c.logprobs)
-        } else {
-            Value::Null
-        }
-    };
-    generate::respond(
+    Ok(ChatStart::Generation(StartedChat {
+        model,
+        options,
+        tools: tools.map(Arc::new),
         receivers,
-        &options,
-        header,
-        "chat.completion",
-        move |header| ChatChunks {
-            header,
-            streams: stream_tools.map(|t| (t, (0..choices).map(|_| ToolStream::new()).collect())),
-            held_logprobs: wants_logprobs.then(|| vec![Vec::new(); choices]),
-        },
-        |i, c| match &tools {
-            None => json!({
-                "index": i,
-                "message": {"role": "assistant", "content": c.text, "refusal": null},
-                "logprobs": logprobs_of(c),
-                "finish_reason": c.reason.map(finish_reason),
-            }),
-            Some(tools) => {
-                let truncated = c.reason == Some(FinishReason::Length);
-                let (message, has_calls) = tools.finish(&c.text, truncated);
-                let reason = if has_calls {
-                    "tool_calls"
-                } else {
-                    c.reason.map_or("stop", finish_reason)
-                };
-                json!({
-                    "index": i,
-                    "message": message.to_json(),
-                    "logprobs": logprobs_of(c),
-                    "finish_reason": reason,
-                })
-            }
-        },
-    )
-    .await
+    }))
 }
 
 /// Chunks of `chat.completion.chunk`.

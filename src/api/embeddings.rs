@@ -52,11 +52,49 @@ pub fn base64_vector(v: &[f32]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// Finished vectors (truncated, normalised) of an embeddings request.
+pub struct Embedded {
+    pub model: String,
+    pub data: Vec<Vec<f32>>,
+    pub prompt_tokens: usize,
+    pub base64: bool,
+}
+
 pub async fn embeddings(
     State(state): State<AppState>,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    let fields: EmbeddingFields = parse(&body)?;
+    let Embedded {
+        model,
+        data,
+        prompt_tokens,
+        base64,
+    } = run(&state, &body).await?;
+    let data: Vec<Value> = data
+        .into_iter()
+        .enumerate()
+        .map(|(index, v)| {
+            let embedding = if base64 {
+                json!(base64_vector(&v))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }))
+    .into_response())
+}
+
+/// Validates an OpenAI embeddings body, runs it, and finishes the vectors (shared with Ollama's
+/// `/api/embed`).
+pub(super) async fn run(state: &AppState, body: &Value) -> Result<Embedded, ApiError> {
+    let fields: EmbeddingFields = parse(body)?;
     let model = state.resolve_model(&fields.model)?;
     let loaded = state.loaded()?;
     let info = &loaded.info;
@@ -138,26 +176,15 @@ pub async fn embeddings(
             ApiError::EngineFailed("the engine stopped before the embeddings were made".into())
         })?
         .map_err(ApiError::EngineFailed)?;
-    let data: Vec<Value> = vectors
-        .into_iter()
-        .enumerate()
-        .map(|(index, v)| {
-            let v = finish_vector(v, dimensions);
-            let embedding = if base64 {
-                json!(base64_vector(&v))
-            } else {
-                json!(v)
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
-        })
-        .collect();
-    Ok(axum::Json(json!({
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-    }))
-    .into_response())
+    Ok(Embedded {
+        model,
+        data: vectors
+            .into_iter()
+            .map(|v| finish_vector(v, dimensions))
+            .collect(),
+        prompt_tokens,
+        base64,
+    })
 }
 
 #[cfg(test)]

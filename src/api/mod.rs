@@ -17,6 +17,7 @@ mod inputs;
 mod limits;
 mod logprobs;
 mod models;
+mod ollama;
 mod params;
 mod prompt;
 mod sandbox;
@@ -73,6 +74,8 @@ pub struct ApiConfig {
     pub metrics: bool,
     /// `/metrics` needs no key (`--metrics-public`).
     pub metrics_public: bool,
+    /// The model file, for what Ollama's `/api/show` and `/api/tags` read from its header.
+    pub model_path: Option<std::path::PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -91,6 +94,7 @@ impl Default for ApiConfig {
             health_build_info: false,
             metrics: false,
             metrics_public: false,
+            model_path: None,
         }
     }
 }
@@ -336,6 +340,7 @@ pub fn router(state: AppState) -> Router {
         }
     }
     router
+        .merge(ollama::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

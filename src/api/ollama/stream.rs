@@ -1,0 +1,247 @@
+//! Ollama's answer shapes: NDJSON lines while streaming (the default), or one object, each ending
+//! with `done: true`, `done_reason` and the measured durations in nanoseconds.
+
+use std::convert::Infallible;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::super::chat::StartedChat;
+use super::super::error::ApiError;
+use super::super::generate::{self, merged};
+use super::OllamaError;
+use crate::engine::{FinishReason, GenerationEvent, GenerationStats};
+use crate::tools::stream::ToolStream;
+use crate::tools::{AssistantMessage, ToolRequest};
+
+/// Which route: chat answers in `message`, generate in `response`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Generate,
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+/// A line or object with `text`, `thinking` and `tool_calls` in the route's place.
+fn chunk(kind: Kind, model: &str, text: &str, thinking: Option<&str>, calls: &[Value]) -> Value {
+    let mut out = json!({"model": model, "created_at": now()});
+    match kind {
+        Kind::Chat => {
+            let mut message = json!({"role": "assistant", "content": text});
+            if let Some(thinking) = thinking {
+                message["thinking"] = json!(thinking);
+            }
+            if !calls.is_empty() {
+                message["tool_calls"] = Value::Array(calls.to_vec());
+            }
+            out["message"] = message;
+        }
+        Kind::Generate => {
+            out["response"] = json!(text);
+            if let Some(thinking) = thinking {
+                out["thinking"] = json!(thinking);
+            }
+        }
+    }
+    out["done"] = json!(false);
+    out
+}
+
+/// The final fields: `done`, `done_reason`, and Ollama's durations (ns), measured.
+fn done(mut out: Value, reason: &str, stats: &GenerationStats, started: Instant) -> Value {
+    let ns = |ms: f64| (ms * 1e6) as u64;
+    out["done"] = json!(true);
+    out["done_reason"] = json!(reason);
+    out["total_duration"] = json!(started.elapsed().as_nanos() as u64);
+    out["load_duration"] = json!(0);
+    out["prompt_eval_count"] = json!(stats.prompt_tokens);
+    out["prompt_eval_duration"] = json!(ns(stats.queue_ms + stats.prompt_ms));
+    out["eval_count"] = json!(stats.generated_tokens);
+    out["eval_duration"] = json!(ns(stats.generation_ms));
+    out
+}
+
+fn reason_word(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+/// Ollama's calls: `{"function": {"name", "arguments": {object}}}`.
+fn calls(message: &AssistantMessage) -> Vec<Value> {
+    message
+        .tool_calls
+        .iter()
+        .map(|c| {
+            let arguments: Value = serde_json::from_str(&c.arguments).unwrap_or_else(|_| json!({}));
+            json!({"function": {"name": c.name, "arguments": arguments}})
+        })
+        .collect()
+}
+
+/// The answer to an empty prompt: the model is loaded.
+pub fn load_answer(model: &str, reason: &'static str, route: &str) -> Response {
+    let kind = if route == "chat" {
+        Kind::Chat
+    } else {
+        Kind::Generate
+    };
+    let mut out = chunk(kind, model, "", None, &[]);
+    out["done"] = json!(true);
+    out["done_reason"] = json!(reason);
+    axum::Json(out).into_response()
+}
+
+/// Streams (NDJSON) or collects the generation of `chat`.
+pub async fn respond(
+    kind: Kind,
+    model: String,
+    stream: bool,
+    chat: StartedChat,
+    started: Instant,
+) -> Response {
+    let StartedChat {
+        options,
+        tools,
+        receivers,
+        ..
+    } = chat;
+    if stream {
+        let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+        tokio::spawn(forward(
+            kind,
+            model,
+            tools,
+            receivers,
+            options.grammar_param,
+            started,
+            tx,
+        ));
+        return (
+            [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+            Body::from_stream(ReceiverStream::new(rx)),
+        )
+            .into_response();
+    }
+    let done_choices = match generate::collect(receivers, options.grammar_param).await {
+        Ok(done) => done,
+        Err(e) => return OllamaError(e).into_response(),
+    };
+    let c = &done_choices[0];
+    let reason = c.reason.map_or("stop", reason_word);
+    let (text, thinking, tool_calls) = match &tools {
+        None => (c.text.clone(), None, Vec::new()),
+        Some(tools) => {
+            let (message, _) = tools.finish(&c.text, c.reason == Some(FinishReason::Length));
+            let calls = calls(&message);
+            (
+                message.content.clone().unwrap_or_default(),
+                message.reasoning.clone(),
+                calls,
+            )
+        }
+    };
+    let out = chunk(kind, &model, &text, thinking.as_deref(), &tool_calls);
+    axum::Json(done(out, reason, &c.stats, started)).into_response()
+}
+
+fn line(value: &Value) -> Result<Bytes, Infallible> {
+    let mut text = value.to_string();
+    text.push('\n');
+    Ok(Bytes::from(text))
+}
+
+/// Forwards engine events as NDJSON lines until the final one; returning drops the receivers,
+/// which cancels the sequence when the client has gone.
+async fn forward(
+    kind: Kind,
+    model: String,
+    tools: Option<std::sync::Arc<ToolRequest>>,
+    receivers: Vec<mpsc::Receiver<GenerationEvent>>,
+    grammar_param: &'static str,
+    started: Instant,
+    tx: mpsc::Sender<Result<Bytes, Infallible>>,
+) {
+    let mut events = merged(receivers);
+    let mut tool_stream = ToolStream::new();
+    let text_of = |deltas: &[Value]| -> (String, Option<String>) {
+        let content: String = deltas
+            .iter()
+            .filter_map(|d| d["content"].as_str())
+            .collect();
+        let thinking: String = deltas
+            .iter()
+            .filter_map(|d| d["reasoning_content"].as_str())
+            .collect();
+        (content, (!thinking.is_empty()).then_some(thinking))
+    };
+    loop {
+        let next = tokio::select! {
+            _ = tx.closed() => return,
+            next = events.next() => next,
+        };
+        let lines: Vec<Value> = match next {
+            None => {
+                let error = ApiError::EngineFailed(generate::ENGINE_STOPPED.into());
+                let _ = tx.send(line(&json!({"error": error.to_string()}))).await;
+                return;
+            }
+            Some((_, GenerationEvent::Logprobs(_))) => continue,
+            Some((_, GenerationEvent::Text(text))) => match &tools {
+                None => vec![chunk(kind, &model, &text, None, &[])],
+                Some(tools) => {
+                    let (content, thinking) = text_of(&tool_stream.push(&text, tools));
+                    if content.is_empty() && thinking.is_none() {
+                        continue;
+                    }
+                    vec![chunk(kind, &model, &content, thinking.as_deref(), &[])]
+                }
+            },
+            Some((_, GenerationEvent::Done { reason, stats })) => {
+                let mut lines = Vec::new();
+                if let Some(tools) = &tools {
+                    let truncated = reason == FinishReason::Length;
+                    let (deltas, message, _) = tool_stream.finish(tools, truncated);
+                    let (content, thinking) = text_of(&deltas);
+                    let calls = calls(&message);
+                    if !content.is_empty() || thinking.is_some() || !calls.is_empty() {
+                        lines.push(chunk(kind, &model, &content, thinking.as_deref(), &calls));
+                    }
+                }
+                let last = chunk(kind, &model, "", None, &[]);
+                lines.push(done(last, reason_word(reason), &stats, started));
+                for l in &lines {
+                    if tx.send(line(l)).await.is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
+            Some((_, GenerationEvent::Rejected(message))) => {
+                let error = ApiError::invalid(grammar_param, message);
+                let _ = tx.send(line(&json!({"error": error.to_string()}))).await;
+                return;
+            }
+            Some((_, GenerationEvent::Failed(message))) => {
+                let error = ApiError::EngineFailed(message);
+                tracing::error!(%error, "generation failed mid-stream");
+                let _ = tx.send(line(&json!({"error": error.to_string()}))).await;
+                return;
+            }
+        };
+        for l in &lines {
+            if tx.send(line(l)).await.is_err() {
+                return;
+            }
+        }
+    }
+}

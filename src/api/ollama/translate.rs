@@ -1,0 +1,478 @@
+//! Ollama's request fields into the OpenAI fields the shared validation takes: the one place
+//! Ollama's words (`num_predict`, `format`, `tool_name`, `keep_alive`) are translated.
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use super::super::chat::StartedChat;
+use super::super::error::ApiError;
+use super::super::generate::{self, prepare, Prepared, PromptJob};
+use super::super::params::token_budget;
+use super::super::AppState;
+use super::OllamaError;
+
+/// A chat or generate request in OpenAI's fields.
+pub struct Translated {
+    /// The name the client used (answered back as `model`).
+    pub model: String,
+    /// The OpenAI chat body (generate: the chat it amounts to), or for raw prompts the
+    /// completion fields.
+    pub openai: Value,
+    pub stream: bool,
+    /// An empty prompt only loads (or unloads) the model: the `done_reason` to answer.
+    pub load_only: Option<&'static str>,
+    /// Generate with `raw` or `suffix`: the text to tokenize as it is.
+    pub raw_prompt: Option<String>,
+}
+
+/// The served id for an Ollama model name: `name`, or `name:latest` for a served `name`.
+fn resolve(state: &AppState, name: &str) -> Result<String, ApiError> {
+    state.resolve_model(name).or_else(|e| {
+        name.strip_suffix(":latest")
+            .map_or(Err(e), |n| state.resolve_model(n))
+    })
+}
+
+/// Seconds of a `keep_alive`: a number of seconds, a Go duration (`5m`, `1h30m`, `250ms`), or a
+/// negative value for "forever" (`None`).
+pub fn keep_alive_seconds(value: &Value) -> Result<Option<f64>, ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            "keep_alive",
+            format!("`keep_alive` must be seconds or a duration such as \"5m\" or \"1h30m\"; got {value}"),
+        )
+    };
+    let seconds = match value {
+        Value::Number(n) => n.as_f64().ok_or_else(bad)?,
+        Value::String(s) => go_duration(s).ok_or_else(bad)?,
+        _ => return Err(bad()),
+    };
+    Ok((seconds >= 0.0).then_some(seconds))
+}
+
+/// Go's `time.ParseDuration` units (a bare number is seconds, as Ollama reads it).
+fn go_duration(text: &str) -> Option<f64> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        return Some(seconds);
+    }
+    let (negative, mut rest) = match text.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let mut total = 0.0;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|&i| i > 0)?;
+        let number: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, scale) = [
+            ("ns", 1e-9),
+            ("us", 1e-6),
+            ("µs", 1e-6),
+            ("ms", 1e-3),
+            ("s", 1.0),
+            ("m", 60.0),
+            ("h", 3600.0),
+        ]
+        .into_iter()
+        .filter(|(u, _)| rest.starts_with(u))
+        .max_by_key(|(u, _)| u.len())?;
+        total += number * scale;
+        rest = &rest[unit.len()..];
+    }
+    Some(if negative { -total } else { total })
+}
+
+/// `options` into OpenAI's sampling fields of `out`. Load-time options are checked against the
+/// running model: they cannot change it per request.
+fn options(
+    state: &AppState,
+    options: Option<&Value>,
+    out: &mut Map<String, Value>,
+) -> Result<(), ApiError> {
+    let Some(options) = options.filter(|o| !o.is_null()) else {
+        return Ok(());
+    };
+    let options = options
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("options", "`options` must be an object"))?;
+    for (key, value) in options {
+        let to = match key.as_str() {
+            "temperature" | "top_p" | "top_k" | "min_p" | "seed" | "stop" | "repeat_penalty"
+            | "repeat_last_n" | "presence_penalty" | "frequency_penalty" => key.as_str(),
+            "num_predict" => {
+                // -1: no limit; -2: fill the context. Both leave the budget to the context.
+                if value.as_i64().is_some_and(|n| n < 0) {
+                    continue;
+                }
+                "max_tokens"
+            }
+            "num_ctx" => {
+                let n_ctx_seq = state.loaded()?.info.n_ctx_seq;
+                match value.as_u64() {
+                    Some(n) if n <= u64::from(n_ctx_seq) => {
+                        tracing::debug!(
+                            num_ctx = n,
+                            n_ctx_seq,
+                            "num_ctx within the running context"
+                        );
+                        continue;
+                    }
+                    _ => return Err(ApiError::invalid(
+                        "options.num_ctx",
+                        format!(
+                            "`num_ctx` {value} is more than this server's {n_ctx_seq} tokens per \
+                                 sequence, fixed at start (--ctx-size / --parallel)"
+                        ),
+                    )),
+                }
+            }
+            "num_gpu" | "main_gpu" | "num_thread" | "num_batch" | "num_keep" | "use_mmap"
+            | "numa" | "low_vram" | "vocab_only" | "use_mlock" | "num_gqa" | "typical_p"
+            | "penalize_newline" | "tfs_z" | "mirostat" | "mirostat_eta" | "mirostat_tau" => {
+                tracing::info!(option = %key, %value, "Ollama option not applied: placement and threads are fixed at start, and these samplers are not offered");
+                continue;
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    format!("options.{other}"),
+                    format!("unknown option `{other}`"),
+                ))
+            }
+        };
+        out.insert(to.to_owned(), value.clone());
+    }
+    Ok(())
+}
+
+/// `format`: `"json"` or a JSON schema, as OpenAI's `response_format`.
+fn format(value: Option<&Value>) -> Option<Value> {
+    match value? {
+        Value::String(s) if s == "json" => Some(json!({"type": "json_object"})),
+        Value::String(s) if s.is_empty() => None,
+        Value::Null => None,
+        schema => Some(
+            json!({"type": "json_schema", "json_schema": {"name": "format", "schema": schema}}),
+        ),
+    }
+}
+
+/// `think`: accepted only for templates that know reasoning.
+fn think(state: &AppState, value: Option<&Value>, model: &str) -> Result<(), ApiError> {
+    let wants =
+        match value {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Bool(true)) | Some(Value::String(_)) => true,
+            Some(other) => return Err(ApiError::invalid(
+                "think",
+                format!(
+                    "`think` must be true, false, or \"low\", \"medium\", \"high\"; got {other}"
+                ),
+            )),
+        };
+    let loaded = state.loaded()?;
+    if wants && !loaded.template.source().contains("think") {
+        return Err(ApiError::invalid(
+            "think",
+            format!("\"{model}\" does not support thinking"),
+        ));
+    }
+    Ok(())
+}
+
+fn refuse_images(value: Option<&Value>, param: &str) -> Result<(), ApiError> {
+    if value
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty())
+    {
+        return Err(ApiError::invalid(
+            param,
+            "this model takes text only: images are not supported",
+        ));
+    }
+    Ok(())
+}
+
+/// What an empty prompt means: load (already loaded), or an unload this server cannot do.
+fn load_only(keep_alive: Option<&Value>) -> Result<&'static str, ApiError> {
+    match keep_alive.map(keep_alive_seconds).transpose()? {
+        Some(Some(0.0)) => Err(ApiError::invalid(
+            "keep_alive",
+            "this server keeps the model it was started with loaded and cannot unload it",
+        )),
+        _ => Ok("load"),
+    }
+}
+
+fn string_field<'b>(body: &'b Value, field: &str) -> Result<Option<&'b str>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::invalid(
+            field,
+            format!("`{field}` must be a string"),
+        )),
+    }
+}
+
+/// The fields chat and generate share.
+fn common(state: &AppState, body: &Value) -> Result<(String, Map<String, Value>, bool), ApiError> {
+    let name = string_field(body, "model")?
+        .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?
+        .to_owned();
+    let id = resolve(state, &name)?;
+    if let Some(keep_alive) = body.get("keep_alive").filter(|k| !k.is_null()) {
+        // Validated and logged: the model stays loaded either way (see load_only).
+        let seconds = keep_alive_seconds(keep_alive)?;
+        tracing::debug!(?seconds, "keep_alive");
+    }
+    let mut out = Map::new();
+    out.insert("model".into(), json!(id));
+    options(state, body.get("options"), &mut out)?;
+    if let Some(format) = format(body.get("format")) {
+        out.insert("response_format".into(), format);
+    }
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::invalid("stream", "`stream` must be a boolean")),
+    };
+    think(state, body.get("think"), &name)?;
+    Ok((name, out, stream))
+}
+
+/// `/api/chat`.
+pub fn chat(state: &AppState, body: &Value) -> Result<Translated, OllamaError> {
+    let (model, mut out, stream) = common(state, body)?;
+    let messages = match body.get("messages") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(m)) => m.clone(),
+        Some(_) => return Err(ApiError::invalid("messages", "`messages` must be an array").into()),
+    };
+    if messages.is_empty() {
+        return Ok(Translated {
+            model,
+            openai: Value::Null,
+            stream,
+            load_only: Some(load_only(body.get("keep_alive"))?),
+            raw_prompt: None,
+        });
+    }
+    let mut converted = Vec::with_capacity(messages.len());
+    for (i, message) in messages.iter().enumerate() {
+        refuse_images(message.get("images"), &format!("messages[{i}].images"))?;
+        let mut m = Map::new();
+        m.insert(
+            "role".into(),
+            message.get("role").cloned().unwrap_or(Value::Null),
+        );
+        m.insert(
+            "content".into(),
+            message.get("content").cloned().unwrap_or_else(|| json!("")),
+        );
+        if let Some(Value::Array(calls)) = message.get("tool_calls") {
+            let calls: Vec<Value> = calls
+                .iter()
+                .enumerate()
+                .map(|(j, call)| {
+                    let arguments = call
+                        .pointer("/function/arguments")
+                        .cloned()
+                        .unwrap_or_else(|| json!({}));
+                    let arguments = match arguments {
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    json!({
+                        "id": format!("call_{i}_{j}"),
+                        "type": "function",
+                        "function": {
+                            "name": call.pointer("/function/name").cloned().unwrap_or(Value::Null),
+                            "arguments": arguments,
+                        },
+                    })
+                })
+                .collect();
+            m.insert("tool_calls".into(), Value::Array(calls));
+        }
+        if let Some(name) = message.get("tool_name").filter(|n| n.is_string()) {
+            m.insert("name".into(), name.clone());
+        }
+        converted.push(Value::Object(m));
+    }
+    out.insert("messages".into(), Value::Array(converted));
+    if let Some(tools) = body.get("tools").filter(|t| !t.is_null()) {
+        out.insert("tools".into(), tools.clone());
+    }
+    Ok(Translated {
+        model,
+        openai: Value::Object(out),
+        stream,
+        load_only: None,
+        raw_prompt: None,
+    })
+}
+
+/// `/api/generate`: a chat of `system` and `prompt` through the template, or with `raw` (or a
+/// `suffix`, fill-in-the-middle) the prompt text itself.
+pub fn generate(state: &AppState, body: &Value) -> Result<Translated, OllamaError> {
+    let (model, mut out, stream) = common(state, body)?;
+    refuse_images(body.get("images"), "images")?;
+    if body.get("context").is_some_and(|c| !c.is_null()) {
+        tracing::info!(
+            "Ollama `context` ignored: the prefix cache reuses earlier tokens by itself"
+        );
+    }
+    let prompt = string_field(body, "prompt")?.unwrap_or("");
+    let suffix = string_field(body, "suffix")?.filter(|s| !s.is_empty());
+    let raw = body.get("raw").and_then(Value::as_bool).unwrap_or(false);
+    if prompt.is_empty() && suffix.is_none() {
+        return Ok(Translated {
+            model,
+            openai: Value::Null,
+            stream,
+            load_only: Some(load_only(body.get("keep_alive"))?),
+            raw_prompt: None,
+        });
+    }
+    let raw_prompt = if let Some(suffix) = suffix {
+        Some(fill_in_the_middle(state, prompt, suffix)?)
+    } else if raw {
+        Some(prompt.to_owned())
+    } else {
+        None
+    };
+    if raw_prompt.is_none() {
+        let mut messages = Vec::new();
+        if let Some(system) = string_field(body, "system")?.filter(|s| !s.is_empty()) {
+            messages.push(json!({"role": "system", "content": system}));
+        }
+        messages.push(json!({"role": "user", "content": prompt}));
+        out.insert("messages".into(), Value::Array(messages));
+    }
+    Ok(Translated {
+        model,
+        openai: Value::Object(out),
+        stream,
+        load_only: None,
+        raw_prompt,
+    })
+}
+
+/// The model's fill-in-the-middle prompt, for vocabularies with StarCoder's FIM tokens.
+fn fill_in_the_middle(state: &AppState, prompt: &str, suffix: &str) -> Result<String, ApiError> {
+    let loaded = state.loaded()?;
+    let single = |text: &str| loaded.info.tokenizer.tokenize(text, false).len() == 1;
+    let markers = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"];
+    if !markers.iter().all(|m| single(m)) {
+        return Err(ApiError::invalid(
+            "suffix",
+            "this model has no fill-in-the-middle tokens: `suffix` cannot be used",
+        ));
+    }
+    Ok(format!(
+        "<fim_prefix>{prompt}<fim_suffix>{suffix}<fim_middle>"
+    ))
+}
+
+/// Runs a generate request: through the chat path, or for a raw prompt through the completion
+/// path's validation and budget.
+pub async fn start_generate(
+    state: &AppState,
+    request_id: &str,
+    request: &Translated,
+) -> Result<StartedChat, ApiError> {
+    let Some(text) = &request.raw_prompt else {
+        return match super::super::chat::start_chat(state, request_id, None, &request.openai)
+            .await?
+        {
+            super::super::chat::ChatStart::Generation(chat) => Ok(chat),
+            super::super::chat::ChatStart::Loop(_) => Err(ApiError::Internal(
+                "a generate request started the shell loop".into(),
+            )),
+        };
+    };
+    let Prepared {
+        model,
+        loaded,
+        options,
+        ..
+    } = prepare::<serde::de::IgnoredAny>(state, &request.openai)?;
+    let tokens =
+        super::super::prompt::tokenize_off_runtime(Arc::clone(&loaded), text.clone(), true).await?;
+    let max_new_tokens = token_budget(
+        tokens.len(),
+        options.max_tokens,
+        loaded.info.n_ctx_seq,
+        state.config().n_predict,
+    )?;
+    let receivers = generate::submit(
+        &state.engine(),
+        vec![PromptJob {
+            tokens,
+            max_new_tokens,
+        }],
+        &options,
+    )?;
+    Ok(StartedChat {
+        model,
+        options,
+        tools: None,
+        receivers,
+    })
+}
+
+/// `/api/embed` (`input`) and `/api/embeddings` (`prompt`) as an OpenAI embeddings body.
+pub fn embed(state: &AppState, body: &Value, field: &str) -> Result<(String, Value), OllamaError> {
+    let name = string_field(body, "model")?
+        .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?
+        .to_owned();
+    let id = resolve(state, &name)?;
+    if body.get("truncate").and_then(Value::as_bool) == Some(true) {
+        tracing::debug!("truncate: inputs over the context are refused, never cut");
+    }
+    let input = body
+        .get(field)
+        .cloned()
+        .ok_or_else(|| ApiError::invalid(field, format!("`{field}` is required")))?;
+    let mut openai = json!({"model": id, "input": input});
+    if let Some(dimensions) = body.get("dimensions").filter(|d| !d.is_null()) {
+        openai["dimensions"] = dimensions.clone();
+    }
+    Ok((name, openai))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_takes_seconds_durations_and_negatives() {
+        assert_eq!(keep_alive_seconds(&json!(300)).unwrap(), Some(300.0));
+        assert_eq!(keep_alive_seconds(&json!("5m")).unwrap(), Some(300.0));
+        assert_eq!(keep_alive_seconds(&json!("1h30m")).unwrap(), Some(5400.0));
+        assert_eq!(keep_alive_seconds(&json!("250ms")).unwrap(), Some(0.25));
+        assert_eq!(keep_alive_seconds(&json!("0")).unwrap(), Some(0.0));
+        assert_eq!(keep_alive_seconds(&json!(-1)).unwrap(), None);
+        assert_eq!(keep_alive_seconds(&json!("-1m")).unwrap(), None);
+        assert!(keep_alive_seconds(&json!("soon")).is_err());
+        assert!(keep_alive_seconds(&json!(true)).is_err());
+    }
+
+    #[test]
+    fn format_becomes_response_format() {
+        assert_eq!(
+            format(Some(&json!("json"))),
+            Some(json!({"type": "json_object"}))
+        );
+        assert_eq!(format(Some(&json!(""))), None);
+        let schema = json!({"type": "object"});
+        assert_eq!(
+            format(Some(&schema)).unwrap()["json_schema"]["schema"],
+            schema
+        );
+    }
+}
