@@ -121,13 +121,15 @@ fn options(
                         );
                         continue;
                     }
-                    _ => return Err(ApiError::invalid(
-                        "options.num_ctx",
-                        format!(
+                    _ => {
+                        return Err(ApiError::invalid(
+                            "options.num_ctx",
+                            format!(
                             "`num_ctx` {value} is more than this server's {n_ctx_seq} tokens per \
                                  sequence, fixed at start (--ctx-size / --parallel)"
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
             "num_gpu" | "main_gpu" | "num_thread" | "num_batch" | "num_keep" | "use_mmap"
@@ -162,17 +164,18 @@ fn format(value: Option<&Value>) -> Option<Value> {
 
 /// `think`: accepted only for templates that know reasoning.
 fn think(state: &AppState, value: Option<&Value>, model: &str) -> Result<(), ApiError> {
-    let wants =
-        match value {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-            Some(Value::Bool(true)) | Some(Value::String(_)) => true,
-            Some(other) => return Err(ApiError::invalid(
+    let wants = match value {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) | Some(Value::String(_)) => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
                 "think",
                 format!(
                     "`think` must be true, false, or \"low\", \"medium\", \"high\"; got {other}"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let loaded = state.loaded()?;
     if wants && !loaded.template.source().contains("think") {
         return Err(ApiError::invalid(
