@@ -276,6 +276,11 @@ pub struct ServeArgs {
     #[arg(long, env = "LM_SANDBOX_PORT", default_value_t = 8080)]
     pub port: u16,
 
+    /// Also serve on this port (Ollama clients assume 11434); the Ollama routes are always on the
+    /// main port too.
+    #[arg(long, env = "LM_SANDBOX_OLLAMA_PORT")]
+    pub ollama_port: Option<u16>,
+
     /// Total context in tokens, shared by all parallel sequences (0: the model's trained context).
     #[arg(short = 'c', long, env = "LM_SANDBOX_CTX_SIZE", default_value_t = 4096)]
     pub ctx_size: u32,

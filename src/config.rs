@@ -71,6 +71,8 @@ pub struct ServeConfig {
     pub api: ApiConfig,
     pub host: String,
     pub port: u16,
+    /// `--ollama-port`: a second port with the same routes.
+    pub ollama_port: Option<u16>,
     pub shutdown_timeout: Duration,
     /// The placement flags; the plan (and `engine.offload`) is decided at start-up from live GPU
     /// readings.
@@ -332,6 +334,7 @@ impl ServeConfig {
             },
             host: args.host,
             port: args.port,
+            ollama_port: args.ollama_port,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
             placement: args.placement,
             sandbox,

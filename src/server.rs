@@ -139,6 +139,9 @@ fn offload(placement: &Placement, config: &ServeConfig) -> GpuOffload {
 /// A server accepting connections; the model may still be loading.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// `--ollama-port`'s address, serving the same routes.
+    pub ollama_addr: Option<SocketAddr>,
+    ollama_task: Option<JoinHandle<std::io::Result<()>>>,
     pub engine: EngineHandle,
     /// The plan and the GPU reading it was made from.
     placement: (crate::gpu::plan::Plan, Inventory),
@@ -181,6 +184,30 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
     let state = AppState::from_parts(engine.clone(), config.api.clone(), Some(view), sandbox);
     let app = api::router(state);
     let (stop, stopped) = watch::channel(false);
+    let (ollama_addr, ollama_task) = match config.ollama_port {
+        None => (None, None),
+        Some(port) => {
+            let second = format!("{}:{port}", config.host);
+            let listener = TcpListener::bind(&second)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    addr: second.clone(),
+                    source,
+                })?;
+            let bound = listener.local_addr().map_err(|source| ServeError::Bind {
+                addr: second,
+                source,
+            })?;
+            tracing::info!(addr = %bound, "listening for Ollama clients");
+            let task = tokio::spawn(serve_connections(
+                listener,
+                app.clone(),
+                config.http.header_timeout,
+                stopped.clone(),
+            ));
+            (Some(bound), Some(task))
+        }
+    };
     let task = tokio::spawn(serve_connections(
         listener,
         app,
@@ -190,6 +217,8 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
     tracing::info!(%addr, "listening");
     Ok(RunningServer {
         addr,
+        ollama_addr,
+        ollama_task,
         engine,
         placement: planned,
         engine_thread,
@@ -296,7 +325,14 @@ impl RunningServer {
     /// exits and the CUDA runtime tears down. Returns whether both happened in time.
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.stop.send_replace(true);
-        let finished = match tokio::time::timeout(grace, self.task).await {
+        let both = async {
+            if let Some(task) = self.ollama_task {
+                // Ignored result: the main listener's outcome is the one reported.
+                let _ = task.await;
+            }
+            self.task.await
+        };
+        let finished = match tokio::time::timeout(grace, both).await {
             Ok(_) => true,
             Err(_) => {
                 tracing::warn!(

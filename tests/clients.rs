@@ -9,7 +9,8 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-/// Runs `tests/clients/SCRIPT` with the venv's Python against a server started with `extra`.
+/// Runs `tests/clients/SCRIPT` with the venv's Python against a server started with `extra` (at
+/// its `--ollama-port` address when it has one).
 async fn run_client(script: &str, extra: &[&str]) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let python = root.join("target/clients-venv/bin/python");
@@ -19,7 +20,7 @@ async fn run_client(script: &str, extra: &[&str]) {
         python.display()
     );
     let server = common::start(extra).await;
-    let base = format!("http://{}", server.addr);
+    let base = format!("http://{}", server.ollama_addr.unwrap_or(server.addr));
     let script = root.join("tests/clients").join(script);
     // The client blocks; the server runs on this runtime's other threads meanwhile.
     let output = tokio::task::spawn_blocking(move || {
@@ -48,5 +49,10 @@ async fn the_openai_python_sdk_reads_embeddings_logprobs_and_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ollama_python_library_lists_shows_chats_generates_and_embeds() {
-    run_client("ollama_client.py", &["--parallel", "2"]).await;
+    // Through the second port Ollama clients assume (here a free one).
+    run_client(
+        "ollama_client.py",
+        &["--parallel", "2", "--ollama-port", "0"],
+    )
+    .await;
 }
