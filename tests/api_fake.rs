@@ -2204,3 +2204,59 @@ async fn open_webui_and_continue_connection_sequences() {
     assert_eq!(status, StatusCode::OK, "{one}");
     assert_eq!(one["eval_count"], 4);
 }
+
+#[tokio::test]
+async fn the_shell_loop_answers_ollama_chat_for_auto_shell_keys_streamed_and_not() {
+    let audit = std::env::temp_dir().join(format!(
+        "lm-sandbox-ollama-loop-audit-{}.jsonl",
+        std::process::id()
+    ));
+    let app = loop_harness(LAST_MESSAGE, &audit).await;
+    let ollama = |key: &str, body: Value| {
+        let mut request = post("/api/chat", body);
+        request.headers_mut().insert(
+            header::AUTHORIZATION,
+            format!("Bearer {key}").parse().unwrap(),
+        );
+        request
+    };
+    // An auto-shell key gets the loop unasked, as on the OpenAI route.
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": SHELL_CALL}], "stream": false});
+    let (status, one) = send_json(&app, ollama("studio", body.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    let executions = one["sandbox_executions"].as_array().unwrap();
+    assert_eq!(executions[0]["command"], "echo hi");
+    assert_eq!(executions[0]["result"]["stdout"], "ran echo hi");
+    assert_eq!(one["done"], true);
+    assert_eq!(one["done_reason"], "stop");
+    let content = one["message"]["content"].as_str().unwrap();
+    assert!(content.contains("ran echo hi"), "{content}");
+    assert!(
+        one["message"].get("tool_calls").is_none(),
+        "shell calls are the server's"
+    );
+    // Streamed: the execution is a line of its own, then the answer, then done.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let (status, _, text) = send(&app, ollama("studio", streamed)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let lines = ndjson(&text);
+    let executed: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l.get("sandbox_execution").is_some())
+        .collect();
+    assert_eq!(executed.len(), 1, "{text}");
+    let answer: String = lines
+        .iter()
+        .filter_map(|l| l["message"]["content"].as_str())
+        .collect();
+    assert!(answer.contains("ran echo hi"), "{answer}");
+    assert_eq!(lines.last().unwrap()["done"], true);
+    // A key without the sandbox permission asking for it: 403 in Ollama's shape.
+    let mut asked = body;
+    asked["sandbox"] = json!({"shell": true});
+    let (status, error) = send_json(&app, ollama("plain", asked)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{error}");
+    assert!(error["error"].as_str().unwrap().contains("sandbox"));
+    let _ = std::fs::remove_file(&audit);
+}

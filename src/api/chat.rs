@@ -208,7 +208,9 @@ pub(super) async fn render_request(
 /// A chat request under way: the shell loop's response, or the engine's receivers for the caller's
 /// dialect to shape.
 pub(super) enum ChatStart {
-    Loop(Response),
+    /// The server-side shell loop, its first round submitted, and the name the client used.
+    /// Boxed: it is rare, and large beside a generation.
+    Loop(String, Box<shell_loop::LoopRun>),
     Generation(StartedChat),
 }
 
@@ -235,7 +237,7 @@ pub async fn chat_completions(
         tools,
         receivers,
     } = match start_chat(&state, &request_id, authenticated.as_ref(), &body).await? {
-        ChatStart::Loop(response) => return Ok(response),
+        ChatStart::Loop(model, run) => return shell_loop::respond(&state, model, *run).await,
         ChatStart::Generation(started) => started,
     };
     let header = ChunkHeader::chat(&state, model, options.include_usage);
@@ -400,9 +402,8 @@ pub(super) async fn start_chat(
             ));
         }
         let loop_tools = Arc::new(loop_tools);
-        return shell_loop::run(state.clone(), model, options, messages, loop_tools, shell)
-            .await
-            .map(ChatStart::Loop);
+        let run = shell_loop::start(state.clone(), options, messages, loop_tools, shell).await?;
+        return Ok(ChatStart::Loop(model, Box::new(run)));
     }
     let tokens = tokens_off_runtime(Arc::clone(&loaded), messages, tools.clone()).await?;
     let max_new_tokens = token_budget(

@@ -286,54 +286,86 @@ fn stopped_note(rounds: u32) -> String {
 const CONTEXT_NOTE: &str =
     "[lm-sandbox: stopped: the conversation with the command results no longer fits the context]";
 
-fn append_note(content: Option<String>, note: &str) -> Option<String> {
+pub(super) fn append_note(content: Option<String>, note: &str) -> Option<String> {
     Some(match content {
         Some(c) if !c.trim().is_empty() => format!("{c}\n{note}"),
         _ => note.to_owned(),
     })
 }
 
-pub async fn run(
+/// A shell loop whose first round is submitted: its mistakes (context, queue) were proper 4xx
+/// responses, not in-band stream errors. Each dialect consumes its events.
+pub struct LoopRun {
+    rounds: Rounds,
+    first: mpsc::Receiver<GenerationEvent>,
+}
+
+/// Submits the first round of a shell loop.
+pub async fn start(
     state: AppState,
-    model: String,
     options: GenerationOptions,
     messages: Vec<Value>,
     tools: Arc<ToolRequest>,
     shell: ShellLoop,
-) -> Result<Response, ApiError> {
-    // The first round is submitted before answering, so its mistakes (context, queue) are proper
-    // 4xx responses and not in-band stream errors.
+) -> Result<LoopRun, ApiError> {
     let first = submit_round(&state, &messages, &tools, &options, 0)
         .await?
         .expect("the first round either fits or is an error");
-    let header = ChunkHeader::chat(&state, model, options.include_usage);
+    Ok(LoopRun {
+        rounds: Rounds {
+            state,
+            options,
+            messages,
+            tools: (*tools).clone(),
+            shell,
+        },
+        first,
+    })
+}
+
+impl LoopRun {
+    /// Runs the loop with `consume` reading its events: in a task of its own when `detached` (a
+    /// stream, whose consumer ends when the client goes), else inside this future, so a client
+    /// that goes away drops it (and cancels the generation) as for any other request.
+    pub async fn drive_with<T>(
+        self,
+        detached: bool,
+        consume: impl std::future::Future<Output = T>,
+        events: mpsc::Sender<LoopEvent>,
+    ) -> T {
+        if detached {
+            tokio::spawn(self.rounds.drive(self.first, events));
+            consume.await
+        } else {
+            tokio::join!(self.rounds.drive(self.first, events), consume).1
+        }
+    }
+}
+
+/// The OpenAI answer of a started loop: SSE chunks, or one chat completion.
+pub async fn respond(state: &AppState, model: String, run: LoopRun) -> Result<Response, ApiError> {
+    let options = &run.rounds.options;
+    let header = ChunkHeader::chat(state, model, options.include_usage);
     let include_usage = options.include_usage;
     let stream = options.stream;
-    let rounds = Rounds {
-        state,
-        options,
-        messages,
-        tools: (*tools).clone(),
-        shell,
-    };
     // A small buffer: the loop waits for its consumer, so a slow client slows the loop.
-    let (tx, rx) = mpsc::channel::<LoopEvent>(16);
+    let (tx, rx) = mpsc::channel::<LoopEvent>(LOOP_EVENTS);
     if stream {
-        tokio::spawn(rounds.drive(first, tx));
         let (events, out) = mpsc::channel::<Event>(64);
         let keep_alive = header.keep_alive;
+        run.drive_with(true, async {}, tx).await;
         tokio::spawn(to_sse(header, include_usage, rx, events));
         return Ok(super::sse::body(out, keep_alive));
     }
-    // Not streamed: the loop runs inside this request's future, so a client that goes away drops
-    // it (and cancels the generation) as for any other request.
-    let (_, response) = tokio::join!(rounds.drive(first, tx), to_json(header, rx));
-    response
+    run.drive_with(false, to_json(header, rx), tx).await
 }
+
+/// Events a loop may send ahead of its consumer.
+pub const LOOP_EVENTS: usize = 16;
 
 /// What the round loop reports, in order: any number of `Deltas` and `Execution`s, then exactly
 /// one `Finished` or `Failed`.
-enum LoopEvent {
+pub enum LoopEvent {
     /// Content or reasoning that can no longer become a call, as it settles (streamed at once).
     Deltas(Vec<Value>),
     /// A `shell` command the loop ran: its record for the response.

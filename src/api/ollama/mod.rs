@@ -110,13 +110,17 @@ async fn chat(
         super::chat::start_chat(&state, &request_id, authenticated.as_ref(), &request.openai)
             .await?;
     match start {
-        super::chat::ChatStart::Loop(_) => Err(OllamaError(ApiError::invalid(
-            "sandbox",
-            "the server-side shell loop is not available through /api/chat yet; use /v1/chat/completions",
-        ))),
-        super::chat::ChatStart::Generation(chat) => {
-            Ok(stream::respond(stream::Kind::Chat, request.model, request.stream, chat, started).await)
+        super::chat::ChatStart::Loop(_, run) => {
+            Ok(stream::respond_loop(request.model, request.stream, *run, started).await)
         }
+        super::chat::ChatStart::Generation(chat) => Ok(stream::respond(
+            stream::Kind::Chat,
+            request.model,
+            request.stream,
+            chat,
+            started,
+        )
+        .await),
     }
 }
 

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::super::chat::StartedChat;
 use super::super::error::ApiError;
 use super::super::generate::{self, merged};
+use super::super::shell_loop::{append_note, LoopEvent, LoopRun, LOOP_EVENTS};
 use super::OllamaError;
 use crate::engine::{FinishReason, GenerationEvent, GenerationStats};
 use crate::tools::stream::ToolStream;
@@ -242,6 +243,161 @@ async fn forward(
             if tx.send(line(l)).await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// Ollama's `done_reason` for the loop's OpenAI finish reason.
+fn loop_reason(reason: &str) -> &'static str {
+    if reason == "length" {
+        "length"
+    } else {
+        "stop"
+    }
+}
+
+/// The server-side shell loop through `/api/chat`: NDJSON lines (each command the loop ran as a
+/// line with `sandbox_execution`), or one object with `sandbox_executions`.
+pub async fn respond_loop(model: String, stream: bool, run: LoopRun, started: Instant) -> Response {
+    let (tx, rx) = mpsc::channel::<LoopEvent>(LOOP_EVENTS);
+    if stream {
+        let (out, body) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+        run.drive_with(true, async {}, tx).await;
+        tokio::spawn(loop_lines(model, rx, out, started));
+        return (
+            [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+            Body::from_stream(ReceiverStream::new(body)),
+        )
+            .into_response();
+    }
+    run.drive_with(false, loop_object(model, rx, started), tx)
+        .await
+}
+
+async fn loop_object(
+    model: String,
+    mut events: mpsc::Receiver<LoopEvent>,
+    started: Instant,
+) -> Response {
+    let mut executions = Vec::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            LoopEvent::Deltas(_) => {}
+            LoopEvent::Execution(record) => executions.push(record),
+            LoopEvent::Failed(error) => return OllamaError(error).into_response(),
+            LoopEvent::Finished {
+                message,
+                reason,
+                note,
+                stats,
+                ..
+            } => {
+                let content = match note {
+                    Some(note) => append_note(message.content.clone(), &note),
+                    None => message.content.clone(),
+                };
+                let out = chunk(
+                    Kind::Chat,
+                    &model,
+                    content.as_deref().unwrap_or(""),
+                    message.reasoning.as_deref(),
+                    &calls(&message),
+                );
+                let mut out = done(out, loop_reason(reason), &stats, started);
+                out["sandbox_executions"] = Value::Array(executions);
+                return axum::Json(out).into_response();
+            }
+        }
+    }
+    OllamaError(ApiError::EngineFailed(generate::ENGINE_STOPPED.into())).into_response()
+}
+
+async fn loop_lines(
+    model: String,
+    mut events: mpsc::Receiver<LoopEvent>,
+    tx: mpsc::Sender<Result<Bytes, Infallible>>,
+    started: Instant,
+) {
+    let text_of = |deltas: &[Value]| -> (String, Option<String>) {
+        let content: String = deltas
+            .iter()
+            .filter_map(|d| d["content"].as_str())
+            .collect();
+        let thinking: String = deltas
+            .iter()
+            .filter_map(|d| d["reasoning_content"].as_str())
+            .collect();
+        (content, (!thinking.is_empty()).then_some(thinking))
+    };
+    loop {
+        let next = tokio::select! {
+            // The client hung up: returning drops `events`, which stops the loop.
+            _ = tx.closed() => return,
+            next = events.recv() => next,
+        };
+        let lines = match next {
+            None => {
+                let error = ApiError::EngineFailed(generate::ENGINE_STOPPED.into());
+                vec![json!({"error": error.to_string()})]
+            }
+            Some(LoopEvent::Deltas(deltas)) => {
+                let (content, thinking) = text_of(&deltas);
+                if content.is_empty() && thinking.is_none() {
+                    continue;
+                }
+                vec![chunk(
+                    Kind::Chat,
+                    &model,
+                    &content,
+                    thinking.as_deref(),
+                    &[],
+                )]
+            }
+            Some(LoopEvent::Execution(record)) => {
+                let mut line = chunk(Kind::Chat, &model, "", None, &[]);
+                line["sandbox_execution"] = record;
+                vec![line]
+            }
+            Some(LoopEvent::Failed(error)) => vec![json!({"error": error.to_string()})],
+            Some(LoopEvent::Finished {
+                message,
+                reason,
+                note,
+                stats,
+                ..
+            }) => {
+                let mut lines = Vec::new();
+                let calls = calls(&message);
+                let note = note.map(|note| {
+                    let content_sent = message
+                        .content
+                        .as_deref()
+                        .is_some_and(|c| !c.trim().is_empty());
+                    if content_sent {
+                        format!("\n{note}")
+                    } else {
+                        note
+                    }
+                });
+                if !calls.is_empty() || note.is_some() {
+                    let text = note.unwrap_or_default();
+                    lines.push(chunk(Kind::Chat, &model, &text, None, &calls));
+                }
+                let last = chunk(Kind::Chat, &model, "", None, &[]);
+                lines.push(done(last, loop_reason(reason), &stats, started));
+                lines
+            }
+        };
+        let end = lines
+            .last()
+            .is_some_and(|l| l["done"] == true || l.get("error").is_some());
+        for l in &lines {
+            if tx.send(line(l)).await.is_err() {
+                return;
+            }
+        }
+        if end {
+            return;
         }
     }
 }

@@ -310,6 +310,10 @@ pub fn chat(state: &AppState, body: &Value) -> Result<Translated, OllamaError> {
     if let Some(tools) = body.get("tools").filter(|t| !t.is_null()) {
         out.insert("tools".into(), tools.clone());
     }
+    // lm-sandbox's own field, as in OpenAI requests: `{"shell": bool, "max_tool_rounds": n}`.
+    if let Some(sandbox) = body.get("sandbox").filter(|s| !s.is_null()) {
+        out.insert("sandbox".into(), sandbox.clone());
+    }
     Ok(Translated {
         model,
         openai: Value::Object(out),
@@ -393,7 +397,7 @@ pub async fn start_generate(
             .await?
         {
             super::super::chat::ChatStart::Generation(chat) => Ok(chat),
-            super::super::chat::ChatStart::Loop(_) => Err(ApiError::Internal(
+            super::super::chat::ChatStart::Loop(..) => Err(ApiError::Internal(
                 "a generate request started the shell loop".into(),
             )),
         };
