@@ -167,10 +167,7 @@ pub async fn show(
         .or_else(|| body.get("name"))
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?;
-    let id = state.resolve_model(name).or_else(|e| {
-        name.strip_suffix(":latest")
-            .map_or(Err(e), |n| state.resolve_model(n))
-    })?;
+    let id = super::translate::resolve(&state, name)?;
     let facts = served_facts(&state).await?;
     let loaded = state.loaded()?;
     let template = loaded.template.source().to_owned();
@@ -226,13 +223,7 @@ pub async fn pull(
         .or_else(|| body.get("name"))
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?;
-    let present = state
-        .resolve_model(name)
-        .or_else(|e| {
-            name.strip_suffix(":latest")
-                .map_or(Err(e), |n| state.resolve_model(n))
-        })
-        .is_ok();
+    let present = super::translate::resolve(&state, name).is_ok();
     if !present {
         return Err(OllamaError(ApiError::InvalidRequest {
             message: format!(

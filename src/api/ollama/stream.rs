@@ -155,6 +155,20 @@ pub async fn respond(
     axum::Json(done(out, reason, &c.stats, started)).into_response()
 }
 
+/// The content and reasoning of OpenAI-shaped deltas (what `ToolStream` and the shell loop
+/// settle), as Ollama's `content` and `thinking`.
+fn text_of(deltas: &[Value]) -> (String, Option<String>) {
+    let content: String = deltas
+        .iter()
+        .filter_map(|d| d["content"].as_str())
+        .collect();
+    let thinking: String = deltas
+        .iter()
+        .filter_map(|d| d["reasoning_content"].as_str())
+        .collect();
+    (content, (!thinking.is_empty()).then_some(thinking))
+}
+
 fn line(value: &Value) -> Result<Bytes, Infallible> {
     let mut text = value.to_string();
     text.push('\n');
@@ -174,17 +188,6 @@ async fn forward(
 ) {
     let mut events = merged(receivers);
     let mut tool_stream = ToolStream::new();
-    let text_of = |deltas: &[Value]| -> (String, Option<String>) {
-        let content: String = deltas
-            .iter()
-            .filter_map(|d| d["content"].as_str())
-            .collect();
-        let thinking: String = deltas
-            .iter()
-            .filter_map(|d| d["reasoning_content"].as_str())
-            .collect();
-        (content, (!thinking.is_empty()).then_some(thinking))
-    };
     loop {
         let next = tokio::select! {
             _ = tx.closed() => return,
@@ -318,17 +321,6 @@ async fn loop_lines(
     tx: mpsc::Sender<Result<Bytes, Infallible>>,
     started: Instant,
 ) {
-    let text_of = |deltas: &[Value]| -> (String, Option<String>) {
-        let content: String = deltas
-            .iter()
-            .filter_map(|d| d["content"].as_str())
-            .collect();
-        let thinking: String = deltas
-            .iter()
-            .filter_map(|d| d["reasoning_content"].as_str())
-            .collect();
-        (content, (!thinking.is_empty()).then_some(thinking))
-    };
     loop {
         let next = tokio::select! {
             // The client hung up: returning drops `events`, which stops the loop.

@@ -27,7 +27,7 @@ pub struct Translated {
 }
 
 /// The served id for an Ollama model name: `name`, or `name:latest` for a served `name`.
-fn resolve(state: &AppState, name: &str) -> Result<String, ApiError> {
+pub fn resolve(state: &AppState, name: &str) -> Result<String, ApiError> {
     state.resolve_model(name).or_else(|e| {
         name.strip_suffix(":latest")
             .map_or(Err(e), |n| state.resolve_model(n))
