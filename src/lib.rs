@@ -8,12 +8,16 @@
 //! - [`template`]: chat templates rendered with Hugging Face's Jinja semantics.
 //! - [`tools`]: tool calls and structured output: request checks, the generic tool prompt,
 //!   JSON-schema grammars, and parsing model output into `tool_calls`.
-//! - [`api`]: the axum router: OpenAI routes, validation, errors, SSE, API keys.
+//! - [`api`]: the axum router: OpenAI and Ollama routes, validation, errors, SSE and NDJSON, API
+//!   keys, embeddings, `/metrics`.
 //! - [`gpu`]: the NVML inventory, model facts from GGUF headers, and the placement planner.
 //! - [`sandbox`]: the hardened container commands run in, reached over SSH (russh); its image,
 //!   profile, keys, executor and audit log.
 //! - [`server`]: binding, serving and graceful shutdown.
 //! - [`build_info`]: version, git revision and backends recorded at build time.
+//! - [`metrics`]: the Prometheus registry of one server, and the reader of its text.
+//! - [`fidelity`]: `model check`, llama.cpp's tokenizer against Hugging Face's.
+//! - [`top`]: `lm-sandbox top`, a terminal view of a running server.
 //!
 //! See ARCHITECTURE.md for the invariants that hold these together.
 

@@ -1,4 +1,4 @@
-//! The HTTP layer: OpenAI-compatible routes over an [`EngineHandle`].
+//! The HTTP layer: OpenAI-compatible and Ollama routes over an [`EngineHandle`].
 //!
 //! Owns: routing, request parsing and validation, OpenAI's response and error shapes, SSE, API keys.
 //! Must not: touch llama.cpp or block the runtime; it talks to the engine only through its handle
