@@ -2260,3 +2260,70 @@ async fn the_shell_loop_answers_ollama_chat_for_auto_shell_keys_streamed_and_not
     assert!(error["error"].as_str().unwrap().contains("sandbox"));
     let _ = std::fs::remove_file(&audit);
 }
+
+#[tokio::test]
+async fn lmstudio_rest_v0_models_and_answers_with_stats() {
+    let h = ollama_harness(None);
+    let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+    let (status, list) = send_json(&h.app, get("/api/v0/models")).await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let first = &list["data"][0];
+    assert_eq!(first["id"], MODEL);
+    assert_eq!(first["object"], "model");
+    assert_eq!(first["type"], "llm");
+    assert_eq!(first["arch"], "llama");
+    assert_eq!(first["compatibility_type"], "gguf");
+    assert_eq!(first["quantization"], "Q4_1");
+    assert_eq!(first["state"], "loaded");
+    assert_eq!(first["max_context_length"], 2048);
+    let (status, one) = send_json(&h.app, get("/api/v0/models/alias")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(one["id"], "alias");
+    let (status, _) = send_json(&h.app, get("/api/v0/models/nope")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let check_extras = |v: &Value, reason: &str| {
+        assert_eq!(v["stats"]["stop_reason"], reason, "{v}");
+        assert!(v["stats"]["tokens_per_second"].is_number());
+        assert!(v["stats"]["time_to_first_token"].as_f64().unwrap() >= 0.0);
+        assert!(v["stats"]["generation_time"].is_number());
+        assert_eq!(v["model_info"]["arch"], "llama");
+        assert_eq!(v["model_info"]["quant"], "Q4_1");
+        assert_eq!(v["model_info"]["format"], "gguf");
+        assert_eq!(v["model_info"]["context_length"], 2048);
+        assert_eq!(v["runtime"]["supported_formats"], json!(["gguf"]));
+    };
+    let (status, answer) = send_json(&h.app, post("/api/v0/chat/completions", chat("hi"))).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["choices"][0]["message"]["content"], echoed("hi"));
+    check_extras(&answer, "eosFound");
+    let mut streamed = chat("hi");
+    streamed["stream"] = json!(true);
+    let (_, _, sse) = send(&h.app, post("/api/v0/chat/completions", streamed)).await;
+    let chunks = sse_chunks(&sse);
+    let last = chunks
+        .iter()
+        .rev()
+        .find(|c| c.get("stats").is_some())
+        .unwrap();
+    check_extras(last, "eosFound");
+    assert_eq!(
+        chunks.iter().filter(|c| c.get("stats").is_some()).count(),
+        1
+    );
+    let capped = json!({"model": MODEL, "prompt": "hello", "max_tokens": 2});
+    let (_, text) = send_json(&h.app, post("/api/v0/completions", capped)).await;
+    assert_eq!(text["choices"][0]["text"], "he");
+    check_extras(&text, "maxPredictedTokensReached");
+    let (status, embedded) = send_json(
+        &h.app,
+        post("/api/v0/embeddings", json!({"model": MODEL, "input": "x"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(embedded["object"], "list");
+    // The OpenAI routes are unchanged: no LM Studio fields.
+    let (_, plain) = send_json(&h.app, post("/v1/chat/completions", chat("hi"))).await;
+    assert!(plain.get("stats").is_none() && plain.get("runtime").is_none());
+}

@@ -231,16 +231,28 @@ pub async fn chat_completions(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let authenticated = authenticated.map(|Extension(a)| a);
+    answer(&state, &request_id, authenticated.as_ref(), &body, None).await
+}
+
+/// A chat completion in OpenAI's shapes; `lmstudio` adds LM Studio's REST v0 fields.
+pub(super) async fn answer(
+    state: &AppState,
+    request_id: &str,
+    authenticated: Option<&Authenticated>,
+    body: &Value,
+    lmstudio: Option<Arc<Map<String, Value>>>,
+) -> Result<Response, ApiError> {
     let StartedChat {
         model,
         options,
         tools,
         receivers,
-    } = match start_chat(&state, &request_id, authenticated.as_ref(), &body).await? {
-        ChatStart::Loop(model, run) => return shell_loop::respond(&state, model, *run).await,
+    } = match start_chat(state, request_id, authenticated, body).await? {
+        ChatStart::Loop(model, run) => return shell_loop::respond(state, model, *run).await,
         ChatStart::Generation(started) => started,
     };
-    let header = ChunkHeader::chat(&state, model, options.include_usage);
+    let mut header = ChunkHeader::chat(state, model, options.include_usage);
+    header.lmstudio = lmstudio;
     let choices = receivers.len();
     let stream_tools = tools.clone();
     let wants_logprobs = options.logprobs.is_some();
@@ -502,10 +514,12 @@ impl ChunkShape for ChatChunks {
             .into_iter()
             .map(|d| self.delta_chunk(index, d))
             .collect();
-        chunks.push(self.header.chunk(
+        let mut last = self.header.chunk(
             json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": reason}]),
             Some(("timings", json!(Timings::from(stats)))),
-        ));
+        );
+        self.header.add_lmstudio_stats(&mut last, stats, reason);
+        chunks.push(last);
         let held = self
             .held_logprobs
             .as_ref()

@@ -30,12 +30,22 @@ pub async fn completions(
     State(state): State<AppState>,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
+    answer(&state, &body, None).await
+}
+
+/// A text completion in OpenAI's shapes; `lmstudio` adds LM Studio's REST v0 fields.
+pub(super) async fn answer(
+    state: &AppState,
+    body: &Value,
+    lmstudio: Option<Arc<serde_json::Map<String, Value>>>,
+) -> Result<Response, ApiError> {
+    let state = state.clone();
     let Prepared {
         model,
         loaded,
         mut options,
         fields,
-    } = prepare::<CompletionFields>(&state, &body)?;
+    } = prepare::<CompletionFields>(&state, body)?;
     if fields.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid(
             "suffix",
@@ -98,13 +108,14 @@ pub async fn completions(
         echoes.push(if echo { text } else { String::new() });
     }
     let receivers = generate::submit(&state.engine(), jobs, &options)?;
-    let header = ChunkHeader::new(
+    let mut header = ChunkHeader::new(
         &state,
         "cmpl",
         "text_completion",
         model,
         options.include_usage,
     );
+    header.lmstudio = lmstudio;
     // Choice `i` belongs to prompt `i / n`.
     let echoes = Echoes {
         texts: Arc::new(echoes),
@@ -201,10 +212,13 @@ impl ChunkShape for CompletionChunks {
         } else {
             self.logprobs_of(index, &logprobs)
         };
-        vec![self.header.chunk(
+        let mut last = self.header.chunk(
             json!([{"index": index, "text": "", "logprobs": logprobs, "finish_reason": finish_reason(reason)}]),
             Some(("timings", json!(Timings::from(stats)))),
-        )]
+        );
+        self.header
+            .add_lmstudio_stats(&mut last, stats, finish_reason(reason));
+        vec![last]
     }
 
     fn header(&self) -> &ChunkHeader {

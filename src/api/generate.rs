@@ -70,7 +70,7 @@ pub async fn respond<S: ChunkShape>(
             choice(i, c)
         })
         .collect();
-    Ok(axum::Json(json!({
+    let mut out = json!({
         "id": header.id,
         "object": object,
         "created": header.created,
@@ -79,8 +79,13 @@ pub async fn respond<S: ChunkShape>(
         "choices": choices,
         "usage": usage,
         "timings": Timings::from(&done[0].stats),
-    }))
-    .into_response())
+    });
+    let reason = out["choices"][0]["finish_reason"]
+        .as_str()
+        .unwrap_or("stop")
+        .to_owned();
+    header.add_lmstudio_stats(&mut out, &done[0].stats, &reason);
+    Ok(axum::Json(out).into_response())
 }
 
 /// One prompt, tokenized, with its token budget.

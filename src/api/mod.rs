@@ -15,7 +15,9 @@ mod extract;
 mod generate;
 mod inputs;
 mod limits;
+mod lmstudio;
 mod logprobs;
+mod model_facts;
 mod models;
 mod ollama;
 mod params;
@@ -341,6 +343,7 @@ pub fn router(state: AppState) -> Router {
     }
     router
         .merge(ollama::routes())
+        .merge(lmstudio::routes())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

@@ -31,6 +31,9 @@ pub struct ChunkHeader {
     pub include_usage: bool,
     /// Interval of keep-alive comments while the stream has nothing to send.
     pub keep_alive: std::time::Duration,
+    /// LM Studio's REST v0: fields its answers add to OpenAI's (`model_info`, `runtime`), and a
+    /// `stats` object on the final chunk or object.
+    pub lmstudio: Option<std::sync::Arc<serde_json::Map<String, Value>>>,
 }
 
 impl ChunkHeader {
@@ -50,6 +53,35 @@ impl ChunkHeader {
             fingerprint: state.config().system_fingerprint(),
             include_usage,
             keep_alive: state.config().sse_keep_alive,
+            lmstudio: None,
+        }
+    }
+
+    /// With LM Studio's REST v0 fields: adds `stats` for a choice that finished with
+    /// `finish_reason` (OpenAI's word), and the extra fields, to `out`.
+    pub fn add_lmstudio_stats(
+        &self,
+        out: &mut Value,
+        stats: &GenerationStats,
+        finish_reason: &str,
+    ) {
+        let Some(extras) = &self.lmstudio else {
+            return;
+        };
+        let stop_reason = match finish_reason {
+            "length" => "maxPredictedTokensReached",
+            "tool_calls" => "toolCalls",
+            _ => "eosFound",
+        };
+        let timings = super::generate::Timings::from(stats);
+        out["stats"] = serde_json::json!({
+            "tokens_per_second": timings.predicted_per_second,
+            "time_to_first_token": (stats.queue_ms + stats.prompt_ms) / 1e3,
+            "generation_time": stats.generation_ms / 1e3,
+            "stop_reason": stop_reason,
+        });
+        for (key, value) in extras.iter() {
+            out[key] = value.clone();
         }
     }
 
