@@ -755,3 +755,60 @@ fn a_tokenizer_json_beside_the_gguf_is_the_reference() {
     assert!(report.mismatches.is_empty(), "{:#?}", report.mismatches);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn lmstudio_v0_answers_carry_stats_streamed_and_not() {
+    let server = start(&["--parallel", "2"]).await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let (status, list) = {
+        let r = client
+            .get(format!("{base}/api/v0/models"))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, 200);
+    assert_eq!(list["data"][0]["id"], MODEL_ID);
+    assert_eq!(list["data"][0]["arch"], "llama");
+    assert_eq!(list["data"][0]["quantization"], "Q4_1");
+    assert_eq!(list["data"][0]["max_context_length"], 8192);
+    let request = chat("Name a color.", 8);
+    let (status, answer) = post(
+        &client,
+        &format!("{base}/api/v0/chat/completions"),
+        &request,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let stats = &answer["stats"];
+    assert!(
+        stats["tokens_per_second"].as_f64().unwrap() > 0.0,
+        "{stats}"
+    );
+    assert!(stats["time_to_first_token"].as_f64().unwrap() > 0.0);
+    assert!(matches!(
+        stats["stop_reason"].as_str(),
+        Some("eosFound" | "maxPredictedTokensReached")
+    ));
+    assert_eq!(answer["model_info"]["quant"], "Q4_1");
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let response = client
+        .post(format!("{base}/api/v0/chat/completions"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    let body = response.text().await.unwrap();
+    let finals: Vec<Value> = body
+        .split("\n\n")
+        .filter_map(|f| f.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter(|c| c.get("stats").is_some())
+        .collect();
+    assert_eq!(finals.len(), 1, "{body}");
+    assert_eq!(finals[0]["stats"]["stop_reason"], stats["stop_reason"]);
+}
