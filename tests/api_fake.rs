@@ -2327,3 +2327,75 @@ async fn lmstudio_rest_v0_models_and_answers_with_stats() {
     let (_, plain) = send_json(&h.app, post("/v1/chat/completions", chat("hi"))).await;
     assert!(plain.get("stats").is_none() && plain.get("runtime").is_none());
 }
+
+#[tokio::test]
+async fn lmstudio_rest_v1_model_routes() {
+    let h = ollama_harness(None);
+    let (status, list) = send_json(
+        &h.app,
+        Request::get("/api/v1/models").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let model = &list["models"][0];
+    assert_eq!(model["type"], "llm");
+    assert_eq!(model["key"], MODEL);
+    assert_eq!(model["architecture"], "llama");
+    assert_eq!(
+        model["quantization"],
+        json!({"name": "Q4_1", "bits_per_weight": 4})
+    );
+    assert_eq!(model["params_string"], "135M");
+    assert_eq!(model["format"], "gguf");
+    assert!(model["size_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(
+        model["loaded_instances"][0]["config"]["context_length"],
+        2048
+    );
+    assert_eq!(model["capabilities"]["trained_for_tool_use"], false);
+    let (status, loaded) = send_json(
+        &h.app,
+        post(
+            "/api/v1/models/load",
+            json!({"model": MODEL, "config": {"context_length": 1024}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{loaded}");
+    assert_eq!(loaded["model_instance_id"], MODEL);
+    assert_eq!(loaded["config"]["context_length"], 2048);
+    for (path, body, status, param) in [
+        (
+            "/api/v1/models/load",
+            json!({"model": MODEL, "config": {"context_length": 1_000_000}}),
+            StatusCode::BAD_REQUEST,
+            "config.context_length",
+        ),
+        (
+            "/api/v1/models/load",
+            json!({"model": "nope"}),
+            StatusCode::NOT_FOUND,
+            "model",
+        ),
+        (
+            "/api/v1/models/unload",
+            json!({"instance_id": MODEL}),
+            StatusCode::BAD_REQUEST,
+            "instance_id",
+        ),
+    ] {
+        let (got, resp) = send_json(&h.app, post(path, body)).await;
+        assert_eq!(got, status, "{path}: {resp}");
+        assert_eq!(error_of(&resp)["param"], param, "{resp}");
+    }
+    let (status, resp) = send_json(
+        &h.app,
+        post("/api/v1/models/download", json!({"model": "x"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_of(&resp)["message"]
+        .as_str()
+        .unwrap()
+        .contains("does not download"));
+}
