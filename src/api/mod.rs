@@ -127,6 +127,8 @@ struct Shared {
     shed: AtomicU64,
     /// With `--metrics`.
     metrics: Option<Arc<Metrics>>,
+    /// The model file's facts, read once (`model_facts`).
+    facts: tokio::sync::OnceCell<Arc<model_facts::Facts>>,
 }
 
 /// The start-up plan and the live GPU readings, for `GET /v1/placement`.
@@ -198,9 +200,15 @@ impl AppState {
                 in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
                 shed: AtomicU64::new(0),
                 metrics,
+                facts: tokio::sync::OnceCell::new(),
                 config,
             }),
         }
+    }
+
+    /// Where the model file's facts are kept once read.
+    fn model_facts(&self) -> &tokio::sync::OnceCell<Arc<model_facts::Facts>> {
+        &self.shared.facts
     }
 
     /// The metrics, with `--metrics`.

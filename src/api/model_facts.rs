@@ -2,6 +2,7 @@
 //! `/api/v0/models`) say of the served model, read from its GGUF header (no weights).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -126,13 +127,19 @@ fn facts(path: &Path) -> Result<Facts, ApiError> {
     })
 }
 
-pub async fn served_facts(state: &AppState) -> Result<Facts, ApiError> {
-    let path = state
-        .config()
-        .model_path
-        .clone()
-        .ok_or_else(|| ApiError::Internal("no model file is known to this server".into()))?;
-    tokio::task::spawn_blocking(move || facts(&path))
+/// The served model's facts, read from its header once (on the blocking pool) and kept: the file
+/// is the one the engine loaded, and every LM Studio answer carries some of them.
+pub async fn served_facts(state: &AppState) -> Result<Arc<Facts>, ApiError> {
+    state
+        .model_facts()
+        .get_or_try_init(|| async {
+            let path = state.config().model_path.clone().ok_or_else(|| {
+                ApiError::Internal("no model file is known to this server".into())
+            })?;
+            tokio::task::spawn_blocking(move || facts(&path).map(Arc::new))
+                .await
+                .map_err(|e| ApiError::Internal(format!("the header task failed: {e}")))?
+        })
         .await
-        .map_err(|e| ApiError::Internal(format!("the header task failed: {e}")))?
+        .cloned()
 }
