@@ -2316,6 +2316,11 @@ async fn lmstudio_rest_v0_models_and_answers_with_stats() {
     let (_, text) = send_json(&h.app, post("/api/v0/completions", capped)).await;
     assert_eq!(text["choices"][0]["text"], "he");
     check_extras(&text, "maxPredictedTokensReached");
+    let stopped = json!({"model": MODEL, "prompt": "hello", "stop": ["ll"]});
+    let (_, text) = send_json(&h.app, post("/api/v0/completions", stopped)).await;
+    assert_eq!(text["choices"][0]["text"], "he");
+    assert_eq!(text["choices"][0]["finish_reason"], "stop");
+    check_extras(&text, "stopStringFound");
     let (status, embedded) = send_json(
         &h.app,
         post("/api/v0/embeddings", json!({"model": MODEL, "input": "x"})),

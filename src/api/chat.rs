@@ -497,6 +497,7 @@ impl ChunkShape for ChatChunks {
         stats: &GenerationStats,
         logprobs: Vec<TokenLogprob>,
     ) -> Vec<Value> {
+        let engine_reason = reason;
         let (deltas, reason) = match &mut self.streams {
             None => (Vec::new(), finish_reason(reason)),
             Some((tools, streams)) => {
@@ -518,7 +519,8 @@ impl ChunkShape for ChatChunks {
             json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": reason}]),
             Some(("timings", json!(Timings::from(stats)))),
         );
-        self.header.add_lmstudio_stats(&mut last, stats, reason);
+        self.header
+            .add_lmstudio_stats(&mut last, stats, engine_reason, reason == "tool_calls");
         chunks.push(last);
         let held = self
             .held_logprobs

@@ -217,7 +217,7 @@ impl ChunkShape for CompletionChunks {
             Some(("timings", json!(Timings::from(stats)))),
         );
         self.header
-            .add_lmstudio_stats(&mut last, stats, finish_reason(reason));
+            .add_lmstudio_stats(&mut last, stats, reason, false);
         vec![last]
     }
 

@@ -80,11 +80,9 @@ pub async fn respond<S: ChunkShape>(
         "usage": usage,
         "timings": Timings::from(&done[0].stats),
     });
-    let reason = out["choices"][0]["finish_reason"]
-        .as_str()
-        .unwrap_or("stop")
-        .to_owned();
-    header.add_lmstudio_stats(&mut out, &done[0].stats, &reason);
+    let tool_calls = out["choices"][0]["finish_reason"] == "tool_calls";
+    let reason = done[0].reason.unwrap_or(FinishReason::Stop);
+    header.add_lmstudio_stats(&mut out, &done[0].stats, reason, tool_calls);
     Ok(axum::Json(out).into_response())
 }
 
@@ -198,7 +196,7 @@ pub const ENGINE_STOPPED: &str = "the engine stopped before the generation finis
 /// OpenAI's `finish_reason`.
 pub fn finish_reason(reason: FinishReason) -> &'static str {
     match reason {
-        FinishReason::Stop => "stop",
+        FinishReason::Stop | FinishReason::StopString => "stop",
         FinishReason::Length => "length",
     }
 }

@@ -57,21 +57,23 @@ impl ChunkHeader {
         }
     }
 
-    /// With LM Studio's REST v0 fields: adds `stats` for a choice that finished with
-    /// `finish_reason` (OpenAI's word), and the extra fields, to `out`.
+    /// With LM Studio's REST v0 fields: adds `stats` for a choice that finished for `reason`
+    /// (with `tool_calls` when its text parsed into calls), and the extra fields, to `out`.
     pub fn add_lmstudio_stats(
         &self,
         out: &mut Value,
         stats: &GenerationStats,
-        finish_reason: &str,
+        reason: FinishReason,
+        tool_calls: bool,
     ) {
         let Some(extras) = &self.lmstudio else {
             return;
         };
-        let stop_reason = match finish_reason {
-            "length" => "maxPredictedTokensReached",
-            "tool_calls" => "toolCalls",
-            _ => "eosFound",
+        let stop_reason = match reason {
+            _ if tool_calls => "toolCalls",
+            FinishReason::Length => "maxPredictedTokensReached",
+            FinishReason::StopString => "stopStringFound",
+            FinishReason::Stop => "eosFound",
         };
         let timings = super::generate::Timings::from(stats);
         out["stats"] = serde_json::json!({

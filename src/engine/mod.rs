@@ -57,8 +57,10 @@ pub struct GenerationRequest {
 /// Why generation ended, in engine terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// End-of-generation token or a stop string.
+    /// An end-of-generation token.
     Stop,
+    /// One of the request's stop strings.
+    StopString,
     /// `max_new_tokens` or the sequence's context was reached.
     Length,
 }

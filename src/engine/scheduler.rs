@@ -446,7 +446,7 @@ impl<R: ModelRunner> Scheduler<R> {
             return;
         }
         if outcome.stopped {
-            self.send_done(index, FinishReason::Stop, report);
+            self.send_done(index, FinishReason::StopString, report);
             return;
         }
         let at_limit = slot.generated >= slot.submission.request.max_new_tokens
@@ -469,7 +469,7 @@ impl<R: ModelRunner> Scheduler<R> {
             outcome.emit.push_str(&slot.stop.flush());
         }
         let reason = if outcome.stopped {
-            FinishReason::Stop
+            FinishReason::StopString
         } else {
             reason
         };

@@ -72,7 +72,7 @@ fn done(mut out: Value, reason: &str, stats: &GenerationStats, started: Instant)
 
 fn reason_word(reason: FinishReason) -> &'static str {
     match reason {
-        FinishReason::Stop => "stop",
+        FinishReason::Stop | FinishReason::StopString => "stop",
         FinishReason::Length => "length",
     }
 }

@@ -113,7 +113,7 @@ fn a_stop_string_across_tokens_ends_generation_without_leaking() {
     assert!(matches!(
         done,
         Some(GenerationEvent::Done {
-            reason: FinishReason::Stop,
+            reason: FinishReason::StopString,
             ..
         })
     ));
