@@ -2404,3 +2404,130 @@ async fn lmstudio_rest_v1_model_routes() {
         .unwrap()
         .contains("does not download"));
 }
+
+/// `(event name, data)` of every frame of a named-event SSE body.
+fn named_events(body: &str) -> Vec<(String, Value)> {
+    body.split("\n\n")
+        .filter(|f| !f.trim().is_empty() && !f.starts_with(':'))
+        .map(|frame| {
+            let mut name = String::new();
+            let mut data = Value::Null;
+            for line in frame.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_owned();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(d).unwrap();
+                }
+            }
+            (name, data)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn lmstudio_v1_chat_answers_keeps_threads_and_streams_named_events() {
+    let h = ollama_harness(None);
+    let (status, one) = send_json(
+        &h.app,
+        post(
+            "/api/v1/chat",
+            json!({"model": MODEL, "input": "hi", "system_prompt": "s"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    assert_eq!(one["model_instance_id"], MODEL);
+    let first = "<|system|>s\n<|user|>hi\n<|assistant|>";
+    assert_eq!(
+        one["output"],
+        json!([{"type": "message", "content": first}])
+    );
+    assert_eq!(one["stats"]["input_tokens"], first.len());
+    assert!(one["stats"]["tokens_per_second"].is_number());
+    let thread = one["thread_id"].as_str().unwrap().to_owned();
+    assert!(thread.starts_with("thread_"));
+    // The thread continues: the template sees the earlier turns.
+    let (_, two) = send_json(
+        &h.app,
+        post(
+            "/api/v1/chat",
+            json!({"model": MODEL, "input": "more", "thread_id": thread, "stream": false}),
+        ),
+    )
+    .await;
+    let content = two["output"][0]["content"].as_str().unwrap();
+    assert!(
+        content.starts_with(&format!(
+            "<|system|>s\n<|user|>hi\n<|assistant|>{first}\n<|user|>more"
+        )),
+        "{content}"
+    );
+    assert_eq!(two["thread_id"], thread.as_str());
+    // store: false keeps nothing and says no thread.
+    let (_, three) = send_json(
+        &h.app,
+        post(
+            "/api/v1/chat",
+            json!({"model": MODEL, "input": "x", "store": false}),
+        ),
+    )
+    .await;
+    assert!(three.get("thread_id").is_none());
+    // Streamed: LM Studio's named events, chat.end with the same result.
+    let (status, headers, body) = send(
+        &h.app,
+        post("/api/v1/chat", json!({"model": MODEL, "input": "hi", "system_prompt": "s", "stream": true, "store": false})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let events = named_events(&body);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        &names[..4],
+        [
+            "chat.start",
+            "prompt_processing.start",
+            "prompt_processing.end",
+            "message.start"
+        ]
+    );
+    assert_eq!(&names[names.len() - 2..], ["message.end", "chat.end"]);
+    assert!(events.iter().all(|(n, d)| d["type"] == n.as_str()));
+    let streamed: String = events
+        .iter()
+        .filter(|(n, _)| n == "message.delta")
+        .map(|(_, d)| d["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, first);
+    assert_eq!(
+        events.last().unwrap().1["result"]["output"][0]["content"],
+        first
+    );
+    for (body, param) in [
+        (json!({"model": MODEL}), "input"),
+        (
+            json!({"model": MODEL, "input": "x", "thread_id": "thread_nope"}),
+            "thread_id",
+        ),
+        (
+            json!({"model": MODEL, "input": "x", "integrations": ["mcp/playwright"]}),
+            "integrations",
+        ),
+        (
+            json!({"model": MODEL, "input": "x", "reasoning": "high"}),
+            "reasoning",
+        ),
+        (
+            json!({"model": MODEL, "input": "x", "context_length": 999_999}),
+            "context_length",
+        ),
+    ] {
+        let (status, resp) = send_json(&h.app, post("/api/v1/chat", body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{resp}");
+        assert_eq!(error_of(&resp)["param"], param);
+    }
+}

@@ -129,6 +129,8 @@ struct Shared {
     metrics: Option<Arc<Metrics>>,
     /// The model file's facts, read once (`model_facts`).
     facts: tokio::sync::OnceCell<Arc<model_facts::Facts>>,
+    /// LM Studio v1 chat threads (`store: true`), bounded.
+    threads: lmstudio::Threads,
 }
 
 /// The start-up plan and the live GPU readings, for `GET /v1/placement`.
@@ -201,9 +203,15 @@ impl AppState {
                 shed: AtomicU64::new(0),
                 metrics,
                 facts: tokio::sync::OnceCell::new(),
+                threads: lmstudio::Threads::default(),
                 config,
             }),
         }
+    }
+
+    /// LM Studio v1 chat's threads.
+    fn lmstudio_threads(&self) -> &lmstudio::Threads {
+        &self.shared.threads
     }
 
     /// Where the model file's facts are kept once read.

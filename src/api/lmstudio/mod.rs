@@ -1,10 +1,12 @@
-//! LM Studio's REST API v0 (`/api/v0/*`) and the model routes of v1 (`/api/v1/models*`): apps
-//! written for LM Studio's server point at lm-sandbox. The inference routes are OpenAI's shapes plus `stats` (`tokens_per_second`,
+//! LM Studio's REST API v0 (`/api/v0/*`) and v1 (`/api/v1/models*`, `/api/v1/chat` in `chat`):
+//! apps written for LM Studio's server point at lm-sandbox. The inference routes are OpenAI's shapes plus `stats` (`tokens_per_second`,
 //! `time_to_first_token`, `generation_time`, `stop_reason` in LM Studio's words), `model_info`
 //! and `runtime`, on the answer or the final streamed chunk; they run the OpenAI handlers' code.
 //! The model routes describe the served model from its GGUF header.
 //!
 //! Must not: answer anything the OpenAI routes would not (one validation, one scheduler path).
+
+mod chat;
 
 use std::sync::Arc;
 
@@ -28,6 +30,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v0/chat/completions", post(chat))
         .route("/api/v0/completions", post(completions))
         .route("/api/v0/embeddings", post(super::embeddings::embeddings))
+        .route("/api/v1/chat", post(chat::chat))
         .route("/api/v1/models", get(v1_models))
         .route("/api/v1/models/load", post(v1_load))
         .route("/api/v1/models/unload", post(v1_unload))
@@ -144,6 +147,8 @@ async fn no_downloads() -> ApiError {
 }
 
 /// One model as LM Studio lists it.
+pub use chat::Threads;
+
 async fn model_object(state: &AppState, id: &str) -> Result<Value, ApiError> {
     let facts = served_facts(state).await?;
     let loaded = state.loaded().ok();
