@@ -811,4 +811,18 @@ async fn lmstudio_v0_answers_carry_stats_streamed_and_not() {
         .collect();
     assert_eq!(finals.len(), 1, "{body}");
     assert_eq!(finals[0]["stats"]["stop_reason"], stats["stop_reason"]);
+    // REST v1 chat, with a thread.
+    let v1 = json!({"model": MODEL_ID, "input": "Name a color.", "max_output_tokens": 4, "temperature": 0});
+    let (status, answer) = post(&client, &format!("{base}/api/v1/chat"), &v1).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["output"][0]["type"], "message");
+    assert_eq!(answer["stats"]["total_output_tokens"], 4);
+    let thread = answer["thread_id"].as_str().unwrap();
+    let next = json!({"model": MODEL_ID, "input": "Another.", "max_output_tokens": 4, "thread_id": thread});
+    let (status, again) = post(&client, &format!("{base}/api/v1/chat"), &next).await;
+    assert_eq!(status, 200, "{again}");
+    assert!(
+        again["stats"]["input_tokens"].as_u64() > answer["stats"]["input_tokens"].as_u64(),
+        "the thread's history is in the prompt"
+    );
 }
