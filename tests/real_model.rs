@@ -826,3 +826,38 @@ async fn lmstudio_v0_answers_carry_stats_streamed_and_not() {
         "the thread's history is in the prompt"
     );
 }
+
+#[tokio::test]
+async fn a_large_embedding_job_does_not_stall_a_chat() {
+    let server = start(&["--parallel", "2"]).await;
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let big = json!({"model": MODEL_ID, "input": vec!["word ".repeat(200); 24]});
+    let job = {
+        let client = client.clone();
+        let url = format!("{base}/v1/embeddings");
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let (status, body) = post(&client, &url, &big).await;
+            assert_eq!(status, 200, "{body}");
+            started.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let (status, _) = post(
+        &client,
+        &format!("{base}/v1/chat/completions"),
+        &chat("Hi", 8),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let chat_took = started.elapsed();
+    let job_took = job.await.unwrap();
+    // The job runs one short decode at a time, interleaved with generation: the chat waits for
+    // one of them, not for the whole job.
+    assert!(
+        chat_took * 3 < job_took,
+        "chat {chat_took:?} during an embedding job of {job_took:?}"
+    );
+}

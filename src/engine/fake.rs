@@ -227,6 +227,11 @@ impl ModelRunner for FakeRunner {
         token == FAKE_EOS
     }
 
+    /// As many inputs per "decode" as a real embedding context of 256 tokens would take.
+    fn embed_limits(&self) -> (usize, usize) {
+        (256, 64)
+    }
+
     /// Mean pooling over fixed per-token vectors: token `t`'s component `k` is `sin(t·(k+1))`.
     fn embed(&mut self, inputs: &[Vec<Token>]) -> Result<Vec<Vec<f32>>, String> {
         Ok(inputs

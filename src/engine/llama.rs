@@ -789,6 +789,10 @@ impl ModelRunner for LlamaRunner<'_> {
         self.model.vocab().is_eog(LlamaToken(token))
     }
 
+    fn embed_limits(&self) -> (usize, usize) {
+        (self.embed_params.n_ctx as usize, EMBED_SEQS as usize)
+    }
+
     fn embed(&mut self, inputs: &[Vec<Token>]) -> Result<Vec<Vec<f32>>, String> {
         if self.embedder.is_none() {
             self.embedder = Some(Embedder::new(self.model, &self.embed_params)?);

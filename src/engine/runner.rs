@@ -63,6 +63,9 @@ pub trait ModelRunner {
     /// embedding context allows. Every input fits that context (the API checks).
     fn embed(&mut self, inputs: &[Vec<Token>]) -> Result<Vec<Vec<f32>>, String>;
 
+    /// What one embedding decode holds: tokens, and inputs (sequences).
+    fn embed_limits(&self) -> (usize, usize);
+
     /// Whether `token` ends generation (EOS, EOT, ...).
     fn is_end_of_generation(&self, token: Token) -> bool;
 }

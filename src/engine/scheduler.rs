@@ -124,6 +124,32 @@ fn common_prefix(a: &[Token], b: &[Token]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// Most tokens of one embedding decode (an input longer than this still goes whole: pooling
+/// needs all of it in one decode). Throughput hardly depends on it; the wait of a request that
+/// arrives during a large job does.
+pub const EMBED_STEP_TOKENS: usize = 512;
+
+/// An embedding job under way: the vectors of its first inputs.
+pub struct EmbedProgress {
+    job: super::EmbedJob,
+    out: Vec<Vec<f32>>,
+}
+
+impl EmbedProgress {
+    pub fn new(job: super::EmbedJob) -> Self {
+        Self {
+            job,
+            out: Vec::new(),
+        }
+    }
+
+    /// The reply channel, taken to answer (the job ends with it).
+    fn take_reply(&mut self) -> tokio::sync::oneshot::Sender<super::EmbedResult> {
+        let (placeholder, _) = tokio::sync::oneshot::channel();
+        std::mem::replace(&mut self.job.reply, placeholder)
+    }
+}
+
 /// Batches up to `slots` sequences into one decode per step.
 pub struct Scheduler<R> {
     runner: R,
@@ -156,15 +182,44 @@ impl<R: ModelRunner> Scheduler<R> {
         &self.runner
     }
 
-    /// Runs an embedding job between steps (it does not touch the generation sequences).
-    pub fn embed(&mut self, job: super::EmbedJob) {
-        // A client that left while queued costs nothing.
-        if job.reply.is_closed() {
-            return;
+    /// Runs the next embedding decode of `job` (as many of its inputs as one decode holds, within
+    /// [`EMBED_STEP_TOKENS`]), so a large job is interleaved with generation steps rather than
+    /// stalling them, and a request that arrives meanwhile waits for one short decode at most.
+    /// Returns whether the job is over: answered, failed, or its client gone.
+    pub fn embed_step(&mut self, job: &mut EmbedProgress) -> bool {
+        // A client that left costs nothing more.
+        if job.job.reply.is_closed() {
+            return true;
         }
-        let result = self.runner.embed(&job.inputs);
-        // Ignored send error: a client that left needs no answer.
-        let _ = job.reply.send(result);
+        let (max_tokens, max_inputs) = self.runner.embed_limits();
+        let max_tokens = max_tokens.min(EMBED_STEP_TOKENS);
+        let inputs = &job.job.inputs;
+        let start = job.out.len();
+        let mut end = start;
+        let mut tokens = 0;
+        while end < inputs.len()
+            && end - start < max_inputs
+            && tokens + inputs[end].len() <= max_tokens
+        {
+            tokens += inputs[end].len();
+            end += 1;
+        }
+        // An input over the limit still goes alone: the runner says why it cannot.
+        let end = end.max(start + 1).min(inputs.len());
+        match self.runner.embed(&inputs[start..end]) {
+            Ok(vectors) => job.out.extend(vectors),
+            Err(reason) => {
+                // Ignored send error: a client that left needs no answer.
+                let _ = job.take_reply().send(Err(reason));
+                return true;
+            }
+        }
+        if job.out.len() < inputs.len() {
+            return false;
+        }
+        let out = std::mem::take(&mut job.out);
+        let _ = job.take_reply().send(Ok(out));
+        true
     }
 
     /// Sequences bound to a request now.

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::llama::{self, LlamaEngineConfig};
 use super::runner::ModelRunner;
-use super::scheduler::Scheduler;
+use super::scheduler::{EmbedProgress, Scheduler};
 use super::{EngineCommand, EngineHandle, EngineState, GenerationEvent, LiveCounts, ModelInfo};
 
 /// Shape of the batching loop, shared by the real and the fake engine.
@@ -39,17 +39,39 @@ pub fn run<R: ModelRunner>(
     live: &LiveCounts,
 ) {
     let mut parked = None;
+    let mut embedding: Option<EmbedProgress> = None;
+    // Time embedding decodes took while sequences were generating, not yet matched by
+    // generation steps.
+    let mut embed_debt = Duration::ZERO;
     live.kv_capacity
         .store(scheduler.kv_capacity(), Ordering::Relaxed);
+    // Takes a command on: a generation into a free sequence, an embedding job when none is under
+    // way; else gives it back to be parked.
+    let take = |command: EngineCommand,
+                scheduler: &mut Scheduler<R>,
+                embedding: &mut Option<EmbedProgress>|
+     -> Result<(), Box<EngineCommand>> {
+        // Boxed: giving a command back is rare, and it is large.
+        match command {
+            EngineCommand::Generate(submission) => scheduler
+                .admit(submission)
+                .map_err(|s| Box::new(EngineCommand::Generate(*s))),
+            EngineCommand::Embed(job) if embedding.is_none() => {
+                *embedding = Some(EmbedProgress::new(job));
+                Ok(())
+            }
+            other => Err(Box::new(other)),
+        }
+    };
     loop {
-        if let Some(submission) = parked.take() {
-            match scheduler.admit(submission) {
-                Err(submission) => parked = Some(*submission),
+        if let Some(command) = parked.take() {
+            match take(command, &mut scheduler, &mut embedding) {
+                Err(command) => parked = Some(*command),
                 Ok(()) => live.parked.store(0, Ordering::Relaxed),
             }
         }
         while parked.is_none() {
-            let command = if scheduler.is_idle() {
+            let command = if scheduler.is_idle() && embedding.is_none() {
                 // Nothing to decode: sleeping on the queue is the engine's idle state.
                 match commands.blocking_recv() {
                     Some(command) => command,
@@ -62,17 +84,34 @@ pub fn run<R: ModelRunner>(
                     Err(_) => break,
                 }
             };
-            match command {
-                EngineCommand::Embed(job) => scheduler.embed(job),
-                EngineCommand::Generate(submission) => {
-                    if let Err(submission) = scheduler.admit(submission) {
-                        live.parked.store(1, Ordering::Relaxed);
-                        parked = Some(*submission);
-                    }
+            if let Err(command) = take(command, &mut scheduler, &mut embedding) {
+                live.parked.store(1, Ordering::Relaxed);
+                parked = Some(*command);
+            }
+        }
+        // Embedding decodes and generation steps share the thread: while sequences generate, an
+        // embedding decode runs only once the generation steps since the last one took as long
+        // as it did (at most half the time goes to embeddings), so a large embedding job slows
+        // running streams by at most half and never stalls them.
+        if let Some(job) = embedding.as_mut() {
+            let shared = !scheduler.is_idle();
+            if !shared || embed_debt.is_zero() {
+                let started = Instant::now();
+                if scheduler.embed_step(job) {
+                    embedding = None;
+                }
+                if shared {
+                    embed_debt += started.elapsed();
                 }
             }
         }
+        let started = Instant::now();
         let report = scheduler.step();
+        embed_debt = if report.batch_tokens > 0 {
+            embed_debt.saturating_sub(started.elapsed())
+        } else {
+            Duration::ZERO
+        };
         if report.batch_tokens > 0 {
             live.decodes.fetch_add(1, Ordering::Relaxed);
         }

@@ -436,3 +436,29 @@ fn prefill_budget_goes_to_the_shortest_remaining_prompt_first() {
         "the long one takes the rest"
     );
 }
+
+#[test]
+fn a_large_embedding_job_runs_one_decode_at_a_time_and_stops_when_its_client_goes() {
+    let mut s = scheduler(1, 64);
+    let (reply, mut rx) = tokio::sync::oneshot::channel();
+    let job = crate::engine::EmbedJob {
+        inputs: (0..130).map(|i| vec![i as Token % 200 + 1]).collect(),
+        reply,
+    };
+    let mut progress = EmbedProgress::new(job);
+    // The fake holds 64 inputs per decode: three steps, answered at the last.
+    assert!(!s.embed_step(&mut progress));
+    assert!(rx.try_recv().is_err());
+    assert!(!s.embed_step(&mut progress));
+    assert!(s.embed_step(&mut progress));
+    let vectors = rx.try_recv().unwrap().unwrap();
+    assert_eq!(vectors.len(), 130);
+    // A client that left: nothing more is computed.
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let mut gone = EmbedProgress::new(crate::engine::EmbedJob {
+        inputs: vec![vec![1]; 500],
+        reply,
+    });
+    drop(rx);
+    assert!(s.embed_step(&mut gone));
+}
