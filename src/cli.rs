@@ -41,7 +41,7 @@ pub struct TopArgs {
     #[arg(default_value = "http://127.0.0.1:8080")]
     pub url: String,
     /// A key for servers that have keys (/metrics is behind it unless --metrics-public).
-    #[arg(long, env = "LM_SANDBOX_API_KEY")]
+    #[arg(long, env = "LM_SANDBOX_TOP_API_KEY")]
     pub api_key: Option<String>,
     /// Seconds between readings.
     #[arg(long, default_value_t = 1.0)]
