@@ -30,9 +30,27 @@ pub enum Command {
     Tools(ToolsArgs),
     /// Model file checks.
     Model(ModelArgs),
+    /// List the models the stores hold: folders of GGUF files, Ollama's store, LM Studio's folder.
+    Models(ModelsArgs),
     /// A refreshing terminal view of a running server (models, sequences, queue, tokens/s, TTFT,
     /// GPU memory against the plan), from its /metrics, /health and /v1/placement.
     Top(TopArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelsArgs {
+    /// A folder of GGUF files (every `*.gguf` below it; split files as one model). Repeatable.
+    #[arg(long = "models-dir")]
+    pub models_dirs: Vec<std::path::PathBuf>,
+    /// Ollama's store (default `$OLLAMA_MODELS`, else `~/.ollama/models`).
+    #[arg(long, num_args = 0..=1)]
+    pub ollama_models: Option<Option<std::path::PathBuf>>,
+    /// LM Studio's folder (default `~/.lmstudio/models`, then `~/.cache/lm-studio/models`).
+    #[arg(long, num_args = 0..=1)]
+    pub lmstudio_models: Option<Option<std::path::PathBuf>>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

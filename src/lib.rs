@@ -18,6 +18,7 @@
 //! - [`metrics`]: the Prometheus registry of one server, and the reader of its text.
 //! - [`fidelity`]: `model check`, llama.cpp's tokenizer against Hugging Face's.
 //! - [`top`]: `lm-sandbox top`, a terminal view of a running server.
+//! - [`store`]: the model stores people have (folders, Ollama's, LM Studio's) and `models`.
 //!
 //! See ARCHITECTURE.md for the invariants that hold these together.
 
@@ -31,6 +32,7 @@ pub mod gpu;
 pub mod metrics;
 pub mod sandbox;
 pub mod server;
+pub mod store;
 pub mod template;
 pub mod tools;
 pub mod top;

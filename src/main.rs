@@ -43,6 +43,7 @@ fn main() -> anyhow::Result<()> {
             }
         },
         Command::Top(args) => lm_sandbox::top::command::run(&args)?,
+        Command::Models(args) => lm_sandbox::store::command::run(&args)?,
         Command::Sandbox(args) => {
             let code = lm_sandbox::sandbox::command::run(&args)?;
             if code != 0 {

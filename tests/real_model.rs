@@ -861,3 +861,59 @@ async fn a_large_embedding_job_does_not_stall_a_chat() {
         "chat {chat_took:?} during an embedding job of {job_took:?}"
     );
 }
+
+#[test]
+fn models_lists_the_default_model_from_a_folder_an_ollama_store_and_lm_studios_folder() {
+    let model = common::model_path();
+    let root = std::env::temp_dir().join(format!("lmsbx-stores-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let link = |to: &std::path::Path| {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&model, to).unwrap();
+    };
+    // A folder, LM Studio's layout, and an Ollama store whose blob is named by its digest.
+    link(&root.join("dir/smol.gguf"));
+    link(
+        &root.join("lms/HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/smollm2-135m-instruct-q4_1.gguf"),
+    );
+    let sha = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+    link(&root.join(format!("ollama/blobs/sha256-{sha}")));
+    let manifest = json!({"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.model", "digest": format!("sha256:{sha}")}]});
+    let manifest_path = root.join("ollama/manifests/registry.ollama.ai/library/smollm2/135m");
+    std::fs::create_dir_all(manifest_path.parent().unwrap()).unwrap();
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lm-sandbox"))
+        .args(["models", "--json", "--models-dir"])
+        .arg(root.join("dir"))
+        .arg("--ollama-models")
+        .arg(root.join("ollama"))
+        .arg("--lmstudio-models")
+        .arg(root.join("lms"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        [
+            "smol",
+            "smollm2:135m",
+            "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+        ]
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r["architecture"] == "llama" && r["n_ctx_train"] == 8192));
+    assert_eq!(rows[1]["source"], "ollama");
+    assert_eq!(rows[1]["digest"], format!("sha256:{sha}"));
+    // The blob is what its manifest says.
+    let blob = root.join(format!("ollama/blobs/sha256-{sha}"));
+    lm_sandbox::store::verify_digest(&blob, &format!("sha256:{sha}"), |_, _| {}).unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+}
