@@ -492,49 +492,42 @@ impl<'m> Embedder<'m> {
         })
     }
 
-    /// Packs inputs into decodes of at most `n_ctx` tokens and `EMBED_SEQS` sequences.
+    /// One decode over `inputs` (the scheduler packs them within [`ModelRunner::embed_limits`]).
     fn embed(&mut self, inputs: &[Vec<Token>]) -> Result<Vec<Vec<f32>>, String> {
         let n_ctx = self.ctx.n_ctx() as usize;
-        let mut out = Vec::with_capacity(inputs.len());
-        let mut next = 0;
-        while next < inputs.len() {
-            self.batch.clear();
-            self.ctx.clear_kv_cache();
-            let mut seqs = 0;
-            let mut tokens = 0;
-            while let Some(input) = inputs.get(next) {
-                if seqs == EMBED_SEQS as usize || tokens + input.len() > n_ctx {
-                    break;
-                }
-                for (pos, &token) in input.iter().enumerate() {
-                    // Every token is an output: pooling reads them all.
-                    self.batch
-                        .add(LlamaToken(token), pos as i32, &[seqs as i32], true)
-                        .map_err(|e| e.to_string())?;
-                }
-                tokens += input.len();
-                seqs += 1;
-                next += 1;
-            }
-            if seqs == 0 {
-                return Err(format!(
-                    "an input of {} tokens does not fit the embedding context of {n_ctx}",
-                    inputs[next].len()
-                ));
-            }
-            self.ctx
-                .decode(&mut self.batch)
-                .map_err(|e| format!("embedding decode failed: {e}"))?;
-            for seq in 0..seqs {
-                let embedding = self
-                    .ctx
-                    .embeddings_seq_ith(seq as i32)
-                    .map_err(|e| format!("no pooled embedding for an input: {e}"))?;
-                out.push(embedding.to_vec());
+        let tokens: usize = inputs.iter().map(Vec::len).sum();
+        if tokens > n_ctx || inputs.len() > EMBED_SEQS as usize {
+            return Err(format!(
+                "{} inputs of {tokens} tokens do not fit the embedding context of {n_ctx}",
+                inputs.len()
+            ));
+        }
+        self.batch.clear();
+        self.ctx.clear_kv_cache();
+        for (seq, input) in inputs.iter().enumerate() {
+            for (pos, &token) in input.iter().enumerate() {
+                // Every token is an output: pooling reads them all.
+                self.batch
+                    .add(LlamaToken(token), pos as i32, &[seq as i32], true)
+                    .map_err(|e| e.to_string())?;
             }
         }
+        let decoded = self
+            .ctx
+            .decode(&mut self.batch)
+            .map_err(|e| format!("embedding decode failed: {e}"));
+        let out = decoded.and_then(|()| {
+            (0..inputs.len())
+                .map(|seq| {
+                    self.ctx
+                        .embeddings_seq_ith(seq as i32)
+                        .map(<[f32]>::to_vec)
+                        .map_err(|e| format!("no pooled embedding for an input: {e}"))
+                })
+                .collect()
+        });
         self.ctx.clear_kv_cache();
-        Ok(out)
+        out
     }
 }
 

@@ -59,8 +59,9 @@ pub trait ModelRunner {
     /// tokens in their vocabularies).
     fn token_bytes(&self, token: Token, special: bool, out: &mut Vec<u8>);
 
-    /// The pooled embedding of each input (not normalized), packed into as few decodes as the
-    /// embedding context allows. Every input fits that context (the API checks).
+    /// The pooled embedding of each input (not normalized), in one decode: the inputs fit
+    /// [`ModelRunner::embed_limits`] together (the scheduler packs them so; an input alone always
+    /// fits, as the API checks).
     fn embed(&mut self, inputs: &[Vec<Token>]) -> Result<Vec<Vec<f32>>, String>;
 
     /// What one embedding decode holds: tokens, and inputs (sequences).
