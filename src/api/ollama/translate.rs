@@ -26,6 +26,19 @@ pub struct Translated {
     pub raw_prompt: Option<String>,
 }
 
+impl Translated {
+    /// An empty prompt: it only loads (or would unload) the model.
+    fn load_only(model: String, stream: bool, body: &Value) -> Result<Self, ApiError> {
+        Ok(Self {
+            model,
+            openai: Value::Null,
+            stream,
+            load_only: Some(load_only(body.get("keep_alive"))?),
+            raw_prompt: None,
+        })
+    }
+}
+
 /// The served id for an Ollama model name: `name`, or `name:latest` for a served `name`.
 pub fn resolve(state: &AppState, name: &str) -> Result<String, ApiError> {
     state.resolve_model(name).or_else(|e| {
@@ -256,13 +269,7 @@ pub fn chat(state: &AppState, body: &Value) -> Result<Translated, OllamaError> {
         Some(_) => return Err(ApiError::invalid("messages", "`messages` must be an array").into()),
     };
     if messages.is_empty() {
-        return Ok(Translated {
-            model,
-            openai: Value::Null,
-            stream,
-            load_only: Some(load_only(body.get("keep_alive"))?),
-            raw_prompt: None,
-        });
+        return Ok(Translated::load_only(model, stream, body)?);
     }
     let mut converted = Vec::with_capacity(messages.len());
     for (i, message) in messages.iter().enumerate() {
@@ -337,13 +344,7 @@ pub fn generate(state: &AppState, body: &Value) -> Result<Translated, OllamaErro
     let suffix = string_field(body, "suffix")?.filter(|s| !s.is_empty());
     let raw = body.get("raw").and_then(Value::as_bool).unwrap_or(false);
     if prompt.is_empty() && suffix.is_none() {
-        return Ok(Translated {
-            model,
-            openai: Value::Null,
-            stream,
-            load_only: Some(load_only(body.get("keep_alive"))?),
-            raw_prompt: None,
-        });
+        return Ok(Translated::load_only(model, stream, body)?);
     }
     let raw_prompt = if let Some(suffix) = suffix {
         Some(fill_in_the_middle(state, prompt, suffix)?)
