@@ -1713,19 +1713,25 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{text}"))
 }
 
-#[tokio::test]
-async fn metrics_count_requests_tokens_and_gpus_in_prometheus_text() {
+/// A fake-engine server with `--metrics`, the fixture GPU and its plan, and `keys`.
+fn metrics_app(keys: &[&str]) -> Router {
     let (placement, inventory) = fake_placement();
-    let (_gpus_tx, gpus_rx) = watch::channel(inventory);
+    // The GPU reading stays as it was: its sender may go.
+    let (_, gpus_rx) = watch::channel(inventory);
     let engine = FakeRunner::new(Duration::ZERO).spawn(WorkerConfig {
         n_seq: 2,
         n_batch: 64,
         n_ctx_seq: 256,
         max_queue: 4,
     });
-    let mut config = api_config(&["k"]);
+    let mut config = api_config(keys);
     config.metrics = true;
-    let app = router(AppState::with_placement(engine, config, placement, gpus_rx));
+    router(AppState::with_placement(engine, config, placement, gpus_rx))
+}
+
+#[tokio::test]
+async fn metrics_count_requests_tokens_and_gpus_in_prometheus_text() {
+    let app = metrics_app(&["k"]);
     // Behind the key unless --metrics-public.
     let (status, _, _) = send(&app, Request::get("/metrics").body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -1867,17 +1873,7 @@ async fn top_renders_a_live_servers_models_rates_and_gpus() {
     use lm_sandbox::top::{render, Snapshot, View};
     use ratatui::backend::TestBackend;
     use ratatui::Terminal;
-    let (placement, inventory) = fake_placement();
-    let (_gpus_tx, gpus_rx) = watch::channel(inventory);
-    let engine = FakeRunner::new(Duration::ZERO).spawn(WorkerConfig {
-        n_seq: 2,
-        n_batch: 64,
-        n_ctx_seq: 256,
-        max_queue: 4,
-    });
-    let mut config = api_config(&[]);
-    config.metrics = true;
-    let app = router(AppState::with_placement(engine, config, placement, gpus_rx));
+    let app = metrics_app(&[]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
