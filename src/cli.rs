@@ -37,10 +37,15 @@ pub enum Command {
     Top(TopArgs),
 }
 
-#[derive(Debug, Clone, Args)]
-pub struct ModelsArgs {
+/// The model stores to read (`serve` and `models`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct StoreArgs {
     /// A folder of GGUF files (every `*.gguf` below it; split files as one model). Repeatable.
-    #[arg(long = "models-dir")]
+    #[arg(
+        long = "models-dir",
+        env = "LM_SANDBOX_MODELS_DIR",
+        value_delimiter = ','
+    )]
     pub models_dirs: Vec<std::path::PathBuf>,
     /// Ollama's store (default `$OLLAMA_MODELS`, else `~/.ollama/models`).
     #[arg(long, num_args = 0..=1)]
@@ -48,6 +53,12 @@ pub struct ModelsArgs {
     /// LM Studio's folder (default `~/.lmstudio/models`, then `~/.cache/lm-studio/models`).
     #[arg(long, num_args = 0..=1)]
     pub lmstudio_models: Option<Option<std::path::PathBuf>>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelsArgs {
+    #[command(flatten)]
+    pub stores: StoreArgs,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -278,13 +289,42 @@ impl CacheType {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// GGUF model file.
-    #[arg(short = 'm', long, env = "LM_SANDBOX_MODEL", default_value = DEFAULT_MODEL)]
-    pub model: PathBuf,
+    /// GGUF model file, loaded at start and kept loaded (repeatable; its file stem is its id).
+    /// Without `-m` and without a store, the default model.
+    #[arg(
+        short = 'm',
+        long = "model",
+        env = "LM_SANDBOX_MODEL",
+        value_delimiter = ','
+    )]
+    pub models: Vec<PathBuf>,
 
-    /// Another name the model answers to (repeatable; the file stem always works).
+    /// Another name the first `-m` model answers to (repeatable; the file stem always works).
     #[arg(long = "alias", env = "LM_SANDBOX_ALIAS", value_delimiter = ',')]
     pub aliases: Vec<String>,
+
+    #[command(flatten)]
+    pub stores: StoreArgs,
+
+    /// Models loaded at once; loading one more unloads the least recently used.
+    #[arg(long, env = "LM_SANDBOX_MODELS_MAX", default_value_t = 3)]
+    pub models_max: usize,
+
+    /// Unload a model idle this long (`10m`, `90s`, `1h`; `0`: never). `-m` models stay loaded.
+    #[arg(long, env = "LM_SANDBOX_IDLE_UNLOAD", default_value = "10m")]
+    pub idle_unload: String,
+
+    /// Do not load a model when a request names it: it must be loaded with `POST /v1/models/load`.
+    #[arg(long, env = "LM_SANDBOX_NO_MODELS_AUTOLOAD")]
+    pub no_models_autoload: bool,
+
+    /// Seconds a request waits for its model to load.
+    #[arg(long, env = "LM_SANDBOX_LOAD_TIMEOUT", default_value_t = 600.0)]
+    pub load_timeout: f64,
+
+    /// Seconds an unload waits for the model's requests before failing them.
+    #[arg(long, env = "LM_SANDBOX_UNLOAD_TIMEOUT", default_value_t = 30.0)]
+    pub unload_timeout: f64,
 
     /// Address to listen on.
     #[arg(long, env = "LM_SANDBOX_HOST", default_value = "127.0.0.1")]
@@ -502,7 +542,7 @@ pub struct PlacementArgs {
         long = "placement-policy",
         env = "LM_SANDBOX_PLACEMENT_POLICY",
         value_enum,
-        default_value = "proportional"
+        default_value = "auto"
     )]
     pub policy: crate::gpu::plan::Policy,
     /// Layers to offload (n_layer + 1 includes the output layer); default: as many as fit. `-ngl N` works too.

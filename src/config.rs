@@ -7,8 +7,11 @@ use std::time::Duration;
 use crate::api::{ApiConfig, ApiKey};
 use crate::cli::{PlacementArgs, ServeArgs, ServeSandboxArgs};
 use crate::engine::{GpuOffload, LlamaEngineConfig};
+use crate::gpu::plan::PlanConfig;
+use crate::registry::RegistryConfig;
 use crate::sandbox::container::{resolve_state_dir, sandbox_dir};
 use crate::sandbox::SandboxLimits;
+use crate::store::Sources;
 use crate::template::ChatTemplate;
 
 #[derive(Debug, thiserror::Error)]
@@ -64,19 +67,89 @@ fn read_key_files(flag: &'static str, paths: &[PathBuf]) -> Result<Vec<String>, 
     Ok(keys)
 }
 
+/// The user's placement flags as the planner takes them (context and build facts are set where
+/// the plan is made).
+pub fn plan_config(args: &PlacementArgs) -> PlanConfig {
+    PlanConfig {
+        policy: args.policy,
+        n_gpu_layers: args.n_gpu_layers,
+        devices: args.devices.clone(),
+        tensor_split: args.tensor_split.clone(),
+        split_mode: args.split_mode,
+        main_gpu: args.main_gpu,
+        ..PlanConfig::default()
+    }
+}
+
+/// A duration as `--idle-unload` takes it: `10m`, `90s`, `1h`, `1h30m`, or bare seconds; `0` is
+/// `None` (never).
+pub fn idle_duration(flag: &'static str, text: &str) -> Result<Option<Duration>, ConfigError> {
+    let bad = || {
+        invalid(
+            flag,
+            format!("must be a duration such as 10m, 90s, 1h30m or 0 (never); got {text:?}"),
+        )
+    };
+    let text = text.trim();
+    let seconds = match text.parse::<f64>() {
+        Ok(n) => n,
+        Err(_) => {
+            let mut total = 0.0;
+            let mut rest = text;
+            while !rest.is_empty() {
+                let digits = rest
+                    .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                    .filter(|&i| i > 0)
+                    .ok_or_else(bad)?;
+                let number: f64 = rest[..digits].parse().map_err(|_| bad())?;
+                rest = &rest[digits..];
+                let unit = rest
+                    .find(|c: char| c.is_ascii_digit())
+                    .unwrap_or(rest.len());
+                total += number
+                    * match &rest[..unit] {
+                        "s" => 1.0,
+                        "m" => 60.0,
+                        "h" => 3600.0,
+                        "d" => 86_400.0,
+                        _ => return Err(bad()),
+                    };
+                rest = &rest[unit..];
+            }
+            total
+        }
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(bad());
+    }
+    Ok((seconds > 0.0).then(|| Duration::from_secs_f64(seconds)))
+}
+
+/// Where `serve`'s models come from, and how many it keeps loaded.
+#[derive(Debug, Clone)]
+pub struct ModelsConfig {
+    /// `-m` files, loaded at start; the first answers to `aliases` too.
+    pub files: Vec<PathBuf>,
+    pub aliases: Vec<String>,
+    pub stores: Sources,
+    pub registry: RegistryConfig,
+}
+
 /// Everything `serve` needs, validated.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
+    /// Every engine setting but the model (each load fills in its path, id and offload).
     pub engine: LlamaEngineConfig,
+    pub models: ModelsConfig,
     pub api: ApiConfig,
     pub host: String,
     pub port: u16,
     /// `--ollama-port`: a second port with the same routes.
     pub ollama_port: Option<u16>,
     pub shutdown_timeout: Duration,
-    /// The placement flags; the plan (and `engine.offload`) is decided at start-up from live GPU
-    /// readings.
-    pub placement: PlacementArgs,
+    /// The placement settings; each model's plan (and its engine's offload) is decided when it
+    /// loads, from live GPU readings.
+    pub placement: PlanConfig,
     /// `--sandbox`: where the sandbox is and how commands are bounded.
     pub sandbox: Option<SandboxConfig>,
     pub http: HttpLimits,
@@ -211,25 +284,58 @@ impl ServeConfig {
         let header_timeout = seconds("--header-timeout", args.header_timeout)?;
         let body_timeout = seconds("--body-timeout", args.body_timeout)?;
         let sse_keep_alive = seconds("--sse-keep-alive", args.sse_keep_alive)?;
-        let metadata = std::fs::metadata(&args.model).map_err(|e| ConfigError::Model {
-            path: args.model.clone(),
-            reason: e.to_string(),
-        })?;
-        if !metadata.is_file() {
-            return Err(ConfigError::Model {
-                path: args.model.clone(),
-                reason: "not a file".into(),
-            });
+        let stores = crate::store::command::sources(&args.stores);
+        if args.models.is_empty() && stores == Sources::default() {
+            args.models.push(PathBuf::from(crate::cli::DEFAULT_MODEL));
         }
-        let stem = args
-            .model
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| ConfigError::Model {
-                path: args.model.clone(),
-                reason: "has no file name".into(),
+        let mut stems: Vec<String> = Vec::new();
+        for model in &args.models {
+            let metadata = std::fs::metadata(model).map_err(|e| ConfigError::Model {
+                path: model.clone(),
+                reason: e.to_string(),
             })?;
+            if !metadata.is_file() {
+                return Err(ConfigError::Model {
+                    path: model.clone(),
+                    reason: "not a file".into(),
+                });
+            }
+            let stem = model
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| ConfigError::Model {
+                    path: model.clone(),
+                    reason: "has no file name".into(),
+                })?;
+            if stems.contains(&stem) {
+                return Err(invalid(
+                    "--model",
+                    format!("two files are called {stem:?}: ids must differ"),
+                ));
+            }
+            stems.push(stem);
+        }
+        if args.models_max == 0 {
+            return Err(invalid("--models-max", "must be at least 1"));
+        }
+        if args.models.len() > args.models_max {
+            return Err(invalid(
+                "--models-max",
+                format!(
+                    "{} is fewer than the {} -m models loaded at start",
+                    args.models_max,
+                    args.models.len()
+                ),
+            ));
+        }
+        let registry = RegistryConfig {
+            models_max: args.models_max,
+            idle_unload: idle_duration("--idle-unload", &args.idle_unload)?,
+            autoload: !args.no_models_autoload,
+            load_timeout: seconds("--load-timeout", args.load_timeout)?,
+            unload_timeout: seconds("--unload-timeout", args.unload_timeout)?,
+        };
         if args.parallel == 0 {
             return Err(invalid("--parallel", "must be at least 1"));
         }
@@ -288,24 +394,31 @@ impl ServeConfig {
                 Some(source)
             }
         };
-        let mut model_ids = vec![stem.clone()];
+        let mut aliases: Vec<String> = Vec::new();
         for alias in &args.aliases {
             if alias.trim().is_empty() {
                 return Err(invalid("--alias", "aliases must not be empty"));
             }
-            if !model_ids.contains(alias) {
-                model_ids.push(alias.clone());
+            if args.models.is_empty() {
+                return Err(invalid(
+                    "--alias",
+                    "names the first -m model; there is none",
+                ));
+            }
+            if Some(alias) != stems.first() && !aliases.contains(alias) {
+                aliases.push(alias.clone());
             }
         }
-        let created = metadata
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
         Ok(Self {
+            models: ModelsConfig {
+                files: args.models.clone(),
+                aliases,
+                stores,
+                registry,
+            },
             engine: LlamaEngineConfig {
-                model_path: args.model.clone(),
-                model_id: stem,
+                model_path: PathBuf::new(),
+                model_id: String::new(),
                 n_ctx: args.ctx_size,
                 n_seq: args.parallel,
                 n_batch: args.batch_size,
@@ -314,7 +427,7 @@ impl ServeConfig {
                 offload: GpuOffload::default(),
             },
             api: ApiConfig {
-                model_ids,
+                model_ids: Vec::new(),
                 api_keys: ApiKey::list_with_auto_shell(
                     &args.api_keys,
                     &args.sandbox.sandbox_api_keys,
@@ -322,7 +435,7 @@ impl ServeConfig {
                 ),
                 n_predict,
                 chat_template,
-                created,
+                created: 0,
                 max_tool_rounds: args.sandbox.max_tool_rounds,
                 max_in_flight: args.max_in_flight as usize,
                 body_timeout,
@@ -330,13 +443,13 @@ impl ServeConfig {
                 health_build_info: args.health_build_info,
                 metrics: args.metrics,
                 metrics_public: args.metrics_public,
-                model_path: Some(args.model.clone()),
+                model_path: None,
             },
             host: args.host,
             port: args.port,
             ollama_port: args.ollama_port,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
-            placement: args.placement,
+            placement: plan_config(&args.placement),
             sandbox,
             http: HttpLimits { header_timeout },
         })
@@ -380,7 +493,13 @@ mod tests {
     #[test]
     fn defaults_validate_and_the_stem_is_the_model_id() {
         let c = config(&["--alias", "smol", "--alias", "Cargo"]).unwrap();
-        assert_eq!(c.api.model_ids, vec!["Cargo", "smol"]);
+        // `-m Cargo.toml`: the stem is the id, so `--alias Cargo` adds nothing.
+        assert_eq!(c.models.aliases, vec!["smol"]);
+        assert_eq!(c.models.registry.models_max, 3);
+        assert_eq!(
+            c.models.registry.idle_unload,
+            Some(std::time::Duration::from_secs(600))
+        );
         assert_eq!(c.engine.n_seq, 4);
         assert_eq!(c.api.n_predict, None);
     }
@@ -473,7 +592,7 @@ mod tests {
         let Command::Serve(mut args) = Cli::try_parse_from(["x", "serve"]).unwrap().command else {
             panic!("not a serve command")
         };
-        args.model = "/nonexistent.gguf".into();
+        args.models = vec!["/nonexistent.gguf".into()];
         assert!(matches!(
             ServeConfig::from_args(*args),
             Err(ConfigError::Model { .. })

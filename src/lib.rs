@@ -30,6 +30,7 @@ pub mod engine;
 pub mod fidelity;
 pub mod gpu;
 pub mod metrics;
+pub mod registry;
 pub mod sandbox;
 pub mod server;
 pub mod store;

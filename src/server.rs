@@ -1,9 +1,10 @@
 //! Process-level serving: start the engine thread, bind, serve, and shut down cleanly.
 //!
 //! On SIGINT/SIGTERM the listener stops accepting, in-flight requests (streams included) get up to
-//! `--shutdown-timeout` to finish, then the process exits 0. A model that fails to load ends the
-//! process with the reason. Before loading, the GPUs are read and the placement planned; a plan that
-//! cannot fit ends the process with the planner's numbers.
+//! `--shutdown-timeout` to finish, every model is unloaded, then the process exits 0. A `-m` model
+//! that fails to load ends the process with the reason (a store's model that fails is `failed` and
+//! the others keep serving). Each load plans its placement first (see `registry::loader`). SIGHUP
+//! rescans the stores.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,12 +16,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState, PlacementView};
-use crate::config::{SandboxConfig, ServeConfig};
-use crate::engine::{spawn_llama_engine, EngineHandle, EngineState, GpuOffload};
+use crate::config::{ModelsConfig, SandboxConfig, ServeConfig};
 use crate::gpu::inventory::{Inventory, InventorySource, NvmlSource};
-use crate::gpu::placement::{decide, spawn_poller, Placement, POLL_INTERVAL};
-use crate::gpu::plan::SplitMode;
-use crate::gpu::report;
+use crate::gpu::placement::{spawn_poller, POLL_INTERVAL};
+use crate::registry::loader::LlamaLoader;
+use crate::registry::{ModelCard, Registry, SystemClock};
 use crate::sandbox::container::SandboxState;
 use crate::sandbox::image::{Docker, Progress};
 use crate::sandbox::ssh::SshExecutor;
@@ -95,77 +95,83 @@ async fn open_sandbox(config: &SandboxConfig) -> Result<Sandbox, ServeError> {
     Ok(Sandbox::new(tenants, audit, config.limits.clone()))
 }
 
-/// Reads the GPUs and plans the placement (blocking: NVML and the GGUF header).
-fn place(config: &ServeConfig) -> Result<(Placement, Inventory), ServeError> {
-    let inventory = NvmlSource
-        .read()
-        .map_err(crate::gpu::placement::PlacementError::from)?;
-    if let Some(reason) = &inventory.unavailable {
-        tracing::info!("{reason}");
+/// Every model the configuration names: the `-m` files (the first with `--alias`es), then the
+/// stores' (a store that cannot be read is logged and skipped; an id seen twice keeps the first).
+fn catalog(models: &ModelsConfig) -> Vec<ModelCard> {
+    let mut cards = Vec::new();
+    for (i, path) in models.files.iter().enumerate() {
+        let aliases = if i == 0 {
+            models.aliases.clone()
+        } else {
+            Vec::new()
+        };
+        match ModelCard::from_file(path, aliases) {
+            Ok(card) => cards.push(card),
+            Err(e) => tracing::error!(path = %path.display(), %e, "cannot read a -m model"),
+        }
     }
-    let engine = &config.engine;
-    let (placement, facts) = decide(
-        &engine.model_path,
-        engine.n_ctx,
-        engine.n_seq,
-        &config.placement,
-        &inventory,
-    )?;
-    tracing::info!(
-        "placement plan:\n{}",
-        report::plan_table(&placement.plan, facts.n_layer)
-    );
-    Ok((placement, inventory))
+    let (found, errors) = crate::store::discover(&models.stores);
+    for error in errors {
+        tracing::warn!("{error}");
+    }
+    for model in found {
+        if cards.iter().any(|c| c.id() == model.id) {
+            tracing::warn!(id = %model.id, path = %model.path.display(), "a model with this id is known already; skipping this one");
+            continue;
+        }
+        cards.push(ModelCard::found(model));
+    }
+    cards
 }
 
-/// The plan in llama.cpp's terms: the GPUs that hold something, in device order.
-fn offload(placement: &Placement, config: &ServeConfig) -> GpuOffload {
-    let plan = &placement.plan;
-    let used: Vec<_> = plan
-        .devices
-        .iter()
-        .filter(|d| d.end_layer > d.first_layer || d.output > 0)
-        .collect();
-    GpuOffload {
-        n_gpu_layers: plan.n_gpu_layers,
-        devices: used.iter().map(|d| d.pci_bus_id.clone()).collect(),
-        single_gpu: config.placement.split_mode == SplitMode::None,
-        layers: used.iter().map(|d| d.end_layer - d.first_layer).collect(),
-        bytes: used.iter().map(|d| d.total).collect(),
-        n_layer: placement.model.n_layer,
-    }
-}
-
-/// A server accepting connections; the model may still be loading.
+/// A server accepting connections; its `-m` models may still be loading.
 pub struct RunningServer {
     pub addr: SocketAddr,
     /// `--ollama-port`'s address, serving the same routes.
     pub ollama_addr: Option<SocketAddr>,
     ollama_task: Option<JoinHandle<std::io::Result<()>>>,
-    pub engine: EngineHandle,
-    /// The plan and the GPU reading it was made from.
-    placement: (crate::gpu::plan::Plan, Inventory),
-    engine_thread: std::thread::JoinHandle<()>,
+    pub registry: Arc<Registry>,
+    /// The GPU reading before any model loaded.
+    before: Inventory,
+    /// The `-m` models' loads: each model's id and outcome.
+    preload: tokio::sync::watch::Receiver<Option<Vec<(String, Result<(), String>)>>>,
+    reaper: JoinHandle<()>,
+    rescan: JoinHandle<()>,
     stop: watch::Sender<bool>,
     task: JoinHandle<std::io::Result<()>>,
 }
 
-/// Spawns the engine (the model loads in the background; `/health` says 503 meanwhile) and starts
-/// serving HTTP on `config.host:config.port`.
+/// Starts serving HTTP on `config.host:config.port` and loads the `-m` models in the background
+/// (`/health` says 503 meanwhile). The stores' models load when a request names them.
 pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
-    let placing = config.clone();
-    let (placement, inventory) = tokio::task::spawn_blocking(move || place(&placing))
-        .await
-        .map_err(|e| ServeError::Load(format!("placement task: {e}")))??;
     let sandbox = match &config.sandbox {
         Some(sandbox) => Some(open_sandbox(sandbox).await?),
         None => None,
     };
-    let mut engine_config = config.engine.clone();
-    engine_config.offload = offload(&placement, config);
-    // The context size the plan was made for (0 meant the model's trained context).
-    engine_config.n_ctx = placement.model.n_ctx;
-    let (engine, engine_thread) = spawn_llama_engine(engine_config).map_err(ServeError::Spawn)?;
+    let before = tokio::task::spawn_blocking(|| NvmlSource.read())
+        .await
+        .map_err(|e| ServeError::Load(format!("GPU inventory task: {e}")))?
+        .map_err(crate::gpu::placement::PlacementError::from)?;
+    if let Some(reason) = &before.unavailable {
+        tracing::info!("{reason}");
+    }
+    let loader = LlamaLoader::new(
+        config.engine.clone(),
+        config.placement.clone(),
+        Box::new(NvmlSource),
+    );
+    let models = config.models.clone();
+    let registry = tokio::task::spawn_blocking(move || {
+        let scan = models.clone();
+        Registry::new(
+            Box::new(move || catalog(&scan)),
+            Arc::new(loader),
+            models.registry.clone(),
+            Arc::new(SystemClock),
+        )
+    })
+    .await
+    .map_err(|e| ServeError::Load(format!("model scan task: {e}")))?;
     let addr = format!("{}:{}", config.host, config.port);
     let listener = TcpListener::bind(&addr)
         .await
@@ -174,15 +180,19 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
         addr: format!("{}:{}", config.host, config.port),
         source,
     })?;
-    let gpus = spawn_poller(inventory.clone(), POLL_INTERVAL);
-    let planned = (placement.plan.clone(), inventory.clone());
+    let gpus = spawn_poller(before.clone(), POLL_INTERVAL);
     let view = PlacementView {
-        placement,
-        before: inventory,
+        placement: None,
+        before: before.clone(),
         gpus,
     };
-    let state = AppState::from_parts(engine.clone(), config.api.clone(), Some(view), sandbox);
-    let app = api::router(state);
+    let state = AppState::with_registry(
+        Arc::clone(&registry),
+        config.api.clone(),
+        Some(view),
+        sandbox,
+    );
+    let app = api::router(state.clone());
     let (stop, stopped) = watch::channel(false);
     let (ollama_addr, ollama_task) = match config.ollama_port {
         None => (None, None),
@@ -215,15 +225,55 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
         stopped,
     ));
     tracing::info!(%addr, "listening");
+    let (preloaded, preload) = watch::channel(None);
+    let loading = Arc::clone(&registry);
+    tokio::spawn(async move {
+        let results = loading.preload().await;
+        preloaded.send_replace(Some(
+            results
+                .into_iter()
+                .map(|(id, r)| (id, r.map_err(|e| e.to_string())))
+                .collect(),
+        ));
+    });
+    let reaper = registry.spawn_reaper(REAP_INTERVAL);
+    let rescan = spawn_rescan_on_hangup(Arc::clone(&registry), state);
     Ok(RunningServer {
         addr,
         ollama_addr,
         ollama_task,
-        engine,
-        placement: planned,
-        engine_thread,
+        registry,
+        before,
+        preload,
+        reaper,
+        rescan,
         stop,
         task,
+    })
+}
+
+/// How often idle models are looked for.
+const REAP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Rescans the stores on every SIGHUP.
+fn spawn_rescan_on_hangup(registry: Arc<Registry>, state: AppState) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hangups.recv().await.is_some() {
+                let registry = Arc::clone(&registry);
+                let _ = tokio::task::spawn_blocking(move || registry.rescan()).await;
+                state.forget_unloaded();
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (registry, state);
+        }
     })
 }
 
@@ -308,23 +358,34 @@ async fn stop_requested(stopped: &mut watch::Receiver<bool>) {
 }
 
 impl RunningServer {
-    /// Waits until the model is loaded; an error if it failed.
+    /// Waits until every `-m` model has loaded; an error naming the first that failed.
     pub async fn ready(&self) -> Result<(), ServeError> {
-        match self.engine.wait_loaded().await {
-            EngineState::Ready(_) => Ok(()),
-            EngineState::Failed(reason) => Err(ServeError::Load(reason)),
-            other => Err(ServeError::Load(format!(
-                "engine ended while loading ({other:?})"
-            ))),
+        let mut preload = self.preload.clone();
+        let results = preload
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| ServeError::Load("the server stopped while loading".into()))?
+            .clone()
+            .unwrap_or_default();
+        for (id, result) in results {
+            result.map_err(|e| ServeError::Load(format!("{id}: {e}")))?;
         }
+        Ok(())
     }
 
-    /// Stops accepting and gives in-flight requests `grace` to finish. Then, once the router (and
-    /// with it every engine handle it held) is gone, waits up to `grace` for the engine thread to
-    /// free the model and context: llama.cpp's GPU buffers must be released before the process
-    /// exits and the CUDA runtime tears down. Returns whether both happened in time.
+    /// The engine of a loaded model (tests).
+    pub fn engine(&self, model: &str) -> Option<crate::engine::EngineHandle> {
+        self.registry.status(model).ok()?.running.map(|r| r.engine)
+    }
+
+    /// Stops accepting and gives in-flight requests `grace` to finish. Then unloads every model,
+    /// waiting up to `grace` for each engine thread to free its model and context: llama.cpp's GPU
+    /// buffers must be released before the process exits and the CUDA runtime tears down.
+    /// Returns whether both happened in time.
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.stop.send_replace(true);
+        self.reaper.abort();
+        self.rescan.abort();
         let both = async {
             if let Some(task) = self.ollama_task {
                 // Ignored result: the main listener's outcome is the one reported.
@@ -342,24 +403,23 @@ impl RunningServer {
                 false
             }
         };
-        drop(self.engine);
-        let thread = self.engine_thread;
-        let joined = tokio::task::spawn_blocking(move || thread.join());
-        let joined = tokio::time::timeout(grace, joined).await.is_ok();
-        if !joined {
-            tracing::warn!("the engine thread is still running (another engine handle is alive)");
-        }
+        let joined = self.registry.shutdown(grace).await;
         finished && joined
     }
 }
 
-/// Serves until SIGINT/SIGTERM, then shuts down gracefully.
+/// Serves until SIGINT/SIGTERM, then shuts down gracefully. A `-m` model that fails to load ends
+/// the process, as it did with one model.
 pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
     let server = start(&config).await?;
     tokio::select! {
         loaded = server.ready() => {
-            loaded?;
-            tracing::info!(addr = %server.addr, models = ?config.api.model_ids, "ready");
+            if let Err(e) = loaded {
+                server.shutdown(config.shutdown_timeout).await;
+                return Err(e);
+            }
+            let models: Vec<String> = server.registry.list().iter().map(|m| m.card.id().to_owned()).collect();
+            tracing::info!(addr = %server.addr, ?models, "ready");
             log_measured(&server).await;
             shutdown_signal().await;
         }
@@ -370,29 +430,40 @@ pub async fn run(config: ServeConfig) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Logs, per planned GPU, the memory the load took against the plan (NVML, before vs. now).
+/// Logs, per loaded model and planned GPU, the memory the load took against the plan (NVML,
+/// before vs. now).
 async fn log_measured(server: &RunningServer) {
-    let (plan, before) = &server.placement;
-    if plan.devices.iter().all(|d| d.total == 0) {
-        return;
-    }
     let Ok(Ok(now)) = tokio::task::spawn_blocking(|| NvmlSource.read()).await else {
         return;
     };
-    let allocated = match server.engine.state() {
-        EngineState::Ready(info) => info.device_memory,
-        _ => Vec::new(),
-    };
-    for m in crate::gpu::placement::measure(plan, before, &now, &allocated) {
-        tracing::info!(
-            gpu = %m.pci_bus_id,
-            planned_mib = m.planned >> 20,
-            allocated_mib = m.allocated.map(|a| a >> 20),
-            allocated_difference_percent = m.allocated_difference_percent,
-            used_mib = m.used >> 20,
-            used_difference_percent = m.difference_percent,
-            "GPU memory after loading: llama.cpp's allocations and NVML's reading (which adds the CUDA runtime's own context) against the plan"
-        );
+    for status in server.registry.list() {
+        let Some(running) = status.running else {
+            continue;
+        };
+        let Some(placement) = running.placement else {
+            continue;
+        };
+        let plan = &placement.plan;
+        if plan.devices.iter().all(|d| d.total == 0) {
+            continue;
+        }
+        let allocated = running
+            .engine
+            .model_info()
+            .map(|i| i.device_memory)
+            .unwrap_or_default();
+        for m in crate::gpu::placement::measure(plan, &server.before, &now, &allocated) {
+            tracing::info!(
+                model = status.card.id(),
+                gpu = %m.pci_bus_id,
+                planned_mib = m.planned >> 20,
+                allocated_mib = m.allocated.map(|a| a >> 20),
+                allocated_difference_percent = m.allocated_difference_percent,
+                used_mib = m.used >> 20,
+                used_difference_percent = m.difference_percent,
+                "GPU memory after loading: llama.cpp's allocations and NVML's reading (which adds the CUDA runtime's own context) against the plan"
+            );
+        }
     }
 }
 

@@ -2083,9 +2083,9 @@ async fn ollama_errors_are_json_with_a_status_and_a_final_line_mid_stream() {
         ),
         (
             "/api/generate",
-            json!({"model": MODEL, "prompt": "", "keep_alive": 0}),
+            json!({"model": MODEL, "prompt": "", "keep_alive": "soon"}),
             400,
-            "cannot unload",
+            "keep_alive",
         ),
         (
             "/api/generate",
@@ -2118,6 +2118,13 @@ async fn ollama_errors_are_json_with_a_status_and_a_final_line_mid_stream() {
     assert_eq!(status, StatusCode::OK);
     let lines = ndjson(&body);
     assert!(lines.last().unwrap()["error"].as_str().is_some(), "{body}");
+    // `keep_alive: 0` with no prompt unloads the model (this fake server cannot load it again).
+    let unload = json!({"model": MODEL, "prompt": "", "keep_alive": 0, "stream": false});
+    let (status, resp) = send_json(&h.app, post("/api/generate", unload)).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["done_reason"], "unload");
+    let (_, ps) = send_json(&h.app, Request::get("/api/ps").body(Body::empty()).unwrap()).await;
+    assert_eq!(ps["models"], json!([]), "{ps}");
 }
 
 #[tokio::test]
@@ -2178,7 +2185,7 @@ async fn open_webui_and_continue_connection_sequences() {
         2,
         "the id and the alias"
     );
-    let (_, ps) = send_json(&h.app, get("/api/ps")).await;
+    let (_, ps) = send_json(&h.app, Request::get("/api/ps").body(Body::empty()).unwrap()).await;
     assert_eq!(ps["models"][0]["context_length"], 2048);
     assert_eq!(ps["models"][0]["size_vram"], 0);
     let load = json!({"model": MODEL, "prompt": "", "keep_alive": "5m"});
@@ -2380,7 +2387,7 @@ async fn lmstudio_rest_v1_model_routes() {
         ),
         (
             "/api/v1/models/unload",
-            json!({"instance_id": MODEL}),
+            json!({}),
             StatusCode::BAD_REQUEST,
             "instance_id",
         ),
@@ -2399,6 +2406,24 @@ async fn lmstudio_rest_v1_model_routes() {
         .as_str()
         .unwrap()
         .contains("does not download"));
+    // Unloading frees the model: no loaded instance is left.
+    let (status, resp) = send_json(
+        &h.app,
+        post("/api/v1/models/unload", json!({"instance_id": MODEL})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(resp["instance_id"], MODEL);
+    let (_, models) = send_json(
+        &h.app,
+        Request::get("/api/v1/models").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        models["models"][0]["loaded_instances"],
+        json!([]),
+        "{models}"
+    );
 }
 
 /// `(event name, data)` of every frame of a named-event SSE body.

@@ -464,23 +464,18 @@ async fn the_placement_plan_and_live_gpus_are_served() {
 
 #[test]
 fn a_plan_that_cannot_fit_stops_the_server_before_loading_with_the_numbers() {
-    use lm_sandbox::cli::PlacementArgs;
     use lm_sandbox::gpu::inventory::Inventory;
     use lm_sandbox::gpu::placement::{decide, PlacementError};
-    use lm_sandbox::gpu::plan::{PlanError, Policy, SplitMode};
+    use lm_sandbox::gpu::plan::{PlanConfig, PlanError, Policy};
     let starved = Inventory {
         gpus: Vec::new(),
         ram_available: 10 * 1024 * 1024,
         driver_version: None,
         unavailable: Some("test: no GPUs".into()),
     };
-    let request = PlacementArgs {
+    let request = PlanConfig {
         policy: Policy::Proportional,
-        n_gpu_layers: None,
-        tensor_split: None,
-        devices: None,
-        split_mode: SplitMode::Layer,
-        main_gpu: 0,
+        ..PlanConfig::default()
     };
     match decide(&common::model_path(), 8192, 1, &request, &starved) {
         Err(PlacementError::Plan(PlanError::DoesNotFit(message))) => {

@@ -172,18 +172,13 @@ pub(super) async fn render_request(
 ) -> Result<(String, Vec<crate::engine::Token>), ApiError> {
     let mut body = body.clone();
     if body.get("model").is_none() {
-        body["model"] = json!(state
-            .config()
-            .model_ids
-            .first()
-            .cloned()
-            .unwrap_or_default());
+        body["model"] = json!(state.registry().default_model().unwrap_or_default());
     }
     let Prepared {
         loaded,
         fields: chat,
         ..
-    } = prepare::<ChatFields>(state, &body)?;
+    } = prepare::<ChatFields>(state, &body).await?;
     if chat.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
@@ -312,9 +307,10 @@ pub(super) async fn start_chat(
     let Prepared {
         model,
         loaded,
+        served,
         mut options,
         fields: chat,
-    } = prepare::<ChatFields>(&state, body)?;
+    } = prepare::<ChatFields>(&state, body).await?;
     if chat.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
@@ -414,7 +410,8 @@ pub(super) async fn start_chat(
             ));
         }
         let loop_tools = Arc::new(loop_tools);
-        let run = shell_loop::start(state.clone(), options, messages, loop_tools, shell).await?;
+        let run =
+            shell_loop::start(state.clone(), served, options, messages, loop_tools, shell).await?;
         return Ok(ChatStart::Loop(model, Box::new(run)));
     }
     let tokens = tokens_off_runtime(Arc::clone(&loaded), messages, tools.clone()).await?;
@@ -428,7 +425,7 @@ pub(super) async fn start_chat(
         tokens,
         max_new_tokens,
     };
-    let receivers = generate::submit(&state.engine(), vec![job], &options)?;
+    let receivers = generate::submit(&served.engine, vec![job], &options)?;
     Ok(ChatStart::Generation(StartedChat {
         model,
         options,

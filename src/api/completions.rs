@@ -43,9 +43,10 @@ pub(super) async fn answer(
     let Prepared {
         model,
         loaded,
+        served,
         mut options,
         fields,
-    } = prepare::<CompletionFields>(&state, body)?;
+    } = prepare::<CompletionFields>(&state, body).await?;
     if fields.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid(
             "suffix",
@@ -107,7 +108,7 @@ pub(super) async fn answer(
         });
         echoes.push(if echo { text } else { String::new() });
     }
-    let receivers = generate::submit(&state.engine(), jobs, &options)?;
+    let receivers = generate::submit(&served.engine, jobs, &options)?;
     let mut header = ChunkHeader::new(
         &state,
         "cmpl",

@@ -95,8 +95,9 @@ pub async fn embeddings(
 /// `/api/embed`).
 pub(super) async fn run(state: &AppState, body: &Value) -> Result<Embedded, ApiError> {
     let fields: EmbeddingFields = parse(body)?;
-    let model = state.resolve_model(&fields.model)?;
-    let loaded = state.loaded()?;
+    let served = state.model(&fields.model).await?;
+    let model = served.name.clone();
+    let loaded = &served.loaded;
     let info = &loaded.info;
     let base64 = match fields.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -166,7 +167,7 @@ pub(super) async fn run(state: &AppState, body: &Value) -> Result<Embedded, ApiE
         token_lists.push(tokens);
     }
     let prompt_tokens: usize = token_lists.iter().map(Vec::len).sum();
-    let reply = state.engine().embed(token_lists).map_err(|err| match err {
+    let reply = served.engine.embed(token_lists).map_err(|err| match err {
         SubmitError::QueueFull => ApiError::QueueFull,
         SubmitError::Unavailable => ApiError::Unavailable(err.to_string()),
     })?;

@@ -45,6 +45,12 @@ pub enum ApiError {
     QueueFull,
     #[error("Loading model")]
     Loading,
+    /// The model exists but is not loaded, and this server does not load on demand.
+    #[error("{0}")]
+    ModelNotLoaded(String),
+    /// The model could not be loaded (a corrupt file, no memory left for it, a timeout).
+    #[error("{0}")]
+    ModelLoadFailed(String),
     #[error("The model is unavailable: {0}")]
     Unavailable(String),
     /// The sandbox cannot be reached, or the connection broke mid-command.
@@ -91,12 +97,15 @@ impl ApiError {
             }
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::ModelNotFound(_) | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::ModelNotFound(_) | Self::ModelNotLoaded(_) | Self::RouteNotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
             Self::Loading
+            | Self::ModelLoadFailed(_)
             | Self::Unavailable(_)
             | Self::SandboxUnavailable(_)
             | Self::SandboxBusy(_)
@@ -122,6 +131,8 @@ impl ApiError {
             Self::BodyTimeout { .. } => ("invalid_request_error", Some("request_timeout")),
             Self::QueueFull => ("rate_limit_error", Some("queue_full")),
             Self::Loading => ("unavailable_error", Some("model_loading")),
+            Self::ModelNotLoaded(_) => ("invalid_request_error", Some("model_not_loaded")),
+            Self::ModelLoadFailed(_) => ("unavailable_error", Some("model_load_failed")),
             Self::Unavailable(_) => ("unavailable_error", Some("model_unavailable")),
             Self::SandboxUnavailable(_) => ("unavailable_error", Some("sandbox_unavailable")),
             Self::SandboxBusy(_) => ("unavailable_error", Some("sandbox_busy")),
@@ -136,7 +147,7 @@ impl ApiError {
         match self {
             Self::InvalidRequest { param, .. } => param.as_deref(),
             Self::ContextLengthExceeded { .. } => Some("messages"),
-            Self::ModelNotFound(_) => Some("model"),
+            Self::ModelNotFound(_) | Self::ModelNotLoaded(_) => Some("model"),
             _ => None,
         }
     }
@@ -151,6 +162,21 @@ impl ApiError {
                 param: self.param(),
                 code,
             },
+        }
+    }
+}
+
+impl From<crate::registry::RegistryError> for ApiError {
+    fn from(err: crate::registry::RegistryError) -> Self {
+        use crate::registry::RegistryError as E;
+        match err {
+            E::NotFound(name) => Self::ModelNotFound(name),
+            E::Ambiguous(message) => Self::invalid("model", message),
+            e @ E::NotLoaded { .. } => Self::ModelNotLoaded(e.to_string()),
+            e @ (E::LoadFailed { .. } | E::LoadTimeout { .. }) => {
+                Self::ModelLoadFailed(e.to_string())
+            }
+            E::Closed => Self::Unavailable("the server is shutting down".into()),
         }
     }
 }

@@ -13,7 +13,7 @@ use super::error::ApiError;
 use super::extract::parse;
 use super::params::{CommonFields, GenerationOptions};
 use super::sse::{self, ChunkHeader, ChunkShape};
-use super::{AppState, Loaded};
+use super::{AppState, Loaded, Served};
 use crate::engine::{
     EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStats, SubmitError,
     Token, TokenLogprob,
@@ -24,6 +24,8 @@ pub struct Prepared<T> {
     /// The served name the client asked for.
     pub model: String,
     pub loaded: std::sync::Arc<Loaded>,
+    /// The model, its engine and its card.
+    pub served: Served,
     pub options: GenerationOptions,
     /// The endpoint's own fields.
     pub fields: T,
@@ -31,18 +33,18 @@ pub struct Prepared<T> {
 
 /// The steps every generation endpoint starts with: common fields, endpoint fields, the model
 /// name (404), the loaded model (503), then the shared ranges (400).
-pub fn prepare<T: DeserializeOwned>(
+pub async fn prepare<T: DeserializeOwned>(
     state: &AppState,
     body: &Value,
 ) -> Result<Prepared<T>, ApiError> {
     let common: CommonFields = parse(body)?;
     let fields: T = parse(body)?;
-    let model = state.resolve_model(&common.model)?;
-    let loaded = state.loaded()?;
-    let options = common.validate(loaded.info.n_vocab)?;
+    let served = state.model(&common.model).await?;
+    let options = common.validate(served.loaded.info.n_vocab)?;
     Ok(Prepared {
-        model,
-        loaded,
+        model: served.name.clone(),
+        loaded: std::sync::Arc::clone(&served.loaded),
+        served,
         options,
         fields,
     })

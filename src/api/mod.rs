@@ -27,6 +27,7 @@ mod shell_loop;
 mod sse;
 mod tokens;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,13 +47,15 @@ use crate::engine::{EngineHandle, EngineState, ModelInfo};
 use crate::gpu::inventory::Inventory;
 use crate::gpu::placement::Placement;
 use crate::metrics::Metrics;
+use crate::registry::{KeepAlive, ModelCard, Registry};
 use crate::sandbox::Sandbox;
 use crate::template::{ChatTemplate, CHATML};
 
 /// What the HTTP layer is configured with.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    /// Names the model answers to: its file stem first, then every alias.
+    /// For a state over one running engine (`AppState::new`): the names its model answers to,
+    /// id first. A server's models come from its registry.
     pub model_ids: Vec<String>,
     /// Empty: no key needed.
     pub api_keys: Vec<ApiKey>,
@@ -60,7 +63,7 @@ pub struct ApiConfig {
     pub n_predict: Option<u32>,
     /// A `--chat-template-file` that replaces the model's own template.
     pub chat_template: Option<String>,
-    /// `created` of the model objects (the model file's modification time).
+    /// For a state over one running engine: `created` of its model object.
     pub created: u64,
     /// The most `sandbox.max_tool_rounds` a request may ask for (`--sandbox-max-tool-rounds`).
     pub max_tool_rounds: u32,
@@ -76,7 +79,7 @@ pub struct ApiConfig {
     pub metrics: bool,
     /// `/metrics` needs no key (`--metrics-public`).
     pub metrics_public: bool,
-    /// The model file, for what Ollama's `/api/show` and `/api/tags` read from its header.
+    /// For a state over one running engine: its model file (what `/api/show` reads).
     pub model_path: Option<std::path::PathBuf>,
 }
 
@@ -113,12 +116,29 @@ pub struct Loaded {
     pub template: ChatTemplate,
 }
 
+/// A request's model: loaded, with its engine, facts and compiled template.
+#[derive(Clone)]
+pub struct Served {
+    /// The name the request used (an id or an alias), echoed in responses.
+    pub name: String,
+    pub card: Arc<ModelCard>,
+    pub engine: EngineHandle,
+    pub loaded: Arc<Loaded>,
+}
+
+impl Served {
+    /// The registry's id of the model.
+    pub fn id(&self) -> &str {
+        self.card.id()
+    }
+}
+
 struct Shared {
-    engine: EngineHandle,
+    registry: Arc<Registry>,
     config: ApiConfig,
-    /// The facts of the engine's current load and its compiled template. A std Mutex: held only
-    /// to compare a load id and clone an `Arc`, never across an await.
-    loaded: Mutex<Option<Arc<Loaded>>>,
+    /// Per model id, the facts of its engine's current load and its compiled template. A std
+    /// Mutex: held only to compare a load id and clone an `Arc`, never across an await.
+    loaded: Mutex<HashMap<String, Arc<Loaded>>>,
     placement: Option<PlacementView>,
     sandbox: Option<Sandbox>,
     /// `--max-in-flight` permits; see `limits`.
@@ -127,16 +147,19 @@ struct Shared {
     shed: AtomicU64,
     /// With `--metrics`.
     metrics: Option<Arc<Metrics>>,
-    /// The model file's facts, read once (`model_facts`).
-    facts: tokio::sync::OnceCell<Arc<model_facts::Facts>>,
+    /// Each model file's facts, read once (`model_facts`).
+    facts: Mutex<HashMap<std::path::PathBuf, Arc<tokio::sync::OnceCell<Arc<model_facts::Facts>>>>>,
     /// LM Studio v1 chat threads (`store: true`), bounded.
     threads: lmstudio::Threads,
 }
 
-/// The start-up plan and the live GPU readings, for `GET /v1/placement`.
+/// The GPU reading at start-up and the live readings, for `GET /v1/placement` (each loaded
+/// model's plan comes from the registry).
 pub struct PlacementView {
-    pub placement: Placement,
-    /// The reading the plan was made from, before the model loaded.
+    /// The plan of a server over one running engine (tests and embedders); `None` when the
+    /// registry's models carry their own.
+    pub placement: Option<Placement>,
+    /// The reading before any model loaded.
     pub before: Inventory,
     pub gpus: watch::Receiver<Inventory>,
 }
@@ -147,13 +170,35 @@ pub struct AppState {
     shared: Arc<Shared>,
 }
 
+/// The registry over one running engine, named as `config.model_ids` says.
+fn single(engine: EngineHandle, config: &ApiConfig) -> Arc<Registry> {
+    let id = config.model_ids.first().cloned().unwrap_or_default();
+    let path = config.model_path.clone().unwrap_or_default();
+    let mut card = ModelCard::found(crate::store::FoundModel {
+        id,
+        source: crate::store::Source::File,
+        path: path.clone(),
+        parts: vec![path],
+        size: 0,
+        digest: None,
+        params: Default::default(),
+        system: None,
+    });
+    card.aliases = config.model_ids.iter().skip(1).cloned().collect();
+    card.pinned = true;
+    card.created = config.created;
+    Registry::with_engine(card, engine)
+}
+
 impl AppState {
-    /// A state without a placement (`GET /v1/placement` answers with nulls).
+    /// A state over one running engine, without a placement (`GET /v1/placement` answers with
+    /// nulls).
     pub fn new(engine: EngineHandle, config: ApiConfig) -> Self {
         Self::from_parts(engine, config, None, None)
     }
 
-    /// A state that shows `placement` and the live `gpus` readings at `GET /v1/placement`.
+    /// A state over one running engine that shows `placement` and the live `gpus` readings at
+    /// `GET /v1/placement`.
     pub fn with_placement(
         engine: EngineHandle,
         config: ApiConfig,
@@ -165,7 +210,7 @@ impl AppState {
             engine,
             config,
             Some(PlacementView {
-                placement,
+                placement: Some(placement),
                 before,
                 gpus,
             }),
@@ -173,9 +218,20 @@ impl AppState {
         )
     }
 
-    /// Everything at once; `sandbox` mounts `POST /v1/sandbox/exec`.
+    /// One running engine and everything else at once; `sandbox` mounts `POST /v1/sandbox/exec`.
     pub fn from_parts(
         engine: EngineHandle,
+        config: ApiConfig,
+        placement: Option<PlacementView>,
+        sandbox: Option<Sandbox>,
+    ) -> Self {
+        let registry = single(engine, &config);
+        Self::with_registry(registry, config, placement, sandbox)
+    }
+
+    /// A state over the model registry (the server's).
+    pub fn with_registry(
+        registry: Arc<Registry>,
         config: ApiConfig,
         placement: Option<PlacementView>,
         sandbox: Option<Sandbox>,
@@ -183,10 +239,13 @@ impl AppState {
         let metrics = config.metrics.then(|| Arc::new(Metrics::new()));
         if let Some(metrics) = &metrics {
             let metrics = Arc::clone(metrics);
-            let model = config.model_ids.first().cloned().unwrap_or_default();
-            // Ignored error: an engine already observed (a second state over it) keeps its hook.
-            let _ = engine.live().on_finished.set(Box::new(move |stats| {
-                metrics.observe_generation(&model, stats);
+            registry.on_started(Box::new(move |model, engine| {
+                let metrics = Arc::clone(&metrics);
+                let model = model.to_owned();
+                // Ignored error: an engine already observed (a second state over it) keeps its hook.
+                let _ = engine.live().on_finished.set(Box::new(move |stats| {
+                    metrics.observe_generation(&model, stats);
+                }));
             }));
         }
         let sandbox = match (&metrics, sandbox) {
@@ -195,14 +254,14 @@ impl AppState {
         };
         Self {
             shared: Arc::new(Shared {
-                engine,
-                loaded: Mutex::new(None),
+                registry,
+                loaded: Mutex::default(),
                 placement,
                 sandbox,
                 in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
                 shed: AtomicU64::new(0),
                 metrics,
-                facts: tokio::sync::OnceCell::new(),
+                facts: Mutex::default(),
                 threads: lmstudio::Threads::default(),
                 config,
             }),
@@ -214,9 +273,13 @@ impl AppState {
         &self.shared.threads
     }
 
-    /// Where the model file's facts are kept once read.
-    fn model_facts(&self) -> &tokio::sync::OnceCell<Arc<model_facts::Facts>> {
-        &self.shared.facts
+    /// Where a model file's facts are kept once read.
+    fn model_facts(
+        &self,
+        path: &std::path::Path,
+    ) -> Arc<tokio::sync::OnceCell<Arc<model_facts::Facts>>> {
+        let mut facts = self.shared.facts.lock().expect("facts cache");
+        Arc::clone(facts.entry(path.to_owned()).or_default())
     }
 
     /// The metrics, with `--metrics`.
@@ -250,18 +313,52 @@ impl AppState {
         self.shared.placement.as_ref()
     }
 
-    pub fn engine(&self) -> EngineHandle {
-        self.shared.engine.clone()
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.shared.registry
     }
 
     pub fn config(&self) -> &ApiConfig {
         &self.shared.config
     }
 
-    /// The model's facts and compiled template; 503 unless the engine is ready (while it loads,
-    /// after it failed, while it reloads after a fault).
-    pub fn loaded(&self) -> Result<Arc<Loaded>, ApiError> {
-        let info = match self.shared.engine.state() {
+    /// The model `requested` names, loaded (waiting for its load if needed).
+    pub async fn model(&self, requested: &str) -> Result<Served, ApiError> {
+        self.model_keep(requested, None).await
+    }
+
+    /// As [`AppState::model`], with how long it stays loaded once idle (a dialect's `keep_alive`).
+    pub async fn model_keep(
+        &self,
+        requested: &str,
+        keep: Option<KeepAlive>,
+    ) -> Result<Served, ApiError> {
+        let acquired = self.shared.registry.acquire(requested, keep).await?;
+        let loaded = self.loaded(acquired.card.id(), &acquired.engine)?;
+        Ok(Served {
+            name: requested.to_owned(),
+            card: acquired.card,
+            engine: acquired.engine,
+            loaded,
+        })
+    }
+
+    /// The model a request gets that names none (`requested` when it does).
+    pub async fn model_or_default(&self, requested: Option<&str>) -> Result<Served, ApiError> {
+        match requested {
+            Some(name) => self.model(name).await,
+            None => {
+                let id = self.shared.registry.default_model().ok_or_else(|| {
+                    ApiError::ModelNotFound("(none given, and this server has no model)".into())
+                })?;
+                self.model(&id).await
+            }
+        }
+    }
+
+    /// A model's facts and compiled template; 503 unless its engine is ready (after a fault,
+    /// while it reloads).
+    fn loaded(&self, id: &str, engine: &EngineHandle) -> Result<Arc<Loaded>, ApiError> {
+        let info = match engine.state() {
             EngineState::Ready(info) => info,
             EngineState::Loading => return Err(ApiError::Loading),
             EngineState::Failed(reason) => return Err(ApiError::Unavailable(reason)),
@@ -270,15 +367,33 @@ impl AppState {
             }
         };
         let mut cache = self.shared.loaded.lock().expect("loaded-model cache");
-        if let Some(loaded) = cache.as_ref().filter(|l| l.info.load_id == info.load_id) {
+        if let Some(loaded) = cache.get(id).filter(|l| l.info.load_id == info.load_id) {
             return Ok(Arc::clone(loaded));
         }
         let loaded = Arc::new(Loaded {
             template: self.compile_template(&info),
             info,
         });
-        *cache = Some(Arc::clone(&loaded));
+        cache.insert(id.to_owned(), Arc::clone(&loaded));
         Ok(loaded)
+    }
+
+    /// Forgets what was cached of the models that are not loaded (their tokenizer holds the
+    /// weights in memory).
+    pub fn forget_unloaded(&self) {
+        let loaded: std::collections::HashSet<String> = self
+            .shared
+            .registry
+            .list()
+            .into_iter()
+            .filter(|s| s.running.is_some())
+            .map(|s| s.card.id().to_owned())
+            .collect();
+        self.shared
+            .loaded
+            .lock()
+            .expect("loaded-model cache")
+            .retain(|id, _| loaded.contains(id));
     }
 
     /// `--chat-template-file` (already checked at start-up), else the GGUF's template, else ChatML.
@@ -294,17 +409,6 @@ impl AppState {
             }
         }
         ChatTemplate::new(CHATML).expect("the built-in ChatML template compiles")
-    }
-
-    /// The served name for a requested model id; 404 for one we do not serve.
-    pub fn resolve_model(&self, requested: &str) -> Result<String, ApiError> {
-        self.shared
-            .config
-            .model_ids
-            .iter()
-            .find(|id| id.as_str() == requested)
-            .cloned()
-            .ok_or_else(|| ApiError::ModelNotFound(requested.to_owned()))
     }
 }
 
@@ -351,6 +455,9 @@ pub fn router(state: AppState) -> Router {
                 post(embeddings::embeddings),
             )
             .route(&format!("{prefix}/models"), get(models::list))
+            .route(&format!("{prefix}/models/load"), post(models::load))
+            .route(&format!("{prefix}/models/unload"), post(models::unload))
+            .route(&format!("{prefix}/models/rescan"), post(models::rescan))
             .route(&format!("{prefix}/models/{{*id}}"), get(models::get))
             .route(&format!("{prefix}/placement"), get(models::placement));
         if state.sandbox().is_some() {

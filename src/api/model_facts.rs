@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use super::error::ApiError;
 use super::AppState;
 use crate::gpu::gguf::MetaValue;
+use crate::registry::ModelCard;
 
 /// llama.cpp's `general.file_type` numbers, as Ollama names them.
 fn file_type(n: i64) -> &'static str {
@@ -64,6 +65,15 @@ pub struct Facts {
     pub quantization: &'static str,
     /// The GGUF declares a pooling type: an embedding model.
     pub embedding: bool,
+}
+
+impl Facts {
+    /// The GGUF's chat template, if it has one.
+    pub fn template(&self) -> Option<&str> {
+        self.model_info
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+    }
 }
 
 fn facts(path: &Path) -> Result<Facts, ApiError> {
@@ -127,18 +137,23 @@ fn facts(path: &Path) -> Result<Facts, ApiError> {
     })
 }
 
-/// The served model's facts, read from its header once (on the blocking pool) and kept: the file
-/// is the one the engine loaded, and every LM Studio answer carries some of them.
-pub async fn served_facts(state: &AppState) -> Result<Arc<Facts>, ApiError> {
+/// A model's facts, read from its header once per file (on the blocking pool) and kept: every LM
+/// Studio answer carries some of them. An Ollama blob's digest is its manifest's.
+pub async fn model_facts(state: &AppState, card: &ModelCard) -> Result<Arc<Facts>, ApiError> {
+    let path = card.found.path.clone();
+    let blob_digest = card.found.digest.clone();
     state
-        .model_facts()
-        .get_or_try_init(|| async {
-            let path = state.config().model_path.clone().ok_or_else(|| {
-                ApiError::Internal("no model file is known to this server".into())
-            })?;
-            tokio::task::spawn_blocking(move || facts(&path).map(Arc::new))
-                .await
-                .map_err(|e| ApiError::Internal(format!("the header task failed: {e}")))?
+        .model_facts(&path)
+        .get_or_try_init(|| async move {
+            tokio::task::spawn_blocking(move || {
+                let mut facts = facts(&path)?;
+                if let Some(digest) = blob_digest {
+                    facts.digest = digest.trim_start_matches("sha256:").to_owned();
+                }
+                Ok(Arc::new(facts))
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("the header task failed: {e}")))?
         })
         .await
         .cloned()

@@ -6,19 +6,35 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+use std::sync::Arc;
+
 use super::error::ApiError;
+use super::extract::{parse, JsonObject};
 use super::AppState;
 use crate::build_info;
-use crate::engine::EngineState;
+use crate::engine::{EngineHandle, EngineState};
+use crate::registry::{ModelStatus, State as ModelState};
 
-fn model_object(state: &AppState, id: &str) -> Value {
+/// One model object: OpenAI's four fields, then the registry's `state` (and why it failed),
+/// `aliases`, `source`, and the loaded engine's `meta`.
+fn model_object(status: &ModelStatus, name: &str) -> Value {
+    let card = &status.card;
     let mut object = json!({
-        "id": id,
+        "id": name,
         "object": "model",
-        "created": state.config().created,
+        "created": card.created,
         "owned_by": "lm-sandbox",
+        "state": status.state.as_str(),
+        "source": card.found.source,
+        "aliases": card.aliases,
     });
-    if let Some(info) = state.engine().model_info() {
+    if name != card.id() {
+        object["alias_of"] = json!(card.id());
+    }
+    if let Some(reason) = &status.reason {
+        object["failure"] = json!(reason);
+    }
+    if let Some(info) = status.running.as_ref().and_then(|r| r.engine.model_info()) {
         object["meta"] = json!({
             "n_ctx_train": info.n_ctx_train,
             "n_ctx_seq": info.n_ctx_seq,
@@ -31,12 +47,18 @@ fn model_object(state: &AppState, id: &str) -> Value {
     object
 }
 
+/// Every model the registry knows, whatever its state; an alias is listed as a model too.
 pub async fn list(State(state): State<AppState>) -> Json<Value> {
     let data: Vec<Value> = state
-        .config()
-        .model_ids
+        .registry()
+        .list()
         .iter()
-        .map(|id| model_object(&state, id))
+        .flat_map(|status| {
+            std::iter::once(status.card.id())
+                .chain(status.card.aliases.iter().map(String::as_str))
+                .map(|name| model_object(status, name))
+                .collect::<Vec<_>>()
+        })
         .collect();
     Json(json!({"object": "list", "data": data}))
 }
@@ -45,8 +67,51 @@ pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = state.resolve_model(&id)?;
-    Ok(Json(model_object(&state, &id)))
+    let status = state.registry().status(&id)?;
+    Ok(Json(model_object(&status, &id)))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRequest {
+    model: String,
+}
+
+/// `POST /v1/models/load {"model"}` (llama-server's router shape): loads it, waiting for the
+/// load; `{"success": true, …}` once it is loaded.
+pub async fn load(
+    State(state): State<AppState>,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let body: ModelRequest = parse(&body)?;
+    let id = state.registry().load(&body.model).await?;
+    Ok(Json(
+        json!({"success": true, "model": id, "state": "loaded"}),
+    ))
+}
+
+/// `POST /v1/models/unload {"model"}`: waits for its requests (bounded), then frees it.
+pub async fn unload(
+    State(state): State<AppState>,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let body: ModelRequest = parse(&body)?;
+    let id = state.registry().unload(&body.model).await?;
+    state.forget_unloaded();
+    Ok(Json(
+        json!({"success": true, "model": id, "state": "unloaded"}),
+    ))
+}
+
+/// `POST /v1/models/rescan`: the stores read again (as on SIGHUP).
+pub async fn rescan(State(state): State<AppState>) -> Json<Value> {
+    let registry = Arc::clone(state.registry());
+    let report = tokio::task::spawn_blocking(move || registry.rescan())
+        .await
+        .unwrap_or_default();
+    Json(
+        json!({"success": true, "added": report.added, "removed": report.removed, "kept": report.kept}),
+    )
 }
 
 /// `GET /metrics` (with `--metrics`): Prometheus's text exposition.
@@ -54,20 +119,22 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     let Some(metrics) = state.metrics() else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let engine = state.engine();
-    let model = state
-        .config()
-        .model_ids
-        .first()
-        .cloned()
-        .unwrap_or_default();
-    let reading = crate::metrics::EngineReading {
-        model: &model,
-        live: engine.live(),
-        queued: engine.queued(),
-    };
+    let engines: Vec<(String, EngineHandle)> = state
+        .registry()
+        .list()
+        .into_iter()
+        .filter_map(|s| Some((s.card.id().to_owned(), s.running?.engine)))
+        .collect();
+    let readings: Vec<crate::metrics::EngineReading> = engines
+        .iter()
+        .map(|(model, engine)| crate::metrics::EngineReading {
+            model,
+            live: engine.live(),
+            queued: engine.queued(),
+        })
+        .collect();
     let gpus = state.placement().map(|p| p.gpus.borrow().clone());
-    let text = metrics.encode(&[reading], gpus.as_ref());
+    let text = metrics.encode(&readings, gpus.as_ref());
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -104,12 +171,27 @@ pub async fn track(
     response
 }
 
-/// 200 when the model is ready, 503 while it loads, after it failed and while it reloads after a
-/// fault (with the reason). Never needs a key, and never shed. The build (version, git revision,
-/// backends) only with `--health-build-info`.
+/// The default model's engine state: `Loading` while the registry loads it, its engine's state
+/// once it has one; `None` for a model that is simply not loaded (nothing is wrong).
+fn default_state(state: &AppState) -> Option<EngineState> {
+    let id = state.registry().default_model()?;
+    let status = state.registry().status(&id).ok()?;
+    match (status.state, status.running) {
+        (_, Some(running)) => Some(running.engine.state()),
+        (ModelState::Loading, None) => Some(EngineState::Loading),
+        (ModelState::Failed, None) if status.card.pinned => {
+            Some(EngineState::Failed(status.reason.unwrap_or_default()))
+        }
+        _ => None,
+    }
+}
+
+/// 200 when the default model (the first `-m`) is ready or simply not loaded, 503 while it loads,
+/// after it failed and while it reloads after a fault (with the reason). Never needs a key, and
+/// never shed. The build (version, git revision, backends) only with `--health-build-info`.
 pub async fn health(State(state): State<AppState>) -> Response {
     let (in_flight, shed) = state.request_counts();
-    let (status, mut body) = match state.engine().state() {
+    let (status, mut body) = match default_state(&state).unwrap_or(EngineState::Stopped) {
         EngineState::Ready(_) => (StatusCode::OK, json!({"status": "ok"})),
         EngineState::Loading => {
             let mut body = serde_json::to_value(ApiError::Loading.body()).unwrap_or_default();
@@ -123,6 +205,9 @@ pub async fn health(State(state): State<AppState>) -> Response {
             body["reason"] = json!(reason);
             (StatusCode::SERVICE_UNAVAILABLE, body)
         }
+        EngineState::Stopped if default_state(&state).is_none() => {
+            (StatusCode::OK, json!({"status": "ok"}))
+        }
         EngineState::Stopped => {
             let mut body =
                 serde_json::to_value(ApiError::Unavailable("the engine has stopped".into()).body())
@@ -131,6 +216,11 @@ pub async fn health(State(state): State<AppState>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, body)
         }
     };
+    let models = state.registry().list();
+    body["models"] = json!({
+        "known": models.len(),
+        "loaded": models.iter().filter(|m| m.state == ModelState::Loaded).count(),
+    });
     body["requests"] = json!({"in_flight": in_flight, "shed": shed});
     if state.config().health_build_info {
         body["build"] = json!({
@@ -142,29 +232,51 @@ pub async fn health(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// The placement plan decided at start-up and the GPUs' live memory.
+/// Each loaded model's plan with what its load measurably took, and the GPUs' live memory. The
+/// default model's plan is also at the top level (`model`, `plan`, `measured`).
 pub async fn placement(State(state): State<AppState>) -> Json<Value> {
-    match state.placement() {
-        Some(view) => {
-            let gpus = view.gpus.borrow().clone();
-            let allocated = state
-                .loaded()
-                .ok()
-                .map(|l| l.info.device_memory.clone())
-                .unwrap_or_default();
-            let measured = crate::gpu::placement::measure(
-                &view.placement.plan,
-                &view.before,
-                &gpus,
-                &allocated,
-            );
-            Json(json!({
-                "model": view.placement.model,
-                "plan": view.placement.plan,
-                "gpus": gpus,
-                "measured": measured,
-            }))
-        }
-        None => Json(json!({"model": null, "plan": null, "gpus": null, "measured": null})),
+    let Some(view) = state.placement() else {
+        return Json(
+            json!({"model": null, "plan": null, "gpus": null, "measured": null, "models": []}),
+        );
+    };
+    let gpus = view.gpus.borrow().clone();
+    let statuses = state.registry().list();
+    let mut models = Vec::new();
+    for status in &statuses {
+        let Some(running) = &status.running else {
+            continue;
+        };
+        let Some(placement) = running.placement.as_ref().or(view.placement.as_ref()) else {
+            continue;
+        };
+        let allocated = running
+            .engine
+            .model_info()
+            .map(|i| i.device_memory)
+            .unwrap_or_default();
+        let measured =
+            crate::gpu::placement::measure(&placement.plan, &view.before, &gpus, &allocated);
+        models.push(json!({
+            "id": status.card.id(),
+            "state": status.state.as_str(),
+            "model": placement.model,
+            "plan": placement.plan,
+            "measured": measured,
+        }));
     }
+    let default = state.registry().default_model();
+    let first = models
+        .iter()
+        .find(|m| default.as_deref().is_some_and(|d| m["id"] == d))
+        .or(models.first())
+        .cloned()
+        .unwrap_or(json!({}));
+    Json(json!({
+        "model": first.get("model").cloned().unwrap_or(Value::Null),
+        "plan": first.get("plan").cloned().unwrap_or(Value::Null),
+        "measured": first.get("measured").cloned().unwrap_or(Value::Null),
+        "gpus": gpus,
+        "models": models,
+    }))
 }

@@ -27,7 +27,7 @@ use super::generate::{self, finish_reason, PromptJob, Timings, Usage};
 use super::params::{token_budget, GenerationOptions};
 use super::prompt::tokens_off_runtime;
 use super::sse::{error_event, ChunkHeader};
-use super::AppState;
+use super::{AppState, Served};
 use crate::engine::{FinishReason, GenerationEvent, GenerationStats};
 use crate::sandbox::output::CappedBuffer;
 use crate::sandbox::{Caller, ExecRequest, Sandbox};
@@ -241,14 +241,15 @@ fn round_messages(
 /// Submits one round. `Ok(None)`: the conversation no longer fits (after the first round).
 async fn submit_round(
     state: &AppState,
+    served: &Served,
     messages: &[Value],
     tools: &ToolRequest,
     options: &GenerationOptions,
     round: u32,
 ) -> Result<Option<mpsc::Receiver<GenerationEvent>>, ApiError> {
-    let loaded = state.loaded()?;
+    let loaded = &served.loaded;
     let tokens =
-        tokens_off_runtime(Arc::clone(&loaded), messages.to_vec(), Some(tools.clone())).await?;
+        tokens_off_runtime(Arc::clone(loaded), messages.to_vec(), Some(tools.clone())).await?;
     let budget = token_budget(
         tokens.len(),
         options.max_tokens,
@@ -264,7 +265,7 @@ async fn submit_round(
         tokens,
         max_new_tokens,
     };
-    let mut receivers = generate::submit(&state.engine(), vec![job], options)?;
+    let mut receivers = generate::submit(&served.engine, vec![job], options)?;
     Ok(receivers.pop())
 }
 
@@ -303,17 +304,19 @@ pub struct LoopRun {
 /// Submits the first round of a shell loop.
 pub async fn start(
     state: AppState,
+    served: Served,
     options: GenerationOptions,
     messages: Vec<Value>,
     tools: Arc<ToolRequest>,
     shell: ShellLoop,
 ) -> Result<LoopRun, ApiError> {
-    let first = submit_round(&state, &messages, &tools, &options, 0)
+    let first = submit_round(&state, &served, &messages, &tools, &options, 0)
         .await?
         .expect("the first round either fits or is an error");
     Ok(LoopRun {
         rounds: Rounds {
             state,
+            served,
             options,
             messages,
             tools: (*tools).clone(),
@@ -385,6 +388,7 @@ pub enum LoopEvent {
 /// One shell loop's state: the conversation so far and what each round needs.
 struct Rounds {
     state: AppState,
+    served: Served,
     options: GenerationOptions,
     messages: Vec<Value>,
     tools: ToolRequest,
@@ -497,6 +501,7 @@ impl Rounds {
             free_choice(&mut self.tools, &mut self.options);
             match submit_round(
                 &self.state,
+                &self.served,
                 &self.messages,
                 &self.tools,
                 &self.options,

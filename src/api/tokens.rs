@@ -31,20 +31,12 @@ struct DetokenizeBody {
     model: Option<String>,
 }
 
-fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
-    match model {
-        Some(model) => state.resolve_model(model).map(|_| ()),
-        None => Ok(()),
-    }
-}
-
 pub async fn tokenize(
     State(state): State<AppState>,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
     let body: TokenizeBody = parse(&body)?;
-    check_model(&state, body.model.as_deref())?;
-    let loaded = state.loaded()?;
+    let loaded = state.model_or_default(body.model.as_deref()).await?.loaded;
     let tokens = tokenize_off_runtime(loaded.clone(), body.content, body.add_special).await?;
     if !body.with_pieces {
         return Ok(Json(json!({ "tokens": tokens })));
@@ -71,8 +63,7 @@ pub async fn detokenize(
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
     let body: DetokenizeBody = parse(&body)?;
-    check_model(&state, body.model.as_deref())?;
-    let loaded = state.loaded()?;
+    let loaded = state.model_or_default(body.model.as_deref()).await?.loaded;
     let n_vocab = i64::from(loaded.info.n_vocab);
     let tokens: Vec<Token> = body
         .tokens

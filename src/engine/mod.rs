@@ -191,6 +191,29 @@ pub struct EmbedJob {
 pub enum EngineCommand {
     Generate(Submission),
     Embed(EmbedJob),
+    /// Wakes an idle worker to see its `abort` flag (sent by [`Stopper::stop`]).
+    Stop,
+}
+
+/// Ends an engine whose other handles may still be held (an unload past its deadline), without
+/// keeping its queue open itself.
+pub struct Stopper {
+    commands: mpsc::WeakSender<EngineCommand>,
+    live: Arc<LiveCounts>,
+}
+
+impl Stopper {
+    /// The worker drops its sequences (their clients see the engine fail), fails what is queued,
+    /// and ends.
+    pub fn stop(&self) {
+        self.live
+            .abort
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(commands) = self.commands.upgrade() {
+            // A full queue means a worker that is busy, and so sees the flag at its next step.
+            let _ = commands.try_send(EngineCommand::Stop);
+        }
+    }
 }
 
 /// Called on the engine thread for every generation that ends with `Done`: it must be quick.
@@ -212,6 +235,9 @@ pub struct LiveCounts {
     pub decodes: std::sync::atomic::AtomicU64,
     /// Told of every finished generation (the metrics); set once, by whoever serves the engine.
     pub on_finished: std::sync::OnceLock<FinishedHook>,
+    /// Set by an unload whose deadline passed: the worker drops its sequences (their clients see
+    /// the engine fail) and ends.
+    pub abort: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for LiveCounts {
@@ -238,6 +264,14 @@ impl EngineHandle {
             commands,
             state,
             live: Arc::default(),
+        }
+    }
+
+    /// What ends this engine later without keeping it alive meanwhile.
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            commands: self.commands.downgrade(),
+            live: Arc::clone(&self.live),
         }
     }
 

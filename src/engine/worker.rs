@@ -60,10 +60,20 @@ pub fn run<R: ModelRunner>(
                 *embedding = Some(EmbedProgress::new(job));
                 Ok(())
             }
+            // Its flag is checked at the top of the loop.
+            EngineCommand::Stop => Ok(()),
             other => Err(Box::new(other)),
         }
     };
     loop {
+        if live.abort.load(Ordering::Relaxed) {
+            tracing::warn!("engine aborted: its model is being unloaded");
+            if let Some(command) = parked.take() {
+                fail_command(command, "the model was unloaded");
+            }
+            fail_queued(commands, "the model was unloaded");
+            return;
+        }
         if let Some(command) = parked.take() {
             match take(command, &mut scheduler, &mut embedding) {
                 Err(command) => parked = Some(*command),
@@ -87,6 +97,9 @@ pub fn run<R: ModelRunner>(
             if let Err(command) = take(command, &mut scheduler, &mut embedding) {
                 live.parked.store(1, Ordering::Relaxed);
                 parked = Some(*command);
+            }
+            if live.abort.load(Ordering::Relaxed) {
+                break;
             }
         }
         // Embedding decodes and generation steps share the thread: while sequences generate, an
@@ -158,17 +171,22 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// Answers every queued request with `Failed`: none of them can run until the engine is back.
 fn fail_queued(commands: &mut mpsc::Receiver<EngineCommand>, reason: &str) {
     while let Ok(command) = commands.try_recv() {
-        // Ignored send errors: a client that left needs no answer.
-        match command {
-            EngineCommand::Generate(submission) => {
-                let _ = submission
-                    .events
-                    .try_send(GenerationEvent::Failed(reason.to_owned()));
-            }
-            EngineCommand::Embed(job) => {
-                let _ = job.reply.send(Err(reason.to_owned()));
-            }
+        fail_command(command, reason);
+    }
+}
+
+fn fail_command(command: EngineCommand, reason: &str) {
+    // Ignored send errors: a client that left needs no answer.
+    match command {
+        EngineCommand::Generate(submission) => {
+            let _ = submission
+                .events
+                .try_send(GenerationEvent::Failed(reason.to_owned()));
         }
+        EngineCommand::Embed(job) => {
+            let _ = job.reply.send(Err(reason.to_owned()));
+        }
+        EngineCommand::Stop => {}
     }
 }
 

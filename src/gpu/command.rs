@@ -37,7 +37,7 @@ pub fn plan_command(args: &PlanArgs) -> anyhow::Result<()> {
         n_seq: args.parallel.max(1),
         kv_bytes_per_element: args.cache_type.bytes_per_element(),
         cuda: cfg!(feature = "cuda") || args.assume_cuda || args.gpus.is_some(),
-        ..PlanConfig::from_request(&args.placement)
+        ..crate::config::plan_config(&args.placement)
     };
     let placement = plan(&facts, &inventory, &config)?;
     if args.json {

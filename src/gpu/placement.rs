@@ -13,7 +13,6 @@ use tokio::sync::watch;
 use super::gguf::{model_facts, ModelFacts};
 use super::inventory::{Inventory, InventorySource, NvmlSource};
 use super::plan::{plan, Plan, PlanConfig};
-use crate::cli::PlacementArgs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlacementError {
@@ -43,12 +42,13 @@ pub struct ModelSummary {
     pub n_seq: u32,
 }
 
-/// Plans `model_path` for a context of `n_ctx` (0: trained) over `n_seq` sequences on `inventory`.
+/// Plans `model_path` for a context of `n_ctx` (0: trained) over `n_seq` sequences on `inventory`,
+/// with the user's placement settings in `request` (its context and build fields are set here).
 pub fn decide(
     model_path: &Path,
     n_ctx: u32,
     n_seq: u32,
-    request: &PlacementArgs,
+    request: &PlanConfig,
     inventory: &Inventory,
 ) -> Result<(Placement, ModelFacts), PlacementError> {
     let facts = model_facts(model_path)?;
@@ -57,7 +57,7 @@ pub fn decide(
         n_ctx,
         n_seq,
         cuda: cfg!(feature = "cuda"),
-        ..PlanConfig::from_request(request)
+        ..request.clone()
     };
     let plan = plan(&facts, inventory, &config)?;
     let model = ModelSummary {
@@ -133,6 +133,110 @@ pub fn measure(
             })
         })
         .collect()
+}
+
+/// What another loaded model holds on the GPUs, for planning the next load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Held {
+    pub model: String,
+    /// Per GPU (PCI bus id): the plan's bytes, and what llama.cpp has allocated of them so far
+    /// (already missing from NVML's free memory).
+    pub gpus: Vec<(String, u64, u64)>,
+}
+
+impl Held {
+    /// `plan`'s bytes per GPU, with llama.cpp's measured allocations (bus id, bytes).
+    pub fn new(model: &str, plan: &Plan, allocated: &[(String, u64)]) -> Self {
+        use super::inventory::normalize_bus_id;
+        let gpus = plan
+            .devices
+            .iter()
+            .filter(|d| d.total > 0)
+            .map(|d| {
+                let bus = normalize_bus_id(&d.pci_bus_id);
+                let done = allocated
+                    .iter()
+                    .find(|(b, _)| normalize_bus_id(b) == bus)
+                    .map_or(0, |&(_, bytes)| bytes);
+                (d.pci_bus_id.clone(), d.total, done)
+            })
+            .collect();
+        Self {
+            model: model.to_owned(),
+            gpus,
+        }
+    }
+}
+
+/// `inventory` with each GPU's free memory lowered by what loaded models' plans still hold beyond
+/// what they have allocated (NVML already counts the allocated part as used).
+pub fn subtract_held(inventory: &Inventory, held: &[Held]) -> Inventory {
+    use super::inventory::normalize_bus_id;
+    let mut out = inventory.clone();
+    for gpu in &mut out.gpus {
+        let bus = normalize_bus_id(&gpu.pci_bus_id);
+        let pending: u64 = held
+            .iter()
+            .flat_map(|h| &h.gpus)
+            .filter(|(b, _, _)| normalize_bus_id(b) == bus)
+            .map(|&(_, planned, allocated)| planned.saturating_sub(allocated))
+            .sum();
+        gpu.memory_free = gpu.memory_free.saturating_sub(pending);
+    }
+    out
+}
+
+/// Every GPU's memory and what holds it, for the error a load that cannot fit gets.
+pub fn budget_report(inventory: &Inventory, held: &[Held]) -> String {
+    use super::inventory::normalize_bus_id;
+    use super::report::gib;
+    if inventory.gpus.is_empty() {
+        return format!(
+            "no GPU: host memory available {} GiB",
+            gib(inventory.ram_available)
+        );
+    }
+    inventory
+        .gpus
+        .iter()
+        .enumerate()
+        .map(|(i, gpu)| {
+            let bus = normalize_bus_id(&gpu.pci_bus_id);
+            let holders: Vec<String> = held
+                .iter()
+                .filter_map(|h| {
+                    let bytes: u64 = h
+                        .gpus
+                        .iter()
+                        .filter(|(b, _, _)| normalize_bus_id(b) == bus)
+                        .map(|&(_, planned, _)| planned)
+                        .sum();
+                    (bytes > 0).then(|| format!("{} {} GiB", h.model, gib(bytes)))
+                })
+                .collect();
+            let budget = gpu
+                .memory_free
+                .saturating_sub(super::plan::default_margin(gpu));
+            format!(
+                "GPU {i} ({}): {} GiB total, {} GiB free, budget {} GiB; held by {}{}",
+                gpu.name,
+                gib(gpu.memory_total),
+                gib(gpu.memory_free),
+                gib(budget),
+                if holders.is_empty() {
+                    "no loaded model".to_owned()
+                } else {
+                    holders.join(", ")
+                },
+                if gpu.other_process_memory > 0 {
+                    format!(", other processes {} GiB", gib(gpu.other_process_memory))
+                } else {
+                    String::new()
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// How often the live inventory is re-read.

@@ -7,6 +7,9 @@
 //! memory. Each offloaded layer carries its KV cache; each device with layers needs a compute buffer.
 //!
 //! Policies:
+//! - `auto` (the CLI's default): a model that fits on one card with its margin goes on one card
+//!   alone, the fastest such card, preferring cards no other loaded model holds (every token would
+//!   otherwise wait on the slower card); otherwise it is split as `prefer-fast` splits it.
 //! - `proportional`: every card ends with the same fraction of its budget free. Cards are ordered by
 //!   budget, smallest first, so the largest card holds the last layers and the output layer.
 //! - `prefer-fast`: the fastest card (compute capability, then memory size) is filled first and gets
@@ -26,6 +29,7 @@ const MIB: u64 = 1024 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Policy {
+    Auto,
     Proportional,
     PreferFast,
 }
@@ -61,6 +65,8 @@ pub struct PlanConfig {
     pub tensor_split: Option<Vec<f64>>,
     pub split_mode: SplitMode,
     pub main_gpu: usize,
+    /// PCI bus ids of cards other loaded models hold (`auto` prefers the others).
+    pub occupied: Vec<String>,
 }
 
 impl Default for PlanConfig {
@@ -79,21 +85,7 @@ impl Default for PlanConfig {
             tensor_split: None,
             split_mode: SplitMode::Layer,
             main_gpu: 0,
-        }
-    }
-}
-
-impl PlanConfig {
-    /// The user's placement flags over the defaults; context and build facts are set by the caller.
-    pub fn from_request(request: &crate::cli::PlacementArgs) -> Self {
-        Self {
-            policy: request.policy,
-            n_gpu_layers: request.n_gpu_layers,
-            devices: request.devices.clone(),
-            tensor_split: request.tensor_split.clone(),
-            split_mode: request.split_mode,
-            main_gpu: request.main_gpu,
-            ..Self::default()
+            occupied: Vec::new(),
         }
     }
 }
@@ -138,6 +130,9 @@ pub struct Plan {
 pub enum PlanError {
     #[error("{0}")]
     Override(String),
+    /// A card's share exceeds its budget: freeing memory on it (unloading a model) may help.
+    #[error("{0}")]
+    OverBudget(String),
     #[error("the model does not fit: {0}")]
     DoesNotFit(String),
 }
@@ -281,6 +276,58 @@ pub fn plan(
             .unwrap_or_else(|| default_margin(&inventory.gpus[i]))
     };
     let budget_of = |i: usize| inventory.gpus[i].memory_free.saturating_sub(margin_of(i));
+    // What the whole model needs on one card: every layer, the output layer, one compute buffer.
+    let whole = (0..n_layer).map(|l| costs.layer(l as usize)).sum::<u64>()
+        + costs.output
+        + costs.output_compute
+        + costs.compute;
+    let auto_alone = config.policy == Policy::Auto
+        && config.devices.is_none()
+        && config.tensor_split.is_none()
+        && config.n_gpu_layers.is_none()
+        && config.split_mode == SplitMode::Layer;
+    if auto_alone {
+        let alone = usable
+            .iter()
+            .copied()
+            .filter(|&i| budget_of(i) >= whole)
+            .max_by_key(|&i| {
+                let gpu = &inventory.gpus[i];
+                (
+                    !config.occupied.contains(&gpu.pci_bus_id),
+                    speed(gpu),
+                    budget_of(i),
+                    std::cmp::Reverse(gpu.pci_bus_id.clone()),
+                )
+            });
+        match alone {
+            Some(i) => {
+                let gpu = &inventory.gpus[i];
+                let held = usable
+                    .iter()
+                    .filter(|&&j| j != i && config.occupied.contains(&inventory.gpus[j].pci_bus_id))
+                    .count();
+                reasons.push(format!(
+                    "auto: the model ({}) fits on GPU {i} ({}) alone, the fastest card it fits on{}: one card, so no token waits on a slower one",
+                    gib(whole),
+                    gpu.name,
+                    if config.occupied.contains(&gpu.pci_bus_id) {
+                        " (other models share it: no free card fits it)".to_owned()
+                    } else if held > 0 {
+                        " that no other model holds".to_owned()
+                    } else {
+                        String::new()
+                    }
+                ));
+                usable = vec![i];
+            }
+            None if !usable.is_empty() => reasons.push(format!(
+                "auto: the model ({}) fits on no single card: split, fastest cards first (as prefer-fast)",
+                gib(whole)
+            )),
+            None => {}
+        }
+    }
     if config.devices.is_none() {
         match config.policy {
             Policy::Proportional => {
@@ -289,14 +336,14 @@ pub fn plan(
                     reasons.push("proportional: cards ordered by budget, so the largest holds the last layers and the output layer".to_owned());
                 }
             }
-            Policy::PreferFast => {
+            Policy::Auto | Policy::PreferFast => {
                 usable.sort_by_key(|&i| {
                     (
                         speed(&inventory.gpus[i]),
                         inventory.gpus[i].pci_bus_id.clone(),
                     )
                 });
-                if let Some(&fast) = usable.last() {
+                if let (Some(&fast), Policy::PreferFast) = (usable.last(), config.policy) {
                     reasons.push(format!(
                         "prefer-fast: GPU {fast} ({}) is fastest (compute capability {}.{}): filled first, with the output layer",
                         inventory.gpus[fast].name,
@@ -349,7 +396,7 @@ pub fn plan(
         let cap = config.n_gpu_layers.filter(|&n| n < n_layer);
         let (counts, output) = match config.policy {
             Policy::Proportional => proportional(&costs, n_layer, &budgets, cap),
-            Policy::PreferFast => fill_from_end(&costs, n_layer, &budgets, cap),
+            Policy::Auto | Policy::PreferFast => fill_from_end(&costs, n_layer, &budgets, cap),
         };
         match asked {
             Some(k) if counts.iter().sum::<u32>() < k => {
@@ -383,7 +430,7 @@ pub fn plan(
         let budget = budgets[slot];
         if total > budget {
             let gpu = &inventory.gpus[i];
-            return Err(PlanError::Override(format!(
+            return Err(PlanError::OverBudget(format!(
                 "GPU {i} ({}) would need {} ({} layers: {} weights, {} KV, {} compute{}) but its budget is {} ({} free, margin {})",
                 gpu.name,
                 gib(total),

@@ -2,41 +2,31 @@
 
 use serde_json::json;
 
-use super::{scan_dir, scan_lmstudio, scan_ollama, FoundModel};
-use crate::cli::ModelsArgs;
+use super::{discover, Sources};
+use crate::cli::{ModelsArgs, StoreArgs};
 
-/// Every model the arguments' stores hold (a store that cannot be read is reported and skipped).
-pub fn discover(args: &ModelsArgs) -> Vec<FoundModel> {
-    let mut models = Vec::new();
-    let mut add = |what: &str, found: Result<Vec<FoundModel>, super::StoreError>| match found {
-        Ok(found) => models.extend(found),
-        Err(err) => eprintln!("{what}: {err}"),
-    };
-    for dir in &args.models_dirs {
-        add("--models-dir", scan_dir(dir));
-    }
-    if let Some(dir) = &args.ollama_models {
-        let dir = dir.clone().unwrap_or_else(super::ollama::default_dir);
-        add("--ollama-models", scan_ollama(&dir));
-    }
-    if let Some(dir) = &args.lmstudio_models {
-        let dirs = match dir {
-            Some(dir) => vec![dir.clone()],
+/// The stores the arguments name.
+pub fn sources(args: &StoreArgs) -> Sources {
+    Sources {
+        dirs: args.models_dirs.clone(),
+        ollama: args
+            .ollama_models
+            .as_ref()
+            .map(|dir| dir.clone().unwrap_or_else(super::ollama::default_dir)),
+        lmstudio: args.lmstudio_models.as_ref().and_then(|dir| match dir {
+            Some(dir) => Some(dir.clone()),
             None => super::lmstudio::default_dirs()
                 .into_iter()
-                .filter(|d| d.is_dir())
-                .take(1)
-                .collect(),
-        };
-        for dir in dirs {
-            add("--lmstudio-models", scan_lmstudio(&dir));
-        }
+                .find(|d| d.is_dir()),
+        }),
     }
-    models
 }
 
 pub fn run(args: &ModelsArgs) -> anyhow::Result<()> {
-    let models = discover(args);
+    let (models, errors) = discover(&sources(&args.stores));
+    for error in errors {
+        eprintln!("{error}");
+    }
     let rows: Vec<serde_json::Value> = models
         .iter()
         .map(|m| {

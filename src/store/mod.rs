@@ -118,6 +118,38 @@ pub fn verify_digest(
     Ok(())
 }
 
+/// The stores a server or `lm-sandbox models` reads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sources {
+    /// `--models-dir` folders.
+    pub dirs: Vec<PathBuf>,
+    /// Ollama's store.
+    pub ollama: Option<PathBuf>,
+    /// LM Studio's folder.
+    pub lmstudio: Option<PathBuf>,
+}
+
+/// Every model `sources` hold, and a message for each store that could not be read (it is
+/// skipped).
+pub fn discover(sources: &Sources) -> (Vec<FoundModel>, Vec<String>) {
+    let mut models = Vec::new();
+    let mut errors = Vec::new();
+    let mut add = |what: &str, found: Result<Vec<FoundModel>, StoreError>| match found {
+        Ok(found) => models.extend(found),
+        Err(err) => errors.push(format!("{what}: {err}")),
+    };
+    for dir in &sources.dirs {
+        add("--models-dir", scan_dir(dir));
+    }
+    if let Some(dir) = &sources.ollama {
+        add("--ollama-models", scan_ollama(dir));
+    }
+    if let Some(dir) = &sources.lmstudio {
+        add("--lmstudio-models", scan_lmstudio(dir));
+    }
+    (models, errors)
+}
+
 /// The model `name` among `models`: its id, or an Ollama id without `:latest`. Ambiguity (one
 /// name, several models) is an error naming them.
 pub fn resolve<'m>(models: &'m [FoundModel], name: &str) -> Result<&'m FoundModel, String> {

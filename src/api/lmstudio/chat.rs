@@ -24,7 +24,7 @@ use super::super::chat::{start_chat, ChatStart, StartedChat};
 use super::super::error::ApiError;
 use super::super::extract::JsonObject;
 use super::super::generate::{self, merged};
-use super::super::AppState;
+use super::super::{AppState, Served};
 use crate::engine::{GenerationEvent, GenerationStats};
 
 /// Threads kept at once; one more evicts the least recently used.
@@ -88,12 +88,8 @@ struct Translated {
     model: String,
 }
 
-fn translate(state: &AppState, body: &Value) -> Result<Translated, ApiError> {
-    let model = body
-        .get("model")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?;
-    let model = state.resolve_model(model)?;
+fn translate(state: &AppState, served: &Served, body: &Value) -> Result<Translated, ApiError> {
+    let model = served.name.clone();
     let input = body
         .get("input")
         .and_then(Value::as_str)
@@ -108,7 +104,7 @@ fn translate(state: &AppState, body: &Value) -> Result<Translated, ApiError> {
             "plugins and MCP servers are not supported: use tools through /v1/chat/completions, or the server-side shell",
         ));
     }
-    let loaded = state.loaded()?;
+    let loaded = &served.loaded;
     if let Some(asked) = body.get("context_length").and_then(Value::as_u64) {
         if asked > u64::from(loaded.info.n_ctx_seq) {
             return Err(ApiError::invalid(
@@ -205,7 +201,12 @@ pub async fn chat(
     authenticated: Option<Extension<Authenticated>>,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    let request = translate(&state, &body)?;
+    let name = body
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?;
+    let served = state.model(name).await?;
+    let request = translate(&state, &served, &body)?;
     let authenticated = authenticated.map(|Extension(a)| a);
     let StartedChat {
         options, receivers, ..

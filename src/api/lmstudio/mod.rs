@@ -19,8 +19,9 @@ use serde_json::{json, Map, Value};
 use super::auth::{Authenticated, RequestId};
 use super::error::ApiError;
 use super::extract::JsonObject;
-use super::model_facts::served_facts;
+use super::model_facts::{model_facts, Facts};
 use super::AppState;
+use crate::registry::{ModelCard, ModelStatus};
 
 /// LM Studio's REST v0 routes.
 pub fn routes() -> Router<AppState> {
@@ -50,48 +51,82 @@ fn bits_per_weight(quantization: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-/// `GET /api/v1/models`: the served model with its loaded instance.
-async fn v1_models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let facts = served_facts(&state).await?;
-    let loaded = state.loaded().ok();
-    let id = state
-        .config()
-        .model_ids
-        .first()
-        .cloned()
-        .unwrap_or_default();
-    let instances: Vec<Value> = loaded
-        .iter()
-        .map(|l| json!({"id": id, "config": {"context_length": l.info.n_ctx_seq}}))
-        .collect();
-    let tools = loaded
-        .as_ref()
-        .is_some_and(|l| l.template.source().contains("tools"));
-    let params = facts.details["parameter_size"]
-        .as_str()
-        .filter(|p| !p.is_empty())
-        .map(str::to_owned);
-    let mut model = json!({
-        "type": if facts.embedding { "embedding" } else { "llm" },
-        "publisher": "local",
-        "key": id,
-        "display_name": id,
-        "quantization": {"name": facts.quantization, "bits_per_weight": bits_per_weight(facts.quantization)},
-        "size_bytes": facts.size,
-        "params_string": params,
-        "loaded_instances": instances,
-        "max_context_length": loaded.map_or(0, |l| l.info.n_ctx_train),
-        "format": "gguf",
-    });
-    if !facts.embedding {
-        model["architecture"] = json!(facts.arch);
-        model["capabilities"] = json!({"vision": false, "trained_for_tool_use": tools});
-        model["description"] = Value::Null;
-    }
-    Ok(Json(json!({"models": [model]})))
+/// The trained context the header declares (`ARCH.context_length`).
+fn trained_context(facts: &Facts) -> u64 {
+    facts.model_info[format!("{}.context_length", facts.arch)]
+        .as_u64()
+        .unwrap_or(0)
 }
 
-/// `POST /api/v1/models/load`: the served model is loaded already; a context it cannot give is a
+/// The trained context: the header's, else the loaded engine's.
+fn context_length(facts: &Facts, status: &ModelStatus) -> u64 {
+    match trained_context(facts) {
+        0 => status
+            .running
+            .as_ref()
+            .and_then(|r| r.engine.model_info())
+            .map_or(0, |i| u64::from(i.n_ctx_train)),
+        n => n,
+    }
+}
+
+/// LM Studio's publisher: the folder above the model in its store, else `local`.
+fn publisher(card: &ModelCard) -> &str {
+    match card.found.source {
+        crate::store::Source::LmStudio => card.id().split('/').next().unwrap_or("local"),
+        _ => "local",
+    }
+}
+
+/// `GET /api/v1/models`: every model, with its loaded instance when it has one.
+async fn v1_models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let mut models = Vec::new();
+    for status in state.registry().list() {
+        let card = &status.card;
+        let facts = model_facts(&state, card).await?;
+        let id = card.id();
+        let info = status.running.as_ref().and_then(|r| r.engine.model_info());
+        let instances: Vec<Value> = info
+            .iter()
+            .map(|i| json!({"id": id, "config": {"context_length": i.n_ctx_seq}}))
+            .collect();
+        let template = state
+            .config()
+            .chat_template
+            .as_deref()
+            .or(facts.template())
+            .unwrap_or("");
+        let params = facts.details["parameter_size"]
+            .as_str()
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned);
+        let mut model = json!({
+            "type": if facts.embedding { "embedding" } else { "llm" },
+            "publisher": publisher(card),
+            "key": id,
+            "display_name": id,
+            "quantization": {"name": facts.quantization, "bits_per_weight": bits_per_weight(facts.quantization)},
+            "size_bytes": facts.size,
+            "params_string": params,
+            "loaded_instances": instances,
+            "max_context_length": context_length(&facts, &status),
+            "format": "gguf",
+        });
+        if !facts.embedding {
+            model["architecture"] = json!(facts.arch);
+            model["capabilities"] = json!({
+                "vision": false,
+                "trained_for_tool_use": template.contains("tools"),
+                "reasoning": template.contains("think"),
+            });
+            model["description"] = Value::Null;
+        }
+        models.push(model);
+    }
+    Ok(Json(json!({"models": models})))
+}
+
+/// `POST /api/v1/models/load`: loads the model (waiting for it); a context it cannot give is a
 /// 400.
 async fn v1_load(
     State(state): State<AppState>,
@@ -101,9 +136,10 @@ async fn v1_load(
         .get("model")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?;
-    let id = state.resolve_model(name)?;
-    let loaded = state.loaded()?;
-    let n_ctx_seq = loaded.info.n_ctx_seq;
+    let started = std::time::Instant::now();
+    let id = state.registry().load(name).await?;
+    let served = state.model(&id).await?;
+    let n_ctx_seq = served.loaded.info.n_ctx_seq;
     if let Some(asked) = body
         .pointer("/config/context_length")
         .and_then(Value::as_u64)
@@ -113,26 +149,34 @@ async fn v1_load(
                 "config.context_length",
                 format!(
                     "`context_length` {asked} is more than this server's {n_ctx_seq} tokens per \
-                     sequence, fixed at start (--ctx-size / --parallel)"
+                     sequence (--ctx-size / --parallel)"
                 ),
             ));
         }
     }
     Ok(Json(json!({
+        "type": "llm",
+        "instance_id": id,
         "model_instance_id": id,
         "config": {"context_length": n_ctx_seq},
-        "load_time_seconds": 0.0,
+        "load_time_seconds": started.elapsed().as_secs_f64(),
+        "status": "loaded",
     })))
 }
 
-/// `POST /api/v1/models/unload`: the model given at start stays.
-async fn v1_unload() -> ApiError {
-    ApiError::InvalidRequest {
-        message: "this server keeps the model it was started with loaded and cannot unload it"
-            .into(),
-        param: Some("instance_id".into()),
-        code: Some("unsupported"),
-    }
+/// `POST /api/v1/models/unload {"instance_id"}`: waits for the model's requests, then frees it.
+async fn v1_unload(
+    State(state): State<AppState>,
+    JsonObject(body): JsonObject,
+) -> Result<Json<Value>, ApiError> {
+    let name = body
+        .get("instance_id")
+        .or_else(|| body.get("model"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid("instance_id", "`instance_id` is required"))?;
+    let id = state.registry().unload(name).await?;
+    state.forget_unloaded();
+    Ok(Json(json!({"instance_id": id})))
 }
 
 async fn no_downloads() -> ApiError {
@@ -149,27 +193,34 @@ async fn no_downloads() -> ApiError {
 /// One model as LM Studio lists it.
 pub use chat::Threads;
 
-async fn model_object(state: &AppState, id: &str) -> Result<Value, ApiError> {
-    let facts = served_facts(state).await?;
-    let loaded = state.loaded().ok();
+async fn model_object(
+    state: &AppState,
+    status: &ModelStatus,
+    name: &str,
+) -> Result<Value, ApiError> {
+    let facts = model_facts(state, &status.card).await?;
+    let loaded = status.running.is_some() && status.state == crate::registry::State::Loaded;
     Ok(json!({
-        "id": id,
+        "id": name,
         "object": "model",
         "type": if facts.embedding { "embeddings" } else { "llm" },
-        // LM Studio's publisher is its folder; a file given with -m has none.
-        "publisher": "local",
+        "publisher": publisher(&status.card),
         "arch": facts.arch,
         "compatibility_type": "gguf",
         "quantization": facts.quantization,
-        "state": if loaded.is_some() { "loaded" } else { "not-loaded" },
-        "max_context_length": loaded.map_or(0, |l| l.info.n_ctx_train),
+        "state": if loaded { "loaded" } else { "not-loaded" },
+        "max_context_length": context_length(&facts, status),
     }))
 }
 
 async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let mut data = Vec::new();
-    for id in &state.config().model_ids {
-        data.push(model_object(&state, id).await?);
+    for status in state.registry().list() {
+        for name in
+            std::iter::once(status.card.id()).chain(status.card.aliases.iter().map(String::as_str))
+        {
+            data.push(model_object(&state, &status, name).await?);
+        }
     }
     Ok(Json(json!({"object": "list", "data": data})))
 }
@@ -178,19 +229,23 @@ async fn model(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = state.resolve_model(&id)?;
-    Ok(Json(model_object(&state, &id).await?))
+    let status = state.registry().status(&id)?;
+    Ok(Json(model_object(&state, &status, &id).await?))
 }
 
-/// `model_info` and `runtime`, as every v0 answer carries them.
-async fn extras(state: &AppState) -> Result<Arc<Map<String, Value>>, ApiError> {
-    let facts = served_facts(state).await?;
-    let loaded = state.loaded()?;
+/// `model_info` and `runtime`, as every v0 answer carries them (for the model `body` names).
+async fn extras(state: &AppState, body: &Value) -> Result<Arc<Map<String, Value>>, ApiError> {
+    let name = body
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?;
+    let served = state.model(name).await?;
+    let facts = model_facts(state, &served.card).await?;
     let mut extras = Map::new();
     extras.insert(
         "model_info".into(),
         json!({"arch": facts.arch, "quant": facts.quantization, "format": "gguf",
-               "context_length": loaded.info.n_ctx_seq}),
+               "context_length": served.loaded.info.n_ctx_seq}),
     );
     extras.insert(
         "runtime".into(),
@@ -210,7 +265,7 @@ async fn chat(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let authenticated = authenticated.map(|Extension(a)| a);
-    let extras = extras(&state).await?;
+    let extras = extras(&state, &body).await?;
     super::chat::answer(
         &state,
         &request_id,
@@ -225,6 +280,6 @@ async fn completions(
     State(state): State<AppState>,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    let extras = extras(&state).await?;
+    let extras = extras(&state, &body).await?;
     super::completions::answer(&state, &body, Some(extras)).await
 }

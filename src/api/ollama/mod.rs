@@ -100,7 +100,12 @@ async fn chat(
     authenticated: Option<Extension<Authenticated>>,
     JsonObject(body): JsonObject,
 ) -> Result<Response, OllamaError> {
-    let request = translate::chat(&state, &body)?;
+    let (name, keep) = translate::target(&body)?;
+    if translate::unload_only(&body, "messages") {
+        return unload(&state, &name, "chat").await;
+    }
+    let served = state.model_keep(&name, keep).await?;
+    let request = translate::chat(&served, &body)?;
     if let Some(done) = request.load_only {
         return Ok(stream::load_answer(&request.model, done, "chat"));
     }
@@ -129,7 +134,12 @@ async fn generate(
     Extension(RequestId(request_id)): Extension<RequestId>,
     JsonObject(body): JsonObject,
 ) -> Result<Response, OllamaError> {
-    let request = translate::generate(&state, &body)?;
+    let (name, keep) = translate::target(&body)?;
+    if translate::unload_only(&body, "prompt") {
+        return unload(&state, &name, "generate").await;
+    }
+    let served = state.model_keep(&name, keep).await?;
+    let request = translate::generate(&served, &body)?;
     if let Some(done) = request.load_only {
         return Ok(stream::load_answer(&request.model, done, "generate"));
     }
@@ -145,6 +155,17 @@ async fn generate(
     .await)
 }
 
+/// `keep_alive: 0` with nothing to generate: the model is unloaded (Ollama's way to free it).
+async fn unload(state: &AppState, name: &str, kind: &str) -> Result<Response, OllamaError> {
+    state
+        .registry()
+        .unload(name)
+        .await
+        .map_err(ApiError::from)?;
+    state.forget_unloaded();
+    Ok(stream::load_answer(name, "unload", kind))
+}
+
 /// `POST /api/embed`: `input` a string or strings; `truncate` (default true) is refused when it
 /// would be needed — inputs are never silently cut.
 async fn embed(
@@ -152,7 +173,7 @@ async fn embed(
     JsonObject(body): JsonObject,
 ) -> Result<Response, OllamaError> {
     let started = std::time::Instant::now();
-    let (model, openai) = translate::embed(&state, &body, "input")?;
+    let (model, openai) = translate::embed(&body, "input")?;
     let out = super::embeddings::run(&state, &openai).await?;
     let vectors: Vec<Value> = out.data.into_iter().map(Value::from).collect();
     Ok(Json(json!({
@@ -170,7 +191,7 @@ async fn embeddings_legacy(
     State(state): State<AppState>,
     JsonObject(body): JsonObject,
 ) -> Result<Response, OllamaError> {
-    let (_, openai) = translate::embed(&state, &body, "prompt")?;
+    let (_, openai) = translate::embed(&body, "prompt")?;
     let out = super::embeddings::run(&state, &openai).await?;
     let first = out.data.into_iter().next().unwrap_or_default();
     Ok(Json(json!({"embedding": first})).into_response())

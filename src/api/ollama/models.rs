@@ -8,30 +8,56 @@ use serde_json::{json, Value};
 
 use super::super::error::ApiError;
 use super::super::extract::JsonObject;
-use super::super::model_facts::served_facts;
+use super::super::model_facts::model_facts;
 use super::super::AppState;
 use super::OllamaError;
 
-/// Ollama's names for the served model: every id with `:latest`.
-fn names(state: &AppState) -> Vec<String> {
-    state
-        .config()
-        .model_ids
-        .iter()
-        .map(|id| format!("{id}:latest"))
-        .collect()
+/// Ollama's name for a model: its id, with `:latest` when it has no tag.
+fn ollama_name(id: &str) -> String {
+    if id.rsplit('/').next().is_some_and(|last| last.contains(':')) {
+        id.to_owned()
+    } else {
+        format!("{id}:latest")
+    }
 }
 
+/// Every model the registry knows, loaded or not.
 pub async fn tags(State(state): State<AppState>) -> Result<Json<Value>, OllamaError> {
-    let facts = served_facts(&state).await?;
-    let models: Vec<Value> = names(&state)
-        .into_iter()
-        .map(|name| {
-            json!({"name": name, "model": name, "modified_at": facts.modified_at,
-                   "size": facts.size, "digest": facts.digest, "details": facts.details})
-        })
-        .collect();
+    let mut models = Vec::new();
+    for status in state.registry().list() {
+        let Ok(facts) = model_facts(&state, &status.card).await else {
+            continue;
+        };
+        for id in
+            std::iter::once(status.card.id()).chain(status.card.aliases.iter().map(String::as_str))
+        {
+            let name = ollama_name(id);
+            models.push(
+                json!({"name": name, "model": name, "modified_at": facts.modified_at,
+                   "size": facts.size, "digest": facts.digest, "details": facts.details}),
+            );
+        }
+    }
     Ok(Json(json!({"models": models})))
+}
+
+/// Ollama's `parameters` text: the store's defaults, one `key value` per line.
+fn parameters(params: &serde_json::Map<String, Value>) -> String {
+    let mut lines = Vec::new();
+    for (key, value) in params {
+        let values = match value {
+            Value::Array(items) => items.clone(),
+            other => vec![other.clone()],
+        };
+        for value in values {
+            let text = match value {
+                Value::String(s) => format!("{s:?}"),
+                other => other.to_string(),
+            };
+            lines.push(format!("{key:<30} {text}"));
+        }
+    }
+    lines.join("\n")
 }
 
 pub async fn show(
@@ -43,10 +69,15 @@ pub async fn show(
         .or_else(|| body.get("name"))
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?;
-    let id = super::translate::resolve(&state, name)?;
-    let facts = served_facts(&state).await?;
-    let loaded = state.loaded()?;
-    let template = loaded.template.source().to_owned();
+    let status = state.registry().status(name).map_err(ApiError::from)?;
+    let card = &status.card;
+    let facts = model_facts(&state, card).await?;
+    let template = state
+        .config()
+        .chat_template
+        .clone()
+        .or_else(|| facts.template().map(str::to_owned))
+        .unwrap_or_else(|| crate::template::CHATML.to_owned());
     let mut capabilities = vec!["completion"];
     if template.contains("tools") {
         capabilities.push("tools");
@@ -57,34 +88,54 @@ pub async fn show(
     if facts.embedding {
         capabilities.push("embedding");
     }
-    Ok(Json(json!({
-        "modelfile": format!("# served by lm-sandbox from its GGUF file\nFROM {id}\n"),
-        "parameters": "",
+    let mut shown = json!({
+        "modelfile": format!(
+            "# served by lm-sandbox from its GGUF file; the template is the GGUF's own Jinja \
+             template (an Ollama Go template layer is not executed)\nFROM {}\n",
+            card.found.path.display()
+        ),
+        "parameters": parameters(&card.found.params),
         "template": template,
         "details": facts.details,
         "model_info": facts.model_info,
         "capabilities": capabilities,
         "modified_at": facts.modified_at,
-    })))
+    });
+    if let Some(system) = &card.found.system {
+        shown["system"] = json!(system);
+    }
+    Ok(Json(shown))
 }
 
+/// The loaded models, with when each will be unloaded.
 pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, OllamaError> {
-    let Ok(loaded) = state.loaded() else {
-        return Ok(Json(json!({"models": []})));
-    };
-    let facts = served_facts(&state).await?;
-    let vram: u64 = loaded.info.device_memory.iter().map(|(_, b)| b).sum();
-    let models: Vec<Value> = names(&state)
-        .into_iter()
-        .take(1)
-        .map(|name| {
+    let mut models = Vec::new();
+    for status in state.registry().list() {
+        let Some(running) = &status.running else {
+            continue;
+        };
+        let Some(info) = running.engine.model_info() else {
+            continue;
+        };
+        let facts = model_facts(&state, &status.card).await?;
+        let vram: u64 = info.device_memory.iter().map(|(_, b)| b).sum();
+        let expires: chrono::DateTime<chrono::Utc> = status
+            .expires_at
+            .map(Into::into)
+            // Never for idleness: Ollama's "forever" is a far date.
+            .unwrap_or_else(|| {
+                chrono::DateTime::parse_from_rfc3339("2318-01-01T00:00:00Z")
+                    .map(Into::into)
+                    .unwrap_or_else(|_| chrono::Utc::now())
+            });
+        let name = ollama_name(status.card.id());
+        models.push(
             json!({"name": name, "model": name, "size": facts.size + vram,
-                   "digest": facts.digest, "details": facts.details,
-                   // Loaded until the server stops: no idle unload yet.
-                   "expires_at": "2318-01-01T00:00:00Z",
-                   "size_vram": vram, "context_length": loaded.info.n_ctx_seq})
-        })
-        .collect();
+               "digest": facts.digest, "details": facts.details,
+               "expires_at": expires.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+               "size_vram": vram, "context_length": info.n_ctx_seq}),
+        );
+    }
     Ok(Json(json!({"models": models})))
 }
 
@@ -99,7 +150,7 @@ pub async fn pull(
         .or_else(|| body.get("name"))
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?;
-    let present = super::translate::resolve(&state, name).is_ok();
+    let present = state.registry().resolve(name).is_ok();
     if !present {
         return Err(OllamaError(ApiError::InvalidRequest {
             message: format!(

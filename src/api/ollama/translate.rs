@@ -9,8 +9,9 @@ use super::super::chat::StartedChat;
 use super::super::error::ApiError;
 use super::super::generate::{self, prepare, Prepared, PromptJob};
 use super::super::params::token_budget;
-use super::super::AppState;
+use super::super::{AppState, Served};
 use super::OllamaError;
+use crate::registry::KeepAlive;
 
 /// A chat or generate request in OpenAI's fields.
 pub struct Translated {
@@ -39,12 +40,44 @@ impl Translated {
     }
 }
 
-/// The served id for an Ollama model name: `name`, or `name:latest` for a served `name`.
-pub fn resolve(state: &AppState, name: &str) -> Result<String, ApiError> {
-    state.resolve_model(name).or_else(|e| {
-        name.strip_suffix(":latest")
-            .map_or(Err(e), |n| state.resolve_model(n))
-    })
+/// The model a request names and its `keep_alive`: `None` when absent (the server's
+/// `--idle-unload`), else until now plus the duration (0: unload once idle), or forever when
+/// negative.
+pub fn target(body: &Value) -> Result<(String, Option<KeepAlive>), ApiError> {
+    let name = string_field(body, "model")?
+        .or_else(|| body.get("name").and_then(Value::as_str))
+        .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?
+        .to_owned();
+    let keep = match body.get("keep_alive").filter(|k| !k.is_null()) {
+        None => None,
+        Some(value) => Some(match keep_alive_seconds(value)? {
+            None => KeepAlive::Forever,
+            Some(seconds) => KeepAlive::Until(
+                std::time::Instant::now() + std::time::Duration::from_secs_f64(seconds.min(1e9)),
+            ),
+        }),
+    };
+    Ok((name, keep))
+}
+
+/// Whether `body` only asks to unload its model: no prompt (or no messages), `keep_alive: 0`.
+pub fn unload_only(body: &Value, prompt_field: &str) -> bool {
+    let empty = match body.get(prompt_field) {
+        None | Some(Value::Null) => true,
+        Some(Value::String(s)) => s.is_empty(),
+        Some(Value::Array(a)) => a.is_empty(),
+        Some(_) => false,
+    };
+    let no_suffix = body
+        .get("suffix")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty);
+    empty
+        && no_suffix
+        && body
+            .get("keep_alive")
+            .and_then(|k| keep_alive_seconds(k).ok())
+            == Some(Some(0.0))
 }
 
 /// Seconds of a `keep_alive`: a number of seconds, a Go duration (`5m`, `1h30m`, `250ms`), or a
@@ -102,7 +135,7 @@ fn go_duration(text: &str) -> Option<f64> {
 /// `options` into OpenAI's sampling fields of `out`. Load-time options are checked against the
 /// running model: they cannot change it per request.
 fn options(
-    state: &AppState,
+    served: &Served,
     options: Option<&Value>,
     out: &mut Map<String, Value>,
 ) -> Result<(), ApiError> {
@@ -124,7 +157,7 @@ fn options(
                 "max_tokens"
             }
             "num_ctx" => {
-                let n_ctx_seq = state.loaded()?.info.n_ctx_seq;
+                let n_ctx_seq = served.loaded.info.n_ctx_seq;
                 match value.as_u64() {
                     Some(n) if n <= u64::from(n_ctx_seq) => {
                         tracing::debug!(
@@ -176,7 +209,7 @@ fn format(value: Option<&Value>) -> Option<Value> {
 }
 
 /// `think`: accepted only for templates that know reasoning.
-fn think(state: &AppState, value: Option<&Value>, model: &str) -> Result<(), ApiError> {
+fn think(served: &Served, value: Option<&Value>, model: &str) -> Result<(), ApiError> {
     let wants = match value {
         None | Some(Value::Null) | Some(Value::Bool(false)) => false,
         Some(Value::Bool(true)) | Some(Value::String(_)) => true,
@@ -189,8 +222,7 @@ fn think(state: &AppState, value: Option<&Value>, model: &str) -> Result<(), Api
             ))
         }
     };
-    let loaded = state.loaded()?;
-    if wants && !loaded.template.source().contains("think") {
+    if wants && !served.loaded.template.source().contains("think") {
         return Err(ApiError::invalid(
             "think",
             format!("\"{model}\" does not support thinking"),
@@ -212,15 +244,10 @@ fn refuse_images(value: Option<&Value>, param: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// What an empty prompt means: load (already loaded), or an unload this server cannot do.
+/// What an empty prompt means: load (`keep_alive: 0` unloads, and never gets here).
 fn load_only(keep_alive: Option<&Value>) -> Result<&'static str, ApiError> {
-    match keep_alive.map(keep_alive_seconds).transpose()? {
-        Some(Some(0.0)) => Err(ApiError::invalid(
-            "keep_alive",
-            "this server keeps the model it was started with loaded and cannot unload it",
-        )),
-        _ => Ok("load"),
-    }
+    keep_alive.map(keep_alive_seconds).transpose()?;
+    Ok("load")
 }
 
 fn string_field<'b>(body: &'b Value, field: &str) -> Result<Option<&'b str>, ApiError> {
@@ -235,19 +262,19 @@ fn string_field<'b>(body: &'b Value, field: &str) -> Result<Option<&'b str>, Api
 }
 
 /// The fields chat and generate share.
-fn common(state: &AppState, body: &Value) -> Result<(String, Map<String, Value>, bool), ApiError> {
-    let name = string_field(body, "model")?
-        .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?
-        .to_owned();
-    let id = resolve(state, &name)?;
-    if let Some(keep_alive) = body.get("keep_alive").filter(|k| !k.is_null()) {
-        // Validated and logged: the model stays loaded either way (see load_only).
-        let seconds = keep_alive_seconds(keep_alive)?;
-        tracing::debug!(?seconds, "keep_alive");
-    }
+fn common(served: &Served, body: &Value) -> Result<(String, Map<String, Value>, bool), ApiError> {
+    let name = served.name.clone();
     let mut out = Map::new();
-    out.insert("model".into(), json!(id));
-    options(state, body.get("options"), &mut out)?;
+    out.insert("model".into(), json!(served.id()));
+    // The store's `params` are the model's defaults; the request's options win.
+    let mut merged = served.card.found.params.clone();
+    if let Some(given) = body.get("options").filter(|o| !o.is_null()) {
+        let given = given
+            .as_object()
+            .ok_or_else(|| ApiError::invalid("options", "`options` must be an object"))?;
+        merged.extend(given.clone());
+    }
+    options(served, Some(&Value::Object(merged)), &mut out)?;
     if let Some(format) = format(body.get("format")) {
         out.insert("response_format".into(), format);
     }
@@ -256,13 +283,13 @@ fn common(state: &AppState, body: &Value) -> Result<(String, Map<String, Value>,
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::invalid("stream", "`stream` must be a boolean")),
     };
-    think(state, body.get("think"), &name)?;
+    think(served, body.get("think"), &name)?;
     Ok((name, out, stream))
 }
 
 /// `/api/chat`.
-pub fn chat(state: &AppState, body: &Value) -> Result<Translated, OllamaError> {
-    let (model, mut out, stream) = common(state, body)?;
+pub fn chat(served: &Served, body: &Value) -> Result<Translated, OllamaError> {
+    let (model, mut out, stream) = common(served, body)?;
     let messages = match body.get("messages") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(m)) => m.clone(),
@@ -313,6 +340,12 @@ pub fn chat(state: &AppState, body: &Value) -> Result<Translated, OllamaError> {
         }
         converted.push(Value::Object(m));
     }
+    // The store's `system` layer is the default system prompt.
+    if let Some(system) = &served.card.found.system {
+        if !converted.iter().any(|m| m["role"] == "system") {
+            converted.insert(0, json!({"role": "system", "content": system}));
+        }
+    }
     out.insert("messages".into(), Value::Array(converted));
     if let Some(tools) = body.get("tools").filter(|t| !t.is_null()) {
         out.insert("tools".into(), tools.clone());
@@ -332,8 +365,8 @@ pub fn chat(state: &AppState, body: &Value) -> Result<Translated, OllamaError> {
 
 /// `/api/generate`: a chat of `system` and `prompt` through the template, or with `raw` (or a
 /// `suffix`, fill-in-the-middle) the prompt text itself.
-pub fn generate(state: &AppState, body: &Value) -> Result<Translated, OllamaError> {
-    let (model, mut out, stream) = common(state, body)?;
+pub fn generate(served: &Served, body: &Value) -> Result<Translated, OllamaError> {
+    let (model, mut out, stream) = common(served, body)?;
     refuse_images(body.get("images"), "images")?;
     if body.get("context").is_some_and(|c| !c.is_null()) {
         tracing::info!(
@@ -347,7 +380,7 @@ pub fn generate(state: &AppState, body: &Value) -> Result<Translated, OllamaErro
         return Ok(Translated::load_only(model, stream, body)?);
     }
     let raw_prompt = if let Some(suffix) = suffix {
-        Some(fill_in_the_middle(state, prompt, suffix)?)
+        Some(fill_in_the_middle(served, prompt, suffix)?)
     } else if raw {
         Some(prompt.to_owned())
     } else {
@@ -355,7 +388,8 @@ pub fn generate(state: &AppState, body: &Value) -> Result<Translated, OllamaErro
     };
     if raw_prompt.is_none() {
         let mut messages = Vec::new();
-        if let Some(system) = string_field(body, "system")?.filter(|s| !s.is_empty()) {
+        let system = string_field(body, "system")?.filter(|s| !s.is_empty());
+        if let Some(system) = system.or(served.card.found.system.as_deref()) {
             messages.push(json!({"role": "system", "content": system}));
         }
         messages.push(json!({"role": "user", "content": prompt}));
@@ -371,8 +405,8 @@ pub fn generate(state: &AppState, body: &Value) -> Result<Translated, OllamaErro
 }
 
 /// The model's fill-in-the-middle prompt, for vocabularies with StarCoder's FIM tokens.
-fn fill_in_the_middle(state: &AppState, prompt: &str, suffix: &str) -> Result<String, ApiError> {
-    let loaded = state.loaded()?;
+fn fill_in_the_middle(served: &Served, prompt: &str, suffix: &str) -> Result<String, ApiError> {
+    let loaded = &served.loaded;
     let single = |text: &str| loaded.info.tokenizer.tokenize(text, false).len() == 1;
     let markers = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"];
     if !markers.iter().all(|m| single(m)) {
@@ -406,9 +440,10 @@ pub async fn start_generate(
     let Prepared {
         model,
         loaded,
+        served,
         options,
         ..
-    } = prepare::<serde::de::IgnoredAny>(state, &request.openai)?;
+    } = prepare::<serde::de::IgnoredAny>(state, &request.openai).await?;
     let tokens =
         super::super::prompt::tokenize_off_runtime(Arc::clone(&loaded), text.clone(), true).await?;
     let max_new_tokens = token_budget(
@@ -418,7 +453,7 @@ pub async fn start_generate(
         state.config().n_predict,
     )?;
     let receivers = generate::submit(
-        &state.engine(),
+        &served.engine,
         vec![PromptJob {
             tokens,
             max_new_tokens,
@@ -434,11 +469,11 @@ pub async fn start_generate(
 }
 
 /// `/api/embed` (`input`) and `/api/embeddings` (`prompt`) as an OpenAI embeddings body.
-pub fn embed(state: &AppState, body: &Value, field: &str) -> Result<(String, Value), OllamaError> {
+pub fn embed(body: &Value, field: &str) -> Result<(String, Value), OllamaError> {
     let name = string_field(body, "model")?
         .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?
         .to_owned();
-    let id = resolve(state, &name)?;
+    let id = name.clone();
     if body.get("truncate").and_then(Value::as_bool) == Some(true) {
         tracing::debug!("truncate: inputs over the context are refused, never cut");
     }

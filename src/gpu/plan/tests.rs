@@ -376,7 +376,7 @@ fn n_gpu_layers_is_honoured_and_checked() {
         ..config(4096, Policy::Proportional)
     };
     let err = plan(&qwen_14b(), &owner(), &c).unwrap_err();
-    let PlanError::Override(message) = err else {
+    let PlanError::OverBudget(message) = err else {
         panic!("{err:?}")
     };
     assert!(
@@ -418,7 +418,7 @@ fn tensor_split_devices_and_split_mode_none_are_honoured() {
     };
     assert!(matches!(
         plan(&qwen_14b(), &owner(), &none_on_1060),
-        Err(PlanError::Override(_))
+        Err(PlanError::OverBudget(_))
     ));
     let unknown = PlanConfig {
         devices: Some(vec![5]),
@@ -510,4 +510,124 @@ fn a_real_h100_inventory_read_through_nvml_takes_a_70b_model_whole() {
     assert_valid(&p, &m);
     assert_eq!(p.n_gpu_layers, 81);
     assert!(p.devices[0].headroom > 20 * GIB, "{:#?}", p.devices[0]);
+}
+
+/// What `plan` holds, as the registry describes a loaded model to the next load.
+fn held(model: &str, plan: &Plan) -> crate::gpu::placement::Held {
+    crate::gpu::placement::Held::new(model, plan, &[])
+}
+
+/// The next load's view: free memory minus what loaded plans hold, cards they use occupied.
+fn with_loaded(c: &PlanConfig, loaded: &[crate::gpu::placement::Held]) -> (Inventory, PlanConfig) {
+    let available = crate::gpu::placement::subtract_held(&owner(), loaded);
+    let mut c = c.clone();
+    c.occupied = loaded
+        .iter()
+        .flat_map(|h| h.gpus.iter().map(|(bus, _, _)| bus.clone()))
+        .collect();
+    (available, c)
+}
+
+#[test]
+fn auto_puts_a_model_that_fits_on_one_card_on_the_fastest_card_alone() {
+    let c = config(8192, Policy::Auto);
+    let p = plan(&llama_1b(), &owner(), &c).unwrap();
+    assert_valid(&p, &llama_1b());
+    assert_eq!(p.devices.len(), 1, "{p:#?}");
+    assert!(p.devices[0].name.contains("3060"));
+    assert_eq!(p.cpu_layers, 0);
+    assert!(
+        p.reasons
+            .iter()
+            .any(|r| r.starts_with("auto:") && r.contains("alone")),
+        "{:?}",
+        p.reasons
+    );
+    // Proportional, asked for, still spreads it over both cards.
+    let spread = plan(&llama_1b(), &owner(), &config(8192, Policy::Proportional)).unwrap();
+    assert_eq!(spread.devices.len(), 2);
+    // A model no single card holds is split, fastest card first, as prefer-fast does.
+    let big = plan(&qwen_14b(), &owner(), &config(32768, Policy::Auto)).unwrap();
+    assert_valid(&big, &qwen_14b());
+    assert_eq!(big.devices.len(), 2);
+    assert!(big.devices.last().unwrap().name.contains("3060"));
+    assert!(big
+        .reasons
+        .iter()
+        .any(|r| r.contains("fits on no single card")));
+}
+
+#[test]
+fn several_models_each_get_their_own_card_then_one_must_go_and_one_never_fits() {
+    let c = config(8192, Policy::Auto);
+    // The first model takes the fast card alone.
+    let first = plan(&llama_8b(), &owner(), &c).unwrap();
+    assert_eq!(first.devices.len(), 1);
+    assert!(first.devices[0].name.contains("3060"));
+    // The second fits either card: it goes on the one no model holds.
+    let loaded = [held("llama-8b", &first)];
+    let (available, c2) = with_loaded(&c, &loaded);
+    let second = plan(&llama_1b(), &available, &c2).unwrap();
+    assert_eq!(second.devices.len(), 1);
+    assert!(second.devices[0].name.contains("1060"), "{second:#?}");
+    assert!(second
+        .reasons
+        .iter()
+        .any(|r| r.contains("that no other model holds")));
+    // A third (the 14B, which needs most of both cards) fits beside them only with layers on
+    // the CPU (the loader then has the registry unload an idle model first) ...
+    let both = [held("llama-8b", &first), held("llama-1b", &second)];
+    let (available, c3) = with_loaded(&c, &both);
+    let third = plan(&qwen_14b(), &available, &c3).unwrap();
+    assert!(third.cpu_layers > 0, "{third:#?}");
+    // ... the report names every card's budget and what holds it ...
+    let report = crate::gpu::placement::budget_report(&available, &both);
+    assert!(
+        report.contains("RTX 3060") && report.contains("held by llama-8b"),
+        "{report}"
+    );
+    assert!(
+        report.contains("GTX 1060") && report.contains("held by llama-1b"),
+        "{report}"
+    );
+    // ... and fits once the least recently used (the 8B) is unloaded.
+    let (available, c4) = with_loaded(&c, &both[1..]);
+    let fits = plan(&qwen_14b(), &available, &c4).unwrap();
+    assert_valid(&fits, &qwen_14b());
+    assert_eq!(fits.cpu_layers, 0, "{fits:#?}");
+    // The 70B never fits: even with both cards empty, its host share exceeds the RAM given.
+    let mut small_host = owner();
+    small_host.ram_available = 16 * GIB;
+    assert!(matches!(
+        plan(&llama_70b(), &small_host, &c),
+        Err(PlanError::DoesNotFit(_))
+    ));
+}
+
+#[test]
+fn held_memory_counts_only_what_is_not_allocated_yet() {
+    let c = config(8192, Policy::Auto);
+    let first = plan(&llama_8b(), &owner(), &c).unwrap();
+    let bytes = first.devices[0].total;
+    let bus = first.devices[0].pci_bus_id.clone();
+    // Loading: nothing allocated, the whole plan is held back.
+    let loading = crate::gpu::placement::Held::new("a", &first, &[]);
+    let free = |inv: &Inventory| {
+        inv.gpus
+            .iter()
+            .find(|g| g.pci_bus_id == bus)
+            .unwrap()
+            .memory_free
+    };
+    let before = free(&owner());
+    assert_eq!(
+        free(&crate::gpu::placement::subtract_held(&owner(), &[loading])),
+        before - bytes
+    );
+    // Loaded: NVML already shows what llama.cpp allocated; only the rest is held back.
+    let loaded = crate::gpu::placement::Held::new("a", &first, &[(bus.clone(), bytes - 100)]);
+    assert_eq!(
+        free(&crate::gpu::placement::subtract_held(&owner(), &[loaded])),
+        before - 100
+    );
 }
