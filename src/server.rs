@@ -124,6 +124,9 @@ fn catalog(models: &ModelsConfig) -> Vec<ModelCard> {
     cards
 }
 
+/// Each `-m` model's id and how its load ended.
+type Preloaded = Vec<(String, Result<(), String>)>;
+
 /// A server accepting connections; its `-m` models may still be loading.
 pub struct RunningServer {
     pub addr: SocketAddr,
@@ -134,7 +137,7 @@ pub struct RunningServer {
     /// The GPU reading before any model loaded.
     before: Inventory,
     /// The `-m` models' loads: each model's id and outcome.
-    preload: tokio::sync::watch::Receiver<Option<Vec<(String, Result<(), String>)>>>,
+    preload: watch::Receiver<Option<Preloaded>>,
     reaper: JoinHandle<()>,
     rescan: JoinHandle<()>,
     stop: watch::Sender<bool>,

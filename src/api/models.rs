@@ -34,6 +34,9 @@ fn model_object(status: &ModelStatus, name: &str) -> Value {
     if let Some(reason) = &status.reason {
         object["failure"] = json!(reason);
     }
+    if let Some(running) = &status.running {
+        object["load_ms"] = json!(running.load_ms);
+    }
     if let Some(info) = status.running.as_ref().and_then(|r| r.engine.model_info()) {
         object["meta"] = json!({
             "n_ctx_train": info.n_ctx_train,
