@@ -306,6 +306,11 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub stores: StoreArgs,
 
+    /// Per-model settings (ctx, parallel, n-gpu-layers, policy, template-file, aliases, system,
+    /// defaults; `path` adds a file), TOML: see the README's "Models" section.
+    #[arg(long, env = "LM_SANDBOX_MODELS_PRESET")]
+    pub models_preset: Option<PathBuf>,
+
     /// Models loaded at once; loading one more unloads the least recently used.
     #[arg(long, env = "LM_SANDBOX_MODELS_MAX", default_value_t = 3)]
     pub models_max: usize,

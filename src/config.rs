@@ -133,6 +133,8 @@ pub struct ModelsConfig {
     pub aliases: Vec<String>,
     pub stores: Sources,
     pub registry: RegistryConfig,
+    /// `--models-preset`: per-model settings by id.
+    pub presets: crate::registry::preset::Presets,
 }
 
 /// Everything `serve` needs, validated.
@@ -285,7 +287,13 @@ impl ServeConfig {
         let body_timeout = seconds("--body-timeout", args.body_timeout)?;
         let sse_keep_alive = seconds("--sse-keep-alive", args.sse_keep_alive)?;
         let stores = crate::store::command::sources(&args.stores);
-        if args.models.is_empty() && stores == Sources::default() {
+        let presets = match &args.models_preset {
+            Some(path) => crate::registry::preset::load(path)
+                .map_err(|message| invalid("--models-preset", message))?,
+            None => Default::default(),
+        };
+        let preset_files = presets.values().any(|p| p.path.is_some());
+        if args.models.is_empty() && stores == Sources::default() && !preset_files {
             args.models.push(PathBuf::from(crate::cli::DEFAULT_MODEL));
         }
         let mut stems: Vec<String> = Vec::new();
@@ -415,6 +423,7 @@ impl ServeConfig {
                 aliases,
                 stores,
                 registry,
+                presets,
             },
             engine: LlamaEngineConfig {
                 model_path: PathBuf::new(),

@@ -121,7 +121,27 @@ fn catalog(models: &ModelsConfig) -> Vec<ModelCard> {
         }
         cards.push(ModelCard::found(model));
     }
+    for (id, preset) in &models.presets {
+        let Some(path) = &preset.path else { continue };
+        if cards.iter().any(|c| c.id() == id) {
+            continue;
+        }
+        match ModelCard::from_file(path, Vec::new()) {
+            Ok(mut card) => {
+                card.found.id = id.clone();
+                card.pinned = false;
+                cards.push(card);
+            }
+            Err(e) => tracing::error!(path = %path.display(), %e, "cannot read a preset's model"),
+        }
+    }
     cards
+        .into_iter()
+        .map(|card| match models.presets.get(card.id()) {
+            Some(preset) => card.with_preset(preset),
+            None => card,
+        })
+        .collect()
 }
 
 /// Each `-m` model's id and how its load ended.

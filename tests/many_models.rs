@@ -61,6 +61,15 @@ fn stores(root: &Path) {
     let path = ollama.join("manifests/registry.ollama.ai/library/smollm2/135m");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, manifest.to_string()).unwrap();
+    // A preset for the LM Studio model: its own context, an alias, defaults.
+    std::fs::write(
+        root.join("presets.toml"),
+        format!(
+            "[models.\"{LMSTUDIO}\"]\nctx = 1024\nparallel = 1\naliases = [\"lms\"]\n\
+             [models.\"{LMSTUDIO}\".defaults]\nnum_predict = 2\n"
+        ),
+    )
+    .unwrap();
 }
 
 async fn start(root: &Path) -> lm_sandbox::server::RunningServer {
@@ -93,6 +102,8 @@ async fn start(root: &Path) -> lm_sandbox::server::RunningServer {
         path("ollama"),
         "--lmstudio-models".into(),
         path("lms"),
+        "--models-preset".into(),
+        path("presets.toml"),
     ])
     .collect();
     let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
@@ -254,6 +265,25 @@ async fn models_from_three_stores_load_on_demand_unload_and_fail_alone() {
     assert_eq!(c.state(OLLAMA).await, "unloaded");
     assert_eq!(c.state(LMSTUDIO).await, "loaded");
     assert_eq!(c.state(MODEL_ID).await, "loaded");
+    // Its preset: the alias answers, the context is its own, num_predict is its default.
+    let listed = c.get("/v1/models").await;
+    let lms = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == LMSTUDIO)
+        .unwrap()
+        .clone();
+    assert_eq!(lms["aliases"], json!(["lms"]), "{lms}");
+    assert_eq!(lms["meta"]["n_ctx_seq"], 1024, "{lms}");
+    let (status, body) = c
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "lms", "messages": [{"role": "user", "content": "Tell a story."}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 2, "{body}");
 
     // Ollama's /api/ps shows both loaded models and when each expires; its store's params and
     // system prompt are the model's defaults, shown by /api/show.
@@ -325,12 +355,23 @@ async fn models_from_three_stores_load_on_demand_unload_and_fail_alone() {
     );
     assert_eq!(c.state(OLLAMA).await, "unloaded");
 
-    // A rescan finds a model added since start.
+    // A rescan finds a model added since start, and SIGHUP rescans too.
     link(&common::model_path(), &root.join("dir/added.gguf"));
     let (status, body) = c.post("/v1/models/rescan", json!({})).await;
     assert_eq!(status, 200);
     assert_eq!(body["added"], json!(["added"]), "{body}");
     assert_eq!(c.state("added").await, "unloaded");
+    link(&common::model_path(), &root.join("dir/hangup.gguf"));
+    let killed = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.states().await.iter().any(|(id, _)| id == "hangup") {
+        assert!(Instant::now() < deadline, "SIGHUP did not rescan");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     assert!(server.shutdown(Duration::from_secs(10)).await);
     std::fs::remove_dir_all(&root).unwrap();

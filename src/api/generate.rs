@@ -18,6 +18,7 @@ use crate::engine::{
     EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStats, SubmitError,
     Token, TokenLogprob,
 };
+use crate::registry::ModelCard;
 
 /// A request body parsed and checked against the loaded model, before its prompt is built.
 pub struct Prepared<T> {
@@ -38,8 +39,12 @@ pub async fn prepare<T: DeserializeOwned>(
     body: &Value,
 ) -> Result<Prepared<T>, ApiError> {
     let common: CommonFields = parse(body)?;
-    let fields: T = parse(body)?;
     let served = state.model(&common.model).await?;
+    // The model's defaults (a store's params and system prompt, a preset's) under the request's.
+    let defaulted = with_defaults(body, &served.card);
+    let body = defaulted.as_ref().unwrap_or(body);
+    let common: CommonFields = parse(body)?;
+    let fields: T = parse(body)?;
     let options = common.validate(served.loaded.info.n_vocab)?;
     Ok(Prepared {
         model: served.name.clone(),
@@ -48,6 +53,39 @@ pub async fn prepare<T: DeserializeOwned>(
         options,
         fields,
     })
+}
+
+/// `body` with the model's default options (Ollama's names, as a `params` layer or a preset has
+/// them) where the request sets none, and its default system prompt before chat messages that
+/// have none; `None` when the model has no defaults.
+fn with_defaults(body: &Value, card: &ModelCard) -> Option<Value> {
+    let params = &card.found.params;
+    let system = card.found.system.as_deref();
+    if params.is_empty() && system.is_none() {
+        return None;
+    }
+    let mut out = body.clone();
+    let object = out.as_object_mut()?;
+    for (key, value) in params {
+        let to = match key.as_str() {
+            "temperature" | "top_p" | "top_k" | "min_p" | "seed" | "stop" | "repeat_penalty"
+            | "repeat_last_n" | "presence_penalty" | "frequency_penalty" => key.as_str(),
+            "num_predict" if value.as_i64().is_some_and(|n| n > 0) => "max_tokens",
+            // Load-time and unsupported options: the Ollama dialect reports them.
+            _ => continue,
+        };
+        let taken = object.contains_key(to)
+            || (to == "max_tokens" && object.contains_key("max_completion_tokens"));
+        if !taken {
+            object.insert(to.to_owned(), value.clone());
+        }
+    }
+    if let (Some(system), Some(Value::Array(messages))) = (system, object.get_mut("messages")) {
+        if !messages.iter().any(|m| m["role"] == "system") {
+            messages.insert(0, json!({"role": "system", "content": system}));
+        }
+    }
+    Some(out)
 }
 
 /// Streams the choices as SSE, or waits for them and answers one JSON object built from `choice`.

@@ -333,7 +333,7 @@ impl AppState {
         keep: Option<KeepAlive>,
     ) -> Result<Served, ApiError> {
         let acquired = self.shared.registry.acquire(requested, keep).await?;
-        let loaded = self.loaded(acquired.card.id(), &acquired.engine)?;
+        let loaded = self.loaded(&acquired.card, &acquired.engine)?;
         Ok(Served {
             name: requested.to_owned(),
             card: acquired.card,
@@ -357,7 +357,8 @@ impl AppState {
 
     /// A model's facts and compiled template; 503 unless its engine is ready (after a fault,
     /// while it reloads).
-    fn loaded(&self, id: &str, engine: &EngineHandle) -> Result<Arc<Loaded>, ApiError> {
+    fn loaded(&self, card: &ModelCard, engine: &EngineHandle) -> Result<Arc<Loaded>, ApiError> {
+        let id = card.id();
         let info = match engine.state() {
             EngineState::Ready(info) => info,
             EngineState::Loading => return Err(ApiError::Loading),
@@ -371,7 +372,7 @@ impl AppState {
             return Ok(Arc::clone(loaded));
         }
         let loaded = Arc::new(Loaded {
-            template: self.compile_template(&info),
+            template: self.compile_template(card, &info),
             info,
         });
         cache.insert(id.to_owned(), Arc::clone(&loaded));
@@ -396,9 +397,11 @@ impl AppState {
             .retain(|id, _| loaded.contains(id));
     }
 
-    /// `--chat-template-file` (already checked at start-up), else the GGUF's template, else ChatML.
-    fn compile_template(&self, info: &ModelInfo) -> ChatTemplate {
+    /// The model's preset `template-file`, else `--chat-template-file` (both checked at start-up),
+    /// else the GGUF's template, else ChatML.
+    fn compile_template(&self, card: &ModelCard, info: &ModelInfo) -> ChatTemplate {
         let candidates = [
+            card.preset.template.as_deref(),
             self.shared.config.chat_template.as_deref(),
             info.chat_template.as_deref(),
         ];

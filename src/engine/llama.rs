@@ -25,7 +25,9 @@ use tokio::sync::mpsc;
 use super::runner::{BatchEntry, ModelRunner, RunnerError};
 use super::scheduler::Scheduler;
 use super::worker;
-use super::{EngineCommand, LiveCounts, ModelInfo, SamplingParams, SeqId, Token, TokenizeText};
+use super::{
+    EngineCommand, EngineHandle, LiveCounts, ModelInfo, SamplingParams, SeqId, Token, TokenizeText,
+};
 
 /// What the engine thread needs to load and serve one model, in llama.cpp's words.
 #[derive(Debug, Clone)]
@@ -795,4 +797,26 @@ impl ModelRunner for LlamaRunner<'_> {
             .expect("created just above")
             .embed(inputs)
     }
+}
+
+/// Starts the llama.cpp engine thread: it loads the model (publishing `Loading`, then `Ready` or
+/// `Failed`) and then serves requests, reloading after a fault (see [`worker::supervise`]).
+pub fn spawn_llama_engine(
+    config: LlamaEngineConfig,
+) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    let (tx, mut rx, state_tx, state_rx) = worker::channels(config.max_queue);
+    let handle = EngineHandle::new(tx, state_rx);
+    let live = Arc::clone(handle.live());
+    let name = format!("engine-{}", config.model_id);
+    let thread = std::thread::Builder::new().name(name).spawn(move || {
+        worker::supervise(
+            &state_tx,
+            &mut rx,
+            worker::RestartPolicy::default(),
+            |commands, on_ready| {
+                serve_model(&config, commands, &live, on_ready).map_err(|e| e.to_string())
+            },
+        );
+    })?;
+    Ok((handle, thread))
 }

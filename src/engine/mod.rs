@@ -358,5 +358,5 @@ impl EngineHandle {
     }
 }
 
-pub use worker::spawn_llama_engine;
+pub use llama::spawn_llama_engine;
 pub use worker::{spawn_engine_with_runner, RestartPolicy, WorkerConfig};

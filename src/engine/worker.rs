@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use super::llama::{self, LlamaEngineConfig};
 use super::runner::ModelRunner;
 use super::scheduler::{EmbedProgress, Scheduler};
 use super::{EngineCommand, EngineHandle, EngineState, GenerationEvent, LiveCounts, ModelInfo};
@@ -263,7 +262,7 @@ pub fn supervise(
 /// Numbers each successful load, so the API knows when cached model facts are stale.
 static LOADS: AtomicU64 = AtomicU64::new(1);
 
-fn channels(
+pub(super) fn channels(
     max_queue: usize,
 ) -> (
     mpsc::Sender<EngineCommand>,
@@ -311,27 +310,5 @@ pub fn spawn_engine_with_runner<R: ModelRunner + Clone + Send + 'static>(
                 Ok(())
             });
         })?;
-    Ok((handle, thread))
-}
-
-/// Starts the llama.cpp engine thread: it loads the model (publishing `Loading`, then `Ready` or
-/// `Failed`) and then serves requests, reloading after a fault (see [`supervise`]).
-pub fn spawn_llama_engine(
-    config: LlamaEngineConfig,
-) -> std::io::Result<(EngineHandle, JoinHandle<()>)> {
-    let (tx, mut rx, state_tx, state_rx) = channels(config.max_queue);
-    let handle = EngineHandle::new(tx, state_rx);
-    let live = Arc::clone(handle.live());
-    let name = format!("engine-{}", config.model_id);
-    let thread = std::thread::Builder::new().name(name).spawn(move || {
-        supervise(
-            &state_tx,
-            &mut rx,
-            RestartPolicy::default(),
-            |commands, on_ready| {
-                llama::serve_model(&config, commands, &live, on_ready).map_err(|e| e.to_string())
-            },
-        );
-    })?;
     Ok((handle, thread))
 }

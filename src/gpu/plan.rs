@@ -26,7 +26,7 @@ use super::inventory::{Gpu, Inventory};
 const MIB: u64 = 1024 * 1024;
 
 /// How layers are spread over GPUs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Policy {
     Auto,

@@ -171,18 +171,29 @@ impl Loader for LlamaLoader {
             .inventory
             .read()
             .map_err(|e| LoadFailure::Failed(format!("cannot read the GPUs: {e}")))?;
-        let placement = place(
-            card,
-            others,
-            &inventory,
-            &self.engine,
-            &self.request,
-            last_resort,
-        )?;
+        // The preset's settings over the server-wide ones.
+        let preset = &card.preset;
         let mut config = self.engine.clone();
+        config.n_seq = preset.parallel.unwrap_or(config.n_seq);
+        // An Ollama `params` layer's `num_ctx` is the context of one sequence.
+        let num_ctx = card
+            .found
+            .params
+            .get("num_ctx")
+            .and_then(serde_json::Value::as_u64);
+        config.n_ctx = match (preset.ctx, num_ctx) {
+            (Some(ctx), _) => ctx,
+            (None, Some(n)) if n >= 16 => (n as u32).saturating_mul(config.n_seq),
+            (None, _) => config.n_ctx,
+        };
+        config.n_batch = config.n_batch.max(config.n_seq);
+        let mut request = self.request.clone();
+        request.n_gpu_layers = preset.n_gpu_layers.or(request.n_gpu_layers);
+        request.policy = preset.policy.unwrap_or(request.policy);
+        let placement = place(card, others, &inventory, &config, &request, last_resort)?;
         config.model_path = card.found.path.clone();
         config.model_id = card.id().to_owned();
-        config.offload = offload(&placement, self.request.split_mode);
+        config.offload = offload(&placement, request.split_mode);
         // The context size the plan was made for (0 meant the model's trained context).
         config.n_ctx = placement.model.n_ctx;
         let (engine, thread) = spawn_llama_engine(config)

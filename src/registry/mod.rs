@@ -15,6 +15,7 @@
 
 pub mod loader;
 pub mod policy;
+pub mod preset;
 #[cfg(test)]
 mod tests;
 
@@ -44,6 +45,9 @@ pub struct ModelCard {
     pub pinned: bool,
     /// The file's modification time, seconds since the epoch (OpenAI's `created`).
     pub created: u64,
+    /// Its `--models-preset` settings (empty: the server-wide flags).
+    #[serde(skip)]
+    pub preset: preset::Preset,
 }
 
 impl ModelCard {
@@ -82,11 +86,27 @@ impl ModelCard {
             aliases: Vec::new(),
             pinned: false,
             created,
+            preset: preset::Preset::default(),
         }
     }
 
     pub fn id(&self) -> &str {
         &self.found.id
+    }
+
+    /// Applies its preset: aliases added, default options and system prompt over the store's.
+    pub fn with_preset(mut self, preset: &preset::Preset) -> Self {
+        for alias in &preset.aliases {
+            if !self.aliases.contains(alias) && *alias != self.found.id {
+                self.aliases.push(alias.clone());
+            }
+        }
+        self.found.params.extend(preset.defaults.clone());
+        if preset.system.is_some() {
+            self.found.system = preset.system.clone();
+        }
+        self.preset = preset.clone();
+        self
     }
 
     /// Whether `name` is this model: its id, an alias, either with `:latest` added, or an Ollama

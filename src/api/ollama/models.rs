@@ -72,10 +72,11 @@ pub async fn show(
     let status = state.registry().status(name).map_err(ApiError::from)?;
     let card = &status.card;
     let facts = model_facts(&state, card).await?;
-    let template = state
-        .config()
-        .chat_template
+    let template = card
+        .preset
+        .template
         .clone()
+        .or_else(|| state.config().chat_template.clone())
         .or_else(|| facts.template().map(str::to_owned))
         .unwrap_or_else(|| crate::template::CHATML.to_owned());
     let mut capabilities = vec!["completion"];

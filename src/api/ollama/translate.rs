@@ -267,7 +267,20 @@ fn common(served: &Served, body: &Value) -> Result<(String, Map<String, Value>, 
     let mut out = Map::new();
     out.insert("model".into(), json!(served.id()));
     // The store's `params` are the model's defaults; the request's options win.
-    let mut merged = served.card.found.params.clone();
+    // Load-time options in the store's params (`num_ctx`) were applied when the model loaded.
+    let mut merged: Map<String, Value> = served
+        .card
+        .found
+        .params
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "num_ctx" | "num_gpu" | "main_gpu" | "num_thread" | "num_batch"
+            )
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     if let Some(given) = body.get("options").filter(|o| !o.is_null()) {
         let given = given
             .as_object()
