@@ -226,6 +226,26 @@ fn write_json(value: &serde_json::Value, style: &JsonStyle<'_>, depth: usize, ou
     }
 }
 
+/// The family of a chat template, by the markers its source writes (for listings): `harmony`,
+/// `chatml`, `llama3`, `mistral`, `gemma`, `deepseek`, `glm`, `phi`, `zephyr`, else `custom`.
+pub fn family(source: &str) -> &'static str {
+    const MARKERS: [(&str, &str); 9] = [
+        ("<|channel|>", "harmony"),
+        ("<|im_start|>", "chatml"),
+        ("<|start_header_id|>", "llama3"),
+        ("[INST]", "mistral"),
+        ("<start_of_turn>", "gemma"),
+        ("<｜User｜>", "deepseek"),
+        ("[gMASK]", "glm"),
+        ("<|end|>", "phi"),
+        ("<|user|>", "zephyr"),
+    ];
+    MARKERS
+        .iter()
+        .find(|(marker, _)| source.contains(marker))
+        .map_or("custom", |&(_, name)| name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

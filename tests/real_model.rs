@@ -905,6 +905,10 @@ fn models_lists_the_default_model_from_a_folder_an_ollama_store_and_lm_studios_f
     assert!(rows
         .iter()
         .all(|r| r["architecture"] == "llama" && r["n_ctx_train"] == 8192));
+    assert!(rows.iter().all(|r| r["quantization"] == "Q4_1"
+        && r["template"] == "chatml"
+        && r["tools"] == false
+        && (130_000_000..140_000_000).contains(&r["parameters"].as_u64().unwrap())));
     assert_eq!(rows[1]["source"], "ollama");
     assert_eq!(rows[1]["digest"], format!("sha256:{sha}"));
     // The blob is what its manifest says.

@@ -12,46 +12,6 @@ use super::AppState;
 use crate::gpu::gguf::MetaValue;
 use crate::registry::ModelCard;
 
-/// llama.cpp's `general.file_type` numbers, as Ollama names them.
-fn file_type(n: i64) -> &'static str {
-    match n {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        7 => "Q8_0",
-        8 => "Q5_0",
-        9 => "Q5_1",
-        10 => "Q2_K",
-        11 => "Q3_K_S",
-        12 => "Q3_K_M",
-        13 => "Q3_K_L",
-        14 => "Q4_K_S",
-        15 => "Q4_K_M",
-        16 => "Q5_K_S",
-        17 => "Q5_K_M",
-        18 => "Q6_K",
-        19 => "IQ2_XXS",
-        20 => "IQ2_XS",
-        21 => "Q2_K_S",
-        22 => "IQ3_XS",
-        23 => "IQ3_XXS",
-        24 => "IQ1_S",
-        25 => "IQ4_NL",
-        26 => "IQ3_S",
-        27 => "IQ3_M",
-        28 => "IQ2_S",
-        29 => "IQ2_M",
-        30 => "IQ4_XS",
-        31 => "IQ1_M",
-        32 => "BF16",
-        36 => "TQ1_0",
-        37 => "TQ2_0",
-        38 => "MXFP4",
-        _ => "unknown",
-    }
-}
-
 /// What Ollama says of a model, from the file and its header.
 pub struct Facts {
     pub size: u64,
@@ -91,7 +51,7 @@ fn facts(path: &Path) -> Result<Facts, ApiError> {
     };
     let arch = text("general.architecture").unwrap_or_else(|| "unknown".into());
     let quantization = match header.metadata.get("general.file_type") {
-        Some(MetaValue::Int(n)) => file_type(*n),
+        Some(MetaValue::Int(n)) => crate::gpu::gguf::file_type_name(*n),
         _ => "unknown",
     };
     let mut info = Map::new();

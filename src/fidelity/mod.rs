@@ -275,6 +275,7 @@ mod tests {
             tensors: Vec::new(),
             data_start: 0,
             file_bytes: 0,
+            parameters: 0,
         }
     }
 

@@ -235,6 +235,58 @@ pub struct GgufHeader {
     pub tensors: Vec<(String, u64)>,
     pub data_start: u64,
     pub file_bytes: u64,
+    /// Elements over all tensors: the parameter count.
+    pub parameters: u64,
+}
+
+/// llama.cpp's `general.file_type` numbers, by the names Ollama and LM Studio show.
+pub fn file_type_name(n: i64) -> &'static str {
+    match n {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
+        32 => "BF16",
+        36 => "TQ1_0",
+        37 => "TQ2_0",
+        38 => "MXFP4",
+        _ => "unknown",
+    }
+}
+
+impl GgufHeader {
+    /// The quantization's name (`Q4_1`), from `general.file_type`.
+    pub fn quantization(&self) -> &'static str {
+        match self.metadata.get("general.file_type") {
+            Some(MetaValue::Int(n)) => file_type_name(*n),
+            _ => "unknown",
+        }
+    }
 }
 
 /// Reads the header of the GGUF file at `path`.
@@ -298,13 +350,18 @@ fn read(
         metadata.insert(key, r.value(ty)?);
     }
     let mut tensors = Vec::with_capacity((n_tensors as usize).min(1 << 16));
+    let mut parameters = 0u64;
     for _ in 0..n_tensors {
         let name = r.string()?;
         let dims = r.u32()?;
         if dims > MAX_DIMS {
             return Err(malformed(format!("tensor {name} has {dims} dimensions")));
         }
-        r.skip(u64::from(dims) * 8)?;
+        let mut elements = 1u64;
+        for _ in 0..dims {
+            elements = elements.saturating_mul(r.u64()?);
+        }
+        parameters = parameters.saturating_add(elements);
         let _ggml_type = r.u32()?;
         let offset = r.u64()?;
         tensors.push((name, offset));
@@ -337,6 +394,7 @@ fn read(
         tensors,
         data_start,
         file_bytes,
+        parameters,
     })
 }
 
