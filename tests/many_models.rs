@@ -340,8 +340,19 @@ async fn models_from_three_stores_load_on_demand_unload_and_fail_alone() {
     assert!(broken["failure"].as_str().is_some(), "{broken}");
     assert_eq!(c.chat(MODEL_ID).await.0, 200);
 
-    // Ollama's keep_alive 0 with no prompt unloads.
-    c.chat(OLLAMA).await;
+    // Ollama's load_duration is the wait for the load (the model was unloaded when idle) ...
+    let (status, body) = c
+        .post(
+            "/api/chat",
+            json!({"model": OLLAMA, "stream": false, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["load_duration"].as_u64().unwrap() > 1_000_000,
+        "{body}"
+    );
+    // ... and keep_alive 0 with no prompt unloads.
     let (status, body) = c
         .post(
             "/api/generate",

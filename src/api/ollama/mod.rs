@@ -104,13 +104,14 @@ async fn chat(
     if translate::unload_only(&body, "messages") {
         return unload(&state, &name, "chat").await;
     }
+    let at = std::time::Instant::now();
     let served = state.model_keep(&name, keep).await?;
+    let started = stream::Began::new(at, std::time::Instant::now());
     let request = translate::chat(&served, &body)?;
     if let Some(done) = request.load_only {
         return Ok(stream::load_answer(&request.model, done, "chat"));
     }
     let authenticated = authenticated.map(|Extension(a)| a);
-    let started = std::time::Instant::now();
     let start =
         super::chat::start_chat(&state, &request_id, authenticated.as_ref(), &request.openai)
             .await?;
@@ -138,12 +139,13 @@ async fn generate(
     if translate::unload_only(&body, "prompt") {
         return unload(&state, &name, "generate").await;
     }
+    let at = std::time::Instant::now();
     let served = state.model_keep(&name, keep).await?;
+    let started = stream::Began::new(at, std::time::Instant::now());
     let request = translate::generate(&served, &body)?;
     if let Some(done) = request.load_only {
         return Ok(stream::load_answer(&request.model, done, "generate"));
     }
-    let started = std::time::Instant::now();
     let chat = translate::start_generate(&state, &request_id, &request).await?;
     Ok(stream::respond(
         stream::Kind::Generate,

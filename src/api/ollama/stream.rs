@@ -56,13 +56,30 @@ fn chunk(kind: Kind, model: &str, text: &str, thinking: Option<&str>, calls: &[V
     out
 }
 
+/// When a request began, and how long it waited for its model to load.
+#[derive(Debug, Clone, Copy)]
+pub struct Began {
+    pub at: Instant,
+    pub load: std::time::Duration,
+}
+
+impl Began {
+    /// A request that began at `at` and had its model at `loaded`.
+    pub fn new(at: Instant, loaded: Instant) -> Self {
+        Self {
+            at,
+            load: loaded.saturating_duration_since(at),
+        }
+    }
+}
+
 /// The final fields: `done`, `done_reason`, and Ollama's durations (ns), measured.
-fn done(mut out: Value, reason: &str, stats: &GenerationStats, started: Instant) -> Value {
+fn done(mut out: Value, reason: &str, stats: &GenerationStats, started: Began) -> Value {
     let ns = |ms: f64| (ms * 1e6) as u64;
     out["done"] = json!(true);
     out["done_reason"] = json!(reason);
-    out["total_duration"] = json!(started.elapsed().as_nanos() as u64);
-    out["load_duration"] = json!(0);
+    out["total_duration"] = json!(started.at.elapsed().as_nanos() as u64);
+    out["load_duration"] = json!(started.load.as_nanos() as u64);
     out["prompt_eval_count"] = json!(stats.prompt_tokens);
     out["prompt_eval_duration"] = json!(ns(stats.queue_ms + stats.prompt_ms));
     out["eval_count"] = json!(stats.generated_tokens);
@@ -108,7 +125,7 @@ pub async fn respond(
     model: String,
     stream: bool,
     chat: StartedChat,
-    started: Instant,
+    started: Began,
 ) -> Response {
     let StartedChat {
         options,
@@ -183,7 +200,7 @@ async fn forward(
     tools: Option<std::sync::Arc<ToolRequest>>,
     receivers: Vec<mpsc::Receiver<GenerationEvent>>,
     grammar_param: &'static str,
-    started: Instant,
+    started: Began,
     tx: mpsc::Sender<Result<Bytes, Infallible>>,
 ) {
     let mut events = merged(receivers);
@@ -261,7 +278,7 @@ fn loop_reason(reason: &str) -> &'static str {
 
 /// The server-side shell loop through `/api/chat`: NDJSON lines (each command the loop ran as a
 /// line with `sandbox_execution`), or one object with `sandbox_executions`.
-pub async fn respond_loop(model: String, stream: bool, run: LoopRun, started: Instant) -> Response {
+pub async fn respond_loop(model: String, stream: bool, run: LoopRun, started: Began) -> Response {
     let (tx, rx) = mpsc::channel::<LoopEvent>(LOOP_EVENTS);
     if stream {
         let (out, body) = mpsc::channel::<Result<Bytes, Infallible>>(64);
@@ -280,7 +297,7 @@ pub async fn respond_loop(model: String, stream: bool, run: LoopRun, started: In
 async fn loop_object(
     model: String,
     mut events: mpsc::Receiver<LoopEvent>,
-    started: Instant,
+    started: Began,
 ) -> Response {
     let mut executions = Vec::new();
     while let Some(event) = events.recv().await {
@@ -319,7 +336,7 @@ async fn loop_lines(
     model: String,
     mut events: mpsc::Receiver<LoopEvent>,
     tx: mpsc::Sender<Result<Bytes, Infallible>>,
-    started: Instant,
+    started: Began,
 ) {
     loop {
         let next = tokio::select! {
