@@ -211,299 +211,27 @@ pub fn plan(
     inventory: &Inventory,
     config: &PlanConfig,
 ) -> Result<Plan, PlanError> {
-    let costs = Costs::new(model, config);
-    let n_layer = model.n_layer;
-    let mut reasons = Vec::new();
-
-    // Which GPUs, in which order.
-    let mut usable: Vec<usize> = Vec::new();
-    if !config.cuda {
-        reasons.push("this build has no CUDA backend: everything runs on the CPU".to_owned());
-    } else if inventory.gpus.is_empty() {
-        reasons.push(
-            inventory
-                .unavailable
-                .clone()
-                .unwrap_or_else(|| "no GPU found: everything runs on the CPU".to_owned()),
-        );
-    } else {
-        let candidates: Vec<usize> = match &config.devices {
-            Some(list) => {
-                for &i in list {
-                    if i >= inventory.gpus.len() {
-                        return Err(PlanError::Override(format!(
-                            "--devices names GPU {i}, but there are {} GPUs",
-                            inventory.gpus.len()
-                        )));
-                    }
-                }
-                list.clone()
-            }
-            None => (0..inventory.gpus.len()).collect(),
-        };
-        for i in candidates {
-            let gpu = &inventory.gpus[i];
-            if gpu.compute_capability < config.min_compute_capability {
-                reasons.push(format!(
-                    "GPU {i} ({}) skipped: compute capability {}.{} is below this build's {}.{}",
-                    gpu.name,
-                    gpu.compute_capability[0],
-                    gpu.compute_capability[1],
-                    config.min_compute_capability[0],
-                    config.min_compute_capability[1]
-                ));
-            } else {
-                usable.push(i);
-            }
-        }
-    }
-    if config.split_mode == SplitMode::None && !usable.is_empty() {
-        if !usable.contains(&config.main_gpu) {
-            return Err(PlanError::Override(format!(
-                "--split-mode none uses --main-gpu {}, which is not a usable GPU",
-                config.main_gpu
-            )));
-        }
-        usable = vec![config.main_gpu];
-        reasons.push(format!(
-            "--split-mode none: everything offloaded goes to GPU {}",
-            config.main_gpu
-        ));
-    }
-    let margin_of = |i: usize| {
-        config
-            .margin
-            .unwrap_or_else(|| default_margin(&inventory.gpus[i]))
+    let mut planning = Planning {
+        model,
+        inventory,
+        config,
+        costs: Costs::new(model, config),
+        reasons: Vec::new(),
     };
-    let budget_of = |i: usize| inventory.gpus[i].memory_free.saturating_sub(margin_of(i));
-    // What the whole model needs on one card: every layer, the output layer, one compute buffer.
-    let whole = (0..n_layer).map(|l| costs.layer(l as usize)).sum::<u64>()
-        + costs.output
-        + costs.output_compute
-        + costs.compute;
-    let auto_alone = config.policy == Policy::Auto
-        && config.devices.is_none()
-        && config.tensor_split.is_none()
-        && config.n_gpu_layers.is_none()
-        && config.split_mode == SplitMode::Layer;
-    if auto_alone {
-        let alone = usable
-            .iter()
-            .copied()
-            .filter(|&i| budget_of(i) >= whole)
-            .max_by_key(|&i| {
-                let gpu = &inventory.gpus[i];
-                (
-                    !config.occupied.contains(&gpu.pci_bus_id),
-                    speed(gpu),
-                    budget_of(i),
-                    std::cmp::Reverse(gpu.pci_bus_id.clone()),
-                )
-            });
-        match alone {
-            Some(i) => {
-                let gpu = &inventory.gpus[i];
-                let held = usable
-                    .iter()
-                    .filter(|&&j| j != i && config.occupied.contains(&inventory.gpus[j].pci_bus_id))
-                    .count();
-                reasons.push(format!(
-                    "auto: the model ({}) fits on GPU {i} ({}) alone, the fastest card it fits on{}: one card, so no token waits on a slower one",
-                    gib(whole),
-                    gpu.name,
-                    if config.occupied.contains(&gpu.pci_bus_id) {
-                        " (other models share it: no free card fits it)".to_owned()
-                    } else if held > 0 {
-                        " that no other model holds".to_owned()
-                    } else {
-                        String::new()
-                    }
-                ));
-                usable = vec![i];
-            }
-            None if !usable.is_empty() => reasons.push(format!(
-                "auto: the model ({}) fits on no single card: split, fastest cards first (as prefer-fast)",
-                gib(whole)
-            )),
-            None => {}
-        }
-    }
-    if config.devices.is_none() {
-        match config.policy {
-            Policy::Proportional => {
-                usable.sort_by_key(|&i| (budget_of(i), inventory.gpus[i].pci_bus_id.clone()));
-                if usable.len() > 1 {
-                    reasons.push("proportional: cards ordered by budget, so the largest holds the last layers and the output layer".to_owned());
-                }
-            }
-            Policy::Auto | Policy::PreferFast => {
-                usable.sort_by_key(|&i| {
-                    (
-                        speed(&inventory.gpus[i]),
-                        inventory.gpus[i].pci_bus_id.clone(),
-                    )
-                });
-                if let (Some(&fast), Policy::PreferFast) = (usable.last(), config.policy) {
-                    reasons.push(format!(
-                        "prefer-fast: GPU {fast} ({}) is fastest (compute capability {}.{}): filled first, with the output layer",
-                        inventory.gpus[fast].name,
-                        inventory.gpus[fast].compute_capability[0],
-                        inventory.gpus[fast].compute_capability[1]
-                    ));
-                }
-            }
-        }
-    }
-    for &i in &usable {
-        let gpu = &inventory.gpus[i];
-        reasons.push(format!(
-            "GPU {i} ({}, {}): {} free, margin {}{}, budget {}",
-            gpu.name,
-            gpu.pci_bus_id,
-            gib(gpu.memory_free),
-            gib(margin_of(i)),
-            if gpu.display_attached {
-                " (display attached)"
-            } else {
-                ""
-            },
-            gib(budget_of(i))
-        ));
-    }
-    let budgets: Vec<u64> = usable.iter().map(|&i| budget_of(i)).collect();
-
-    // How many layers go to the GPUs, and where.
-    let output_allowed = config.n_gpu_layers.is_none_or(|n| n > n_layer);
-    // The repeating layers an explicit --n-gpu-layers asks for.
-    let asked = config.n_gpu_layers.map(|n| n.min(n_layer));
-    let (counts, output_on_gpu) = if usable.is_empty() {
-        (Vec::new(), false)
-    } else if let Some(split) = &config.tensor_split {
-        if split.len() != usable.len()
-            || split.iter().any(|p| !p.is_finite() || *p < 0.0)
-            || split.iter().sum::<f64>() <= 0.0
-        {
-            return Err(PlanError::Override(format!(
-                "--tensor-split needs {} non-negative proportions (one per used GPU); got {split:?}",
-                usable.len()
-            )));
-        }
-        let k = asked.unwrap_or(n_layer);
-        reasons.push(format!("--tensor-split {split:?} over {k} layers"));
-        (split_by(k, split), k == n_layer && output_allowed)
-    } else {
-        // An explicit --n-gpu-layers above n_layer asks for the output layer too: plan it whole.
-        let cap = config.n_gpu_layers.filter(|&n| n < n_layer);
-        let (counts, output) = match config.policy {
-            Policy::Proportional => proportional(&costs, n_layer, &budgets, cap),
-            Policy::Auto | Policy::PreferFast => fill_from_end(&costs, n_layer, &budgets, cap),
-        };
-        match asked {
-            Some(k) if counts.iter().sum::<u32>() < k => {
-                // Honour the override as asked; the per-device check below names what does not fit.
-                let split: Vec<f64> = budgets.iter().map(|&b| b as f64).collect();
-                (split_by(k, &split), k == n_layer && output_allowed)
-            }
-            _ => (counts, output && output_allowed),
-        }
-    };
+    let usable = planning.select()?;
+    let usable = planning.order(usable);
+    let budgets: Vec<u64> = usable
+        .iter()
+        .map(|&i| {
+            inventory.gpus[i]
+                .memory_free
+                .saturating_sub(margin(config, &inventory.gpus[i]))
+        })
+        .collect();
+    let (counts, output_on_gpu) = planning.counts(&usable, &budgets)?;
     let gpu_layers: u32 = counts.iter().sum();
-    if let Some(n) = config.n_gpu_layers {
-        reasons.push(format!("--n-gpu-layers {n}"));
-    }
-
-    // Per-device totals.
-    let mut devices = Vec::new();
-    let mut start = n_layer - gpu_layers;
-    for (slot, (&i, &count)) in usable.iter().zip(&counts).enumerate() {
-        let end = start + count;
-        let weights: u64 = (start..end).map(|l| costs.weights[l as usize]).sum();
-        let kv: u64 = (start..end).map(|l| costs.kv[l as usize]).sum();
-        let is_output = output_on_gpu && slot == usable.len() - 1;
-        let output = if is_output { costs.output } else { 0 };
-        let compute = if count > 0 || is_output {
-            costs.compute + if is_output { costs.output_compute } else { 0 }
-        } else {
-            0
-        };
-        let total = weights + kv + output + compute;
-        let budget = budgets[slot];
-        if total > budget {
-            let gpu = &inventory.gpus[i];
-            return Err(PlanError::OverBudget(format!(
-                "GPU {i} ({}) would need {} ({} layers: {} weights, {} KV, {} compute{}) but its budget is {} ({} free, margin {})",
-                gpu.name,
-                gib(total),
-                count,
-                gib(weights),
-                gib(kv),
-                gib(compute),
-                if output > 0 { format!(", {} output", gib(output)) } else { String::new() },
-                gib(budget),
-                gib(gpu.memory_free),
-                gib(margin_of(i))
-            )));
-        }
-        devices.push(DevicePlan {
-            gpu: i,
-            name: inventory.gpus[i].name.clone(),
-            pci_bus_id: inventory.gpus[i].pci_bus_id.clone(),
-            first_layer: start,
-            end_layer: end,
-            weights,
-            kv_cache: kv,
-            compute,
-            output,
-            total,
-            budget,
-            headroom: budget - total,
-        });
-        start = end;
-    }
-
-    let cpu_layers = n_layer - gpu_layers;
-    let cpu_bytes = (0..cpu_layers)
-        .map(|l| costs.layer(l as usize))
-        .sum::<u64>()
-        + costs.embedding
-        + if output_on_gpu {
-            0
-        } else {
-            costs.output + costs.output_compute
-        }
-        + if cpu_layers > 0 { costs.compute } else { 0 };
-    if cpu_layers > 0 && !usable.is_empty() {
-        reasons.push(format!(
-            "{cpu_layers} of {n_layer} layers stay on the CPU: the GPUs' budgets are full"
-        ));
-    }
-    if cpu_bytes > inventory.ram_available {
-        let vram: u64 = budgets.iter().sum();
-        let kv_per_ctx: f64 = costs.kv.iter().sum::<u64>() as f64 / f64::from(config.n_ctx.max(1));
-        let fixed: u64 = costs.weights.iter().sum::<u64>() + costs.output + costs.embedding;
-        let room = (vram + inventory.ram_available).saturating_sub(fixed);
-        let max_ctx = if kv_per_ctx > 0.0 {
-            (room as f64 / kv_per_ctx) as u64
-        } else {
-            0
-        };
-        return Err(PlanError::DoesNotFit(format!(
-            "it needs {} of host memory for {cpu_layers} CPU layers and the rest, but {} is available; \
-             in all it needs {} weights + {} KV cache for {} tokens, against {} of GPU budget and {} of RAM{}",
-            gib(cpu_bytes),
-            gib(inventory.ram_available),
-            gib(fixed),
-            gib(costs.kv.iter().sum()),
-            config.n_ctx,
-            gib(vram),
-            gib(inventory.ram_available),
-            if fixed < vram + inventory.ram_available && max_ctx >= 256 {
-                format!("; about --ctx-size {max_ctx} would fit")
-            } else {
-                "; no context fits".to_owned()
-            }
-        )));
-    }
+    let devices = planning.devices(&usable, &counts, &budgets, output_on_gpu)?;
+    let (cpu_layers, cpu_bytes) = planning.host(&usable, &budgets, gpu_layers, output_on_gpu)?;
     let n_gpu_layers = gpu_layers + u32::from(output_on_gpu);
     Ok(Plan {
         policy: config.policy,
@@ -513,8 +241,359 @@ pub fn plan(
         cpu_layers,
         cpu_bytes,
         ram_available: inventory.ram_available,
-        reasons,
+        reasons: planning.reasons,
     })
+}
+
+/// A card's margin: the configured one, else [`default_margin`].
+fn margin(config: &PlanConfig, gpu: &Gpu) -> u64 {
+    config.margin.unwrap_or_else(|| default_margin(gpu))
+}
+
+/// One plan in the making: its inputs, the costs, and the reasons gathered step by step.
+struct Planning<'a> {
+    model: &'a ModelFacts,
+    inventory: &'a Inventory,
+    config: &'a PlanConfig,
+    costs: Costs,
+    reasons: Vec<String>,
+}
+
+impl Planning<'_> {
+    /// Which GPUs may take layers: a CUDA build, `--devices`, the build's compute capability,
+    /// `--split-mode none`.
+    fn select(&mut self) -> Result<Vec<usize>, PlanError> {
+        let (config, inventory) = (self.config, self.inventory);
+        let reasons = &mut self.reasons;
+        let mut usable: Vec<usize> = Vec::new();
+        if !config.cuda {
+            reasons.push("this build has no CUDA backend: everything runs on the CPU".to_owned());
+        } else if inventory.gpus.is_empty() {
+            reasons.push(
+                inventory
+                    .unavailable
+                    .clone()
+                    .unwrap_or_else(|| "no GPU found: everything runs on the CPU".to_owned()),
+            );
+        } else {
+            let candidates: Vec<usize> = match &config.devices {
+                Some(list) => {
+                    for &i in list {
+                        if i >= inventory.gpus.len() {
+                            return Err(PlanError::Override(format!(
+                                "--devices names GPU {i}, but there are {} GPUs",
+                                inventory.gpus.len()
+                            )));
+                        }
+                    }
+                    list.clone()
+                }
+                None => (0..inventory.gpus.len()).collect(),
+            };
+            for i in candidates {
+                let gpu = &inventory.gpus[i];
+                if gpu.compute_capability < config.min_compute_capability {
+                    reasons.push(format!(
+                        "GPU {i} ({}) skipped: compute capability {}.{} is below this build's {}.{}",
+                        gpu.name,
+                        gpu.compute_capability[0],
+                        gpu.compute_capability[1],
+                        config.min_compute_capability[0],
+                        config.min_compute_capability[1]
+                    ));
+                } else {
+                    usable.push(i);
+                }
+            }
+        }
+        if config.split_mode == SplitMode::None && !usable.is_empty() {
+            if !usable.contains(&config.main_gpu) {
+                return Err(PlanError::Override(format!(
+                    "--split-mode none uses --main-gpu {}, which is not a usable GPU",
+                    config.main_gpu
+                )));
+            }
+            usable = vec![config.main_gpu];
+            reasons.push(format!(
+                "--split-mode none: everything offloaded goes to GPU {}",
+                config.main_gpu
+            ));
+        }
+        Ok(usable)
+    }
+
+    /// The usable GPUs in llama.cpp's device order (the last holds the last layers): `auto` alone
+    /// on one card when the model fits one, else by the policy; each card's budget in the reasons.
+    fn order(&mut self, mut usable: Vec<usize>) -> Vec<usize> {
+        let (config, inventory, n_layer) = (self.config, self.inventory, self.model.n_layer);
+        let costs = &self.costs;
+        let reasons = &mut self.reasons;
+        let margin_of = |i: usize| margin(config, &inventory.gpus[i]);
+        let budget_of = |i: usize| inventory.gpus[i].memory_free.saturating_sub(margin_of(i));
+        // What the whole model needs on one card: every layer, the output layer, one compute buffer.
+        let whole = (0..n_layer).map(|l| costs.layer(l as usize)).sum::<u64>()
+            + costs.output
+            + costs.output_compute
+            + costs.compute;
+        let auto_alone = config.policy == Policy::Auto
+            && config.devices.is_none()
+            && config.tensor_split.is_none()
+            && config.n_gpu_layers.is_none()
+            && config.split_mode == SplitMode::Layer;
+        if auto_alone {
+            let alone = usable
+                .iter()
+                .copied()
+                .filter(|&i| budget_of(i) >= whole)
+                .max_by_key(|&i| {
+                    let gpu = &inventory.gpus[i];
+                    (
+                        !config.occupied.contains(&gpu.pci_bus_id),
+                        speed(gpu),
+                        budget_of(i),
+                        std::cmp::Reverse(gpu.pci_bus_id.clone()),
+                    )
+                });
+            match alone {
+                Some(i) => {
+                    let gpu = &inventory.gpus[i];
+                    let held = usable
+                        .iter()
+                        .filter(|&&j| j != i && config.occupied.contains(&inventory.gpus[j].pci_bus_id))
+                        .count();
+                    reasons.push(format!(
+                        "auto: the model ({}) fits on GPU {i} ({}) alone, the fastest card it fits on{}: one card, so no token waits on a slower one",
+                        gib(whole),
+                        gpu.name,
+                        if config.occupied.contains(&gpu.pci_bus_id) {
+                            " (other models share it: no free card fits it)".to_owned()
+                        } else if held > 0 {
+                            " that no other model holds".to_owned()
+                        } else {
+                            String::new()
+                        }
+                    ));
+                    usable = vec![i];
+                }
+                None if !usable.is_empty() => reasons.push(format!(
+                    "auto: the model ({}) fits on no single card: split, fastest cards first (as prefer-fast)",
+                    gib(whole)
+                )),
+                None => {}
+            }
+        }
+        if config.devices.is_none() {
+            match config.policy {
+                Policy::Proportional => {
+                    usable.sort_by_key(|&i| (budget_of(i), inventory.gpus[i].pci_bus_id.clone()));
+                    if usable.len() > 1 {
+                        reasons.push("proportional: cards ordered by budget, so the largest holds the last layers and the output layer".to_owned());
+                    }
+                }
+                Policy::Auto | Policy::PreferFast => {
+                    usable.sort_by_key(|&i| {
+                        (
+                            speed(&inventory.gpus[i]),
+                            inventory.gpus[i].pci_bus_id.clone(),
+                        )
+                    });
+                    if let (Some(&fast), Policy::PreferFast) = (usable.last(), config.policy) {
+                        reasons.push(format!(
+                            "prefer-fast: GPU {fast} ({}) is fastest (compute capability {}.{}): filled first, with the output layer",
+                            inventory.gpus[fast].name,
+                            inventory.gpus[fast].compute_capability[0],
+                            inventory.gpus[fast].compute_capability[1]
+                        ));
+                    }
+                }
+            }
+        }
+        for &i in &usable {
+            let gpu = &inventory.gpus[i];
+            reasons.push(format!(
+                "GPU {i} ({}, {}): {} free, margin {}{}, budget {}",
+                gpu.name,
+                gpu.pci_bus_id,
+                gib(gpu.memory_free),
+                gib(margin_of(i)),
+                if gpu.display_attached {
+                    " (display attached)"
+                } else {
+                    ""
+                },
+                gib(budget_of(i))
+            ));
+        }
+        usable
+    }
+
+    /// How many repeating layers each device takes, and whether the output layer is offloaded.
+    fn counts(&mut self, usable: &[usize], budgets: &[u64]) -> Result<(Vec<u32>, bool), PlanError> {
+        let (config, n_layer) = (self.config, self.model.n_layer);
+        let costs = &self.costs;
+        let reasons = &mut self.reasons;
+        let output_allowed = config.n_gpu_layers.is_none_or(|n| n > n_layer);
+        // The repeating layers an explicit --n-gpu-layers asks for.
+        let asked = config.n_gpu_layers.map(|n| n.min(n_layer));
+        let (counts, output_on_gpu) = if usable.is_empty() {
+            (Vec::new(), false)
+        } else if let Some(split) = &config.tensor_split {
+            if split.len() != usable.len()
+                || split.iter().any(|p| !p.is_finite() || *p < 0.0)
+                || split.iter().sum::<f64>() <= 0.0
+            {
+                return Err(PlanError::Override(format!(
+                    "--tensor-split needs {} non-negative proportions (one per used GPU); got {split:?}",
+                    usable.len()
+                )));
+            }
+            let k = asked.unwrap_or(n_layer);
+            reasons.push(format!("--tensor-split {split:?} over {k} layers"));
+            (split_by(k, split), k == n_layer && output_allowed)
+        } else {
+            // An explicit --n-gpu-layers above n_layer asks for the output layer too: plan it whole.
+            let cap = config.n_gpu_layers.filter(|&n| n < n_layer);
+            let (counts, output) = match config.policy {
+                Policy::Proportional => proportional(costs, n_layer, budgets, cap),
+                Policy::Auto | Policy::PreferFast => fill_from_end(costs, n_layer, budgets, cap),
+            };
+            match asked {
+                Some(k) if counts.iter().sum::<u32>() < k => {
+                    // Honour the override as asked; the per-device check below names what does not fit.
+                    let split: Vec<f64> = budgets.iter().map(|&b| b as f64).collect();
+                    (split_by(k, &split), k == n_layer && output_allowed)
+                }
+                _ => (counts, output && output_allowed),
+            }
+        };
+        if let Some(n) = config.n_gpu_layers {
+            reasons.push(format!("--n-gpu-layers {n}"));
+        }
+
+        Ok((counts, output_on_gpu))
+    }
+
+    /// Each device's layers and bytes, checked against its budget.
+    fn devices(
+        &self,
+        usable: &[usize],
+        counts: &[u32],
+        budgets: &[u64],
+        output_on_gpu: bool,
+    ) -> Result<Vec<DevicePlan>, PlanError> {
+        let (config, inventory, n_layer) = (self.config, self.inventory, self.model.n_layer);
+        let costs = &self.costs;
+        let margin_of = |i: usize| margin(config, &inventory.gpus[i]);
+        let gpu_layers: u32 = counts.iter().sum();
+        // Per-device totals.
+        let mut devices = Vec::new();
+        let mut start = n_layer - gpu_layers;
+        for (slot, (&i, &count)) in usable.iter().zip(counts).enumerate() {
+            let end = start + count;
+            let weights: u64 = (start..end).map(|l| costs.weights[l as usize]).sum();
+            let kv: u64 = (start..end).map(|l| costs.kv[l as usize]).sum();
+            let is_output = output_on_gpu && slot == usable.len() - 1;
+            let output = if is_output { costs.output } else { 0 };
+            let compute = if count > 0 || is_output {
+                costs.compute + if is_output { costs.output_compute } else { 0 }
+            } else {
+                0
+            };
+            let total = weights + kv + output + compute;
+            let budget = budgets[slot];
+            if total > budget {
+                let gpu = &inventory.gpus[i];
+                return Err(PlanError::OverBudget(format!(
+                    "GPU {i} ({}) would need {} ({} layers: {} weights, {} KV, {} compute{}) but its budget is {} ({} free, margin {})",
+                    gpu.name,
+                    gib(total),
+                    count,
+                    gib(weights),
+                    gib(kv),
+                    gib(compute),
+                    if output > 0 { format!(", {} output", gib(output)) } else { String::new() },
+                    gib(budget),
+                    gib(gpu.memory_free),
+                    gib(margin_of(i))
+                )));
+            }
+            devices.push(DevicePlan {
+                gpu: i,
+                name: inventory.gpus[i].name.clone(),
+                pci_bus_id: inventory.gpus[i].pci_bus_id.clone(),
+                first_layer: start,
+                end_layer: end,
+                weights,
+                kv_cache: kv,
+                compute,
+                output,
+                total,
+                budget,
+                headroom: budget - total,
+            });
+            start = end;
+        }
+
+        Ok(devices)
+    }
+
+    /// What stays on the CPU, checked against the host's memory.
+    fn host(
+        &mut self,
+        usable: &[usize],
+        budgets: &[u64],
+        gpu_layers: u32,
+        output_on_gpu: bool,
+    ) -> Result<(u32, u64), PlanError> {
+        let (config, inventory, n_layer) = (self.config, self.inventory, self.model.n_layer);
+        let costs = &self.costs;
+        let reasons = &mut self.reasons;
+        let cpu_layers = n_layer - gpu_layers;
+        let cpu_bytes = (0..cpu_layers)
+            .map(|l| costs.layer(l as usize))
+            .sum::<u64>()
+            + costs.embedding
+            + if output_on_gpu {
+                0
+            } else {
+                costs.output + costs.output_compute
+            }
+            + if cpu_layers > 0 { costs.compute } else { 0 };
+        if cpu_layers > 0 && !usable.is_empty() {
+            reasons.push(format!(
+                "{cpu_layers} of {n_layer} layers stay on the CPU: the GPUs' budgets are full"
+            ));
+        }
+        if cpu_bytes > inventory.ram_available {
+            let vram: u64 = budgets.iter().sum();
+            let kv_per_ctx: f64 =
+                costs.kv.iter().sum::<u64>() as f64 / f64::from(config.n_ctx.max(1));
+            let fixed: u64 = costs.weights.iter().sum::<u64>() + costs.output + costs.embedding;
+            let room = (vram + inventory.ram_available).saturating_sub(fixed);
+            let max_ctx = if kv_per_ctx > 0.0 {
+                (room as f64 / kv_per_ctx) as u64
+            } else {
+                0
+            };
+            return Err(PlanError::DoesNotFit(format!(
+                "it needs {} of host memory for {cpu_layers} CPU layers and the rest, but {} is available; \
+                 in all it needs {} weights + {} KV cache for {} tokens, against {} of GPU budget and {} of RAM{}",
+                gib(cpu_bytes),
+                gib(inventory.ram_available),
+                gib(fixed),
+                gib(costs.kv.iter().sum()),
+                config.n_ctx,
+                gib(vram),
+                gib(inventory.ram_available),
+                if fixed < vram + inventory.ram_available && max_ctx >= 256 {
+                    format!("; about --ctx-size {max_ctx} would fit")
+                } else {
+                    "; no context fits".to_owned()
+                }
+            )));
+        }
+        Ok((cpu_layers, cpu_bytes))
+    }
 }
 
 /// `k` layers split by proportions, largest remainders rounding.
