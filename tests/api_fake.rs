@@ -2552,3 +2552,70 @@ async fn lmstudio_v1_chat_answers_keeps_threads_and_streams_named_events() {
         assert_eq!(error_of(&resp)["param"], param);
     }
 }
+
+#[tokio::test]
+async fn reasoning_is_parsed_out_without_tools_when_the_template_knows_it() {
+    // The echo model repeats the last message; the template mentions `<think>`.
+    let h = ollama_harness(Some("{# <think> #}{{ messages[-1].content }}"));
+    let said = "<think>pondering</think>The answer.";
+    let chat = json!({"model": MODEL, "stream": false,
+                      "messages": [{"role": "user", "content": said}]});
+    let (status, one) = send_json(&h.app, post("/api/chat", chat.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    assert_eq!(one["message"]["thinking"], "pondering", "{one}");
+    assert_eq!(one["message"]["content"], "The answer.");
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let (_, _, body) = send(&h.app, post("/api/chat", streamed)).await;
+    let lines = ndjson(&body);
+    let thinking: String = lines
+        .iter()
+        .filter_map(|l| l["message"]["thinking"].as_str())
+        .collect();
+    let content: String = lines
+        .iter()
+        .filter_map(|l| l["message"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        (thinking.as_str(), content.as_str()),
+        ("pondering", "The answer."),
+        "{body}"
+    );
+    // OpenAI's dialect: `reasoning_content`, never in `content`.
+    let (status, openai) = send_json(&h.app, post("/v1/chat/completions", chat)).await;
+    assert_eq!(status, StatusCode::OK, "{openai}");
+    let message = &openai["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], "pondering", "{openai}");
+    assert_eq!(message["content"], "The answer.");
+    // Without reasoning in the template, the text is the text.
+    let plain = ollama_harness(Some("{{ messages[-1].content }}"));
+    let chat = json!({"model": MODEL, "stream": false,
+                      "messages": [{"role": "user", "content": said}]});
+    let (_, one) = send_json(&plain.app, post("/api/chat", chat)).await;
+    assert_eq!(one["message"]["content"], said);
+}
+
+#[tokio::test]
+async fn ollama_accepts_tool_choice_to_force_a_call() {
+    let h = ollama_harness(Some("{{ messages[-1].content }}"));
+    let call = r#"<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>"#;
+    for request in [
+        json!({"model": MODEL, "stream": false, "tools": weather_tools(), "tool_choice": "required",
+               "messages": [{"role": "user", "content": call}]}),
+        json!({"model": MODEL, "stream": false, "tools": weather_tools(),
+               "options": {"tool_choice": "required"},
+               "messages": [{"role": "user", "content": call}]}),
+    ] {
+        let (status, one) = send_json(&h.app, post("/api/chat", request)).await;
+        assert_eq!(status, StatusCode::OK, "{one}");
+        assert_eq!(
+            one["message"]["tool_calls"][0]["function"]["arguments"]["city"],
+            "Paris"
+        );
+    }
+    // A forced call with no tools is the same 400 as in OpenAI's dialect.
+    let bad = json!({"model": MODEL, "stream": false, "tool_choice": "required",
+                     "messages": [{"role": "user", "content": "x"}]});
+    let (status, resp) = send_json(&h.app, post("/api/chat", bad)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{resp}");
+}

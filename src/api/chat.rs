@@ -426,6 +426,8 @@ pub(super) async fn start_chat(
         max_new_tokens,
     };
     let receivers = generate::submit(&served.engine, vec![job], &options)?;
+    // Without tools, a template that knows reasoning still has its reasoning parsed out.
+    let tools = tools.or_else(|| ToolRequest::reasoning_only(loaded.template.source()));
     Ok(ChatStart::Generation(StartedChat {
         model,
         options,

@@ -115,6 +115,18 @@ fn schema_error(param: &str, e: SchemaError) -> ToolError {
 }
 
 impl ToolRequest {
+    /// For a request without tools whose template knows reasoning (`<think>`, `[THINK]`): no
+    /// tools, nothing forced, but the reply is parsed so reasoning reaches `reasoning_content`
+    /// (Ollama's `thinking`), never `content`.
+    pub fn reasoning_only(template_source: &str) -> Option<Self> {
+        parse::knows_reasoning(template_source).then(|| Self {
+            tools: Vec::new(),
+            choice: ToolChoice::None,
+            parallel: false,
+            format: ToolFormat::detect(template_source),
+        })
+    }
+
     /// Checks `tools`, `tool_choice` and `parallel_tool_calls`. `None` when there are no tools
     /// (or `tool_choice` is `none`: the model is then not told about them).
     pub fn from_request(

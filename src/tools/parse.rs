@@ -26,6 +26,13 @@ pub enum ToolFormat {
 }
 
 const REASONING_TAGS: [(&str, &str); 2] = [("<think>", "</think>"), ("[THINK]", "[/THINK]")];
+/// Whether a chat template writes or expects reasoning tags.
+pub fn knows_reasoning(template_source: &str) -> bool {
+    REASONING_TAGS
+        .iter()
+        .any(|(open, _)| template_source.contains(open))
+}
+
 const HERMES_OPEN: &str = "<tool_call>";
 const HERMES_CLOSE: &str = "</tool_call>";
 const PYTHON_TAG: &str = "<|python_tag|>";

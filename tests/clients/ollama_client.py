@@ -1,7 +1,7 @@
 """The official `ollama` Python library (pinned in requirements.txt) against a running
 lm-sandbox on the default model: list, show, ps, chat streamed and not, generate, embed, `format`
-with a JSON schema, Open WebUI's and Continue's connection sequences, and errors raised as
-`ResponseError` with the server's message.
+with a JSON schema, Open WebUI's and Continue's connection sequences (Open WebUI's unload with
+`keep_alive: 0` included), and errors raised as `ResponseError` with the server's message.
 
 Usage: ollama_client.py BASE_URL MODEL   (run by tests/clients.rs)
 """
@@ -65,6 +65,29 @@ schema = {"type": "object", "properties": {"city": {"type": "string"}}, "require
 formatted = client.chat(model=model, messages=messages, format=schema, options=options)
 assert isinstance(json.loads(formatted.message.content)["city"], str), formatted.message.content
 
+# Tools: one call forced with lm-sandbox's `tool_choice` and `parallel_tool_calls` (in `options`,
+# which the library passes as it is), arguments as an object that fits the tool's schema; the result goes back as role
+# tool with tool_name.
+weather = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+asked = [{"role": "user", "content": "What is the weather in Paris?"}]
+called = client.chat(model=model, messages=asked, tools=[weather],
+                     options={**options, "num_predict": 96, "tool_choice": "required",
+                              "parallel_tool_calls": False}, stream=False)
+call = called.message.tool_calls[0]
+assert call.function.name == "get_weather", called
+assert isinstance(call.function.arguments, dict) and isinstance(call.function.arguments["city"], str)
+replied = client.chat(model=model, tools=[weather], options=options, stream=False, messages=[
+    *asked, called.message, {"role": "tool", "content": "sunny", "tool_name": "get_weather"}])
+assert replied.done
+streamed_call = [p for p in client.chat(model=model, messages=asked, tools=[weather], stream=True,
+                                        options={**options, "num_predict": 96, "tool_choice": "required",
+                              "parallel_tool_calls": False})
+                 if p.message.tool_calls]
+assert streamed_call[0].message.tool_calls[0].function.name == "get_weather"
+
 embedded = client.embed(model=model, input=["The cat sat.", "A dog ran."])
 assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) == 576
 legacy = client.embeddings(model=model, prompt="The cat sat.")
@@ -85,4 +108,14 @@ for call, status, words in [
     except ollama.ResponseError as e:
         assert e.status_code == status and words in e.error, (e.status_code, e.error)
 assert client.pull(model).status == "success"
+
+# Open WebUI's unload: keep_alive 0 with an empty prompt frees the model; ps no longer lists it,
+# and the next request loads it again (load_duration says how long that took).
+unloaded = client.generate(model=model, prompt="", keep_alive=0)
+assert unloaded.done_reason == "unload", unloaded
+assert not [m for m in client.ps().models if m.model == tagged], client.ps()
+again = client.chat(model=model, messages=messages, options=options, stream=False)
+assert again.message.content == answer.message.content
+assert again.load_duration > 0, again
+assert [m for m in client.ps().models if m.model == tagged]
 print("ollama", ollama.__version__ if hasattr(ollama, "__version__") else "0.6.3", "ok")

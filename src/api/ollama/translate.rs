@@ -178,6 +178,10 @@ fn options(
                     }
                 }
             }
+            // lm-sandbox's own: OpenAI's `tool_choice` (Ollama has none), here so that clients
+            // whose `chat()` takes no extra fields can still force a call.
+            "tool_choice" => "tool_choice",
+            "parallel_tool_calls" => "parallel_tool_calls",
             "num_gpu" | "main_gpu" | "num_thread" | "num_batch" | "num_keep" | "use_mmap"
             | "numa" | "low_vram" | "vocab_only" | "use_mlock" | "num_gqa" | "typical_p"
             | "penalize_newline" | "tfs_z" | "mirostat" | "mirostat_eta" | "mirostat_tau" => {
@@ -362,6 +366,13 @@ pub fn chat(served: &Served, body: &Value) -> Result<Translated, OllamaError> {
     out.insert("messages".into(), Value::Array(converted));
     if let Some(tools) = body.get("tools").filter(|t| !t.is_null()) {
         out.insert("tools".into(), tools.clone());
+    }
+    // lm-sandbox's own: OpenAI's `tool_choice` (`required`, or `{"type": "function", ...}`) and
+    // `parallel_tool_calls`.
+    for field in ["tool_choice", "parallel_tool_calls"] {
+        if let Some(value) = body.get(field).filter(|c| !c.is_null()) {
+            out.insert(field.into(), value.clone());
+        }
     }
     // lm-sandbox's own field, as in OpenAI requests: `{"shell": bool, "max_tool_rounds": n}`.
     if let Some(sandbox) = body.get("sandbox").filter(|s| !s.is_null()) {
