@@ -100,8 +100,9 @@ pub struct LlamaLoader {
     /// The user's placement settings.
     pub request: PlanConfig,
     pub inventory: Box<dyn InventorySource + Send + Sync>,
-    /// Blobs whose digest matched, so each is read once.
-    verified: Mutex<HashSet<PathBuf>>,
+    /// Blobs whose digest matched, with the size and modification time they had then: each is
+    /// read once, and again if it changes.
+    verified: Mutex<HashSet<(PathBuf, u64, Option<std::time::SystemTime>)>>,
 }
 
 impl LlamaLoader {
@@ -138,7 +139,15 @@ impl LlamaLoader {
             return Ok(());
         };
         let path = &card.found.path;
-        if self.verified.lock().expect("verified set").contains(path) {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| LoadFailure::Failed(format!("{}: {e}", path.display())))?;
+        let identity = (path.clone(), meta.len(), meta.modified().ok());
+        if self
+            .verified
+            .lock()
+            .expect("verified set")
+            .contains(&identity)
+        {
             return Ok(());
         }
         tracing::info!(model = card.id(), path = %path.display(), "checking the blob's digest before its first load");
@@ -151,10 +160,7 @@ impl LlamaLoader {
             }
         })
         .map_err(|e| LoadFailure::Failed(e.to_string()))?;
-        self.verified
-            .lock()
-            .expect("verified set")
-            .insert(path.clone());
+        self.verified.lock().expect("verified set").insert(identity);
         Ok(())
     }
 }

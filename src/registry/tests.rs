@@ -277,8 +277,8 @@ async fn idle_models_are_unloaded_by_the_clock_and_keep_alive() {
     assert_eq!(registry.reap().await, ["b"]);
     assert_eq!(state_of(&registry, "b"), State::Unloaded);
     // `expires_at` tells when `a` goes.
-    let a = registry.status("a").unwrap();
-    assert!(a.expires_at.is_some(), "{:?} {:?}", a.state, a.card);
+    // (A status holds an engine handle: dropped at once, or the unload would wait for it.)
+    assert!(registry.status("a").unwrap().expires_at.is_some());
     assert!(registry.status("c").unwrap().expires_at.is_none());
     clock.advance(Duration::from_secs(595));
     assert_eq!(registry.reap().await, ["a"]);
