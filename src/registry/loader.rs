@@ -192,6 +192,13 @@ impl Loader for LlamaLoader {
             (None, Some(n)) if n >= 16 => (n as u32).saturating_mul(config.n_seq),
             (None, _) => config.n_ctx,
         };
+        // A request asked for more per sequence (Ollama's num_ctx): at least that.
+        if let Some(per_seq) = card.ctx_per_seq {
+            let want = per_seq.saturating_mul(config.n_seq);
+            if config.n_ctx != 0 && want > config.n_ctx {
+                config.n_ctx = want;
+            }
+        }
         config.n_batch = config.n_batch.max(config.n_seq);
         let mut request = self.request.clone();
         request.n_gpu_layers = preset.n_gpu_layers.or(request.n_gpu_layers);

@@ -48,6 +48,9 @@ pub struct ModelCard {
     /// Its `--models-preset` settings (empty: the server-wide flags).
     #[serde(skip)]
     pub preset: preset::Preset,
+    /// Tokens per sequence a request asked for (Ollama's `num_ctx`): its loads take at least this.
+    #[serde(skip)]
+    pub ctx_per_seq: Option<u32>,
 }
 
 impl ModelCard {
@@ -87,6 +90,7 @@ impl ModelCard {
             pinned: false,
             created,
             preset: preset::Preset::default(),
+            ctx_per_seq: None,
         }
     }
 
@@ -683,6 +687,50 @@ impl Registry {
         });
         task.await.map_err(|_| RegistryError::Closed)?;
         Ok(id)
+    }
+
+    /// Reloads `name` with at least `per_seq` tokens per sequence (Ollama's `num_ctx`, as Ollama
+    /// reloads for it): after the requests it is serving, like any unload. If the larger context
+    /// cannot load, the model keeps its earlier setting and the error says why.
+    pub async fn grow_context(
+        self: &Arc<Self>,
+        name: &str,
+        per_seq: u32,
+    ) -> Result<(), RegistryError> {
+        let id = self.resolve(name)?;
+        let registry = Arc::clone(self);
+        let task_id = id.clone();
+        let task = tokio::spawn(async move {
+            let _ops = registry.ops.lock().await;
+            let before = {
+                let mut inner = registry.lock();
+                let entry = inner.entry(&task_id)?;
+                let before = entry.card.ctx_per_seq;
+                let mut card = (*entry.card).clone();
+                card.ctx_per_seq = Some(before.unwrap_or(0).max(per_seq));
+                entry.card = Arc::new(card);
+                before
+            };
+            let why = format!("to give it {per_seq} tokens per sequence (num_ctx)");
+            registry.unload_locked(&task_id, &why).await;
+            registry.run_load(&task_id).await;
+            let mut inner = registry.lock();
+            let entry = inner.entry(&task_id)?;
+            if entry.state == State::Loaded {
+                return Some(Ok(()));
+            }
+            let reason = entry.reason.clone().unwrap_or_default();
+            let mut card = (*entry.card).clone();
+            card.ctx_per_seq = before;
+            entry.card = Arc::new(card);
+            Some(Err(reason))
+        });
+        match task.await {
+            Ok(Some(Ok(()))) => Ok(()),
+            Ok(Some(Err(reason))) => Err(RegistryError::LoadFailed { id, reason }),
+            Ok(None) => Err(RegistryError::NotFound(id)),
+            Err(_) => Err(RegistryError::Closed),
+        }
     }
 
     fn spawn_load(self: &Arc<Self>, inner: &mut Inner, id: &str) {

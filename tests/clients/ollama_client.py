@@ -97,7 +97,7 @@ assert max(abs(a - b) for a, b in zip(legacy.embedding, embedded.embeddings[0]))
 for call, status, words in [
     (lambda: client.chat(model="no-such-model", messages=messages), 404, "does not exist"),
     (lambda: client.pull("llama3.2"), 400, "does not download"),
-    (lambda: client.chat(model=model, messages=messages, options={"num_ctx": 10**7}), 400, "num_ctx"),
+    (lambda: client.chat(model=model, messages=messages, options={"num_ctx": "big"}), 400, "num_ctx"),
     (lambda: client.chat(model=model, messages=[{"role": "user", "content": "x", "images": ["aGk="]}]), 400, "images"),
     (lambda: client.chat(model=model, messages=messages, think=True), 400, "thinking"),
     (lambda: client.delete(model), 400, "not supported"),
@@ -108,6 +108,14 @@ for call, status, words in [
     except ollama.ResponseError as e:
         assert e.status_code == status and words in e.error, (e.status_code, e.error)
 assert client.pull(model).status == "success"
+
+# num_ctx larger than the model has per sequence: it is reloaded with that context (capped at
+# its trained 8192), as Ollama does.
+before = next(m for m in client.ps().models if m.model == tagged).context_length
+grown = client.chat(model=model, messages=messages, options={**options, "num_ctx": 10**7}, stream=False)
+assert grown.message.content == answer.message.content
+after = next(m for m in client.ps().models if m.model == tagged).context_length
+assert before < after == 8192, (before, after)
 
 # Open WebUI's unload: keep_alive 0 with an empty prompt frees the model; ps no longer lists it,
 # and the next request loads it again (load_duration says how long that took).

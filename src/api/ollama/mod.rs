@@ -105,7 +105,7 @@ async fn chat(
         return unload(&state, &name, "chat").await;
     }
     let at = std::time::Instant::now();
-    let served = state.model_keep(&name, keep).await?;
+    let served = with_context(&state, &name, keep, translate::num_ctx(&body)?).await?;
     let started = stream::Began::new(at, std::time::Instant::now());
     let request = translate::chat(&served, &body)?;
     if let Some(done) = request.load_only {
@@ -140,7 +140,7 @@ async fn generate(
         return unload(&state, &name, "generate").await;
     }
     let at = std::time::Instant::now();
-    let served = state.model_keep(&name, keep).await?;
+    let served = with_context(&state, &name, keep, translate::num_ctx(&body)?).await?;
     let started = stream::Began::new(at, std::time::Instant::now());
     let request = translate::generate(&served, &body)?;
     if let Some(done) = request.load_only {
@@ -155,6 +155,36 @@ async fn generate(
         started,
     )
     .await)
+}
+
+/// The model, loaded with at least `num_ctx` tokens per sequence (up to its trained context):
+/// reloaded with a larger context when it has less, as Ollama does.
+async fn with_context(
+    state: &AppState,
+    name: &str,
+    keep: Option<crate::registry::KeepAlive>,
+    num_ctx: Option<u32>,
+) -> Result<super::Served, ApiError> {
+    let served = state.model_keep(name, keep).await?;
+    let Some(asked) = num_ctx else {
+        return Ok(served);
+    };
+    let info = &served.loaded.info;
+    let want = asked.min(info.n_ctx_train.max(info.n_ctx_seq));
+    if want <= info.n_ctx_seq {
+        return Ok(served);
+    }
+    tracing::info!(
+        model = served.id(),
+        num_ctx = asked,
+        n_ctx_seq = info.n_ctx_seq,
+        "reloading with a larger context"
+    );
+    let id = served.id().to_owned();
+    drop(served);
+    state.registry().grow_context(&id, want).await?;
+    state.forget_unloaded();
+    state.model_keep(name, keep).await
 }
 
 /// `keep_alive: 0` with nothing to generate: the model is unloaded (Ollama's way to free it).

@@ -60,6 +60,23 @@ pub fn target(body: &Value) -> Result<(String, Option<KeepAlive>), ApiError> {
     Ok((name, keep))
 }
 
+/// The context per sequence `body` asks for (`options.num_ctx`), if any; a number is required.
+pub fn num_ctx(body: &Value) -> Result<Option<u32>, ApiError> {
+    match body.pointer("/options/num_ctx") {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => value
+            .as_u64()
+            .filter(|&n| (16..=u64::from(u32::MAX)).contains(&n))
+            .map(|n| Some(n as u32))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "options.num_ctx",
+                    format!("`num_ctx` must be a whole number of at least 16; got {value}"),
+                )
+            }),
+    }
+}
+
 /// Whether `body` only asks to unload its model: no prompt (or no messages), `keep_alive: 0`.
 pub fn unload_only(body: &Value, prompt_field: &str) -> bool {
     let empty = match body.get(prompt_field) {
@@ -157,26 +174,10 @@ fn options(
                 "max_tokens"
             }
             "num_ctx" => {
-                let n_ctx_seq = served.loaded.info.n_ctx_seq;
-                match value.as_u64() {
-                    Some(n) if n <= u64::from(n_ctx_seq) => {
-                        tracing::debug!(
-                            num_ctx = n,
-                            n_ctx_seq,
-                            "num_ctx within the running context"
-                        );
-                        continue;
-                    }
-                    _ => {
-                        return Err(ApiError::invalid(
-                            "options.num_ctx",
-                            format!(
-                            "`num_ctx` {value} is more than this server's {n_ctx_seq} tokens per \
-                                 sequence, fixed at start (--ctx-size / --parallel)"
-                        ),
-                        ))
-                    }
-                }
+                // Applied before this request ran (`num_ctx`): the model was reloaded with a
+                // larger context if it needed one, up to its trained context.
+                tracing::debug!(num_ctx = %value, n_ctx_seq = served.loaded.info.n_ctx_seq, "num_ctx");
+                continue;
             }
             // lm-sandbox's own: OpenAI's `tool_choice` (Ollama has none), here so that clients
             // whose `chat()` takes no extra fields can still force a call.
