@@ -2089,6 +2089,12 @@ async fn ollama_errors_are_json_with_a_status_and_a_final_line_mid_stream() {
         ),
         (
             "/api/generate",
+            json!({"model": MODEL, "prompt": "x", "template": "{{ .Prompt }}"}),
+            400,
+            "Jinja",
+        ),
+        (
+            "/api/generate",
             json!({"model": MODEL, "prompt": "x", "suffix": "y"}),
             400,
             "fill-in-the-middle",

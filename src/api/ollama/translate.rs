@@ -249,6 +249,22 @@ fn refuse_images(value: Option<&Value>, param: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A Go `template` in the request: this server renders the GGUF's Jinja template only.
+fn refuse_template(body: &Value) -> Result<(), ApiError> {
+    if body
+        .get("template")
+        .and_then(Value::as_str)
+        .is_some_and(|t| !t.is_empty())
+    {
+        return Err(ApiError::invalid(
+            "template",
+            "lm-sandbox renders the model's own Jinja chat template; an Ollama Go `template` \
+             cannot be used (give a Jinja file with --chat-template-file or a preset)",
+        ));
+    }
+    Ok(())
+}
+
 /// What an empty prompt means: load (`keep_alive: 0` unloads, and never gets here).
 fn load_only(keep_alive: Option<&Value>) -> Result<&'static str, ApiError> {
     keep_alive.map(keep_alive_seconds).transpose()?;
@@ -268,6 +284,7 @@ fn string_field<'b>(body: &'b Value, field: &str) -> Result<Option<&'b str>, Api
 
 /// The fields chat and generate share.
 fn common(served: &Served, body: &Value) -> Result<(String, Map<String, Value>, bool), ApiError> {
+    refuse_template(body)?;
     let name = served.name.clone();
     let mut out = Map::new();
     out.insert("model".into(), json!(served.id()));
