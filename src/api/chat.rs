@@ -436,6 +436,41 @@ pub(super) async fn start_chat(
     }))
 }
 
+/// A prompt run as it is (no template): `openai` holds the model and sampling fields as a
+/// completion request would. Ollama's `raw` and `suffix`, LM Studio's `complete`.
+pub(super) async fn start_raw(
+    state: &AppState,
+    openai: &Value,
+    text: &str,
+) -> Result<StartedChat, ApiError> {
+    let Prepared {
+        model,
+        loaded,
+        served,
+        options,
+        ..
+    } = prepare::<serde::de::IgnoredAny>(state, openai).await?;
+    let tokens =
+        super::prompt::tokenize_off_runtime(Arc::clone(&loaded), text.to_owned(), true).await?;
+    let max_new_tokens = token_budget(
+        tokens.len(),
+        options.max_tokens,
+        loaded.info.n_ctx_seq,
+        state.config().n_predict,
+    )?;
+    let job = PromptJob {
+        tokens,
+        max_new_tokens,
+    };
+    let receivers = generate::submit(&served.engine, vec![job], &options)?;
+    Ok(StartedChat {
+        model,
+        options,
+        tools: None,
+        receivers,
+    })
+}
+
 /// Chunks of `chat.completion.chunk`.
 struct ChatChunks {
     header: ChunkHeader,

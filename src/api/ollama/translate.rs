@@ -1,14 +1,10 @@
 //! Ollama's request fields into the OpenAI fields the shared validation takes: the one place
 //! Ollama's words (`num_predict`, `format`, `tool_name`, `keep_alive`) are translated.
 
-use std::sync::Arc;
-
 use serde_json::{json, Map, Value};
 
 use super::super::chat::StartedChat;
 use super::super::error::ApiError;
-use super::super::generate::{self, prepare, Prepared, PromptJob};
-use super::super::params::token_budget;
 use super::super::{AppState, Served};
 use super::OllamaError;
 use crate::registry::KeepAlive;
@@ -479,35 +475,7 @@ pub async fn start_generate(
             )),
         };
     };
-    let Prepared {
-        model,
-        loaded,
-        served,
-        options,
-        ..
-    } = prepare::<serde::de::IgnoredAny>(state, &request.openai).await?;
-    let tokens =
-        super::super::prompt::tokenize_off_runtime(Arc::clone(&loaded), text.clone(), true).await?;
-    let max_new_tokens = token_budget(
-        tokens.len(),
-        options.max_tokens,
-        loaded.info.n_ctx_seq,
-        state.config().n_predict,
-    )?;
-    let receivers = generate::submit(
-        &served.engine,
-        vec![PromptJob {
-            tokens,
-            max_new_tokens,
-        }],
-        &options,
-    )?;
-    Ok(StartedChat {
-        model,
-        options,
-        tools: None,
-        receivers,
-    })
+    super::super::chat::start_raw(state, &request.openai, text).await
 }
 
 /// `/api/embed` (`input`) and `/api/embeddings` (`prompt`) as an OpenAI embeddings body.
