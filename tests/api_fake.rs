@@ -1955,9 +1955,14 @@ fn tiny_gguf() -> std::path::PathBuf {
     bytes.extend(3u32.to_le_bytes());
     // Tensor data starts at the next 32-byte boundary, which the file must reach.
     bytes.resize(bytes.len().div_ceil(32) * 32, 0);
-    let path = std::env::temp_dir().join(format!("lmsbx-tiny-{}.gguf", std::process::id()));
-    std::fs::write(&path, bytes).unwrap();
-    path
+    // Written once per process: tests run in parallel, and a rewrite would race their reads.
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("lmsbx-tiny-{}.gguf", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    })
+    .clone()
 }
 
 fn ollama_harness(template: Option<&str>) -> Harness {
