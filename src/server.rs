@@ -318,7 +318,6 @@ pub async fn serve_connections(
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     // HTTP/1.1 only: every client of this server speaks it, and hyper's version-sniffing
     // connection (`auto`) is cancelled outright by a graceful shutdown before it has read enough
     // bytes, which could drop a request that had just arrived.
@@ -351,7 +350,7 @@ pub async fn serve_connections(
         let _ = socket.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
         let builder = Arc::clone(&builder);
-        let watcher = graceful.watcher();
+        let mut stop = stopped.clone();
         tokio::spawn(async move {
             let _permit = permit;
             // Silent connections are closed at the header deadline.
@@ -360,13 +359,25 @@ pub async fn serve_connections(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
-            let connection = builder.serve_connection(TokioIo::new(socket), service);
+            // Upgrades: LM Studio's SDK speaks over websockets (an upgraded socket lives on in
+            // its own task; shutdown waits for HTTP connections only).
+            let connection = builder
+                .serve_connection(TokioIo::new(socket), service)
+                .with_upgrades();
+            tokio::pin!(connection);
             // A client's broken connection is its own business; nothing to report.
-            let _ = watcher.watch(connection).await;
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stop_requested(&mut stop) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Every connection holds a permit until it has finished: all back means all done.
+    let _ = open.acquire_many(MAX_CONNECTIONS as u32).await;
     Ok(())
 }
 

@@ -22,12 +22,18 @@ async fn run_client(script: &str, extra: &[&str]) {
     let server = common::start(extra).await;
     let base = format!("http://{}", server.ollama_addr.unwrap_or(server.addr));
     let script = root.join("tests/clients").join(script);
+    // The script gets the server's API key, when it has one.
+    let key = extra
+        .iter()
+        .position(|a| *a == "--api-key")
+        .map(|i| extra[i + 1].to_owned());
     // The client blocks; the server runs on this runtime's other threads meanwhile.
     let output = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg(script)
             .arg(base)
             .arg(common::MODEL_ID)
+            .args(key)
             .output()
             .expect("the client script runs")
     })
@@ -53,6 +59,35 @@ async fn the_ollama_python_library_lists_shows_chats_generates_and_embeds() {
     run_client(
         "ollama_client.py",
         &["--parallel", "2", "--ollama-port", "0"],
+    )
+    .await;
+}
+
+/// Forces a tool call on a user turn with tools, so `act()` (which cannot ask for it) calls one.
+const PRESET: &str = "tests/clients/lmstudio-preset.toml";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lm_studios_python_sdk_speaks_its_websocket_protocol() {
+    run_client(
+        "lmstudio_client.py",
+        &["--parallel", "2", "--metrics", "--models-preset", PRESET],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lm_studios_python_sdk_authenticates_with_the_api_key_as_passkey() {
+    run_client(
+        "lmstudio_client.py",
+        &[
+            "--parallel",
+            "2",
+            "--metrics",
+            "--models-preset",
+            PRESET,
+            "--api-key",
+            "sdk-secret",
+        ],
     )
     .await;
 }

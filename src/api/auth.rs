@@ -173,7 +173,8 @@ pub async fn require_key(
     let public = match request.uri().path() {
         "/health" => true,
         "/metrics" => state.config().metrics_public,
-        _ => false,
+        // LM Studio's SDK authenticates inside its websocket, with its client passkey.
+        path => super::lmstudio::sdk::authenticates_itself(path),
     };
     if keys.is_empty() || public {
         return next.run(request).await;

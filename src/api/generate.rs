@@ -18,6 +18,7 @@ use crate::engine::{
     EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStats, SubmitError,
     Token, TokenLogprob,
 };
+use crate::registry::preset::ToolChoicePreset;
 use crate::registry::ModelCard;
 
 /// A request body parsed and checked against the loaded model, before its prompt is built.
@@ -61,7 +62,8 @@ pub async fn prepare<T: DeserializeOwned>(
 fn with_defaults(body: &Value, card: &ModelCard) -> Option<Value> {
     let params = &card.found.params;
     let system = card.found.system.as_deref();
-    if params.is_empty() && system.is_none() {
+    let force = card.preset.tool_choice == Some(ToolChoicePreset::Required);
+    if params.is_empty() && system.is_none() && !force {
         return None;
     }
     let mut out = body.clone();
@@ -79,6 +81,19 @@ fn with_defaults(body: &Value, card: &ModelCard) -> Option<Value> {
         if !taken {
             object.insert(to.to_owned(), value.clone());
         }
+    }
+    // A preset's `tool-choice = "required"`: a user turn with tools must call one.
+    let user_turn = object
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.last())
+        .is_some_and(|m| m["role"] == "user");
+    let has_tools = object
+        .get("tools")
+        .and_then(Value::as_array)
+        .is_some_and(|t| !t.is_empty());
+    if force && user_turn && has_tools && !object.contains_key("tool_choice") {
+        object.insert("tool_choice".into(), json!("required"));
     }
     if let (Some(system), Some(Value::Array(messages))) = (system, object.get_mut("messages")) {
         if !messages.iter().any(|m| m["role"] == "system") {

@@ -9,6 +9,7 @@
 //! template-file = "llama3.jinja"
 //! aliases = ["llama"]
 //! system = "You are terse."    # default system prompt
+//! tool-choice = "required"     # a user turn with tools must call one
 //! [models."llama3.2:3b".defaults]
 //! temperature = 0.2            # Ollama's option names, as an Ollama `params` layer has them
 //! num_predict = 256
@@ -26,6 +27,14 @@ use serde_json::{Map, Value};
 use crate::gpu::plan::Policy;
 use crate::template::ChatTemplate;
 
+/// A preset's `tool-choice`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ToolChoicePreset {
+    Auto,
+    Required,
+}
+
 /// One model's settings.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -40,6 +49,10 @@ pub struct Preset {
     pub system: Option<String>,
     #[serde(default)]
     pub defaults: Map<String, Value>,
+    /// `required`: a request that gives tools and ends with a user message must call one (a
+    /// request's own `tool_choice` wins; after a tool result the model answers freely, so agent
+    /// loops such as LM Studio's `act()` end). `auto`: as the request says.
+    pub tool_choice: Option<ToolChoicePreset>,
     /// A GGUF file to add as this model (no store holds it).
     pub path: Option<PathBuf>,
     /// `template_file`'s text, read and checked when the file is loaded.
@@ -133,6 +146,7 @@ policy = "prefer-fast"
 template-file = "t.jinja"
 aliases = ["llama"]
 system = "Be terse."
+tool-choice = "required"
 [models."llama3.2:3b".defaults]
 temperature = 0.2
 
@@ -149,6 +163,7 @@ path = "x.gguf"
         assert_eq!(llama.policy, Some(Policy::PreferFast));
         assert!(llama.template.as_deref().unwrap().contains("m.content"));
         assert_eq!(llama.defaults["temperature"], 0.2);
+        assert_eq!(llama.tool_choice, Some(ToolChoicePreset::Required));
         assert_eq!(
             presets["extra"].path.as_deref(),
             Some(dir.join("x.gguf").as_path())

@@ -350,8 +350,12 @@ impl ToolRequest {
             return (message, false);
         }
         if truncated {
-            as_content(&mut message, "the output was cut off by the token limit");
-            return (message, false);
+            // The calls that parsed are complete (a call cut off mid-way does not parse, and a
+            // last one cut off after complete ones is dropped by the parser): they are kept.
+            tracing::info!(
+                calls = parsed.calls.len(),
+                "the output was cut off by the token limit after complete calls"
+            );
         }
         for repair in &parsed.repairs {
             tracing::info!(format = self.format.name(), repair, "tool call repaired");

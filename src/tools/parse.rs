@@ -306,6 +306,16 @@ fn hermes(body: &str, bare_json: bool) -> Found<'_> {
     while let Some(inner) = rest.strip_prefix(HERMES_OPEN) {
         let (value, after) = match leading_json(inner) {
             Ok(found) => found,
+            // The last call cut off mid-way (no closing tag follows): the complete ones before
+            // it are kept.
+            Err(_) if !calls.is_empty() && !inner.contains(HERMES_CLOSE) => {
+                repairs.push(format!(
+                    "call {} was cut off mid-way and dropped",
+                    calls.len() + 1
+                ));
+                rest = "";
+                break;
+            }
             Err(e) => return Found::Broken(format!("call {}: {e}", calls.len() + 1)),
         };
         match calls_of(&value, &mut repairs) {

@@ -89,10 +89,23 @@ fn calls_are_checked_against_the_tools() {
         assert!(!calls, "{bad}");
         assert_eq!(m.content.as_deref(), Some(bad));
     }
+    // Cut off by max_tokens after a complete call: the call stands.
     let complete = "<tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>";
     let (m, calls) = tools.finish(complete, true);
-    assert!(!calls, "cut off by max_tokens: not a call");
-    assert_eq!(m.content.as_deref(), Some(complete));
+    assert!(calls, "a complete call is a call");
+    assert_eq!(m.tool_calls[0].name, "get_time");
+    // A complete call, then a second cut off mid-way: the first is kept, the second dropped.
+    let cut = "<tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>\n<tool_call>{\"name\": \"get_weather\", \"argu";
+    let (m, calls) = tools.finish(cut, true);
+    assert!(calls, "{m:?}");
+    assert_eq!(m.tool_calls.len(), 1);
+    assert_eq!(m.tool_calls[0].name, "get_time");
+    assert_eq!(m.content, None);
+    // Cut off inside the only call: text.
+    let only = "<tool_call>{\"name\": \"get_weather\", \"argu";
+    let (m, calls) = tools.finish(only, true);
+    assert!(!calls);
+    assert_eq!(m.content.as_deref(), Some(only));
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! Must not: answer anything the OpenAI routes would not (one validation, one scheduler path).
 
 mod chat;
+pub(super) mod sdk;
 
 use std::sync::Arc;
 
@@ -25,7 +26,7 @@ use crate::registry::{ModelCard, ModelStatus};
 
 /// LM Studio's REST v0 routes.
 pub fn routes() -> Router<AppState> {
-    Router::new()
+    sdk::routes()
         .route("/api/v0/models", get(models))
         .route("/api/v0/models/{*id}", get(model))
         .route("/api/v0/chat/completions", post(chat))

@@ -1,0 +1,802 @@
+//! The protocol of LM Studio's SDKs (`lmstudio` on PyPI, `@lmstudio/sdk`): `GET
+//! /lmstudio-greeting`, then one websocket per namespace (`/llm`, `/embedding`, `/system`, …)
+//! carrying JSON messages. The first message authenticates (`clientIdentifier`,
+//! `clientPasskey`: with `--api-key` set the passkey must be a key). Then the client sends
+//! `rpcCall {endpoint, callId, parameter}` (answered `rpcResult` or `rpcError`) and
+//! `channelCreate {endpoint, channelId, creationParameter}` (answered with `channelSend`
+//! messages, then `channelClose` or `channelError`); `channelSend {message: {type: "cancel"}}`
+//! stops a channel.
+//!
+//! Every call runs through the same registry, templates, validation and engines as the HTTP
+//! dialects: a prediction becomes an OpenAI chat body (or a raw completion) and is started by
+//! `chat::start_chat` / `chat::start_raw`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::Uri;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::super::chat::{start_chat, start_raw, ChatStart, StartedChat};
+use super::super::error::ApiError;
+use super::super::generate::{self, merged};
+use super::super::model_facts::model_facts;
+use super::super::AppState;
+use crate::engine::{FinishReason, GenerationEvent};
+use crate::registry::{ModelStatus, State as ModelState};
+
+/// The namespaces the SDK opens a websocket for.
+const NAMESPACES: [&str; 6] = [
+    "llm",
+    "embedding",
+    "system",
+    "files",
+    "repository",
+    "diagnostics",
+];
+
+/// Largest message a client may send (a long chat history).
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Messages queued for one socket's writer.
+const OUTBOX: usize = 256;
+
+pub fn routes() -> Router<AppState> {
+    let mut router = Router::new().route("/lmstudio-greeting", get(greeting));
+    for namespace in NAMESPACES {
+        router = router.route(&format!("/{namespace}"), get(upgrade));
+    }
+    router
+}
+
+/// Whether `path` is one the SDK reaches without an `Authorization` header (it authenticates
+/// inside the websocket).
+pub fn authenticates_itself(path: &str) -> bool {
+    path == "/lmstudio-greeting"
+        || path
+            .strip_prefix('/')
+            .is_some_and(|rest| NAMESPACES.contains(&rest))
+}
+
+async fn greeting() -> Json<Value> {
+    Json(json!({"lmstudio": true}))
+}
+
+async fn upgrade(State(state): State<AppState>, uri: Uri, ws: WebSocketUpgrade) -> Response {
+    let namespace = uri.path().trim_start_matches('/').to_owned();
+    ws.max_message_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| session(state, namespace, socket))
+        .into_response()
+}
+
+/// LM Studio's error details (`SerializedLMSExtendedError`).
+fn error(title: impl Into<String>, code: Option<&str>) -> Value {
+    let mut error = json!({"title": title.into()});
+    if let Some(code) = code {
+        error["displayData"] = json!({"code": code});
+    }
+    error
+}
+
+fn api_error(e: &ApiError) -> Value {
+    let code = match e {
+        ApiError::ModelNotFound(_) => Some("generic.noModelMatchingQuery"),
+        _ => None,
+    };
+    error(e.to_string(), code)
+}
+
+/// One socket: authenticate, then serve calls and channels until the client goes.
+async fn session(state: AppState, namespace: String, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let (out, mut outbox) = mpsc::channel::<Value>(OUTBOX);
+    let writer = tokio::spawn(async move {
+        while let Some(message) = outbox.recv().await {
+            if sink
+                .send(Message::Text(message.to_string().into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let mut authenticated = false;
+    let mut channels: HashMap<u64, JoinHandle<()>> = HashMap::new();
+    while let Some(Ok(message)) = stream.next().await {
+        let text = match message {
+            Message::Text(text) => text.to_string(),
+            Message::Binary(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        let Ok(message) = serde_json::from_str::<Value>(&text) else {
+            let warning =
+                json!({"type": "communicationWarning", "warning": "a message that is not JSON"});
+            let _ = out.send(warning).await;
+            continue;
+        };
+        if !authenticated {
+            match check_auth(&state, &message) {
+                Ok(()) => {
+                    authenticated = true;
+                    let _ = out.send(json!({"success": true})).await;
+                    continue;
+                }
+                Err(reason) => {
+                    let _ = out
+                        .send(json!({"success": false, "error": error(reason, None)}))
+                        .await;
+                    break;
+                }
+            }
+        }
+        channels.retain(|_, task| !task.is_finished());
+        match message["type"].as_str() {
+            Some("rpcCall") => {
+                let (state, out, namespace) = (state.clone(), out.clone(), namespace.clone());
+                tokio::spawn(async move {
+                    let call_id = message["callId"].clone();
+                    let endpoint = message["endpoint"].as_str().unwrap_or_default();
+                    let parameter = message.get("parameter").cloned().unwrap_or(Value::Null);
+                    let reply = match rpc(&state, &namespace, endpoint, &parameter).await {
+                        Ok(Value::Null) => json!({"type": "rpcResult", "callId": call_id}),
+                        Ok(result) => {
+                            json!({"type": "rpcResult", "callId": call_id, "result": result})
+                        }
+                        Err(error) => {
+                            json!({"type": "rpcError", "callId": call_id, "error": error})
+                        }
+                    };
+                    let _ = out.send(reply).await;
+                });
+            }
+            Some("channelCreate") => {
+                let Some(id) = message["channelId"].as_u64() else {
+                    continue;
+                };
+                let endpoint = message["endpoint"].as_str().unwrap_or_default().to_owned();
+                let parameter = message
+                    .get("creationParameter")
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                let channel = Channel {
+                    id,
+                    out: out.clone(),
+                };
+                let task = tokio::spawn(run_channel(
+                    state.clone(),
+                    namespace.clone(),
+                    endpoint,
+                    parameter,
+                    channel,
+                ));
+                channels.insert(id, task);
+            }
+            Some("channelSend") => {
+                // The only message a client sends on a channel is `cancel`: stopping the task
+                // drops its receivers, which cancels the generation.
+                let id = message["channelId"].as_u64().unwrap_or_default();
+                if message["message"]["type"] == "cancel" {
+                    if let Some(task) = channels.remove(&id) {
+                        task.abort();
+                        let _ = out
+                            .send(json!({"type": "channelClose", "channelId": id}))
+                            .await;
+                    }
+                }
+            }
+            _ => {
+                let warning = json!({"type": "communicationWarning",
+                                     "warning": format!("unknown message type {}", message["type"])});
+                let _ = out.send(warning).await;
+            }
+        }
+    }
+    // The client is gone: its channels (and their generations) end with it.
+    for task in channels.into_values() {
+        task.abort();
+    }
+    drop(out);
+    let _ = writer.await;
+}
+
+/// The first message: `{authVersion, clientIdentifier, clientPasskey}`; with keys set, the passkey
+/// must be one of them.
+fn check_auth(state: &AppState, message: &Value) -> Result<(), String> {
+    let identifier = message["clientIdentifier"].as_str();
+    let passkey = message["clientPasskey"].as_str();
+    let (Some(_), Some(passkey)) = (identifier, passkey) else {
+        return Err(
+            "the first message must authenticate: {clientIdentifier, clientPasskey}".into(),
+        );
+    };
+    let keys = &state.config().api_keys;
+    if keys.is_empty() || super::super::auth::find_key(keys, passkey).is_some() {
+        Ok(())
+    } else {
+        Err("Incorrect API key provided (pass it as the client passkey)".into())
+    }
+}
+
+/// A channel's outgoing side.
+struct Channel {
+    id: u64,
+    out: mpsc::Sender<Value>,
+}
+
+impl Channel {
+    async fn send(&self, message: Value) -> bool {
+        self.out
+            .send(json!({"type": "channelSend", "channelId": self.id, "message": message}))
+            .await
+            .is_ok()
+    }
+
+    async fn close(&self) {
+        let _ = self
+            .out
+            .send(json!({"type": "channelClose", "channelId": self.id}))
+            .await;
+    }
+
+    async fn fail(&self, error: Value) {
+        let _ = self
+            .out
+            .send(json!({"type": "channelError", "channelId": self.id, "error": error}))
+            .await;
+    }
+}
+
+async fn run_channel(
+    state: AppState,
+    namespace: String,
+    endpoint: String,
+    parameter: Value,
+    channel: Channel,
+) {
+    let result = match endpoint.as_str() {
+        "getOrLoad" | "loadModel" => {
+            load(&state, &namespace, &endpoint, &parameter, &channel).await
+        }
+        "predict" if namespace == "llm" => predict(&state, &parameter, &channel).await,
+        other => Err(error(
+            format!("lm-sandbox does not offer the {namespace} channel `{other}`"),
+            None,
+        )),
+    };
+    match result {
+        Ok(()) => channel.close().await,
+        Err(error) => channel.fail(error).await,
+    }
+}
+
+/// The model a specifier names: `{type: "query", query: {identifier | modelKey}}`,
+/// `{type: "instanceReference", instanceReference}`, or (load channels) a `modelKey`.
+fn specified(parameter: &Value) -> Option<String> {
+    let spec = parameter
+        .get("specifier")
+        .or_else(|| parameter.get("modelSpecifier"))
+        .unwrap_or(parameter);
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    text(&spec["instanceReference"])
+        .or_else(|| text(&spec["query"]["identifier"]))
+        .or_else(|| text(&spec["query"]["modelKey"]))
+        .or_else(|| text(&spec["query"]["path"]))
+        .or_else(|| text(&spec["modelKey"]))
+        .or_else(|| text(&spec["identifier"]))
+}
+
+/// The model a call names, or for an empty query the first loaded model of the namespace's kind.
+async fn model_name(state: &AppState, namespace: &str, parameter: &Value) -> Result<String, Value> {
+    if let Some(name) = specified(parameter) {
+        return Ok(name);
+    }
+    for status in state.registry().list() {
+        if status.state == ModelState::Loaded && kind_of(state, &status).await == namespace {
+            return Ok(status.card.id().to_owned());
+        }
+    }
+    Err(error(
+        "no model is loaded",
+        Some("generic.noModelMatchingQuery"),
+    ))
+}
+
+/// `llm` or `embedding`, as LM Studio types a model (a GGUF that declares pooling embeds).
+async fn kind_of(state: &AppState, status: &ModelStatus) -> &'static str {
+    match model_facts(state, &status.card).await {
+        Ok(facts) if facts.embedding => "embedding",
+        _ => "llm",
+    }
+}
+
+/// `LlmInstanceInfo` / `EmbeddingInstanceInfo` (or, `loaded` false, `LlmInfo` for a download
+/// listing) of one model.
+async fn model_info(state: &AppState, status: &ModelStatus, loaded: bool) -> Result<Value, Value> {
+    let card = &status.card;
+    let facts = model_facts(state, card).await.map_err(|e| api_error(&e))?;
+    let kind = if facts.embedding { "embedding" } else { "llm" };
+    let trained = facts.model_info[format!("{}.context_length", facts.arch)]
+        .as_u64()
+        .unwrap_or(0);
+    let template = card
+        .preset
+        .template
+        .as_deref()
+        .or(state.config().chat_template.as_deref())
+        .or(facts.template())
+        .unwrap_or("");
+    let mut info = json!({
+        "type": kind,
+        "modelKey": card.id(),
+        "format": "gguf",
+        "displayName": card.id(),
+        "path": card.found.path.display().to_string(),
+        "sizeBytes": facts.size,
+        "architecture": facts.arch,
+        "maxContextLength": trained,
+    });
+    let params = facts.details["parameter_size"].as_str().unwrap_or("");
+    if !params.is_empty() {
+        info["paramsString"] = json!(params);
+    }
+    if kind == "llm" {
+        info["vision"] = json!(false);
+        info["trainedForToolUse"] = json!(template.contains("tools"));
+    }
+    if loaded {
+        let context = status
+            .running
+            .as_ref()
+            .and_then(|r| r.engine.model_info())
+            .map_or(trained, |i| u64::from(i.n_ctx_seq));
+        info["identifier"] = json!(card.id());
+        info["instanceReference"] = json!(card.id());
+        info["contextLength"] = json!(context);
+    }
+    Ok(info)
+}
+
+async fn loaded_info(state: &AppState, id: &str) -> Result<Value, Value> {
+    let status = state
+        .registry()
+        .status(id)
+        .map_err(|e| api_error(&ApiError::from(e)))?;
+    model_info(state, &status, true).await
+}
+
+/// `getOrLoad` and `loadModel`: the registry loads it (or it is loaded already).
+async fn load(
+    state: &AppState,
+    namespace: &str,
+    endpoint: &str,
+    parameter: &Value,
+    channel: &Channel,
+) -> Result<(), Value> {
+    let name = model_name(state, namespace, parameter).await?;
+    let id = state
+        .registry()
+        .resolve(&name)
+        .map_err(|e| api_error(&ApiError::from(e)))?;
+    let already = state
+        .registry()
+        .status(&id)
+        .is_ok_and(|s| s.state == ModelState::Loaded);
+    if !already {
+        channel.send(json!({"type": "startLoading"})).await;
+        state
+            .registry()
+            .load(&id)
+            .await
+            .map_err(|e| api_error(&ApiError::from(e)))?;
+        channel
+            .send(json!({"type": "loadProgress", "progress": 1.0}))
+            .await;
+    }
+    let info = loaded_info(state, &id).await?;
+    let kind = match (already, endpoint) {
+        (true, "getOrLoad") => "alreadyLoaded",
+        (false, "getOrLoad") => "loadSuccess",
+        _ => "success",
+    };
+    channel.send(json!({"type": kind, "info": info})).await;
+    Ok(())
+}
+
+/// The value of `key` in a KV config stack (`{layers: [{config: {fields: [{key, value}]}}]}`),
+/// later layers winning.
+fn stack_value<'v>(stack: &'v Value, key: &str) -> Option<&'v Value> {
+    stack["layers"]
+        .as_array()?
+        .iter()
+        .rev()
+        .flat_map(|layer| layer["config"]["fields"].as_array().into_iter().flatten())
+        .find(|field| field["key"] == key)
+        .map(|field| &field["value"])
+}
+
+/// The chat history's messages as OpenAI's: text parts joined, an assistant's
+/// `toolCallRequest` parts as `tool_calls`, `toolCallResult` parts as `role: tool` messages;
+/// files refused.
+fn history_messages(history: &Value) -> Result<Vec<Value>, Value> {
+    let mut messages = Vec::new();
+    for message in history["messages"].as_array().into_iter().flatten() {
+        let role = message["role"].as_str().unwrap_or("user");
+        let mut text = String::new();
+        let mut calls = Vec::new();
+        for part in message["content"].as_array().into_iter().flatten() {
+            match part["type"].as_str() {
+                Some("text") => text.push_str(part["text"].as_str().unwrap_or("")),
+                Some("toolCallRequest") => {
+                    let request = &part["toolCallRequest"];
+                    let id = request["id"]
+                        .as_str()
+                        .map_or_else(|| format!("call_{}", calls.len()), str::to_owned);
+                    calls.push(json!({"id": id, "type": "function", "function": {
+                        "name": request["name"],
+                        "arguments": request.get("arguments").unwrap_or(&json!({})).to_string(),
+                    }}));
+                }
+                Some("toolCallResult") => messages.push(json!({
+                    "role": "tool",
+                    "tool_call_id": part["toolCallId"].as_str().unwrap_or(""),
+                    "content": part["content"].as_str().unwrap_or(""),
+                })),
+                Some("file") => {
+                    return Err(error(
+                        "this server's models take text only: files and images are not supported",
+                        None,
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if role == "tool" {
+            continue;
+        }
+        let mut out = json!({"role": role, "content": text});
+        if !calls.is_empty() {
+            out["tool_calls"] = Value::Array(calls);
+        }
+        messages.push(out);
+    }
+    Ok(messages)
+}
+
+/// `llm.prediction.tools` (`{type: "toolArray", tools, force}`) as OpenAI's `tools` and
+/// `tool_choice`.
+fn tools(stack: &Value, body: &mut Map<String, Value>) {
+    let Some(setting) = stack_value(stack, "llm.prediction.tools") else {
+        return;
+    };
+    let Some(list) = setting["tools"].as_array().filter(|t| !t.is_empty()) else {
+        return;
+    };
+    body.insert("tools".into(), Value::Array(list.clone()));
+    if setting["force"] == true {
+        body.insert("tool_choice".into(), json!("required"));
+    }
+}
+
+/// The prediction settings of a config stack as OpenAI request fields.
+fn sampling(stack: &Value, body: &mut Map<String, Value>) {
+    let key = |name: &str| stack_value(stack, &format!("llm.prediction.{name}"));
+    if let Some(t) = key("temperature").filter(|v| v.is_number()) {
+        body.insert("temperature".into(), t.clone());
+    }
+    if let Some(max) = key("maxPredictedTokens") {
+        if max["checked"] == true {
+            if let Some(n) = max["value"].as_u64().filter(|&n| n > 0) {
+                body.insert("max_tokens".into(), json!(n));
+            }
+        }
+    }
+    if let Some(stops) = key("stopStrings").filter(|v| v.as_array().is_some_and(|a| !a.is_empty()))
+    {
+        body.insert("stop".into(), stops.clone());
+    }
+    if let Some(k) = key("topKSampling").filter(|v| v.is_number()) {
+        body.insert("top_k".into(), k.clone());
+    }
+    for (name, field) in [
+        ("topPSampling", "top_p"),
+        ("minPSampling", "min_p"),
+        ("repeatPenalty", "repeat_penalty"),
+    ] {
+        if let Some(v) = key(name) {
+            if v["checked"] == true && v["value"].is_number() {
+                body.insert(field.into(), v["value"].clone());
+            }
+        }
+    }
+    if let Some(seed) = key("seed") {
+        if seed["checked"] == true && seed["value"].is_number() {
+            body.insert("seed".into(), seed["value"].clone());
+        }
+    }
+    if let Some(structured) = key("structured") {
+        match structured["type"].as_str() {
+            Some("json") if structured.get("jsonSchema").is_some() => {
+                body.insert(
+                    "response_format".into(),
+                    json!({"type": "json_schema",
+                           "json_schema": {"name": "response", "schema": structured["jsonSchema"]}}),
+                );
+            }
+            Some("json") => {
+                body.insert("response_format".into(), json!({"type": "json_object"}));
+            }
+            Some("gbnf") => {
+                if let Some(grammar) = structured["gbnfGrammar"].as_str() {
+                    body.insert("grammar".into(), json!(grammar));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether the stack asks for a text completion: the SDK's `complete()` sends a prompt template
+/// that writes the messages' contents as they are.
+fn completion_mode(stack: &Value) -> bool {
+    stack["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|layer| layer["layerName"] == "completeModeFormatting")
+}
+
+/// LM Studio's stop reasons (`None`: the model called tools).
+fn stop_reason(reason: Option<FinishReason>) -> &'static str {
+    match reason {
+        Some(FinishReason::Stop) => "eosFound",
+        Some(FinishReason::StopString) => "stopStringFound",
+        Some(FinishReason::Length) => "maxPredictedTokensReached",
+        None => "toolCalls",
+    }
+}
+
+/// `predict`: a chat response (or a completion), streamed as `fragment`s, then `success` with the
+/// stats and the model's info.
+async fn predict(state: &AppState, parameter: &Value, channel: &Channel) -> Result<(), Value> {
+    let name = model_name(state, "llm", parameter).await?;
+    let stack = &parameter["predictionConfigStack"];
+    let messages = history_messages(&parameter["history"])?;
+    let mut body = Map::new();
+    body.insert("model".into(), json!(name));
+    sampling(stack, &mut body);
+    tools(stack, &mut body);
+    let began = Instant::now();
+    let started = if completion_mode(stack) {
+        let prompt: String = messages
+            .iter()
+            .filter_map(|m| m["content"].as_str())
+            .collect();
+        start_raw(state, &Value::Object(body), &prompt)
+            .await
+            .map_err(|e| api_error(&e))?
+    } else {
+        body.insert("messages".into(), Value::Array(messages));
+        match start_chat(state, "lmstudio-sdk", None, &Value::Object(body))
+            .await
+            .map_err(|e| api_error(&e))?
+        {
+            ChatStart::Generation(started) => started,
+            ChatStart::Loop(..) => {
+                return Err(error(
+                    "the server-side shell loop is not offered through the SDK protocol",
+                    None,
+                ))
+            }
+        }
+    };
+    let StartedChat {
+        model,
+        options,
+        tools,
+        receivers,
+    } = started;
+    let mut events = merged(receivers);
+    let mut first_token = None;
+    let mut tool_stream = crate::tools::stream::ToolStream::new();
+    let mut raw = String::new();
+    loop {
+        let Some((_, event)) = events.next().await else {
+            return Err(error(generate::ENGINE_STOPPED, None));
+        };
+        match event {
+            GenerationEvent::Logprobs(_) => {}
+            GenerationEvent::Text(text) => {
+                first_token.get_or_insert_with(|| began.elapsed());
+                raw.push_str(&text);
+                let pieces: Vec<(String, &str)> = match &tools {
+                    None => vec![(text, "none")],
+                    Some(tools) => fragments(&tool_stream.push(&text, tools)),
+                };
+                for (content, reasoning) in pieces {
+                    let fragment = json!({"content": content, "tokensCount": 1,
+                                          "containsDrafted": false, "reasoningType": reasoning});
+                    if !channel
+                        .send(json!({"type": "fragment", "fragment": fragment}))
+                        .await
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+            GenerationEvent::Done { reason, stats } => {
+                let mut called = false;
+                if let Some(tools) = &tools {
+                    let (deltas, message, _) =
+                        tool_stream.finish(tools, reason == FinishReason::Length);
+                    for (content, reasoning) in fragments(&deltas) {
+                        let fragment = json!({"content": content, "tokensCount": 0,
+                                              "containsDrafted": false, "reasoningType": reasoning});
+                        channel
+                            .send(json!({"type": "fragment", "fragment": fragment}))
+                            .await;
+                    }
+                    // Calls, as LM Studio reports them: the SDK runs the tools (`act`).
+                    for call in &message.tool_calls {
+                        called = true;
+                        let arguments: Value =
+                            serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}));
+                        channel
+                            .send(json!({"type": "toolCallGenerationStart"}))
+                            .await;
+                        channel
+                            .send(json!({"type": "toolCallGenerationNameReceived", "name": call.name}))
+                            .await;
+                        channel
+                            .send(json!({"type": "toolCallGenerationEnd", "toolCallRequest": {
+                                "type": "function", "id": call.id, "name": call.name,
+                                "arguments": arguments}}))
+                            .await;
+                    }
+                }
+                let reason = if called { None } else { Some(reason) };
+                let seconds = stats.generation_ms / 1e3;
+                let stats = json!({
+                    "stopReason": stop_reason(reason),
+                    "tokensPerSecond": if seconds > 0.0 { f64::from(stats.generated_tokens) / seconds } else { 0.0 },
+                    "numGpuLayers": 0,
+                    "timeToFirstTokenSec": first_token.unwrap_or_default().as_secs_f64(),
+                    "promptTokensCount": stats.prompt_tokens,
+                    "predictedTokensCount": stats.generated_tokens,
+                    "totalTokensCount": stats.prompt_tokens + stats.generated_tokens,
+                });
+                let info = loaded_info(state, &model).await?;
+                channel
+                    .send(json!({"type": "success", "stats": stats, "modelInfo": info,
+                                 "loadModelConfig": {"fields": []},
+                                 "predictionConfig": {"fields": []}}))
+                    .await;
+                return Ok(());
+            }
+            GenerationEvent::Rejected(message) => {
+                return Err(error(
+                    ApiError::invalid(options.grammar_param, message).to_string(),
+                    None,
+                ))
+            }
+            GenerationEvent::Failed(message) => {
+                return Err(error(ApiError::EngineFailed(message).to_string(), None))
+            }
+        }
+    }
+}
+
+/// OpenAI-shaped deltas as LM Studio fragments: `(content, reasoningType)`.
+fn fragments(deltas: &[Value]) -> Vec<(String, &'static str)> {
+    let mut out = Vec::new();
+    for delta in deltas {
+        if let Some(reasoning) = delta["reasoning_content"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+        {
+            out.push((reasoning.to_owned(), "reasoning"));
+        }
+        if let Some(content) = delta["content"].as_str().filter(|s| !s.is_empty()) {
+            out.push((content.to_owned(), "none"));
+        }
+    }
+    out
+}
+
+/// One RPC; `Value::Null` is a void result.
+async fn rpc(
+    state: &AppState,
+    namespace: &str,
+    endpoint: &str,
+    parameter: &Value,
+) -> Result<Value, Value> {
+    match (namespace, endpoint) {
+        ("system", "listDownloadedModels") => {
+            let mut models = Vec::new();
+            for status in state.registry().list() {
+                models.push(model_info(state, &status, false).await?);
+            }
+            Ok(Value::Array(models))
+        }
+        ("system", "version") => Ok(json!({"version": crate::build_info::VERSION, "build": 0})),
+        ("llm" | "embedding", "listLoaded") => {
+            let mut models = Vec::new();
+            for status in state.registry().list() {
+                if status.state != ModelState::Loaded {
+                    continue;
+                }
+                let info = model_info(state, &status, true).await?;
+                if info["type"] == namespace {
+                    models.push(info);
+                }
+            }
+            Ok(Value::Array(models))
+        }
+        ("llm" | "embedding", "getModelInfo") => {
+            let name = model_name(state, namespace, parameter).await?;
+            let served = state.model(&name).await.map_err(|e| api_error(&e))?;
+            loaded_info(state, served.id()).await
+        }
+        ("llm" | "embedding", "getLoadConfig") => Ok(json!({"fields": []})),
+        ("llm" | "embedding", "tokenize" | "countTokens") => {
+            let name = model_name(state, namespace, parameter).await?;
+            let served = state.model(&name).await.map_err(|e| api_error(&e))?;
+            let text = parameter["inputString"].as_str().unwrap_or("").to_owned();
+            let tokens = super::super::prompt::tokenize_off_runtime(
+                Arc::clone(&served.loaded),
+                text,
+                false,
+            )
+            .await
+            .map_err(|e| api_error(&e))?;
+            Ok(if endpoint == "tokenize" {
+                json!({"tokens": tokens})
+            } else {
+                json!({"tokenCount": tokens.len()})
+            })
+        }
+        ("llm", "applyPromptTemplate") => {
+            let name = model_name(state, namespace, parameter).await?;
+            let messages = history_messages(&parameter["history"])?;
+            let body = json!({"model": name, "messages": messages});
+            let (formatted, _) = super::super::chat::render_request(state, &body)
+                .await
+                .map_err(|e| api_error(&e))?;
+            Ok(json!({"formatted": formatted}))
+        }
+        ("embedding", "embedString") => {
+            let name = model_name(state, namespace, parameter).await?;
+            let body = json!({"model": name, "input": parameter["inputString"]});
+            let out = super::super::embeddings::run(state, &body)
+                .await
+                .map_err(|e| api_error(&e))?;
+            let embedding = out.data.into_iter().next().map(Value::from).unwrap_or(json!([]));
+            Ok(json!({"embedding": embedding}))
+        }
+        ("llm" | "embedding", "unloadModel") => {
+            let name = parameter["identifier"].as_str().unwrap_or_default();
+            state
+                .registry()
+                .unload(name)
+                .await
+                .map_err(|e| api_error(&ApiError::from(e)))?;
+            state.forget_unloaded();
+            Ok(Value::Null)
+        }
+        (_, other) => Err(error(
+            format!("lm-sandbox does not offer the {namespace} call `{other}` (it does not download, upload or search models)"),
+            None,
+        )),
+    }
+}
