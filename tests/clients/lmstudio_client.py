@@ -132,6 +132,14 @@ with client:
         time.sleep(0.05)
     assert processing() == 0, "the sequence was not freed"
 
+    # What this server does not offer is the SDK's own error naming the call; the socket stays.
+    try:
+        client.repository.search_models("llama")
+        raise AssertionError("a model search answered")
+    except lms.LMStudioServerError as e:
+        assert "searchModels" in str(e), e
+    assert client.llm.list_loaded()
+
     try:
         client.llm.model("no-such-model")
         raise AssertionError("a missing model loaded")
