@@ -1233,6 +1233,8 @@ async fn loop_harness(template: &str, audit: &std::path::Path) -> Router {
     });
     let mut config = api_config(&[]);
     config.chat_template = Some(template.into());
+    // LM Studio's routes describe the model from its header.
+    config.model_path = Some(tiny_gguf());
     config.api_keys =
         ApiKey::list_with_auto_shell(&["plain".into()], &["runner".into()], &["studio".into()]);
     router(AppState::from_parts(engine, config, None, Some(sandbox)))
@@ -1383,6 +1385,16 @@ async fn only_sandbox_keys_get_the_loop_and_auto_shell_keys_get_it_unasked() {
     let (status, body) = send_json(&app, keyed("studio", unasked.clone())).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["sandbox_executions"].as_array().unwrap().len(), 1);
+    // The same through LM Studio's REST v0.
+    let mut v0 = keyed("studio", unasked.clone());
+    *v0.uri_mut() = "/api/v0/chat/completions".parse().unwrap();
+    let (status, body) = send_json(&app, v0).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["sandbox_executions"].as_array().unwrap().len(),
+        1,
+        "{body}"
+    );
     // Other keys keep plain OpenAI behaviour: no tools, no execution.
     let (status, body) = send_json(&app, keyed("runner", unasked)).await;
     assert_eq!(status, StatusCode::OK);
