@@ -474,18 +474,14 @@ async fn log_measured(server: &RunningServer) {
         let Some(running) = status.running else {
             continue;
         };
-        let Some(placement) = running.placement else {
+        let Some(placement) = &running.placement else {
             continue;
         };
         let plan = &placement.plan;
         if plan.devices.iter().all(|d| d.total == 0) {
             continue;
         }
-        let allocated = running
-            .engine
-            .model_info()
-            .map(|i| i.device_memory)
-            .unwrap_or_default();
+        let allocated = running.allocated();
         for m in crate::gpu::placement::measure(plan, &server.before, &now, &allocated) {
             tracing::info!(
                 model = status.card.id(),

@@ -415,17 +415,7 @@ pub(super) async fn start_chat(
         return Ok(ChatStart::Loop(model, Box::new(run)));
     }
     let tokens = tokens_off_runtime(Arc::clone(&loaded), messages, tools.clone()).await?;
-    let max_new_tokens = token_budget(
-        tokens.len(),
-        options.max_tokens,
-        loaded.info.n_ctx_seq,
-        state.config().n_predict,
-    )?;
-    let job = PromptJob {
-        tokens,
-        max_new_tokens,
-    };
-    let receivers = generate::submit(&served.engine, vec![job], &options)?;
+    let receivers = submit_prompt(&state, &served, tokens, &options)?;
     // Without tools, a template that knows reasoning still has its reasoning parsed out.
     let tools = tools.or_else(|| ToolRequest::reasoning_only(loaded.template.source()));
     Ok(ChatStart::Generation(StartedChat {
@@ -434,6 +424,26 @@ pub(super) async fn start_chat(
         tools: tools.map(Arc::new),
         receivers,
     }))
+}
+
+/// Budgets `tokens` against the sequence's context and `--n-predict`, and submits them.
+fn submit_prompt(
+    state: &AppState,
+    served: &super::Served,
+    tokens: Vec<crate::engine::Token>,
+    options: &super::params::GenerationOptions,
+) -> Result<Vec<tokio::sync::mpsc::Receiver<crate::engine::GenerationEvent>>, ApiError> {
+    let max_new_tokens = token_budget(
+        tokens.len(),
+        options.max_tokens,
+        served.loaded.info.n_ctx_seq,
+        state.config().n_predict,
+    )?;
+    let job = PromptJob {
+        tokens,
+        max_new_tokens,
+    };
+    generate::submit(&served.engine, vec![job], options)
 }
 
 /// A prompt run as it is (no template): `openai` holds the model and sampling fields as a
@@ -452,17 +462,7 @@ pub(super) async fn start_raw(
     } = prepare::<serde::de::IgnoredAny>(state, openai).await?;
     let tokens =
         super::prompt::tokenize_off_runtime(Arc::clone(&loaded), text.to_owned(), true).await?;
-    let max_new_tokens = token_budget(
-        tokens.len(),
-        options.max_tokens,
-        loaded.info.n_ctx_seq,
-        state.config().n_predict,
-    )?;
-    let job = PromptJob {
-        tokens,
-        max_new_tokens,
-    };
-    let receivers = generate::submit(&served.engine, vec![job], &options)?;
+    let receivers = submit_prompt(state, &served, tokens, &options)?;
     Ok(StartedChat {
         model,
         options,

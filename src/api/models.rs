@@ -253,11 +253,7 @@ pub async fn placement(State(state): State<AppState>) -> Json<Value> {
         let Some(placement) = running.placement.as_ref().or(view.placement.as_ref()) else {
             continue;
         };
-        let allocated = running
-            .engine
-            .model_info()
-            .map(|i| i.device_memory)
-            .unwrap_or_default();
+        let allocated = running.allocated();
         let measured =
             crate::gpu::placement::measure(&placement.plan, &view.before, &gpus, &allocated);
         models.push(json!({

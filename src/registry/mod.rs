@@ -274,6 +274,16 @@ pub struct RunningStatus {
     pub load_ms: u64,
 }
 
+impl RunningStatus {
+    /// What llama.cpp allocated per GPU while loading (PCI bus id, bytes); empty while loading.
+    pub fn allocated(&self) -> Vec<(String, u64)> {
+        self.engine
+            .model_info()
+            .map(|i| i.device_memory)
+            .unwrap_or_default()
+    }
+}
+
 struct Running {
     engine: EngineHandle,
     thread: Option<JoinHandle<()>>,
@@ -564,6 +574,22 @@ impl Registry {
         name: &str,
         keep: Option<KeepAlive>,
     ) -> Result<Acquired, RegistryError> {
+        self.ensure_loaded(name, keep, self.config.autoload).await
+    }
+
+    /// Loads `name` (explicit control: `POST /v1/models/load`, whatever `--no-models-autoload`
+    /// says), waiting as `acquire` does.
+    pub async fn load(self: &Arc<Self>, name: &str) -> Result<String, RegistryError> {
+        let acquired = self.ensure_loaded(name, None, true).await?;
+        Ok(acquired.card.id().to_owned())
+    }
+
+    async fn ensure_loaded(
+        self: &Arc<Self>,
+        name: &str,
+        keep: Option<KeepAlive>,
+        autoload: bool,
+    ) -> Result<Acquired, RegistryError> {
         let id = self.resolve(name)?;
         let deadline = tokio::time::Instant::now() + self.config.load_timeout;
         let mut changes = self.changes.subscribe();
@@ -597,7 +623,7 @@ impl Registry {
                         });
                     }
                     Some(_) => {}
-                    None if !self.config.autoload => {
+                    None if !autoload => {
                         return Err(RegistryError::NotLoaded {
                             id,
                             state: entry.state.as_str(),
@@ -609,56 +635,6 @@ impl Registry {
                             self.spawn_load(&mut inner, &id);
                         }
                     }
-                }
-            }
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(RegistryError::Closed),
-                Err(_) => {
-                    return Err(RegistryError::LoadTimeout {
-                        id,
-                        seconds: self.config.load_timeout.as_secs(),
-                    })
-                }
-            }
-        }
-    }
-
-    /// Loads `name` (explicit control: `POST /v1/models/load`), waiting as `acquire` does.
-    pub async fn load(self: &Arc<Self>, name: &str) -> Result<String, RegistryError> {
-        let id = self.resolve(name)?;
-        let deadline = tokio::time::Instant::now() + self.config.load_timeout;
-        let mut changes = self.changes.subscribe();
-        let attempt = {
-            let mut inner = self.lock();
-            let entry = inner
-                .entry(&id)
-                .ok_or_else(|| RegistryError::NotFound(id.clone()))?;
-            let attempt = entry.attempts;
-            if entry.state == State::Loaded {
-                entry.last_used = self.clock.now();
-                return Ok(id);
-            }
-            if entry.state != State::Loading {
-                self.spawn_load(&mut inner, &id);
-            }
-            attempt
-        };
-        loop {
-            {
-                let mut inner = self.lock();
-                let entry = inner
-                    .entry(&id)
-                    .ok_or_else(|| RegistryError::NotFound(id.clone()))?;
-                match entry.state {
-                    State::Loaded => return Ok(id),
-                    State::Failed if entry.attempts > attempt => {
-                        return Err(RegistryError::LoadFailed {
-                            id,
-                            reason: entry.reason.clone().unwrap_or_default(),
-                        })
-                    }
-                    _ => {}
                 }
             }
             match tokio::time::timeout_at(deadline, changes.changed()).await {
