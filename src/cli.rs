@@ -122,6 +122,8 @@ pub enum FormatChoice {
     /// From `--template` (generic without one).
     Auto,
     Hermes,
+    /// Qwen's XML calls (`<function=NAME><parameter=KEY>…`).
+    QwenXml,
     Llama3,
     Mistral,
     Generic,

@@ -26,6 +26,7 @@ pub fn parse_command(args: &ToolsParseArgs) -> anyhow::Result<()> {
             .as_deref()
             .map_or(ToolFormat::Generic, ToolFormat::detect),
         FormatChoice::Hermes => ToolFormat::Hermes,
+        FormatChoice::QwenXml => ToolFormat::QwenXml,
         FormatChoice::Llama3 => ToolFormat::Llama3,
         FormatChoice::Mistral => ToolFormat::Mistral,
         FormatChoice::Generic => ToolFormat::Generic,

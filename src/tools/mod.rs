@@ -252,6 +252,9 @@ impl ToolRequest {
         };
         let mut g = GrammarBuilder::new();
         let mut calls = Vec::new();
+        if self.format == ToolFormat::QwenXml {
+            return self.qwen_xml_grammar(&allowed, g).map(Some);
+        }
         for tool in allowed {
             let index = self
                 .tools
@@ -274,6 +277,7 @@ impl ToolRequest {
         // when parallel calls are allowed.
         let several = self.parallel && self.choice == ToolChoice::Required;
         let root = match self.format {
+            ToolFormat::QwenXml => unreachable!("built by qwen_xml_grammar"),
             ToolFormat::Hermes | ToolFormat::Generic => {
                 let block = g.rule(
                     "block",
@@ -304,6 +308,62 @@ impl ToolRequest {
             .finish_checked(&root, "tool_choice")
             .map_err(|e| schema_error("tool_choice", e))?;
         Ok(Some(grammar))
+    }
+
+    /// The forcing grammar in Qwen's XML: each required parameter of the tool's schema in order
+    /// (strings as text without `<`, other values as JSON of their schema).
+    fn qwen_xml_grammar(
+        &self,
+        allowed: &[&ToolSpec],
+        mut g: GrammarBuilder,
+    ) -> Result<String, ToolError> {
+        let text = g.rule("xml-text", r#"[^<]*"#.to_owned());
+        let mut calls = Vec::new();
+        for tool in allowed {
+            let index = self
+                .tools
+                .iter()
+                .position(|t| t.name == tool.name)
+                .unwrap_or(0);
+            let required: Vec<&str> = tool.parameters["required"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let mut parts = vec![format!(
+                r#""<function=" {} ">\n""#,
+                schema::literal(&json!(tool.name))
+            )];
+            for key in required {
+                let property = &tool.parameters["properties"][key];
+                let param = format!("tools[{index}].function.parameters.properties.{key}");
+                let value = if property["type"] == "string" {
+                    text.clone()
+                } else {
+                    g.schema(property, &param)
+                        .map_err(|e| schema_error(&param, e))?
+                };
+                parts.push(format!(
+                    r#""<parameter=" {} ">\n" {value} "\n</parameter>\n""#,
+                    schema::literal(&json!(key))
+                ));
+            }
+            parts.push(r#""</function>""#.to_owned());
+            calls.push(g.rule(&format!("call-{}", tool.name), parts.join(" ")));
+        }
+        let call = g.rule("call", calls.join(" | "));
+        let block = g.rule(
+            "block",
+            format!(r#""<tool_call>\n" {call} "\n</tool_call>""#),
+        );
+        let root = if self.parallel && self.choice == ToolChoice::Required {
+            format!(r#"{block} ( "\n" {block} )*"#)
+        } else {
+            block
+        };
+        g.finish_checked(&root, "tool_choice")
+            .map_err(|e| schema_error("tool_choice", e))
     }
 
     /// Every tool's schema checked against the supported subset, so a bad one is a 400 in any mode.
@@ -361,6 +421,14 @@ impl ToolRequest {
             tracing::info!(format = self.format.name(), repair, "tool call repaired");
         }
         let mut calls = parsed.calls;
+        if self.format == ToolFormat::QwenXml {
+            // Qwen's XML writes every value as text: the tool's schema says what it is.
+            for call in &mut calls {
+                if let Some(tool) = self.tools.iter().find(|t| t.name == call.name) {
+                    call.arguments = parse::type_by_schema(&call.arguments, &tool.parameters);
+                }
+            }
+        }
         if !self.parallel && calls.len() > 1 {
             tracing::info!(
                 dropped = calls.len() - 1,

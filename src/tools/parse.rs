@@ -20,6 +20,9 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ToolFormat {
     Hermes,
+    /// Qwen's XML calls (Qwen3-Coder, Qwen3.5 and later):
+    /// `<tool_call><function=NAME><parameter=KEY>value</parameter>…</function></tool_call>`.
+    QwenXml,
     Llama3,
     Mistral,
     Generic,
@@ -34,6 +37,8 @@ pub fn knows_reasoning(template_source: &str) -> bool {
 }
 
 const HERMES_OPEN: &str = "<tool_call>";
+const QWEN_FUNCTION: &str = "<function=";
+const QWEN_PARAMETER: &str = "<parameter=";
 const HERMES_CLOSE: &str = "</tool_call>";
 const PYTHON_TAG: &str = "<|python_tag|>";
 const MISTRAL_CALLS: &str = "[TOOL_CALLS]";
@@ -42,7 +47,9 @@ const MISTRAL_ARGS: &str = "[ARGS]";
 impl ToolFormat {
     /// The family a chat template's source speaks; `Generic` when it has no tool syntax.
     pub fn detect(template: &str) -> Self {
-        if template.contains(MISTRAL_CALLS) {
+        if template.contains(QWEN_FUNCTION) && template.contains(QWEN_PARAMETER) {
+            Self::QwenXml
+        } else if template.contains(MISTRAL_CALLS) {
             Self::Mistral
         } else if template.contains(HERMES_OPEN) {
             Self::Hermes
@@ -56,6 +63,7 @@ impl ToolFormat {
     pub fn name(self) -> &'static str {
         match self {
             Self::Hermes => "hermes",
+            Self::QwenXml => "qwen-xml",
             Self::Llama3 => "llama3",
             Self::Mistral => "mistral",
             Self::Generic => "generic",
@@ -66,6 +74,7 @@ impl ToolFormat {
     fn markers(self) -> &'static [&'static str] {
         match self {
             Self::Hermes | Self::Generic => &[HERMES_OPEN],
+            Self::QwenXml => &[HERMES_OPEN, QWEN_FUNCTION],
             Self::Llama3 => &[PYTHON_TAG],
             Self::Mistral => &[MISTRAL_CALLS],
         }
@@ -187,6 +196,7 @@ pub fn parse(text: &str, format: ToolFormat) -> Parsed {
     };
     let found = match format {
         Format::Hermes => hermes(body, false),
+        Format::QwenXml => qwen_xml(body),
         Format::Generic => hermes(body, true),
         Format::Llama3 => llama3(body),
         Format::Mistral => mistral(body),
@@ -343,6 +353,128 @@ fn hermes(body: &str, bare_json: bool) -> Found<'_> {
         calls,
         repairs,
     }
+}
+
+/// Qwen's XML calls. Every value is kept as the text the model wrote (one leading and trailing
+/// newline dropped); `ToolRequest::finish` types them by the tool's schema. A last call cut off
+/// after complete ones is dropped, as in `hermes`.
+fn qwen_xml(body: &str) -> Found<'_> {
+    let starts = [HERMES_OPEN, QWEN_FUNCTION]
+        .iter()
+        .filter_map(|m| body.find(m))
+        .min();
+    let Some(first) = starts else {
+        return Found::None;
+    };
+    let mut calls = Vec::new();
+    let mut repairs = Vec::new();
+    let mut rest = &body[first..];
+    loop {
+        let trimmed = rest.trim_start();
+        let (wrapped, inner) = match trimmed.strip_prefix(HERMES_OPEN) {
+            Some(inner) => (true, inner.trim_start()),
+            None if trimmed.starts_with(QWEN_FUNCTION) => (false, trimmed),
+            None => break,
+        };
+        match qwen_function(inner) {
+            Ok((call, after)) => {
+                calls.push(call);
+                let after = after.trim_start();
+                rest = match after.strip_prefix("</tool_call>") {
+                    Some(next) => next,
+                    None if wrapped && after.is_empty() => {
+                        repairs.push("the last `</tool_call>` was missing".into());
+                        after
+                    }
+                    None => after,
+                };
+            }
+            Err(_) if !calls.is_empty() && !inner.contains("</function>") => {
+                repairs.push(format!(
+                    "call {} was cut off mid-way and dropped",
+                    calls.len() + 1
+                ));
+                rest = "";
+                break;
+            }
+            Err(e) => return Found::Broken(format!("call {}: {e}", calls.len() + 1)),
+        }
+    }
+    Found::Calls {
+        before: &body[..first],
+        after: rest,
+        calls,
+        repairs,
+    }
+}
+
+/// `<function=NAME>` then `<parameter=KEY>value</parameter>`… then `</function>`.
+fn qwen_function(text: &str) -> Result<(ParsedCall, &str), String> {
+    let rest = text
+        .strip_prefix(QWEN_FUNCTION)
+        .ok_or("no `<function=` where a call should be")?;
+    let end = rest.find('>').ok_or("`<function=` is never closed")?;
+    let name = rest[..end].trim();
+    if name.is_empty() {
+        return Err("a call needs a function name".into());
+    }
+    let mut rest = &rest[end + 1..];
+    let mut arguments = Map::new();
+    loop {
+        let trimmed = rest.trim_start();
+        if let Some(after) = trimmed.strip_prefix("</function>") {
+            return Ok((
+                ParsedCall {
+                    name: name.to_owned(),
+                    arguments: Value::Object(arguments),
+                },
+                after,
+            ));
+        }
+        let inner = trimmed
+            .strip_prefix(QWEN_PARAMETER)
+            .ok_or_else(|| format!("`{name}`: expected `<parameter=` or `</function>`"))?;
+        let end = inner
+            .find('>')
+            .ok_or_else(|| format!("`{name}`: `<parameter=` is never closed"))?;
+        let key = inner[..end].trim().to_owned();
+        let value_and_rest = &inner[end + 1..];
+        let close = value_and_rest
+            .find("</parameter>")
+            .ok_or_else(|| format!("`{name}`: parameter `{key}` is never closed"))?;
+        let value = &value_and_rest[..close];
+        let value = value.strip_prefix('\n').unwrap_or(value);
+        let value = value.strip_suffix('\n').unwrap_or(value);
+        arguments.insert(key, Value::String(value.to_owned()));
+        rest = &value_and_rest[close + "</parameter>".len()..];
+    }
+}
+
+/// Types `arguments` (all strings, as Qwen's XML writes them) by `schema`: a property the schema
+/// says is a string stays the text written, even if it looks like a number; any other value is
+/// read as JSON when it is JSON, else kept as text.
+pub fn type_by_schema(arguments: &Value, schema: &Value) -> Value {
+    let Value::Object(arguments) = arguments else {
+        return arguments.clone();
+    };
+    let typed = arguments
+        .iter()
+        .map(|(key, value)| {
+            let declared = &schema["properties"][key]["type"];
+            let is_string = declared == "string"
+                || declared
+                    .as_array()
+                    .is_some_and(|types| types.len() == 1 && types[0] == "string");
+            let value = match value {
+                Value::String(text) if !is_string => {
+                    serde_json::from_str::<Value>(text).unwrap_or_else(|_| value.clone())
+                }
+                other => other.clone(),
+            };
+            (key.clone(), value)
+        })
+        .collect();
+    Value::Object(typed)
 }
 
 /// A body that is nothing but a call object or a list of them.

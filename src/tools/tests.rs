@@ -224,3 +224,91 @@ fn response_formats_compile_or_name_what_they_cannot() {
         "response_format.type"
     );
 }
+
+/// The markers of Qwen3-Coder's chat template (its tool section), enough to detect the format.
+const QWEN_XML_TEMPLATE: &str = "{%- if tools %}<tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools>\nIf you choose to call a function ONLY reply in the following format:\n<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n</function>\n</tool_call>{%- endif %}";
+
+fn qwen_tools(choice: Option<Value>) -> ToolRequest {
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                           "units": {"type": "object"}},
+            "required": ["city", "days"]}}},
+        {"type": "function", "function": {"name": "write_file", "parameters": {"type": "object",
+            "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+            "required": ["path", "content"]}}}]);
+    ToolRequest::from_request(Some(&tools), choice.as_ref(), None, QWEN_XML_TEMPLATE)
+        .unwrap()
+        .unwrap()
+}
+
+#[test]
+fn qwen_xml_is_detected_parsed_and_typed_by_the_schema() {
+    let tools = qwen_tools(None);
+    assert_eq!(tools.format, ToolFormat::QwenXml);
+    // As Qwen3-Coder writes it: text before, one value per parameter on its own lines.
+    let out = "I'll look that up.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n<parameter=units>\n{\"temp\": \"C\"}\n</parameter>\n</function>\n</tool_call>";
+    let (m, calls) = tools.finish(out, false);
+    assert!(calls, "{m:?}");
+    assert_eq!(m.content.as_deref(), Some("I'll look that up.\n"));
+    assert_eq!(m.tool_calls[0].name, "get_weather");
+    let args: Value = serde_json::from_str(&m.tool_calls[0].arguments).unwrap();
+    assert_eq!(
+        args,
+        json!({"city": "Paris", "days": 2, "units": {"temp": "C"}})
+    );
+    // A string stays a string even when it looks like a number or JSON; multi-line values keep
+    // their inner newlines.
+    let out = "<tool_call>\n<function=write_file>\n<parameter=path>\n007\n</parameter>\n<parameter=content>\n{\"a\": 1}\nline two\n</parameter>\n</function>\n</tool_call>";
+    let (m, calls) = tools.finish(out, false);
+    assert!(calls);
+    let args: Value = serde_json::from_str(&m.tool_calls[0].arguments).unwrap();
+    assert_eq!(
+        args,
+        json!({"path": "007", "content": "{\"a\": 1}\nline two"})
+    );
+    // Several calls; a last one cut off mid-way is dropped and the first kept.
+    let two = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n1\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=get_weather>\n<parameter=city>\nLy";
+    let (m, calls) = tools.finish(two, true);
+    assert!(calls);
+    assert_eq!(m.tool_calls.len(), 1);
+    // Without `<tool_call>` around it (some quantized models drop it) the call still parses.
+    let bare = "<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>";
+    let (m, calls) = tools.finish(bare, false);
+    assert!(calls, "{m:?}");
+    // Broken XML is content, never a 500.
+    let broken = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>";
+    let (m, calls) = tools.finish(broken, false);
+    assert!(!calls);
+    assert_eq!(m.content.as_deref(), Some(broken));
+    // Streamed: nothing from a call leaks as content.
+    let mut stream = ToolStream::new();
+    let mut streamed = String::new();
+    let text = "Sure.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>";
+    for piece in text.as_bytes().chunks(3) {
+        for delta in stream.push(std::str::from_utf8(piece).unwrap(), &tools) {
+            streamed.push_str(delta["content"].as_str().unwrap_or(""));
+        }
+    }
+    let (deltas, message, _) = stream.finish(&tools, false);
+    for delta in deltas {
+        streamed.push_str(delta["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!(streamed, "Sure.\n");
+    assert_eq!(message.tool_calls.len(), 1);
+}
+
+#[test]
+fn qwen_xml_forcing_grammar_is_valid_gbnf() {
+    for choice in [
+        json!("required"),
+        json!({"type": "function", "function": {"name": "write_file"}}),
+    ] {
+        let grammar = qwen_tools(Some(choice)).grammar().unwrap().unwrap();
+        crate::engine::grammar::check(&grammar).unwrap_or_else(|e| panic!("{e}\n{grammar}"));
+        assert!(
+            grammar.contains("<function=") && grammar.contains("<parameter="),
+            "{grammar}"
+        );
+    }
+}
