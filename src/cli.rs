@@ -124,6 +124,12 @@ pub enum FormatChoice {
     Hermes,
     /// Qwen's XML calls (`<function=NAME><parameter=KEY>…`).
     QwenXml,
+    /// GLM 4.5+ (`<tool_call>NAME<arg_key>…`).
+    Glm,
+    /// Kimi K2 (`<|tool_calls_section_begin|>…`).
+    Kimi,
+    /// DeepSeek V3 and later (`<｜tool▁calls▁begin｜>…`).
+    Deepseek,
     Llama3,
     Mistral,
     Generic,

@@ -8,6 +8,7 @@
 //! logged.
 
 pub mod command;
+mod families;
 pub mod parse;
 pub mod schema;
 pub mod stream;
@@ -252,8 +253,8 @@ impl ToolRequest {
         };
         let mut g = GrammarBuilder::new();
         let mut calls = Vec::new();
-        if self.format == ToolFormat::QwenXml {
-            return self.qwen_xml_grammar(&allowed, g).map(Some);
+        if matches!(self.format, ToolFormat::QwenXml | ToolFormat::Glm) {
+            return self.xml_grammar(&allowed, g).map(Some);
         }
         for tool in allowed {
             let index = self
@@ -265,11 +266,21 @@ impl ToolRequest {
             let args = g
                 .schema(&tool.parameters, &param)
                 .map_err(|e| schema_error(&param, e))?;
-            let body = format!(
-                r#""{{" ws "\"name\"" ws ":" ws {} ws "," ws {} ws ":" ws {args} ws "}}""#,
-                schema::literal(&json!(tool.name)),
-                schema::literal(&json!(arguments_key)),
-            );
+            // Names are `[A-Za-z0-9_-]` (checked): a plain GBNF literal.
+            let name = &tool.name;
+            let body = match self.format {
+                ToolFormat::Kimi => format!(
+                    r#""<|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>" {args} "<|tool_call_end|>""#
+                ),
+                ToolFormat::Deepseek => format!(
+                    r#""<｜tool▁call▁begin｜>{name}<｜tool▁sep｜>" {args} "<｜tool▁call▁end｜>""#
+                ),
+                _ => format!(
+                    r#""{{" ws "\"name\"" ws ":" ws {} ws "," ws {} ws ":" ws {args} ws "}}""#,
+                    schema::literal(&json!(tool.name)),
+                    schema::literal(&json!(arguments_key)),
+                ),
+            };
             calls.push(g.rule(&format!("call-{}", tool.name), body));
         }
         let call = g.rule("call", calls.join(" | "));
@@ -277,7 +288,19 @@ impl ToolRequest {
         // when parallel calls are allowed.
         let several = self.parallel && self.choice == ToolChoice::Required;
         let root = match self.format {
-            ToolFormat::QwenXml => unreachable!("built by qwen_xml_grammar"),
+            ToolFormat::QwenXml | ToolFormat::Glm => unreachable!("built by xml_grammar"),
+            ToolFormat::Kimi | ToolFormat::Deepseek => {
+                let (open, close) = if self.format == ToolFormat::Kimi {
+                    ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>")
+                } else {
+                    ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
+                };
+                if several {
+                    format!(r#""{open}" {call} ( {call} )* "{close}""#)
+                } else {
+                    format!(r#""{open}" {call} "{close}""#)
+                }
+            }
             ToolFormat::Hermes | ToolFormat::Generic => {
                 let block = g.rule(
                     "block",
@@ -310,9 +333,9 @@ impl ToolRequest {
         Ok(Some(grammar))
     }
 
-    /// The forcing grammar in Qwen's XML: each required parameter of the tool's schema in order
-    /// (strings as text without `<`, other values as JSON of their schema).
-    fn qwen_xml_grammar(
+    /// The forcing grammar in Qwen's XML or GLM's tags: each required parameter of the tool's
+    /// schema in order (strings as text without `<`, other values as JSON of their schema).
+    fn xml_grammar(
         &self,
         allowed: &[&ToolSpec],
         mut g: GrammarBuilder,
@@ -331,10 +354,13 @@ impl ToolRequest {
                 .flatten()
                 .filter_map(Value::as_str)
                 .collect();
-            let mut parts = vec![format!(
-                r#""<function=" {} ">\n""#,
-                schema::literal(&json!(tool.name))
-            )];
+            let glm = self.format == ToolFormat::Glm;
+            let name = &tool.name;
+            let mut parts = vec![if glm {
+                format!(r#""{name}\n""#)
+            } else {
+                format!(r#""<function={name}>\n""#)
+            }];
             for key in required {
                 let property = &tool.parameters["properties"][key];
                 let param = format!("tools[{index}].function.parameters.properties.{key}");
@@ -344,19 +370,31 @@ impl ToolRequest {
                     g.schema(property, &param)
                         .map_err(|e| schema_error(&param, e))?
                 };
-                parts.push(format!(
-                    r#""<parameter=" {} ">\n" {value} "\n</parameter>\n""#,
-                    schema::literal(&json!(key))
-                ));
+                // Keys come from the schema's `required`: any text but quotes and backslashes is
+                // kept as written in a GBNF literal.
+                let key_text = key.replace(['"', '\\'], "");
+                parts.push(if glm {
+                    format!(
+                        r#""<arg_key>{key_text}</arg_key>\n<arg_value>" {value} "</arg_value>\n""#
+                    )
+                } else {
+                    format!(r#""<parameter={key_text}>\n" {value} "\n</parameter>\n""#)
+                });
             }
-            parts.push(r#""</function>""#.to_owned());
+            if !glm {
+                parts.push(r#""</function>""#.to_owned());
+            }
             calls.push(g.rule(&format!("call-{}", tool.name), parts.join(" ")));
         }
         let call = g.rule("call", calls.join(" | "));
-        let block = g.rule(
-            "block",
-            format!(r#""<tool_call>\n" {call} "\n</tool_call>""#),
-        );
+        let block = if self.format == ToolFormat::Glm {
+            g.rule("block", format!(r#""<tool_call>" {call} "</tool_call>""#))
+        } else {
+            g.rule(
+                "block",
+                format!(r#""<tool_call>\n" {call} "\n</tool_call>""#),
+            )
+        };
         let root = if self.parallel && self.choice == ToolChoice::Required {
             format!(r#"{block} ( "\n" {block} )*"#)
         } else {
@@ -421,8 +459,8 @@ impl ToolRequest {
             tracing::info!(format = self.format.name(), repair, "tool call repaired");
         }
         let mut calls = parsed.calls;
-        if self.format == ToolFormat::QwenXml {
-            // Qwen's XML writes every value as text: the tool's schema says what it is.
+        if matches!(self.format, ToolFormat::QwenXml | ToolFormat::Glm) {
+            // Qwen's XML and GLM write every value as text: the tool's schema says what it is.
             for call in &mut calls {
                 if let Some(tool) = self.tools.iter().find(|t| t.name == call.name) {
                     call.arguments = parse::type_by_schema(&call.arguments, &tool.parameters);

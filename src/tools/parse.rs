@@ -23,6 +23,12 @@ pub enum ToolFormat {
     /// Qwen's XML calls (Qwen3-Coder, Qwen3.5 and later):
     /// `<tool_call><function=NAME><parameter=KEY>value</parameter>…</function></tool_call>`.
     QwenXml,
+    /// GLM 4.5 and later: `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>…</tool_call>`.
+    Glm,
+    /// Kimi K2: `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:0…`.
+    Kimi,
+    /// DeepSeek V3 and later: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>…`.
+    Deepseek,
     Llama3,
     Mistral,
     Generic,
@@ -49,6 +55,12 @@ impl ToolFormat {
     pub fn detect(template: &str) -> Self {
         if template.contains(QWEN_FUNCTION) && template.contains(QWEN_PARAMETER) {
             Self::QwenXml
+        } else if template.contains(families::GLM_ARG_KEY) {
+            Self::Glm
+        } else if template.contains(families::KIMI_CALL) {
+            Self::Kimi
+        } else if template.contains("tool▁calls▁begin") {
+            Self::Deepseek
         } else if template.contains(MISTRAL_CALLS) {
             Self::Mistral
         } else if template.contains(HERMES_OPEN) {
@@ -64,6 +76,9 @@ impl ToolFormat {
         match self {
             Self::Hermes => "hermes",
             Self::QwenXml => "qwen-xml",
+            Self::Glm => "glm",
+            Self::Kimi => "kimi",
+            Self::Deepseek => "deepseek",
             Self::Llama3 => "llama3",
             Self::Mistral => "mistral",
             Self::Generic => "generic",
@@ -75,6 +90,9 @@ impl ToolFormat {
         match self {
             Self::Hermes | Self::Generic => &[HERMES_OPEN],
             Self::QwenXml => &[HERMES_OPEN, QWEN_FUNCTION],
+            Self::Glm => &[HERMES_OPEN],
+            Self::Kimi => &[families::KIMI_SECTION, families::KIMI_CALL],
+            Self::Deepseek => &[families::DEEPSEEK_CALLS, families::DEEPSEEK_CALL],
             Self::Llama3 => &[PYTHON_TAG],
             Self::Mistral => &[MISTRAL_CALLS],
         }
@@ -169,7 +187,11 @@ pub fn settled_content(body: &str, format: ToolFormat) -> usize {
     }
     // Hold back a tail that is the start of a marker.
     for marker in format.markers() {
-        for cut in (1..marker.len()).rev() {
+        // Markers may be multi-byte (DeepSeek's `｜`): only whole-character prefixes.
+        for cut in (1..marker.len())
+            .rev()
+            .filter(|&cut| marker.is_char_boundary(cut))
+        {
             if body.ends_with(&marker[..cut]) && body.is_char_boundary(body.len() - cut) {
                 end = end.min(body.len() - cut);
                 break;
@@ -197,6 +219,9 @@ pub fn parse(text: &str, format: ToolFormat) -> Parsed {
     let found = match format {
         Format::Hermes => hermes(body, false),
         Format::QwenXml => qwen_xml(body),
+        Format::Glm => families::glm(body),
+        Format::Kimi => families::kimi(body),
+        Format::Deepseek => families::deepseek(body),
         Format::Generic => hermes(body, true),
         Format::Llama3 => llama3(body),
         Format::Mistral => mistral(body),
@@ -234,9 +259,10 @@ pub fn parse(text: &str, format: ToolFormat) -> Parsed {
     }
 }
 
+use super::families;
 use ToolFormat as Format;
 
-enum Found<'a> {
+pub(super) enum Found<'a> {
     None,
     Calls {
         before: &'a str,
@@ -248,7 +274,7 @@ enum Found<'a> {
 }
 
 /// The first JSON value at the start of `text` (after whitespace) and the rest after it.
-fn leading_json(text: &str) -> Result<(Value, &str), String> {
+pub(super) fn leading_json(text: &str) -> Result<(Value, &str), String> {
     let trimmed = text.trim_start();
     let mut stream = serde_json::Deserializer::from_str(trimmed).into_iter::<Value>();
     match stream.next() {

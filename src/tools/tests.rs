@@ -312,3 +312,94 @@ fn qwen_xml_forcing_grammar_is_valid_gbnf() {
         );
     }
 }
+
+fn family_tools(template: &str, choice: Option<Value>) -> ToolRequest {
+    ToolRequest::from_request(Some(&weather_tools()), choice.as_ref(), None, template)
+        .unwrap()
+        .unwrap()
+}
+
+/// Parses `out` as a whole and streamed in 2-byte pieces: the calls, and the content streamed
+/// (which must never carry call markup).
+fn both_ways(tools: &ToolRequest, out: &str) -> (AssistantMessage, String) {
+    let (whole, _) = tools.finish(out, false);
+    let mut stream = ToolStream::new();
+    let mut content = String::new();
+    let bytes = out.as_bytes();
+    let mut start = 0;
+    while start < bytes.len() {
+        let mut end = (start + 2).min(bytes.len());
+        while !out.is_char_boundary(end) {
+            end += 1;
+        }
+        for delta in stream.push(&out[start..end], tools) {
+            content.push_str(delta["content"].as_str().unwrap_or(""));
+        }
+        start = end;
+    }
+    let (deltas, message, _) = stream.finish(tools, false);
+    for delta in deltas {
+        content.push_str(delta["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!(message.tool_calls.len(), whole.tool_calls.len(), "{out}");
+    (whole, content)
+}
+
+fn arguments(message: &AssistantMessage, i: usize) -> Value {
+    serde_json::from_str(&message.tool_calls[i].arguments).unwrap()
+}
+
+#[test]
+fn glm_kimi_and_deepseek_calls_are_detected_parsed_streamed_and_forced() {
+    // GLM 4.5+: values are text typed by the schema.
+    let glm = family_tools("{{ '<tool_call>' }}{name}<arg_key>{k}</arg_key>", None);
+    assert_eq!(glm.format, ToolFormat::Glm);
+    let out = "Checking.<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>";
+    let (m, content) = both_ways(&glm, out);
+    assert_eq!(m.tool_calls[0].name, "get_weather");
+    assert_eq!(arguments(&m, 0), json!({"city": "Paris", "days": 2}));
+    assert_eq!(content, "Checking.");
+    // Kimi K2: `functions.NAME:IDX`, JSON arguments, several calls in one section.
+    let kimi = family_tools("<|tool_call_begin|>", None);
+    assert_eq!(kimi.format, ToolFormat::Kimi);
+    let out = "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{\"city\": \"Paris\"}<|tool_call_end|><|tool_call_begin|>functions.get_time:1<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>";
+    let (m, content) = both_ways(&kimi, out);
+    assert_eq!(m.tool_calls.len(), 2);
+    assert_eq!(m.tool_calls[1].name, "get_time");
+    assert_eq!(content, "");
+    // DeepSeek V3 (a fenced JSON body) and V3.1 (the name, then the JSON).
+    let deepseek = family_tools("<｜tool▁calls▁begin｜>", None);
+    assert_eq!(deepseek.format, ToolFormat::Deepseek);
+    let v3 = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\", \"days\": 3}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+    let (m, _) = both_ways(&deepseek, v3);
+    assert_eq!(arguments(&m, 0), json!({"city": "Paris", "days": 3}));
+    let v31 = "Let me see.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"Oslo\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+    let (m, content) = both_ways(&deepseek, v31);
+    assert_eq!(arguments(&m, 0), json!({"city": "Oslo"}));
+    assert_eq!(content, "Let me see.");
+    // A complete call then one cut off: the first is kept; the only call cut off is content.
+    let cut = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"Oslo\"}<｜tool▁call▁end｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"ci";
+    let (m, calls) = deepseek.finish(cut, true);
+    assert!(calls && m.tool_calls.len() == 1, "{m:?}");
+    let only = "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{\"ci";
+    let (m, calls) = kimi.finish(only, true);
+    assert!(!calls);
+    assert_eq!(m.content.as_deref(), Some(only));
+    // Forcing grammars for each family are valid GBNF.
+    for template in [
+        "{{ '<tool_call>' }}<arg_key>",
+        "<|tool_call_begin|>",
+        "<｜tool▁calls▁begin｜>",
+    ] {
+        for choice in [
+            json!("required"),
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+        ] {
+            let grammar = family_tools(template, Some(choice))
+                .grammar()
+                .unwrap()
+                .unwrap();
+            crate::engine::grammar::check(&grammar).unwrap_or_else(|e| panic!("{e}\n{grammar}"));
+        }
+    }
+}
