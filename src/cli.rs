@@ -145,6 +145,10 @@ pub struct ToolsParseArgs {
     /// A JSON file with the request's `tools` array: calls are then checked against them.
     #[arg(long)]
     pub tools: Option<PathBuf>,
+    /// The end of the rendered prompt (e.g. `<|im_start|>assistant\n<think>\n`): when it opens
+    /// reasoning, the output is read as starting inside it.
+    #[arg(long)]
+    pub generation_prompt: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -13,7 +13,6 @@ use super::error::ApiError;
 use super::extract::JsonObject;
 use super::generate::{self, finish_reason, prepare, Prepared, PromptJob, Timings};
 use super::params::token_budget;
-use super::prompt::tokens_off_runtime;
 use super::shell_loop;
 use super::sse::{ChunkHeader, ChunkShape};
 use super::AppState;
@@ -414,10 +413,15 @@ pub(super) async fn start_chat(
             shell_loop::start(state.clone(), served, options, messages, loop_tools, shell).await?;
         return Ok(ChatStart::Loop(model, Box::new(run)));
     }
-    let tokens = tokens_off_runtime(Arc::clone(&loaded), messages, tools.clone()).await?;
+    let (prompt, tokens) =
+        super::prompt::rendered_off_runtime(Arc::clone(&loaded), messages, tools.clone()).await?;
     let receivers = submit_prompt(&state, &served, tokens, &options)?;
-    // Without tools, a template that knows reasoning still has its reasoning parsed out.
-    let tools = tools.or_else(|| ToolRequest::reasoning_only(loaded.template.source()));
+    // Without tools, a template that knows reasoning still has its reasoning parsed out; a
+    // prompt that opens reasoning itself (`…assistant\n<think>\n`) starts the output inside it.
+    let mut tools = tools.or_else(|| ToolRequest::reasoning_only(loaded.template.source()));
+    if let Some(tools) = tools.as_mut() {
+        tools.opened = crate::tools::parse::opened_reasoning(&prompt);
+    }
     Ok(ChatStart::Generation(StartedChat {
         model,
         options,

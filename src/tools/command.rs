@@ -34,6 +34,14 @@ pub fn parse_command(args: &ToolsParseArgs) -> anyhow::Result<()> {
         FormatChoice::Mistral => ToolFormat::Mistral,
         FormatChoice::Generic => ToolFormat::Generic,
     };
+    let opened = args
+        .generation_prompt
+        .as_deref()
+        .map(|p| p.replace("\\n", "\n"))
+        .and_then(|p| super::parse::opened_reasoning(&p));
+    if let Some(open) = opened {
+        raw.insert_str(0, open);
+    }
     let parsed = parse(&raw, format);
     let (message, has_calls) = match &args.tools {
         Some(path) => {
@@ -45,7 +53,7 @@ pub fn parse_command(args: &ToolsParseArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{}: {}: {e}", path.display(), e.param))?
                 .context("no tools in the file")?;
             request.format = format;
-            request.finish(&raw, false)
+            request.finish_whole(&raw, false)
         }
         None => {
             let message = super::AssistantMessage {

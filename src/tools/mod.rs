@@ -57,6 +57,9 @@ pub struct ToolRequest {
     pub choice: ToolChoice,
     pub parallel: bool,
     pub format: ToolFormat,
+    /// The reasoning tag the prompt itself opened (a template that ends its generation prompt
+    /// with `<think>`): the output starts inside reasoning, without the tag.
+    pub opened: Option<&'static str>,
 }
 
 /// A call as the client gets it.
@@ -125,6 +128,7 @@ impl ToolRequest {
             choice: ToolChoice::None,
             parallel: false,
             format: ToolFormat::detect(template_source),
+            opened: None,
         })
     }
 
@@ -214,6 +218,7 @@ impl ToolRequest {
             choice,
             parallel: parallel.unwrap_or(true),
             format: ToolFormat::detect(template_source),
+            opened: None,
         }))
     }
 
@@ -419,6 +424,14 @@ impl ToolRequest {
     /// tools, arguments that do not match their schema, and calls cut off by the token limit all
     /// come back as content (logged), never as an error.
     pub fn finish(&self, raw: &str, truncated: bool) -> (AssistantMessage, bool) {
+        match self.opened {
+            Some(open) => self.finish_whole(&format!("{open}{raw}"), truncated),
+            None => self.finish_whole(raw, truncated),
+        }
+    }
+
+    /// [`ToolRequest::finish`] on text that already begins with the tag the prompt opened.
+    pub fn finish_whole(&self, raw: &str, truncated: bool) -> (AssistantMessage, bool) {
         let parsed = parse::parse(raw, self.format);
         let mut message = AssistantMessage {
             content: parsed.content.clone(),

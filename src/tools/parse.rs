@@ -35,6 +35,20 @@ pub enum ToolFormat {
 }
 
 const REASONING_TAGS: [(&str, &str); 2] = [("<think>", "</think>"), ("[THINK]", "[/THINK]")];
+/// The reasoning tag a rendered prompt leaves open at its end (`…<|im_start|>assistant\n<think>\n`),
+/// if any: the model's output then starts inside reasoning.
+pub fn opened_reasoning(prompt: &str) -> Option<&'static str> {
+    let end = prompt.trim_end();
+    REASONING_TAGS
+        .iter()
+        .find(|(open, close)| {
+            end.ends_with(open)
+                // Not `<think></think>` (reasoning turned off) or `<think>…</think>`.
+                && !end[..end.len() - open.len()].trim_end().ends_with(close)
+        })
+        .map(|(open, _)| *open)
+}
+
 /// Whether a chat template writes or expects reasoning tags.
 pub fn knows_reasoning(template_source: &str) -> bool {
     REASONING_TAGS

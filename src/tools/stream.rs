@@ -26,6 +26,12 @@ impl ToolStream {
 
     /// Takes generated text; returns the deltas that are settled now.
     pub fn push(&mut self, piece: &str, tools: &ToolRequest) -> Vec<Delta> {
+        if self.text.is_empty() {
+            // The prompt opened reasoning: the output continues inside it.
+            if let Some(open) = tools.opened {
+                self.text.push_str(open);
+            }
+        }
         self.text.push_str(piece);
         let parts = split(&self.text);
         if parts.reasoning.is_none() && may_open_reasoning(&self.text) {
@@ -58,7 +64,12 @@ impl ToolStream {
         tools: &ToolRequest,
         truncated: bool,
     ) -> (Vec<Delta>, AssistantMessage, bool) {
-        let (message, has_calls) = tools.finish(&self.text, truncated);
+        if self.text.is_empty() {
+            if let Some(open) = tools.opened {
+                self.text.push_str(open);
+            }
+        }
+        let (message, has_calls) = tools.finish_whole(&self.text, truncated);
         let mut deltas = Vec::new();
         if let (Some(reasoning), false) = (&message.reasoning, self.reasoning_sent) {
             if !reasoning.is_empty() {

@@ -403,3 +403,50 @@ fn glm_kimi_and_deepseek_calls_are_detected_parsed_streamed_and_forced() {
         }
     }
 }
+
+#[test]
+fn a_prompt_that_opens_reasoning_starts_the_output_inside_it() {
+    use super::parse::opened_reasoning;
+    assert_eq!(
+        opened_reasoning("<|im_start|>assistant\n<think>\n"),
+        Some("<think>")
+    );
+    // Reasoning turned off (`<think>\n\n</think>`), or no tag: nothing is open.
+    assert_eq!(
+        opened_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+        None
+    );
+    assert_eq!(opened_reasoning("<|im_start|>assistant\n"), None);
+    let mut tools = ToolRequest::reasoning_only("<think>").unwrap();
+    tools.opened = Some("<think>");
+    // The output has no opening tag: all before `</think>` is reasoning.
+    let out = "The user wants a city.\n</think>\n\nParis.";
+    let (m, _) = tools.finish(out, false);
+    assert_eq!(m.reasoning.as_deref(), Some("The user wants a city."));
+    assert_eq!(m.content.as_deref(), Some("Paris."));
+    let mut stream = ToolStream::new();
+    let mut content = String::new();
+    let mut reasoning = String::new();
+    for piece in ["The user ", "wants a city.\n</th", "ink>\n\nPar", "is."] {
+        for delta in stream.push(piece, &tools) {
+            content.push_str(delta["content"].as_str().unwrap_or(""));
+            reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or(""));
+        }
+    }
+    let (deltas, _, _) = stream.finish(&tools, false);
+    for delta in deltas {
+        content.push_str(delta["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!(
+        (reasoning.as_str(), content.as_str()),
+        ("The user wants a city.", "Paris.")
+    );
+    // With tools: the call after the reasoning is still a call.
+    let mut with_tools = request(json!("auto"));
+    with_tools.opened = Some("<think>");
+    let out =
+        "Weather needed.</think><tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>";
+    let (m, calls) = with_tools.finish(out, false);
+    assert!(calls, "{m:?}");
+    assert_eq!(m.reasoning.as_deref(), Some("Weather needed."));
+}
