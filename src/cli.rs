@@ -128,6 +128,8 @@ pub enum FormatChoice {
     Glm,
     /// Kimi K2 (`<|tool_calls_section_begin|>…`).
     Kimi,
+    /// Llama 4's pythonic calls (`[name(key=value)]`).
+    Llama4,
     /// DeepSeek V3 and later (`<｜tool▁calls▁begin｜>…`).
     Deepseek,
     Llama3,

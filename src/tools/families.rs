@@ -17,6 +17,9 @@ const KIMI_ARGUMENT: &str = "<|tool_call_argument_begin|>";
 const KIMI_CALL_END: &str = "<|tool_call_end|>";
 const KIMI_SECTION_END: &str = "<|tool_calls_section_end|>";
 
+pub(super) const LLAMA4_START: &str = "<|python_start|>";
+const LLAMA4_END: &str = "<|python_end|>";
+
 pub(super) const DEEPSEEK_CALLS: &str = "<｜tool▁calls▁begin｜>";
 pub(super) const DEEPSEEK_CALL: &str = "<｜tool▁call▁begin｜>";
 const DEEPSEEK_SEP: &str = "<｜tool▁sep｜>";
@@ -192,4 +195,271 @@ pub(super) fn deepseek(body: &str) -> Found<'_> {
             })
         },
     )
+}
+
+/// Llama 4: `[name(key=value, …), …]` with Python literals (both quote kinds and their escapes,
+/// numbers, `True`/`False`/`None`, lists, dicts; JSON's `true`/`false`/`null` too), optionally
+/// inside `<|python_start|>…<|python_end|>`. A body that is not such a list is content.
+pub(super) fn llama4(body: &str) -> Found<'_> {
+    let trimmed = body.trim_start();
+    let (tagged, inner) = match trimmed.strip_prefix(LLAMA4_START) {
+        Some(rest) => (true, rest.trim_start()),
+        None => (false, trimmed),
+    };
+    if !inner.starts_with('[') {
+        return if tagged {
+            Found::Broken("`<|python_start|>` without a call list".into())
+        } else {
+            Found::None
+        };
+    }
+    let mut parser = Python { text: inner, at: 1 };
+    let mut calls = Vec::new();
+    let parsed = (|| -> Result<(), String> {
+        loop {
+            parser.space();
+            if parser.eat(']') {
+                return Ok(());
+            }
+            if !calls.is_empty() && !parser.eat(',') {
+                return Err("expected `,` or `]` between calls".into());
+            }
+            parser.space();
+            calls.push(parser.call()?);
+        }
+    })();
+    if let Err(e) = parsed {
+        if calls.is_empty() && !tagged && !looks_like_call(inner) {
+            // A Python-ish list that is not a call: an answer.
+            return Found::None;
+        }
+        return Found::Broken(format!("call {}: {e}", calls.len() + 1));
+    }
+    let mut rest = parser.text[parser.at..].trim_start();
+    if tagged {
+        rest = rest.strip_prefix(LLAMA4_END).unwrap_or(rest);
+    }
+    if !rest.trim().is_empty() {
+        return Found::Broken("text after the call list".into());
+    }
+    Found::Calls {
+        before: "",
+        after: "",
+        calls,
+        repairs: Vec::new(),
+    }
+}
+
+/// `[identifier(`: what a call list starts with.
+fn looks_like_call(text: &str) -> bool {
+    let rest = text[1..].trim_start();
+    let name_len = rest
+        .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .unwrap_or(rest.len());
+    name_len > 0 && rest[name_len..].trim_start().starts_with('(')
+}
+
+/// A small reader of Python call syntax and literals.
+struct Python<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Python<'a> {
+    fn rest(&self) -> &'a str {
+        &self.text[self.at..]
+    }
+
+    fn space(&mut self) {
+        let rest = self.rest();
+        self.at += rest.len() - rest.trim_start().len();
+    }
+
+    fn eat(&mut self, c: char) -> bool {
+        if self.rest().starts_with(c) {
+            self.at += c.len_utf8();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn identifier(&mut self) -> Result<String, String> {
+        let rest = self.rest();
+        let len = rest
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
+            .unwrap_or(rest.len());
+        if len == 0 || rest.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(format!("expected a name at {:?}", preview(rest)));
+        }
+        self.at += len;
+        Ok(rest[..len].to_owned())
+    }
+
+    /// `name(key=value, …)`.
+    fn call(&mut self) -> Result<ParsedCall, String> {
+        let name = self.identifier()?;
+        self.space();
+        if !self.eat('(') {
+            return Err(format!("`{name}`: expected `(`"));
+        }
+        let mut arguments = Map::new();
+        loop {
+            self.space();
+            if self.eat(')') {
+                break;
+            }
+            if !arguments.is_empty() && !self.eat(',') {
+                return Err(format!("`{name}`: expected `,` or `)`"));
+            }
+            self.space();
+            if self.eat(')') {
+                break;
+            }
+            let key = self.identifier()?;
+            self.space();
+            if !self.eat('=') {
+                return Err(format!(
+                    "`{name}`: `{key}` needs `=` (only keyword arguments)"
+                ));
+            }
+            self.space();
+            let value = self.value()?;
+            arguments.insert(key, value);
+        }
+        Ok(ParsedCall {
+            name,
+            arguments: Value::Object(arguments),
+        })
+    }
+
+    fn value(&mut self) -> Result<Value, String> {
+        self.space();
+        let rest = self.rest();
+        match rest.chars().next() {
+            Some('"') | Some('\'') => self.string().map(Value::String),
+            Some('[') | Some('(') => {
+                let close = if self.eat('[') {
+                    ']'
+                } else {
+                    self.at += 1;
+                    ')'
+                };
+                let mut items = Vec::new();
+                loop {
+                    self.space();
+                    if self.eat(close) {
+                        return Ok(Value::Array(items));
+                    }
+                    if !items.is_empty() {
+                        if !self.eat(',') {
+                            return Err("expected `,` in a list".into());
+                        }
+                        self.space();
+                        if self.eat(close) {
+                            return Ok(Value::Array(items));
+                        }
+                    }
+                    items.push(self.value()?);
+                }
+            }
+            Some('{') => {
+                self.at += 1;
+                let mut object = Map::new();
+                loop {
+                    self.space();
+                    if self.eat('}') {
+                        return Ok(Value::Object(object));
+                    }
+                    if !object.is_empty() {
+                        if !self.eat(',') {
+                            return Err("expected `,` in a dict".into());
+                        }
+                        self.space();
+                        if self.eat('}') {
+                            return Ok(Value::Object(object));
+                        }
+                    }
+                    let key = match self.value()? {
+                        Value::String(key) => key,
+                        other => other.to_string(),
+                    };
+                    self.space();
+                    if !self.eat(':') {
+                        return Err("expected `:` in a dict".into());
+                    }
+                    let value = self.value()?;
+                    object.insert(key, value);
+                }
+            }
+            Some(_) => {
+                let len = rest
+                    .find(|c: char| !(c.is_alphanumeric() || matches!(c, '.' | '-' | '+' | '_')))
+                    .unwrap_or(rest.len());
+                let word = &rest[..len];
+                let value = match word {
+                    "True" | "true" => Value::Bool(true),
+                    "False" | "false" => Value::Bool(false),
+                    "None" | "null" => Value::Null,
+                    number => {
+                        let clean = number.replace('_', "");
+                        serde_json::from_str::<serde_json::Number>(&clean)
+                            .map(Value::Number)
+                            .or_else(|_| {
+                                clean
+                                    .parse::<f64>()
+                                    .ok()
+                                    .and_then(serde_json::Number::from_f64)
+                                    .map(Value::Number)
+                                    .ok_or(())
+                            })
+                            .map_err(|()| format!("not a value: {:?}", preview(rest)))?
+                    }
+                };
+                self.at += len;
+                Ok(value)
+            }
+            None => Err("the call list ends mid-way".into()),
+        }
+    }
+
+    /// A quoted string with Python's escapes.
+    fn string(&mut self) -> Result<String, String> {
+        let rest = self.rest();
+        let quote = rest.chars().next().unwrap_or('"');
+        let mut out = String::new();
+        let mut chars = rest.char_indices().skip(1);
+        while let Some((i, c)) = chars.next() {
+            match c {
+                c if c == quote => {
+                    self.at += i + 1;
+                    return Ok(out);
+                }
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => out.push('\n'),
+                    Some((_, 't')) => out.push('\t'),
+                    Some((_, 'r')) => out.push('\r'),
+                    Some((_, '0')) => out.push('\0'),
+                    Some((_, 'u')) => {
+                        let hex: String = (0..4)
+                            .filter_map(|_| chars.next().map(|(_, h)| h))
+                            .collect();
+                        let code = u32::from_str_radix(&hex, 16)
+                            .ok()
+                            .and_then(char::from_u32)
+                            .ok_or("a bad \\u escape")?;
+                        out.push(code);
+                    }
+                    Some((_, other)) => out.push(other),
+                    None => break,
+                },
+                c => out.push(c),
+            }
+        }
+        Err("a string is never closed".into())
+    }
+}
+
+fn preview(text: &str) -> String {
+    text.chars().take(20).collect()
 }

@@ -280,6 +280,26 @@ impl ToolRequest {
                 ToolFormat::Deepseek => format!(
                     r#""<｜tool▁call▁begin｜>{name}<｜tool▁sep｜>" {args} "<｜tool▁call▁end｜>""#
                 ),
+                // Keyword arguments whose values are JSON (Python reads the same literals but
+                // `true`/`false`/`null`, which the parser also takes).
+                ToolFormat::Llama4 => {
+                    let required: Vec<&str> = tool.parameters["required"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    let mut parts = Vec::new();
+                    for key in required {
+                        let property = &tool.parameters["properties"][key];
+                        let at = format!("{param}.properties.{key}");
+                        let value = g.schema(property, &at).map_err(|e| schema_error(&at, e))?;
+                        let key = key.replace(['"', '\\'], "");
+                        parts.push(format!(r#""{key}=" {value}"#));
+                    }
+                    let _ = &args;
+                    format!(r#""{name}(" {} ")""#, parts.join(r#" ", " "#))
+                }
                 _ => format!(
                     r#""{{" ws "\"name\"" ws ":" ws {} ws "," ws {} ws ":" ws {args} ws "}}""#,
                     schema::literal(&json!(tool.name)),
@@ -294,6 +314,13 @@ impl ToolRequest {
         let several = self.parallel && self.choice == ToolChoice::Required;
         let root = match self.format {
             ToolFormat::QwenXml | ToolFormat::Glm => unreachable!("built by xml_grammar"),
+            ToolFormat::Llama4 => {
+                if several {
+                    format!(r#""[" {call} ( ", " {call} )* "]""#)
+                } else {
+                    format!(r#""[" {call} "]""#)
+                }
+            }
             ToolFormat::Kimi | ToolFormat::Deepseek => {
                 let (open, close) = if self.format == ToolFormat::Kimi {
                     ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>")

@@ -27,6 +27,9 @@ pub enum ToolFormat {
     Glm,
     /// Kimi K2: `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:0…`.
     Kimi,
+    /// Llama 4's pythonic calls: `[name(arg=value, …), …]`, optionally inside
+    /// `<|python_start|>…<|python_end|>`.
+    Llama4,
     /// DeepSeek V3 and later: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>…`.
     Deepseek,
     Llama3,
@@ -71,6 +74,8 @@ impl ToolFormat {
             Self::QwenXml
         } else if template.contains(families::GLM_ARG_KEY) {
             Self::Glm
+        } else if template.contains(families::LLAMA4_START) || template.contains("func_name1(") {
+            Self::Llama4
         } else if template.contains(families::KIMI_CALL) {
             Self::Kimi
         } else if template.contains("tool▁calls▁begin") {
@@ -92,6 +97,7 @@ impl ToolFormat {
             Self::QwenXml => "qwen-xml",
             Self::Glm => "glm",
             Self::Kimi => "kimi",
+            Self::Llama4 => "llama4",
             Self::Deepseek => "deepseek",
             Self::Llama3 => "llama3",
             Self::Mistral => "mistral",
@@ -106,6 +112,7 @@ impl ToolFormat {
             Self::QwenXml => &[HERMES_OPEN, QWEN_FUNCTION],
             Self::Glm => &[HERMES_OPEN],
             Self::Kimi => &[families::KIMI_SECTION, families::KIMI_CALL],
+            Self::Llama4 => &[families::LLAMA4_START],
             Self::Deepseek => &[families::DEEPSEEK_CALLS, families::DEEPSEEK_CALL],
             Self::Llama3 => &[PYTHON_TAG],
             Self::Mistral => &[MISTRAL_CALLS],
@@ -114,7 +121,7 @@ impl ToolFormat {
 
     /// Whether a body that opens with `{` or `[` may be a bare call.
     fn bare_json(self) -> bool {
-        matches!(self, Self::Llama3 | Self::Generic)
+        matches!(self, Self::Llama3 | Self::Llama4 | Self::Generic)
     }
 }
 
@@ -235,6 +242,7 @@ pub fn parse(text: &str, format: ToolFormat) -> Parsed {
         Format::QwenXml => qwen_xml(body),
         Format::Glm => families::glm(body),
         Format::Kimi => families::kimi(body),
+        Format::Llama4 => families::llama4(body),
         Format::Deepseek => families::deepseek(body),
         Format::Generic => hermes(body, true),
         Format::Llama3 => llama3(body),
@@ -552,7 +560,11 @@ fn bare(body: &str) -> Found<'_> {
 }
 
 fn llama3(body: &str) -> Found<'_> {
-    let trimmed = body.trim_start();
+    // Text may come before `<|python_tag|>`: it is content.
+    let (before, trimmed) = match body.find(PYTHON_TAG) {
+        Some(at) => (&body[..at], &body[at..]),
+        None => ("", body.trim_start()),
+    };
     let (tagged, json) = match trimmed.strip_prefix(PYTHON_TAG) {
         Some(rest) => (true, rest.trim_start()),
         None => (false, trimmed),
@@ -587,7 +599,7 @@ fn llama3(body: &str) -> Found<'_> {
         return Found::Broken("text after the calls".into());
     }
     Found::Calls {
-        before: "",
+        before,
         after: "",
         calls,
         repairs,

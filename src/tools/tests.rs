@@ -450,3 +450,48 @@ fn a_prompt_that_opens_reasoning_starts_the_output_inside_it() {
     assert!(calls, "{m:?}");
     assert_eq!(m.reasoning.as_deref(), Some("Weather needed."));
 }
+
+#[test]
+fn llama4_pythonic_calls_and_llama3_text_before_the_python_tag() {
+    let llama4 = family_tools("{{- '<|python_start|>' }}", None);
+    assert_eq!(llama4.format, ToolFormat::Llama4);
+    // Several calls, both quote kinds with escapes, numbers, Python constants, lists, dicts, a
+    // no-argument call and a name with leading underscores.
+    let out = r#"[get_weather(city='Par\'is', days=2), get_time(), _probe(flag=True, none=None, ratio=-1.5e2, items=["a", 'b'], opts={'k': [1, 2]})]"#;
+    let parsed = super::parse::parse(out, ToolFormat::Llama4);
+    assert_eq!(parsed.problem, None, "{parsed:?}");
+    assert_eq!(parsed.calls.len(), 3);
+    assert_eq!(
+        parsed.calls[0].arguments,
+        json!({"city": "Par'is", "days": 2})
+    );
+    assert_eq!(parsed.calls[1].arguments, json!({}));
+    assert_eq!(parsed.calls[2].name, "_probe");
+    assert_eq!(
+        parsed.calls[2].arguments,
+        json!({"flag": true, "none": null, "ratio": -150.0, "items": ["a", "b"], "opts": {"k": [1, 2]}})
+    );
+    // Inside <|python_start|>…<|python_end|>, checked against the tools, streamed without markup.
+    let tagged = "<|python_start|>[get_weather(city=\"Paris\")]<|python_end|>";
+    let (m, content) = both_ways(&llama4, tagged);
+    assert_eq!(arguments(&m, 0), json!({"city": "Paris"}));
+    assert_eq!(content, "");
+    // A list that is not a call is an answer; a broken call list is content, never a 500.
+    let (m, calls) = llama4.finish("[1, 2, 3]", false);
+    assert!(!calls && m.content.as_deref() == Some("[1, 2, 3]"));
+    let (m, calls) = llama4.finish("[get_weather(city=\"Paris\"", false);
+    assert!(!calls && m.content.is_some());
+    let grammar = family_tools("<|python_start|>", Some(json!("required")))
+        .grammar()
+        .unwrap()
+        .unwrap();
+    crate::engine::grammar::check(&grammar).unwrap_or_else(|e| panic!("{e}\n{grammar}"));
+
+    // Llama 3.x: text before `<|python_tag|>` is content, the call after it a call.
+    let llama3 = family_tools("<|python_tag|>", None);
+    assert_eq!(llama3.format, ToolFormat::Llama3);
+    let out = "Let me check.<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}";
+    let (m, content) = both_ways(&llama3, out);
+    assert_eq!(m.tool_calls[0].name, "get_weather");
+    assert_eq!(content, "Let me check.");
+}
