@@ -130,6 +130,8 @@ pub enum FormatChoice {
     Kimi,
     /// Llama 4's pythonic calls (`[name(key=value)]`).
     Llama4,
+    /// OpenAI's harmony (gpt-oss): `<|channel|>analysis|final|commentary`.
+    Harmony,
     /// DeepSeek V3 and later (`<｜tool▁calls▁begin｜>…`).
     Deepseek,
     Llama3,

@@ -360,6 +360,10 @@ pub(super) async fn start_chat(
             "a raw `grammar` cannot be combined with a JSON `response_format`",
         ));
     }
+    if tools.is_none() && ToolRequest::reasoning_only(loaded.template.source()).is_some() {
+        // Reasoning markers (`<think>`, harmony's channels) may be control tokens.
+        options.special_tokens = true;
+    }
     if let Some(tools) = &tools {
         // Markers like `[TOOL_CALLS]` and `<|python_tag|>` are control tokens: keep them as text.
         options.special_tokens = true;

@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use super::parse::{leading_json, Found, ParsedCall};
+use super::parse::{leading_json, Found, Parsed, ParsedCall};
 
 pub(super) const GLM_ARG_KEY: &str = "<arg_key>";
 const GLM_OPEN: &str = "<tool_call>";
@@ -19,6 +19,10 @@ const KIMI_SECTION_END: &str = "<|tool_calls_section_end|>";
 
 pub(super) const LLAMA4_START: &str = "<|python_start|>";
 const LLAMA4_END: &str = "<|python_end|>";
+
+pub(super) const HARMONY_CHANNEL: &str = "<|channel|>";
+const HARMONY_MESSAGE: &str = "<|message|>";
+const HARMONY_ENDS: [&str; 4] = ["<|end|>", "<|call|>", "<|return|>", "<|start|>"];
 
 pub(super) const DEEPSEEK_CALLS: &str = "<｜tool▁calls▁begin｜>";
 pub(super) const DEEPSEEK_CALL: &str = "<｜tool▁call▁begin｜>";
@@ -462,4 +466,69 @@ impl<'a> Python<'a> {
 
 fn preview(text: &str) -> String {
     text.chars().take(20).collect()
+}
+
+/// OpenAI's harmony (gpt-oss): messages `<|channel|>NAME[ to=functions.TOOL][ <|constrain|>json]
+/// <|message|>BODY` ended by `<|end|>`, `<|call|>`, `<|return|>` or the next `<|start|>`.
+/// `analysis` is reasoning, `final` (and a `commentary` preamble) content, and a message
+/// addressed `to=functions.NAME` a call with a JSON body. Text without channels is content.
+pub(super) fn harmony(text: &str) -> Parsed {
+    let Some(first) = text.find(HARMONY_CHANNEL) else {
+        return Parsed {
+            content: (!text.trim().is_empty()).then(|| text.to_owned()),
+            ..Parsed::default()
+        };
+    };
+    let mut parsed = Parsed::default();
+    let mut reasoning = String::new();
+    let mut content = String::new();
+    // A recipient may be written in the header before the channel (`<|start|>assistant to=…`).
+    let header_start = text[..first].rfind("<|start|>").unwrap_or(first);
+    let mut rest = &text[header_start..];
+    while let Some(channel_at) = rest.find(HARMONY_CHANNEL) {
+        let header = &rest[..channel_at];
+        let after_channel = &rest[channel_at + HARMONY_CHANNEL.len()..];
+        let Some(message_at) = after_channel.find(HARMONY_MESSAGE) else {
+            parsed.problem = Some("a channel without `<|message|>`".into());
+            break;
+        };
+        let channel_header = &after_channel[..message_at];
+        let body_and_rest = &after_channel[message_at + HARMONY_MESSAGE.len()..];
+        let end = HARMONY_ENDS
+            .iter()
+            .filter_map(|m| body_and_rest.find(m))
+            .min()
+            .unwrap_or(body_and_rest.len());
+        let body = &body_and_rest[..end];
+        let channel = channel_header.split_whitespace().next().unwrap_or("");
+        let recipient = format!("{header} {channel_header}")
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("to=").map(str::to_owned));
+        match (channel, recipient) {
+            (_, Some(to)) => {
+                let name = to.strip_prefix("functions.").unwrap_or(&to).to_owned();
+                match json_arguments(&name, body) {
+                    Ok(arguments) => parsed.calls.push(ParsedCall { name, arguments }),
+                    Err(_) if end == body_and_rest.len() && !parsed.calls.is_empty() => {
+                        parsed.repairs.push(format!(
+                            "call {} was cut off mid-way and dropped",
+                            parsed.calls.len() + 1
+                        ));
+                    }
+                    Err(e) => {
+                        parsed.problem = Some(format!("call {}: {e}", parsed.calls.len() + 1));
+                        parsed.calls.clear();
+                        parsed.content = Some(text.to_owned());
+                        return parsed;
+                    }
+                }
+            }
+            ("analysis", None) => reasoning.push_str(body),
+            (_, None) => content.push_str(body),
+        }
+        rest = &body_and_rest[end..];
+    }
+    parsed.reasoning = (!reasoning.trim().is_empty()).then(|| reasoning.trim().to_owned());
+    parsed.content = (!content.trim().is_empty()).then_some(content);
+    parsed
 }

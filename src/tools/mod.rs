@@ -280,6 +280,9 @@ impl ToolRequest {
                 ToolFormat::Deepseek => format!(
                     r#""<｜tool▁call▁begin｜>{name}<｜tool▁sep｜>" {args} "<｜tool▁call▁end｜>""#
                 ),
+                ToolFormat::Harmony => format!(
+                    r#""<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>" {args}"#
+                ),
                 // Keyword arguments whose values are JSON (Python reads the same literals but
                 // `true`/`false`/`null`, which the parser also takes).
                 ToolFormat::Llama4 => {
@@ -314,6 +317,8 @@ impl ToolRequest {
         let several = self.parallel && self.choice == ToolChoice::Required;
         let root = match self.format {
             ToolFormat::QwenXml | ToolFormat::Glm => unreachable!("built by xml_grammar"),
+            // One call: the model's `<|call|>` ends the turn.
+            ToolFormat::Harmony => call,
             ToolFormat::Llama4 => {
                 if several {
                     format!(r#""[" {call} ( ", " {call} )* "]""#)

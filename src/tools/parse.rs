@@ -32,6 +32,9 @@ pub enum ToolFormat {
     Llama4,
     /// DeepSeek V3 and later: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>…`.
     Deepseek,
+    /// OpenAI's harmony (gpt-oss): channels `analysis`, `final`, and `commentary` messages to
+    /// `functions.NAME`.
+    Harmony,
     Llama3,
     Mistral,
     Generic,
@@ -54,9 +57,10 @@ pub fn opened_reasoning(prompt: &str) -> Option<&'static str> {
 
 /// Whether a chat template writes or expects reasoning tags.
 pub fn knows_reasoning(template_source: &str) -> bool {
-    REASONING_TAGS
-        .iter()
-        .any(|(open, _)| template_source.contains(open))
+    template_source.contains(families::HARMONY_CHANNEL)
+        || REASONING_TAGS
+            .iter()
+            .any(|(open, _)| template_source.contains(open))
 }
 
 const HERMES_OPEN: &str = "<tool_call>";
@@ -70,7 +74,9 @@ const MISTRAL_ARGS: &str = "[ARGS]";
 impl ToolFormat {
     /// The family a chat template's source speaks; `Generic` when it has no tool syntax.
     pub fn detect(template: &str) -> Self {
-        if template.contains(QWEN_FUNCTION) && template.contains(QWEN_PARAMETER) {
+        if template.contains(families::HARMONY_CHANNEL) {
+            Self::Harmony
+        } else if template.contains(QWEN_FUNCTION) && template.contains(QWEN_PARAMETER) {
             Self::QwenXml
         } else if template.contains(families::GLM_ARG_KEY) {
             Self::Glm
@@ -99,6 +105,7 @@ impl ToolFormat {
             Self::Kimi => "kimi",
             Self::Llama4 => "llama4",
             Self::Deepseek => "deepseek",
+            Self::Harmony => "harmony",
             Self::Llama3 => "llama3",
             Self::Mistral => "mistral",
             Self::Generic => "generic",
@@ -114,6 +121,7 @@ impl ToolFormat {
             Self::Kimi => &[families::KIMI_SECTION, families::KIMI_CALL],
             Self::Llama4 => &[families::LLAMA4_START],
             Self::Deepseek => &[families::DEEPSEEK_CALLS, families::DEEPSEEK_CALL],
+            Self::Harmony => &[families::HARMONY_CHANNEL],
             Self::Llama3 => &[PYTHON_TAG],
             Self::Mistral => &[MISTRAL_CALLS],
         }
@@ -190,6 +198,10 @@ pub fn may_open_reasoning(text: &str) -> bool {
 /// marker, and never into a tail that may become one. A body that may be a bare JSON call holds
 /// everything.
 pub fn settled_content(body: &str, format: ToolFormat) -> usize {
+    if format == ToolFormat::Harmony {
+        // Which channel a text belongs to is known only from its header: all at the end.
+        return 0;
+    }
     let trimmed = body.trim_start();
     if trimmed.is_empty() {
         return 0;
@@ -228,6 +240,10 @@ fn non_empty(text: &str) -> Option<String> {
 
 /// Parses a whole output.
 pub fn parse(text: &str, format: ToolFormat) -> Parsed {
+    if format == ToolFormat::Harmony {
+        // Channels carry the reasoning, the content and the calls alike.
+        return families::harmony(text);
+    }
     let split = split(text);
     let reasoning = split.reasoning.map(|r| r.trim().to_owned());
     let Some(body) = split.body else {
@@ -244,6 +260,7 @@ pub fn parse(text: &str, format: ToolFormat) -> Parsed {
         Format::Kimi => families::kimi(body),
         Format::Llama4 => families::llama4(body),
         Format::Deepseek => families::deepseek(body),
+        Format::Harmony => unreachable!("parsed whole above"),
         Format::Generic => hermes(body, true),
         Format::Llama3 => llama3(body),
         Format::Mistral => mistral(body),

@@ -495,3 +495,53 @@ fn llama4_pythonic_calls_and_llama3_text_before_the_python_tag() {
     assert_eq!(m.tool_calls[0].name, "get_weather");
     assert_eq!(content, "Let me check.");
 }
+
+#[test]
+fn harmony_channels_become_reasoning_content_and_calls() {
+    let harmony = family_tools(
+        "{{- '<|start|>assistant<|channel|>final<|message|>' }}",
+        None,
+    );
+    assert_eq!(harmony.format, ToolFormat::Harmony);
+    // Analysis, then the final answer.
+    let out = "<|channel|>analysis<|message|>User asks capital.<|end|><|start|>assistant<|channel|>final<|message|>Paris.<|return|>";
+    let (m, content) = both_ways(&harmony, out);
+    assert_eq!(m.reasoning.as_deref(), Some("User asks capital."));
+    assert_eq!(m.content.as_deref(), Some("Paris."));
+    assert_eq!(content, "Paris.");
+    // A call in the commentary channel, addressed in the channel header or before it.
+    for out in [
+        "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\":\"Paris\"}<|call|>",
+        "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{\"city\":\"Paris\"}<|call|>",
+    ] {
+        let (m, calls) = harmony.finish(out, false);
+        assert!(calls, "{out}: {m:?}");
+        assert_eq!(m.tool_calls[0].name, "get_weather");
+        assert_eq!(arguments(&m, 0), json!({"city": "Paris"}));
+        assert_eq!(m.reasoning.as_deref(), Some("Need weather."));
+        assert_eq!(m.content, None);
+    }
+    // Reasoning without tools, and text without channels.
+    let plain = ToolRequest::reasoning_only("<|channel|>").unwrap();
+    let (m, _) = plain.finish(
+        "<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant<|channel|>final<|message|>Hi.",
+        false,
+    );
+    assert_eq!(
+        (m.reasoning.as_deref(), m.content.as_deref()),
+        (Some("Hmm."), Some("Hi."))
+    );
+    let (m, _) = plain.finish("Just text.", false);
+    assert_eq!(m.content.as_deref(), Some("Just text."));
+    // A broken call body is content.
+    let (m, calls) = harmony.finish(
+        "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\":",
+        false,
+    );
+    assert!(!calls && m.content.is_some());
+    let grammar = family_tools("<|channel|>", Some(json!("required")))
+        .grammar()
+        .unwrap()
+        .unwrap();
+    crate::engine::grammar::check(&grammar).unwrap_or_else(|e| panic!("{e}\n{grammar}"));
+}
