@@ -134,6 +134,8 @@ pub enum FormatChoice {
     Harmony,
     /// DeepSeek V3 and later (`<｜tool▁calls▁begin｜>…`).
     Deepseek,
+    /// FunctionGemma (`<start_function_call>call:NAME{…}<end_function_call>`).
+    FunctionGemma,
     Llama3,
     Mistral,
     Generic,

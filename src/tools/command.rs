@@ -31,6 +31,7 @@ pub fn parse_command(args: &ToolsParseArgs) -> anyhow::Result<()> {
         FormatChoice::Kimi => ToolFormat::Kimi,
         FormatChoice::Llama4 => ToolFormat::Llama4,
         FormatChoice::Harmony => ToolFormat::Harmony,
+        FormatChoice::FunctionGemma => ToolFormat::FunctionGemma,
         FormatChoice::Deepseek => ToolFormat::Deepseek,
         FormatChoice::Llama3 => ToolFormat::Llama3,
         FormatChoice::Mistral => ToolFormat::Mistral,

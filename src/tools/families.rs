@@ -24,6 +24,10 @@ pub(super) const HARMONY_CHANNEL: &str = "<|channel|>";
 const HARMONY_MESSAGE: &str = "<|message|>";
 const HARMONY_ENDS: [&str; 4] = ["<|end|>", "<|call|>", "<|return|>", "<|start|>"];
 
+pub(super) const GEMMA_CALL: &str = "<start_function_call>";
+const GEMMA_CALL_END: &str = "<end_function_call>";
+const GEMMA_ESCAPE: &str = "<escape>";
+
 pub(super) const DEEPSEEK_CALLS: &str = "<｜tool▁calls▁begin｜>";
 pub(super) const DEEPSEEK_CALL: &str = "<｜tool▁call▁begin｜>";
 const DEEPSEEK_SEP: &str = "<｜tool▁sep｜>";
@@ -531,4 +535,121 @@ pub(super) fn harmony(text: &str) -> Parsed {
     parsed.reasoning = (!reasoning.trim().is_empty()).then(|| reasoning.trim().to_owned());
     parsed.content = (!content.trim().is_empty()).then_some(content);
     parsed
+}
+
+/// FunctionGemma (Google's Gemma function-calling format):
+/// `<start_function_call>call:NAME{key:<escape>text<escape>,key2:12,key3:{…}}<end_function_call>`;
+/// strings sit between `<escape>` tokens, other values are written bare (numbers, booleans,
+/// nested `{…}` and `[…]`).
+pub(super) fn function_gemma(body: &str) -> Found<'_> {
+    delimited(
+        body,
+        &[GEMMA_CALL],
+        GEMMA_CALL,
+        GEMMA_CALL_END,
+        None,
+        |call| {
+            let rest = call.trim().strip_prefix("call:").ok_or("no `call:`")?;
+            let open = rest.find('{').ok_or("no `{` after the name")?;
+            let name = rest[..open].trim();
+            if name.is_empty() {
+                return Err("a call needs a function name".into());
+            }
+            let mut reader = Gemma {
+                text: &rest[open..],
+                at: 0,
+            };
+            let arguments = reader.value()?;
+            if !reader.text[reader.at..].trim().is_empty() {
+                return Err(format!("`{name}`: text after the arguments"));
+            }
+            match arguments {
+                Value::Object(_) => Ok(ParsedCall {
+                    name: name.to_owned(),
+                    arguments,
+                }),
+                other => Err(format!(
+                    "`{name}`: arguments must be an object, not {other}"
+                )),
+            }
+        },
+    )
+}
+
+/// A reader of FunctionGemma's values.
+struct Gemma<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Gemma<'a> {
+    fn rest(&self) -> &'a str {
+        &self.text[self.at..]
+    }
+
+    fn skip_space(&mut self) {
+        let rest = self.rest();
+        self.at += rest.len() - rest.trim_start().len();
+    }
+
+    fn eat(&mut self, token: &str) -> bool {
+        if self.rest().starts_with(token) {
+            self.at += token.len();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn value(&mut self) -> Result<Value, String> {
+        self.skip_space();
+        if self.eat(GEMMA_ESCAPE) {
+            let rest = self.rest();
+            let end = rest.find(GEMMA_ESCAPE).ok_or("a string is never closed")?;
+            self.at += end + GEMMA_ESCAPE.len();
+            return Ok(Value::String(rest[..end].to_owned()));
+        }
+        if self.eat("{") {
+            let mut object = Map::new();
+            loop {
+                self.skip_space();
+                if self.eat("}") {
+                    return Ok(Value::Object(object));
+                }
+                if !object.is_empty() && !self.eat(",") {
+                    return Err("expected `,` or `}`".into());
+                }
+                self.skip_space();
+                let rest = self.rest();
+                let colon = rest.find(':').ok_or("a key without `:`")?;
+                let key = rest[..colon].trim().trim_matches('"').to_owned();
+                self.at += colon + 1;
+                let value = self.value()?;
+                object.insert(key, value);
+            }
+        }
+        if self.eat("[") {
+            let mut items = Vec::new();
+            loop {
+                self.skip_space();
+                if self.eat("]") {
+                    return Ok(Value::Array(items));
+                }
+                if !items.is_empty() && !self.eat(",") {
+                    return Err("expected `,` or `]`".into());
+                }
+                items.push(self.value()?);
+            }
+        }
+        let rest = self.rest();
+        let end = rest.find([',', '}', ']']).unwrap_or(rest.len());
+        let word = rest[..end].trim();
+        self.at += end;
+        match serde_json::from_str::<Value>(word) {
+            Ok(value) => Ok(value),
+            // A bare word the model did not escape: text.
+            Err(_) if !word.is_empty() => Ok(Value::String(word.to_owned())),
+            Err(_) => Err("a key without a value".into()),
+        }
+    }
 }

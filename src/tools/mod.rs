@@ -280,6 +280,36 @@ impl ToolRequest {
                 ToolFormat::Deepseek => format!(
                     r#""<｜tool▁call▁begin｜>{name}<｜tool▁sep｜>" {args} "<｜tool▁call▁end｜>""#
                 ),
+                // Arguments in FunctionGemma's own syntax: required keys in order, strings
+                // between `<escape>`s, other values as JSON.
+                ToolFormat::FunctionGemma => {
+                    let required: Vec<&str> = tool.parameters["required"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    let mut parts = Vec::new();
+                    for key in required {
+                        let property = &tool.parameters["properties"][key];
+                        let at = format!("{param}.properties.{key}");
+                        let value = if property["type"] == "string" {
+                            r#""<escape>" [^<]* "<escape>""#.to_owned()
+                        } else {
+                            g.schema(property, &at).map_err(|e| schema_error(&at, e))?
+                        };
+                        let key = key.replace(['"', '\\'], "");
+                        parts.push(format!(r#""{key}:" {value}"#));
+                    }
+                    let arguments = if parts.is_empty() {
+                        String::new()
+                    } else {
+                        parts.join(r#" "," "#)
+                    };
+                    format!(
+                        r#""<start_function_call>call:{name}{{" {arguments} "}}<end_function_call>""#
+                    )
+                }
                 ToolFormat::Harmony => format!(
                     r#""<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>" {args}"#
                 ),
@@ -319,6 +349,13 @@ impl ToolRequest {
             ToolFormat::QwenXml | ToolFormat::Glm => unreachable!("built by xml_grammar"),
             // One call: the model's `<|call|>` ends the turn.
             ToolFormat::Harmony => call,
+            ToolFormat::FunctionGemma => {
+                if several {
+                    format!(r#"{call} ( {call} )*"#)
+                } else {
+                    call
+                }
+            }
             ToolFormat::Llama4 => {
                 if several {
                     format!(r#""[" {call} ( ", " {call} )* "]""#)

@@ -35,6 +35,8 @@ pub enum ToolFormat {
     /// OpenAI's harmony (gpt-oss): channels `analysis`, `final`, and `commentary` messages to
     /// `functions.NAME`.
     Harmony,
+    /// FunctionGemma: `<start_function_call>call:NAME{key:<escape>v<escape>}<end_function_call>`.
+    FunctionGemma,
     Llama3,
     Mistral,
     Generic,
@@ -78,6 +80,8 @@ impl ToolFormat {
             Self::Harmony
         } else if template.contains(QWEN_FUNCTION) && template.contains(QWEN_PARAMETER) {
             Self::QwenXml
+        } else if template.contains(families::GEMMA_CALL) {
+            Self::FunctionGemma
         } else if template.contains(families::GLM_ARG_KEY) {
             Self::Glm
         } else if template.contains(families::LLAMA4_START) || template.contains("func_name1(") {
@@ -106,6 +110,7 @@ impl ToolFormat {
             Self::Llama4 => "llama4",
             Self::Deepseek => "deepseek",
             Self::Harmony => "harmony",
+            Self::FunctionGemma => "function-gemma",
             Self::Llama3 => "llama3",
             Self::Mistral => "mistral",
             Self::Generic => "generic",
@@ -122,6 +127,7 @@ impl ToolFormat {
             Self::Llama4 => &[families::LLAMA4_START],
             Self::Deepseek => &[families::DEEPSEEK_CALLS, families::DEEPSEEK_CALL],
             Self::Harmony => &[families::HARMONY_CHANNEL],
+            Self::FunctionGemma => &[families::GEMMA_CALL],
             Self::Llama3 => &[PYTHON_TAG],
             Self::Mistral => &[MISTRAL_CALLS],
         }
@@ -261,6 +267,7 @@ pub fn parse(text: &str, format: ToolFormat) -> Parsed {
         Format::Llama4 => families::llama4(body),
         Format::Deepseek => families::deepseek(body),
         Format::Harmony => unreachable!("parsed whole above"),
+        Format::FunctionGemma => families::function_gemma(body),
         Format::Generic => hermes(body, true),
         Format::Llama3 => llama3(body),
         Format::Mistral => mistral(body),

@@ -545,3 +545,39 @@ fn harmony_channels_become_reasoning_content_and_calls() {
         .unwrap();
     crate::engine::grammar::check(&grammar).unwrap_or_else(|e| panic!("{e}\n{grammar}"));
 }
+
+#[test]
+fn function_gemma_calls_with_escaped_strings() {
+    let gemma = family_tools("{{ '<start_function_call>' }}", None);
+    assert_eq!(gemma.format, ToolFormat::FunctionGemma);
+    let out = "<start_function_call>call:get_weather{city:<escape>Paris, France<escape>,days:3}<end_function_call>";
+    let (m, content) = both_ways(&gemma, out);
+    assert_eq!(m.tool_calls[0].name, "get_weather");
+    assert_eq!(
+        arguments(&m, 0),
+        json!({"city": "Paris, France", "days": 3})
+    );
+    assert_eq!(content, "");
+    // Two calls, nested values; a broken one is content.
+    let two = "<start_function_call>call:get_time{}<end_function_call><start_function_call>call:get_weather{city:<escape>Oslo<escape>}<end_function_call>";
+    let (m, calls) = gemma.finish(two, false);
+    assert!(calls && m.tool_calls.len() == 2, "{m:?}");
+    let parsed = super::parse::parse(
+        "<start_function_call>call:f{a:{b:[1,2]},c:true}<end_function_call>",
+        ToolFormat::FunctionGemma,
+    );
+    assert_eq!(
+        parsed.calls[0].arguments,
+        json!({"a": {"b": [1, 2]}, "c": true})
+    );
+    let (m, calls) = gemma.finish(
+        "<start_function_call>call:get_weather{city:<escape>Par<end_function_call>",
+        false,
+    );
+    assert!(!calls && m.content.is_some());
+    let grammar = family_tools("<start_function_call>", Some(json!("required")))
+        .grammar()
+        .unwrap()
+        .unwrap();
+    crate::engine::grammar::check(&grammar).unwrap_or_else(|e| panic!("{e}\n{grammar}"));
+}
