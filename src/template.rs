@@ -38,7 +38,20 @@ pub struct RenderContext<M: Serialize, T: Serialize> {
     pub add_generation_prompt: bool,
     pub bos_token: String,
     pub eos_token: String,
+    /// More variables for the template (`reasoning_effort`, `enable_thinking`, a request's
+    /// `chat_template_kwargs`); never one of the names above.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
+
+/// The variables a request may not set through `chat_template_kwargs`.
+pub const RESERVED_VARIABLES: [&str; 5] = [
+    "messages",
+    "tools",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+];
 
 /// A compiled chat template.
 pub struct ChatTemplate {
@@ -258,6 +271,7 @@ mod tests {
             add_generation_prompt: true,
             bos_token: "<s>".into(),
             eos_token: "</s>".into(),
+            extra: Default::default(),
         })
     }
 

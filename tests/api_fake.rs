@@ -2642,3 +2642,51 @@ async fn ollama_accepts_tool_choice_to_force_a_call() {
     let (status, resp) = send_json(&h.app, post("/api/chat", bad)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{resp}");
 }
+
+#[tokio::test]
+async fn reasoning_effort_and_template_kwargs_reach_the_template() {
+    // The echo model repeats the prompt: the rendered variables come back as the answer
+    // (booleans as Python writes them, as Hugging Face templates expect).
+    let h = ollama_harness(Some(
+        "{# <think> #}{{ reasoning_effort | default('none') }}|{{ enable_thinking | default('unset') }}|{{ messages[-1].content }}",
+    ));
+    let ask = |extra: Value| {
+        let mut body = json!({"model": MODEL, "max_tokens": 32,
+                              "messages": [{"role": "user", "content": "hi"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let (status, body) = send_json(
+        &h.app,
+        post(
+            "/v1/chat/completions",
+            ask(json!({"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": false}})),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "high|False|hi");
+    for (bad, param) in [
+        (json!({"reasoning_effort": "extreme"}), "reasoning_effort"),
+        (
+            json!({"chat_template_kwargs": {"messages": []}}),
+            "chat_template_kwargs",
+        ),
+    ] {
+        let (status, body) = send_json(&h.app, post("/v1/chat/completions", ask(bad))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(error_of(&body)["param"], param);
+    }
+    // Ollama's `think`: a level is the effort, and thinking is switched on or off.
+    let ollama = json!({"model": MODEL, "stream": false, "think": "low",
+                        "messages": [{"role": "user", "content": "hi"}]});
+    let (status, body) = send_json(&h.app, post("/api/chat", ollama)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["message"]["content"], "low|True|hi");
+    let off = json!({"model": MODEL, "stream": false, "think": false,
+                     "messages": [{"role": "user", "content": "hi"}]});
+    let (_, body) = send_json(&h.app, post("/api/chat", off)).await;
+    assert_eq!(body["message"]["content"], "none|False|hi");
+}

@@ -32,6 +32,38 @@ struct ChatFields {
     top_logprobs: Option<i64>,
     /// lm-sandbox's extension: `{"shell": bool, "max_tool_rounds": n}`.
     sandbox: Option<shell_loop::SandboxFields>,
+    /// OpenAI's reasoning effort, handed to the template (gpt-oss reads it).
+    reasoning_effort: Option<String>,
+    /// llama-server's extension: more variables for the chat template (`enable_thinking`).
+    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+}
+
+impl ChatFields {
+    /// The template variables the request sets: `chat_template_kwargs`, then `reasoning_effort`.
+    fn template_variables(&self) -> Result<serde_json::Map<String, Value>, ApiError> {
+        let mut extra = self.chat_template_kwargs.clone().unwrap_or_default();
+        if let Some(reserved) = extra
+            .keys()
+            .find(|k| crate::template::RESERVED_VARIABLES.contains(&k.as_str()))
+        {
+            return Err(ApiError::invalid(
+                "chat_template_kwargs",
+                format!("`{reserved}` is set by the server and cannot be given"),
+            ));
+        }
+        if let Some(effort) = &self.reasoning_effort {
+            if !["minimal", "low", "medium", "high"].contains(&effort.as_str()) {
+                return Err(ApiError::invalid(
+                    "reasoning_effort",
+                    format!(
+                        "`reasoning_effort` must be minimal, low, medium or high; got {effort:?}"
+                    ),
+                ));
+            }
+            extra.insert("reasoning_effort".into(), json!(effort));
+        }
+        Ok(extra)
+    }
 }
 
 impl From<ToolError> for ApiError {
@@ -196,7 +228,7 @@ pub(super) async fn render_request(
         .enumerate()
         .map(|(i, m)| template_message(m, i))
         .collect::<Result<Vec<_>, _>>()?;
-    super::prompt::rendered_off_runtime(loaded, messages, tools).await
+    super::prompt::rendered_off_runtime(loaded, messages, tools, chat.template_variables()?).await
 }
 
 /// A chat request under way: the shell loop's response, or the engine's receivers for the caller's
@@ -417,8 +449,13 @@ pub(super) async fn start_chat(
             shell_loop::start(state.clone(), served, options, messages, loop_tools, shell).await?;
         return Ok(ChatStart::Loop(model, Box::new(run)));
     }
-    let (prompt, tokens) =
-        super::prompt::rendered_off_runtime(Arc::clone(&loaded), messages, tools.clone()).await?;
+    let (prompt, tokens) = super::prompt::rendered_off_runtime(
+        Arc::clone(&loaded),
+        messages,
+        tools.clone(),
+        chat.template_variables()?,
+    )
+    .await?;
     let receivers = submit_prompt(&state, &served, tokens, &options)?;
     // Without tools, a template that knows reasoning still has its reasoning parsed out; a
     // prompt that opens reasoning itself (`…assistant\n<think>\n`) starts the output inside it.

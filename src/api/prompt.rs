@@ -69,6 +69,7 @@ fn render_and_tokenize(
     loaded: &Loaded,
     mut messages: Vec<Value>,
     tools: Option<&ToolRequest>,
+    extra: serde_json::Map<String, Value>,
 ) -> Result<(String, Vec<Token>), ApiError> {
     let template_tools = if loaded.template.knows_tools() {
         tools.map(ToolRequest::template_tools)
@@ -84,6 +85,7 @@ fn render_and_tokenize(
             add_generation_prompt: true,
             bos_token: loaded.info.bos_token.clone(),
             eos_token: loaded.info.eos_token.clone(),
+            extra,
         })
         .map_err(|err| match err {
             TemplateError::Render(message) => ApiError::invalid("messages", message),
@@ -100,18 +102,22 @@ fn prompt_tokens(
     messages: Vec<Value>,
     tools: Option<&ToolRequest>,
 ) -> Result<Vec<Token>, ApiError> {
-    render_and_tokenize(loaded, messages, tools).map(|(_, tokens)| tokens)
+    render_and_tokenize(loaded, messages, tools, Default::default()).map(|(_, tokens)| tokens)
 }
 
 /// The rendered prompt and its tokens, on the blocking pool (`/apply-template`, `input_tokens`).
+/// `extra`: more template variables (`reasoning_effort`, `chat_template_kwargs`).
 pub async fn rendered_off_runtime(
     loaded: Arc<Loaded>,
     messages: Vec<Value>,
     tools: Option<ToolRequest>,
+    extra: serde_json::Map<String, Value>,
 ) -> Result<(String, Vec<Token>), ApiError> {
-    tokio::task::spawn_blocking(move || render_and_tokenize(&loaded, messages, tools.as_ref()))
-        .await
-        .map_err(|e| ApiError::Internal(format!("the prompt task failed: {e}")))?
+    tokio::task::spawn_blocking(move || {
+        render_and_tokenize(&loaded, messages, tools.as_ref(), extra)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("the prompt task failed: {e}")))?
 }
 
 /// [`prompt_tokens`] on the blocking pool.

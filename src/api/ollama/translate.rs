@@ -210,10 +210,20 @@ fn format(value: Option<&Value>) -> Option<Value> {
 }
 
 /// `think`: accepted only for templates that know reasoning.
-fn think(served: &Served, value: Option<&Value>, model: &str) -> Result<(), ApiError> {
-    let wants = match value {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-        Some(Value::Bool(true)) | Some(Value::String(_)) => true,
+/// `think`: accepted only for templates that know reasoning; it reaches the template as
+/// `enable_thinking` (true/false) and, for a level, `reasoning_effort`.
+fn think(
+    served: &Served,
+    value: Option<&Value>,
+    model: &str,
+    out: &mut Map<String, Value>,
+) -> Result<(), ApiError> {
+    let (wants, level) = match value {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::Bool(b)) => (*b, None),
+        Some(Value::String(level)) if ["low", "medium", "high"].contains(&level.as_str()) => {
+            (true, Some(level.clone()))
+        }
         Some(other) => {
             return Err(ApiError::invalid(
                 "think",
@@ -223,11 +233,20 @@ fn think(served: &Served, value: Option<&Value>, model: &str) -> Result<(), ApiE
             ))
         }
     };
-    if wants && !served.loaded.template.source().contains("think") {
+    let knows = crate::tools::parse::knows_reasoning(served.loaded.template.source())
+        || served.loaded.template.source().contains("enable_thinking");
+    if wants && !knows {
         return Err(ApiError::invalid(
             "think",
             format!("\"{model}\" does not support thinking"),
         ));
+    }
+    out.insert(
+        "chat_template_kwargs".into(),
+        json!({"enable_thinking": wants}),
+    );
+    if let Some(level) = level {
+        out.insert("reasoning_effort".into(), json!(level));
     }
     Ok(())
 }
@@ -314,7 +333,7 @@ fn common(served: &Served, body: &Value) -> Result<(String, Map<String, Value>, 
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::invalid("stream", "`stream` must be a boolean")),
     };
-    think(served, body.get("think"), &name)?;
+    think(served, body.get("think"), &name, &mut out)?;
     Ok((name, out, stream))
 }
 
