@@ -309,7 +309,8 @@ pub(super) async fn answer(
             Some(tools) => {
                 let truncated = c.reason == Some(FinishReason::Length);
                 let (message, has_calls) = tools.finish(&c.text, truncated);
-                let reason = if has_calls {
+                // Calls completed before a cut-off are calls, and the reason stays `length`.
+                let reason = if has_calls && !truncated {
                     "tool_calls"
                 } else {
                     c.reason.map_or("stop", finish_reason)
@@ -582,7 +583,7 @@ impl ChunkShape for ChatChunks {
             Some((tools, streams)) => {
                 let truncated = reason == FinishReason::Length;
                 let (deltas, _, has_calls) = streams[index as usize].finish(tools, truncated);
-                let reason = if has_calls {
+                let reason = if has_calls && !truncated {
                     "tool_calls"
                 } else {
                     finish_reason(reason)

@@ -66,10 +66,10 @@ fn delimited<'a>(
                 return Found::Broken(format!("call 1: `{close}` never comes"));
             }
             repairs.push(format!(
-                "call {} was cut off mid-way and dropped",
+                "call {} was cut off mid-way: its text is content",
                 calls.len() + 1
             ));
-            rest = "";
+            rest = trimmed;
             break;
         };
         match call(&inner[..end]) {
@@ -515,9 +515,10 @@ pub(super) fn harmony(text: &str) -> Parsed {
                     Ok(arguments) => parsed.calls.push(ParsedCall { name, arguments }),
                     Err(_) if end == body_and_rest.len() && !parsed.calls.is_empty() => {
                         parsed.repairs.push(format!(
-                            "call {} was cut off mid-way and dropped",
+                            "call {} was cut off mid-way: its text is content",
                             parsed.calls.len() + 1
                         ));
+                        content.push_str(&rest[..]);
                     }
                     Err(e) => {
                         parsed.problem = Some(format!("call {}: {e}", parsed.calls.len() + 1));

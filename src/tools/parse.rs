@@ -392,10 +392,9 @@ fn hermes(body: &str, bare_json: bool) -> Found<'_> {
             // it are kept.
             Err(_) if !calls.is_empty() && !inner.contains(HERMES_CLOSE) => {
                 repairs.push(format!(
-                    "call {} was cut off mid-way and dropped",
+                    "call {} was cut off mid-way: its text is content",
                     calls.len() + 1
                 ));
-                rest = "";
                 break;
             }
             Err(e) => return Found::Broken(format!("call {}: {e}", calls.len() + 1)),
@@ -463,10 +462,10 @@ fn qwen_xml(body: &str) -> Found<'_> {
             }
             Err(_) if !calls.is_empty() && !inner.contains("</function>") => {
                 repairs.push(format!(
-                    "call {} was cut off mid-way and dropped",
+                    "call {} was cut off mid-way: its text is content",
                     calls.len() + 1
                 ));
-                rest = "";
+                rest = trimmed;
                 break;
             }
             Err(e) => return Found::Broken(format!("call {}: {e}", calls.len() + 1)),

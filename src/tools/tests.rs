@@ -94,13 +94,16 @@ fn calls_are_checked_against_the_tools() {
     let (m, calls) = tools.finish(complete, true);
     assert!(calls, "a complete call is a call");
     assert_eq!(m.tool_calls[0].name, "get_time");
-    // A complete call, then a second cut off mid-way: the first is kept, the second dropped.
+    // A complete call, then a second cut off mid-way: the first is a call, the broken tail content.
     let cut = "<tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>\n<tool_call>{\"name\": \"get_weather\", \"argu";
     let (m, calls) = tools.finish(cut, true);
     assert!(calls, "{m:?}");
     assert_eq!(m.tool_calls.len(), 1);
     assert_eq!(m.tool_calls[0].name, "get_time");
-    assert_eq!(m.content, None);
+    assert_eq!(
+        m.content.as_deref(),
+        Some("<tool_call>{\"name\": \"get_weather\", \"argu")
+    );
     // Cut off inside the only call: text.
     let only = "<tool_call>{\"name\": \"get_weather\", \"argu";
     let (m, calls) = tools.finish(only, true);
@@ -580,4 +583,74 @@ fn function_gemma_calls_with_escaped_strings() {
         .unwrap()
         .unwrap();
     crate::engine::grammar::check(&grammar).unwrap_or_else(|e| panic!("{e}\n{grammar}"));
+}
+
+/// Every family: streamed in pieces of every size (on character boundaries), the deltas add up to
+/// the whole output's message (content, reasoning and calls), and no call markup is streamed.
+#[test]
+fn every_format_streams_to_the_same_message_at_every_piece_size() {
+    let samples: Vec<(&str, &str)> = vec![
+        ("<tool_call>", "Hi.<tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>"),
+        (QWEN_XML_TEMPLATE, "Ok.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNice\n</parameter>\n<parameter=days>\n1\n</parameter>\n</function>\n</tool_call>"),
+        ("{{ '<tool_call>' }}<arg_key>", "So.<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Été</arg_value>\n</tool_call>"),
+        ("<|tool_call_begin|>", "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_time:0<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>"),
+        ("<｜tool▁calls▁begin｜>", "Look: <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"東京\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"),
+        ("<|python_start|>", "[get_weather(city='Zürich')]"),
+        ("<|channel|>", "<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant<|channel|>final<|message|>Ça va.<|return|>"),
+        ("<start_function_call>", "<start_function_call>call:get_weather{city:<escape>Kyiv<escape>}<end_function_call>"),
+        ("<|python_tag|>", "Sure.<|python_tag|>{\"name\": \"get_time\", \"parameters\": {}}"),
+        ("<think>", "<think>Why \"x\"?</think>Plain answer with “quotes”."),
+    ];
+    for (template, out) in samples {
+        let tools = family_tools(template, None);
+        let (whole, _) = tools.finish(out, false);
+        for size in 1..=7 {
+            let mut stream = ToolStream::new();
+            let mut content = String::new();
+            let mut reasoning = String::new();
+            let mut start = 0;
+            while start < out.len() {
+                let mut end = (start + size).min(out.len());
+                while !out.is_char_boundary(end) {
+                    end += 1;
+                }
+                for delta in stream.push(&out[start..end], &tools) {
+                    content.push_str(delta["content"].as_str().unwrap_or(""));
+                    reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or(""));
+                }
+                start = end;
+            }
+            let (deltas, message, _) = stream.finish(&tools, false);
+            for delta in deltas {
+                content.push_str(delta["content"].as_str().unwrap_or(""));
+                reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or(""));
+            }
+            let name = tools.format.name();
+            assert_eq!(
+                content,
+                whole.content.clone().unwrap_or_default(),
+                "{name} size {size}"
+            );
+            assert_eq!(
+                reasoning,
+                whole.reasoning.clone().unwrap_or_default(),
+                "{name} size {size}"
+            );
+            assert_eq!(
+                message.tool_calls.len(),
+                whole.tool_calls.len(),
+                "{name} size {size}"
+            );
+            for marker in [
+                "<tool_call",
+                "<|tool",
+                "<｜tool",
+                "<|channel",
+                "<start_function",
+                "<|python",
+            ] {
+                assert!(!content.contains(marker), "{name} size {size}: {content}");
+            }
+        }
+    }
 }
