@@ -518,7 +518,7 @@ pub(super) fn harmony(text: &str) -> Parsed {
                             "call {} was cut off mid-way: its text is content",
                             parsed.calls.len() + 1
                         ));
-                        content.push_str(&rest[..]);
+                        content.push_str(rest);
                     }
                     Err(e) => {
                         parsed.problem = Some(format!("call {}: {e}", parsed.calls.len() + 1));
