@@ -245,6 +245,34 @@ impl ToolRequest {
         text
     }
 
+    /// One GBNF piece per required argument of `tool`, in the schema's order: `string_rule` for
+    /// string properties when given, else the JSON grammar of the property's schema; `piece(key,
+    /// value)` writes the family's syntax (keys lose quotes and backslashes, as GBNF literals).
+    fn required_arguments(
+        g: &mut GrammarBuilder,
+        tool: &ToolSpec,
+        param: &str,
+        string_rule: Option<&str>,
+        piece: impl Fn(&str, &str) -> String,
+    ) -> Result<Vec<String>, ToolError> {
+        let required = tool.parameters["required"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str);
+        let mut parts = Vec::new();
+        for key in required {
+            let property = &tool.parameters["properties"][key];
+            let at = format!("{param}.properties.{key}");
+            let value = match string_rule {
+                Some(rule) if property["type"] == "string" => rule.to_owned(),
+                _ => g.schema(property, &at).map_err(|e| schema_error(&at, e))?,
+            };
+            parts.push(piece(&key.replace(['"', '\\'], ""), &value));
+        }
+        Ok(parts)
+    }
+
     /// The grammar that forces a call, for `required` and a named choice; `None` for `auto`.
     pub fn grammar(&self) -> Result<Option<String>, ToolError> {
         let allowed: Vec<&ToolSpec> = match &self.choice {
@@ -283,24 +311,13 @@ impl ToolRequest {
                 // Arguments in FunctionGemma's own syntax: required keys in order, strings
                 // between `<escape>`s, other values as JSON.
                 ToolFormat::FunctionGemma => {
-                    let required: Vec<&str> = tool.parameters["required"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                        .collect();
-                    let mut parts = Vec::new();
-                    for key in required {
-                        let property = &tool.parameters["properties"][key];
-                        let at = format!("{param}.properties.{key}");
-                        let value = if property["type"] == "string" {
-                            r#""<escape>" [^<]* "<escape>""#.to_owned()
-                        } else {
-                            g.schema(property, &at).map_err(|e| schema_error(&at, e))?
-                        };
-                        let key = key.replace(['"', '\\'], "");
-                        parts.push(format!(r#""{key}:" {value}"#));
-                    }
+                    let parts = Self::required_arguments(
+                        &mut g,
+                        tool,
+                        &param,
+                        Some(r#""<escape>" [^<]* "<escape>""#),
+                        |key, value| format!(r#""{key}:" {value}"#),
+                    )?;
                     let arguments = if parts.is_empty() {
                         String::new()
                     } else {
@@ -316,21 +333,10 @@ impl ToolRequest {
                 // Keyword arguments whose values are JSON (Python reads the same literals but
                 // `true`/`false`/`null`, which the parser also takes).
                 ToolFormat::Llama4 => {
-                    let required: Vec<&str> = tool.parameters["required"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                        .collect();
-                    let mut parts = Vec::new();
-                    for key in required {
-                        let property = &tool.parameters["properties"][key];
-                        let at = format!("{param}.properties.{key}");
-                        let value = g.schema(property, &at).map_err(|e| schema_error(&at, e))?;
-                        let key = key.replace(['"', '\\'], "");
-                        parts.push(format!(r#""{key}=" {value}"#));
-                    }
-                    let _ = &args;
+                    let parts =
+                        Self::required_arguments(&mut g, tool, &param, None, |key, value| {
+                            format!(r#""{key}=" {value}"#)
+                        })?;
                     format!(r#""{name}(" {} ")""#, parts.join(r#" ", " "#))
                 }
                 _ => format!(
@@ -422,12 +428,6 @@ impl ToolRequest {
                 .iter()
                 .position(|t| t.name == tool.name)
                 .unwrap_or(0);
-            let required: Vec<&str> = tool.parameters["required"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
             let glm = self.format == ToolFormat::Glm;
             let name = &tool.name;
             let mut parts = vec![if glm {
@@ -435,26 +435,22 @@ impl ToolRequest {
             } else {
                 format!(r#""<function={name}>\n""#)
             }];
-            for key in required {
-                let property = &tool.parameters["properties"][key];
-                let param = format!("tools[{index}].function.parameters.properties.{key}");
-                let value = if property["type"] == "string" {
-                    text.clone()
-                } else {
-                    g.schema(property, &param)
-                        .map_err(|e| schema_error(&param, e))?
-                };
-                // Keys come from the schema's `required`: any text but quotes and backslashes is
-                // kept as written in a GBNF literal.
-                let key_text = key.replace(['"', '\\'], "");
-                parts.push(if glm {
-                    format!(
-                        r#""<arg_key>{key_text}</arg_key>\n<arg_value>" {value} "</arg_value>\n""#
-                    )
-                } else {
-                    format!(r#""<parameter={key_text}>\n" {value} "\n</parameter>\n""#)
-                });
-            }
+            let text_rule = text.clone();
+            parts.extend(Self::required_arguments(
+                &mut g,
+                tool,
+                &format!("tools[{index}].function.parameters"),
+                Some(&text_rule),
+                |key, value| {
+                    if glm {
+                        format!(
+                            r#""<arg_key>{key}</arg_key>\n<arg_value>" {value} "</arg_value>\n""#
+                        )
+                    } else {
+                        format!(r#""<parameter={key}>\n" {value} "\n</parameter>\n""#)
+                    }
+                },
+            )?);
             if !glm {
                 parts.push(r#""</function>""#.to_owned());
             }
