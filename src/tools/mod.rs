@@ -351,62 +351,44 @@ impl ToolRequest {
         // A named choice is one call to that function (as OpenAI's); `required` may make several
         // when parallel calls are allowed.
         let several = self.parallel && self.choice == ToolChoice::Required;
-        let root = match self.format {
-            ToolFormat::QwenXml | ToolFormat::Glm => unreachable!("built by xml_grammar"),
-            // One call: the model's `<|call|>` ends the turn.
-            ToolFormat::Harmony => call,
-            ToolFormat::FunctionGemma => {
-                if several {
-                    format!(r#"{call} ( {call} )*"#)
-                } else {
-                    call
-                }
-            }
-            ToolFormat::Llama4 => {
-                if several {
-                    format!(r#""[" {call} ( ", " {call} )* "]""#)
-                } else {
-                    format!(r#""[" {call} "]""#)
-                }
-            }
-            ToolFormat::Kimi | ToolFormat::Deepseek => {
-                let (open, close) = if self.format == ToolFormat::Kimi {
-                    ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>")
-                } else {
-                    ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
-                };
-                if several {
-                    format!(r#""{open}" {call} ( {call} )* "{close}""#)
-                } else {
-                    format!(r#""{open}" {call} "{close}""#)
-                }
-            }
-            ToolFormat::Hermes | ToolFormat::Generic => {
-                let block = g.rule(
-                    "block",
-                    format!(r#""<tool_call>" ws {call} ws "</tool_call>""#),
-                );
-                if several {
-                    format!(r#"{block} ( ws {block} )*"#)
-                } else {
-                    block
-                }
-            }
-            ToolFormat::Llama3 => {
-                if several {
-                    format!(r#"{call} ( ";" ws {call} )*"#)
-                } else {
-                    call
-                }
-            }
-            ToolFormat::Mistral => {
-                if several {
-                    format!(r#""[TOOL_CALLS][" ws {call} ( ws "," ws {call} )* ws "]""#)
-                } else {
-                    format!(r#""[TOOL_CALLS][" ws {call} ws "]""#)
-                }
-            }
+        // Each family's list of calls: what opens it, what separates two calls, what closes it
+        // (GBNF fragments), around the call itself or a block wrapping it.
+        let item = match self.format {
+            ToolFormat::Hermes | ToolFormat::Generic => g.rule(
+                "block",
+                format!(r#""<tool_call>" ws {call} ws "</tool_call>""#),
+            ),
+            _ => call,
         };
+        let (open, separator, close) = match self.format {
+            ToolFormat::QwenXml | ToolFormat::Glm => unreachable!("built by xml_grammar"),
+            ToolFormat::Hermes | ToolFormat::Generic => ("", "ws", ""),
+            ToolFormat::Llama3 => ("", r#"";" ws"#, ""),
+            ToolFormat::Llama4 => (r#""[""#, r#"", ""#, r#""]""#),
+            ToolFormat::Mistral => (r#""[TOOL_CALLS][" ws"#, r#"ws "," ws"#, r#"ws "]""#),
+            ToolFormat::Kimi => (
+                r#""<|tool_calls_section_begin|>""#,
+                "",
+                r#""<|tool_calls_section_end|>""#,
+            ),
+            ToolFormat::Deepseek => (
+                r#""<｜tool▁calls▁begin｜>""#,
+                "",
+                r#""<｜tool▁calls▁end｜>""#,
+            ),
+            ToolFormat::FunctionGemma | ToolFormat::Harmony => ("", "", ""),
+        };
+        // Harmony's `<|call|>` ends the turn: one call.
+        let list = if several && self.format != ToolFormat::Harmony {
+            format!("{item} ( {separator} {item} )*")
+        } else {
+            item
+        };
+        let root = [open, list.as_str(), close]
+            .into_iter()
+            .filter(|part| !part.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
         let grammar = g
             .finish_checked(&root, "tool_choice")
             .map_err(|e| schema_error("tool_choice", e))?;
