@@ -156,44 +156,56 @@ impl View {
             .map(|s| if s == "ok" { "ready" } else { s })
             .unwrap_or("unreachable")
             .to_owned();
-        let ids: Vec<String> = now.models["data"]
+        // One row per model (aliases share their model's row): its registry state, `ready` for
+        // a loaded one, and its engine's figures from the metrics (labelled with its id).
+        let models = now.models["data"]
             .as_array()
-            .map(|d| {
-                d.iter()
-                    .filter_map(|m| m["id"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        // Aliases share one engine; the metrics are labelled with the first id.
-        let models = ids
-            .first()
-            .map(|id| {
+            .into_iter()
+            .flatten()
+            .filter(|m| m.get("alias_of").is_none())
+            .filter_map(|m| {
+                let id = m["id"].as_str()?.to_owned();
+                let state = match m["state"].as_str() {
+                    Some("loaded") => "ready".to_owned(),
+                    Some(other) => other.to_owned(),
+                    None => state.clone(),
+                };
                 let rate = before.and_then(|b| {
                     let dt = now.at.duration_since(b.at).as_secs_f64();
-                    let tokens = now.value("llamacpp:tokens_predicted_total", id)?
-                        - b.value("llamacpp:tokens_predicted_total", id)?;
+                    let tokens = now.value("llamacpp:tokens_predicted_total", &id)?
+                        - b.value("llamacpp:tokens_predicted_total", &id)?;
                     (dt > 0.0).then(|| tokens / dt)
                 });
-                let ttft = now.buckets("lmsandbox_time_to_first_token_seconds", id);
-                ModelRow {
-                    id: id.clone(),
-                    state: state.clone(),
-                    active: now.value("llamacpp:requests_processing", id),
-                    queued: now.value("llamacpp:requests_deferred", id),
+                let ttft = now.buckets("lmsandbox_time_to_first_token_seconds", &id);
+                Some(ModelRow {
+                    active: now.value("llamacpp:requests_processing", &id),
+                    queued: now.value("llamacpp:requests_deferred", &id),
                     tokens_per_second: rate,
                     ttft_p50: histogram_quantile(0.5, &ttft),
                     ttft_p95: histogram_quantile(0.95, &ttft),
-                    kv: now.value("llamacpp:kv_cache_usage_ratio", id),
-                }
+                    kv: now.value("llamacpp:kv_cache_usage_ratio", &id),
+                    id,
+                    state,
+                })
             })
-            .into_iter()
             .collect();
+        // What every loaded model's plan puts on a GPU (older servers: the one top-level plan).
+        let plans: Vec<&Value> = match now.placement["models"].as_array() {
+            Some(models) => models.iter().map(|m| &m["plan"]).collect(),
+            None => vec![&now.placement["plan"]],
+        };
         let planned = |bus: &str| {
-            now.placement["plan"]["devices"]
-                .as_array()?
+            let totals: Vec<u64> = plans
                 .iter()
-                .find(|d| d["pci_bus_id"] == bus)?["total"]
-                .as_u64()
+                .filter_map(|plan| {
+                    plan["devices"]
+                        .as_array()?
+                        .iter()
+                        .find(|d| d["pci_bus_id"] == bus)?["total"]
+                        .as_u64()
+                })
+                .collect();
+            (!totals.is_empty()).then(|| totals.iter().sum())
         };
         let gpus = now.placement["gpus"]["gpus"]
             .as_array()
@@ -350,3 +362,44 @@ pub fn render(frame: &mut Frame<'_>, view: &View) {
 
 /// Polls every `interval`.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_model_has_a_row_with_its_state_and_plans_add_up_per_gpu() {
+        let bus = "00000000:01:00.0";
+        let now = Snapshot {
+            at: Instant::now(),
+            health: json!({"status": "ok"}),
+            models: json!({"data": [
+                {"id": "a", "state": "loaded"},
+                {"id": "alias-of-a", "state": "loaded", "alias_of": "a"},
+                {"id": "b:7b", "state": "unloaded"},
+                {"id": "broken", "state": "failed"},
+            ]}),
+            metrics: Vec::new(),
+            placement: json!({
+                "gpus": {"gpus": [{"name": "RTX 3060", "pci_bus_id": bus,
+                                    "memory_used": 3, "memory_total": 12}]},
+                "models": [
+                    {"id": "a", "plan": {"devices": [{"pci_bus_id": bus, "total": 100}]}},
+                    {"id": "c", "plan": {"devices": [{"pci_bus_id": bus, "total": 50}]}},
+                ],
+            }),
+        };
+        let view = View::new("http://x", &now, None);
+        let rows: Vec<(&str, &str)> = view
+            .models
+            .iter()
+            .map(|m| (m.id.as_str(), m.state.as_str()))
+            .collect();
+        assert_eq!(
+            rows,
+            [("a", "ready"), ("b:7b", "unloaded"), ("broken", "failed")]
+        );
+        assert_eq!(view.gpus[0].planned, Some(150));
+    }
+}
