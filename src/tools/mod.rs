@@ -296,9 +296,13 @@ impl ToolRequest {
                 .position(|t| t.name == tool.name)
                 .unwrap_or(0);
             let param = format!("tools[{index}].function.parameters");
-            let args = g
-                .schema(&tool.parameters, &param)
-                .map_err(|e| schema_error(&param, e))?;
+            // The keyword-argument families build their arguments key by key instead.
+            let args = if matches!(self.format, ToolFormat::FunctionGemma | ToolFormat::Llama4) {
+                String::new()
+            } else {
+                g.schema(&tool.parameters, &param)
+                    .map_err(|e| schema_error(&param, e))?
+            };
             // Names are `[A-Za-z0-9_-]` (checked): a plain GBNF literal.
             let name = &tool.name;
             let body = match self.format {
