@@ -35,6 +35,36 @@ pub enum Command {
     /// A refreshing terminal view of a running server (models, sequences, queue, tokens/s, TTFT,
     /// GPU memory against the plan), from its /metrics, /health and /v1/placement.
     Top(TopArgs),
+    /// Serve this machine's devices (its CUDA GPUs, else the CPU) to `serve --rpc` on another
+    /// machine, over llama.cpp's RPC protocol. The protocol has no authentication.
+    RpcWorker(RpcWorkerArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RpcWorkerArgs {
+    /// Address to listen on. Anything but loopback needs --allow-remote.
+    #[arg(long, env = "LM_SANDBOX_RPC_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, env = "LM_SANDBOX_RPC_PORT", default_value_t = crate::rpc::DEFAULT_PORT)]
+    pub port: u16,
+    /// llama.cpp device names to serve (e.g. CUDA0,CUDA1); default: every GPU, else the CPU.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Option<Vec<String>>,
+    /// The memory (MiB) each device reports to the server that plans on it, this worker's own
+    /// use subtracted for "free": headroom to keep, or a small device for tests.
+    #[arg(long)]
+    pub mem: Option<u64>,
+    /// llama.cpp's tensor cache: large tensors are kept here by hash, so a reload does not send
+    /// them over the network again.
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// CPU threads for the CPU device.
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Listen on a non-loopback address. The protocol has no authentication: anyone who reaches
+    /// the port can use this machine's devices and memory. Use a private network or an SSH tunnel.
+    #[arg(long)]
+    pub allow_remote: bool,
 }
 
 /// The model stores to read (`serve` and `models`).
@@ -274,6 +304,10 @@ pub struct PlanArgs {
     /// KV cache element type.
     #[arg(long, value_enum, default_value = "f16")]
     pub cache_type: CacheType,
+    /// Most tokens in one decode, as `serve --batch-size` (the micro-batch is at most 512 of
+    /// them, and sizes the compute buffers).
+    #[arg(short = 'b', long, default_value_t = 2048)]
+    pub batch_size: u32,
     /// Plan for the inventory in this JSON file (from `lm-sandbox gpus --json`) instead of this machine.
     #[arg(long)]
     pub gpus: Option<PathBuf>,
@@ -568,8 +602,9 @@ pub struct PlacementArgs {
         default_value = "auto"
     )]
     pub policy: crate::gpu::plan::Policy,
-    /// Layers to offload (n_layer + 1 includes the output layer); default: as many as fit. `-ngl N` works too.
-    #[arg(long = "n-gpu-layers", env = "LM_SANDBOX_N_GPU_LAYERS")]
+    /// Layers to offload (n_layer + 1 includes the output layer; `all`: every layer and the
+    /// output layer); default: as many as fit. `-ngl N` works too.
+    #[arg(long = "n-gpu-layers", env = "LM_SANDBOX_N_GPU_LAYERS", value_parser = gpu_layers)]
     pub n_gpu_layers: Option<u32>,
     /// Comma-separated proportions, one per used GPU in device order.
     #[arg(long, env = "LM_SANDBOX_TENSOR_SPLIT", value_delimiter = ',')]
@@ -587,7 +622,25 @@ pub struct PlacementArgs {
     /// The GPU for `--split-mode none`.
     #[arg(long, env = "LM_SANDBOX_MAIN_GPU", default_value_t = 0)]
     pub main_gpu: usize,
+    /// An `lm-sandbox rpc-worker` (or llama.cpp `rpc-server`) whose devices join the placement,
+    /// as HOST:PORT. Repeatable.
+    #[arg(long = "rpc", env = "LM_SANDBOX_RPC", value_delimiter = ',')]
+    pub rpc: Vec<String>,
 }
+
+/// `--n-gpu-layers`: a count, or llama-server's `all` (any count above the model's layers
+/// offloads them all and the output layer).
+fn gpu_layers(text: &str) -> Result<u32, String> {
+    match text.trim() {
+        "all" => Ok(ALL_LAYERS),
+        n => n
+            .parse::<u32>()
+            .map_err(|_| format!("expected a layer count or `all`; got {n:?}")),
+    }
+}
+
+/// `--n-gpu-layers all`: more layers than any model has.
+pub const ALL_LAYERS: u32 = 1 << 20;
 
 /// llama-server spells `--parallel` as `-np` and `--n-gpu-layers` as `-ngl`, which clap cannot
 /// take as short flags: rewrite them.

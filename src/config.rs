@@ -155,6 +155,54 @@ pub struct ServeConfig {
     /// `--sandbox`: where the sandbox is and how commands are bounded.
     pub sandbox: Option<SandboxConfig>,
     pub http: HttpLimits,
+    /// `--rpc`: the RPC workers whose devices join the placement (`HOST:PORT`).
+    pub rpc: Vec<String>,
+}
+
+/// The `--rpc` endpoints, checked.
+pub fn rpc_endpoints(args: &PlacementArgs) -> Result<Vec<String>, ConfigError> {
+    let mut out: Vec<String> = Vec::new();
+    for text in &args.rpc {
+        let endpoint =
+            crate::rpc::parse_endpoint(text.trim()).map_err(|e| invalid("--rpc", e.to_string()))?;
+        if !out.contains(&endpoint) {
+            out.push(endpoint);
+        }
+    }
+    Ok(out)
+}
+
+/// `rpc-worker`'s flags, validated: a non-loopback address only with `--allow-remote`.
+pub fn rpc_worker_config(
+    args: &crate::cli::RpcWorkerArgs,
+) -> Result<crate::engine::RpcWorkerConfig, ConfigError> {
+    if !crate::rpc::is_loopback(&args.host) && !args.allow_remote {
+        return Err(invalid(
+            "--host",
+            format!(
+                "{} is not a loopback address. llama.cpp's RPC protocol has no authentication: \
+                 whoever reaches the port can run computations on this machine's devices and read \
+                 and write their memory. Keep the worker on 127.0.0.1 and reach it through an SSH \
+                 tunnel (on the server: ssh -N -L {port}:127.0.0.1:{port} THIS-HOST, then \
+                 --rpc 127.0.0.1:{port}), or pass --allow-remote on a private network you trust",
+                args.host,
+                port = args.port
+            ),
+        ));
+    }
+    if args.mem == Some(0) {
+        return Err(invalid("--mem", "must be at least 1 MiB"));
+    }
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    Ok(crate::engine::RpcWorkerConfig {
+        endpoint: format!("{}:{}", args.host, args.port),
+        devices: args.devices.clone(),
+        mem: args.mem.map(|mib| mib << 20),
+        cache: args.cache.clone(),
+        threads: threads.max(1),
+    })
 }
 
 /// `serve --sandbox`, validated.
@@ -459,6 +507,7 @@ impl ServeConfig {
             ollama_port: args.ollama_port,
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
             placement: plan_config(&args.placement),
+            rpc: rpc_endpoints(&args.placement)?,
             sandbox,
             http: HttpLimits { header_timeout },
         })

@@ -18,6 +18,7 @@
 //! - [`metrics`]: the Prometheus registry of one server, and the reader of its text.
 //! - [`fidelity`]: `model check`, llama.cpp's tokenizer against Hugging Face's.
 //! - [`top`]: `lm-sandbox top`, a terminal view of a running server.
+//! - [`rpc`]: llama.cpp's RPC workers: the relay each one is reached through, its measured use.
 //! - [`store`]: the model stores people have (folders, Ollama's, LM Studio's) and `models`.
 //!
 //! See ARCHITECTURE.md for the invariants that hold these together.
@@ -31,6 +32,7 @@ pub mod fidelity;
 pub mod gpu;
 pub mod metrics;
 pub mod registry;
+pub mod rpc;
 pub mod sandbox;
 pub mod server;
 pub mod store;

@@ -44,6 +44,16 @@ fn main() -> anyhow::Result<()> {
         },
         Command::Top(args) => lm_sandbox::top::command::run(&args)?,
         Command::Models(args) => lm_sandbox::store::command::run(&args)?,
+        Command::RpcWorker(args) => {
+            let config = lm_sandbox::config::rpc_worker_config(&args)?;
+            if args.allow_remote && !lm_sandbox::rpc::is_loopback(&args.host) {
+                tracing::warn!(
+                    host = %args.host,
+                    "serving llama.cpp's RPC protocol, which has no authentication, beyond this machine: anyone who reaches the port can use its devices"
+                );
+            }
+            lm_sandbox::engine::serve_worker(&config)?;
+        }
         Command::Sandbox(args) => {
             let code = lm_sandbox::sandbox::command::run(&args)?;
             if code != 0 {

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState, PlacementView};
 use crate::config::{ModelsConfig, SandboxConfig, ServeConfig};
-use crate::gpu::inventory::{Inventory, InventorySource, NvmlSource};
+use crate::gpu::inventory::{Inventory, InventorySource, NvmlSource, Shared, WithRemote};
 use crate::gpu::placement::{spawn_poller, POLL_INTERVAL};
 use crate::registry::loader::LlamaLoader;
 use crate::registry::{ModelCard, Registry, SystemClock};
@@ -42,6 +42,8 @@ pub enum ServeError {
     Placement(#[from] crate::gpu::placement::PlacementError),
     #[error("--sandbox: {0}")]
     Sandbox(String),
+    #[error("--rpc: {0}")]
+    Rpc(String),
 }
 
 /// The sandbox `--sandbox` asks for: its executor (connecting lazily) and audit log. An
@@ -171,7 +173,19 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
         Some(sandbox) => Some(open_sandbox(sandbox).await?),
         None => None,
     };
-    let before = tokio::task::spawn_blocking(|| NvmlSource.read())
+    // RPC workers first: an unreachable one is an error naming it, and their devices are part of
+    // every inventory reading from here on.
+    let endpoints = config.rpc.clone();
+    let links = tokio::task::spawn_blocking(move || crate::engine::link_workers(&endpoints))
+        .await
+        .map_err(|e| ServeError::Rpc(format!("linking task: {e}")))?
+        .map_err(|e| ServeError::Rpc(e.to_string()))?;
+    let source: Arc<dyn InventorySource + Send + Sync> = Arc::new(WithRemote {
+        local: NvmlSource,
+        remote: Arc::new(move || crate::engine::remote_gpus(&links)),
+    });
+    let reader = Arc::clone(&source);
+    let before = tokio::task::spawn_blocking(move || reader.read())
         .await
         .map_err(|e| ServeError::Load(format!("GPU inventory task: {e}")))?
         .map_err(crate::gpu::placement::PlacementError::from)?;
@@ -181,7 +195,7 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
     let loader = LlamaLoader::new(
         config.engine.clone(),
         config.placement.clone(),
-        Box::new(NvmlSource),
+        Box::new(Shared(Arc::clone(&source))),
     );
     let models = config.models.clone();
     let registry = tokio::task::spawn_blocking(move || {
@@ -203,7 +217,7 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
         addr: format!("{}:{}", config.host, config.port),
         source,
     })?;
-    let gpus = spawn_poller(before.clone(), POLL_INTERVAL);
+    let gpus = spawn_poller(before.clone(), POLL_INTERVAL, Arc::clone(&source));
     let view = PlacementView {
         placement: None,
         before: before.clone(),

@@ -839,6 +839,7 @@ fn fake_placement() -> (
         power_watts: Some(87.5),
         display_attached: false,
         other_process_memory: 0,
+        remote: None,
     };
     let inventory = Inventory {
         gpus: vec![gpu],

@@ -256,12 +256,33 @@ pub async fn placement(State(state): State<AppState>) -> Json<Value> {
         let allocated = running.allocated();
         let measured =
             crate::gpu::placement::measure(&placement.plan, &view.before, &gpus, &allocated);
+        // The plan's layer count per device (the output layer on the last) beside what
+        // llama.cpp's load put there.
+        let planned = |i: usize| {
+            let d = &placement.plan.devices[i];
+            let last = i + 1 == placement.plan.devices.len();
+            d.end_layer - d.first_layer + u32::from(last && d.output > 0)
+        };
+        let layers: Vec<Value> = running
+            .layers()
+            .into_iter()
+            .map(|(device, loaded)| {
+                let planned = placement
+                    .plan
+                    .devices
+                    .iter()
+                    .position(|d| d.pci_bus_id == device)
+                    .map(planned);
+                json!({"device": device, "planned": planned, "loaded": loaded})
+            })
+            .collect();
         models.push(json!({
             "id": status.card.id(),
             "state": status.state.as_str(),
             "model": placement.model,
             "plan": placement.plan,
             "measured": measured,
+            "layers": layers,
         }));
     }
     let default = state.registry().default_model();

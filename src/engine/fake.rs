@@ -104,6 +104,7 @@ impl FakeRunner {
             eos_token: "<eos>".to_owned(),
             tokenizer: Arc::new(FakeTokenizer),
             device_memory: Vec::new(),
+            device_layers: Vec::new(),
             load_id: 0,
             n_ctx_embed: n_ctx_seq,
             n_embd: FAKE_EMBD as u32,

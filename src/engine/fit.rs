@@ -8,8 +8,8 @@
 //! with its own default margin (llama-server's `--fit-target`, 1 GiB) so the log shows where
 //! llama.cpp alone would have placed the model and how that differs from the plan.
 //!
-//! The pure parts (margins, comparing two splits) build everywhere and are unit-tested; the FFI
-//! exists only in CUDA builds, the only ones with devices to fit.
+//! The pure parts (margins, comparing two splits) are unit-tested; the FFI runs for every load on
+//! devices (CUDA GPUs, RPC workers' devices).
 
 /// llama-server's default `--fit-target`: memory llama.cpp's fit leaves free on each device.
 pub const LLAMA_DEFAULT_MARGIN: u64 = 1024 * 1024 * 1024;
@@ -49,6 +49,43 @@ pub fn margins_for_plan(free: &[u64], planned: &[u64], layers: &[u32]) -> Vec<u6
             free.saturating_sub(planned + slack)
         })
         .collect()
+}
+
+/// Margins corrected after a fit landed on `fitted` layers per device where the plan has
+/// `planned` (both as [`plan_split`] counts them): a device that got `k` layers too many keeps `k`
+/// half-layers more free, one that got too few that much less. `None` when the fit
+/// already matches. llama.cpp's estimate of a device's buffers differs from the plan's (the
+/// compute buffers above all), so margins computed from the plan alone can move a layer; a fit or
+/// two with corrected margins lands on the plan's counts.
+pub fn corrected_margins(
+    margins: &[u64],
+    planned_bytes: &[u64],
+    planned: &[u32],
+    fitted: &[u32],
+) -> Option<Vec<u64>> {
+    if planned == fitted {
+        return None;
+    }
+    Some(
+        margins
+            .iter()
+            .enumerate()
+            .map(|(i, &margin)| {
+                let (want, got) = (
+                    planned.get(i).copied().unwrap_or(0),
+                    fitted.get(i).copied().unwrap_or(0),
+                );
+                // Half a layer per layer moved: the device's bytes per layer include its share of
+                // compute and output buffers, and a whole step overshoots into the other side.
+                let step = planned_bytes.get(i).copied().unwrap_or(0) / u64::from(want.max(1)) / 2;
+                if got > want {
+                    margin + step * u64::from(got - want)
+                } else {
+                    margin.saturating_sub(step * u64::from(want - got))
+                }
+            })
+            .collect(),
+    )
 }
 
 /// `margins` in the buffer llama.cpp's fit reads: `max_devices` entries, the rest zero.
@@ -112,10 +149,8 @@ pub struct FitContext {
     pub n_ubatch: u32,
 }
 
-#[cfg(feature = "cuda")]
 pub use ffi::{device_free, llama_fit};
 
-#[cfg(feature = "cuda")]
 mod ffi {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
@@ -246,6 +281,26 @@ mod tests {
         assert_eq!(margins[1], 0);
         // A device with no layers (only the output layer) does not divide by zero.
         assert_eq!(margins_for_plan(&[GIB], &[GIB / 2], &[0]), vec![GIB / 4]);
+    }
+
+    #[test]
+    fn margins_are_corrected_by_the_layers_a_fit_moved() {
+        // Planned [16, 15] at 4 MiB a layer; the fit gave [15, 16]: the last device keeps half a
+        // layer more free, the first half a layer less.
+        const MIB: u64 = 1 << 20;
+        let corrected = corrected_margins(
+            &[10 * MIB, 20 * MIB],
+            &[64 * MIB, 60 * MIB],
+            &[16, 15],
+            &[15, 16],
+        );
+        assert_eq!(corrected, Some(vec![8 * MIB, 22 * MIB]));
+        assert_eq!(corrected_margins(&[MIB], &[MIB], &[4], &[4]), None);
+        // Never below zero.
+        assert_eq!(
+            corrected_margins(&[MIB], &[40 * MIB], &[4], &[2]),
+            Some(vec![0])
+        );
     }
 
     #[test]

@@ -27,7 +27,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use detok::Utf8Decoder;
-pub use llama::{load_vocabulary, GpuOffload, LlamaEngineConfig, LoadError, Tokenizer};
+pub use llama::{
+    link_workers, load_vocabulary, remote_gpus, serve_worker, GpuOffload, LlamaEngineConfig,
+    LoadError, RpcWorkerConfig, Tokenizer,
+};
 pub use logprobs::{TokenLogprob, TopLogprob, MAX_TOP_LOGPROBS};
 pub use runner::{BatchEntry, ModelRunner, RunnerError};
 pub use sampling::SamplingParams;
@@ -125,6 +128,9 @@ pub struct ModelInfo {
     /// llama.cpp's device free memory before and after (the CUDA runtime's own context excluded).
     /// Empty without GPUs.
     pub device_memory: Vec<(String, u64)>,
+    /// Layers llama.cpp put on each planned device (placement id, count, the output layer
+    /// included), read back from its load; empty on the CPU alone.
+    pub device_layers: Vec<(String, u32)>,
     /// Which load of the engine these facts come from (set by the worker; a reload after a fault
     /// gets a new one).
     pub load_id: u64,

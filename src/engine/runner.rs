@@ -21,6 +21,9 @@ pub struct BatchEntry {
 pub enum RunnerError {
     #[error("decode failed: {0}")]
     Decode(String),
+    /// A device the model is placed on is gone (an RPC worker): no step can succeed again.
+    #[error("{0}")]
+    Lost(String),
 }
 
 /// A model that can decode batches over several sequences and sample from their logits.

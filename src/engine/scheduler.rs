@@ -109,6 +109,8 @@ pub struct StepReport {
     pub ended: Vec<SeqId>,
     /// The stats of every generation that ended with `Done` during the step.
     pub finished: Vec<GenerationStats>,
+    /// A device the model runs on is gone (`RunnerError::Lost`): the engine must stop.
+    pub lost: Option<String>,
 }
 
 /// The tokens whose KV cells a sequence holds, at positions `0..tokens.len()`.
@@ -347,6 +349,9 @@ impl<R: ModelRunner> Scheduler<R> {
         }
         if let Err(err) = self.runner.decode(&batch) {
             tracing::error!(%err, "decode failed; failing every sequence in the batch");
+            if let super::runner::RunnerError::Lost(reason) = &err {
+                report.lost = Some(reason.clone());
+            }
             for &(index, _) in &sample_at {
                 self.fail(index, err.to_string(), &mut report);
             }

@@ -28,6 +28,7 @@ pub struct WorkerConfig {
 }
 
 /// Runs the batching loop until every handle is dropped and the last sequence has ended.
+/// `Err`: a device the model is placed on is gone; its sequences and the queue were failed.
 ///
 /// Embedding jobs run as they are taken from the queue, between steps. A generation that finds
 /// every sequence busy is parked (at most one), and the queue is not read further until it is
@@ -36,7 +37,7 @@ pub fn run<R: ModelRunner>(
     mut scheduler: Scheduler<R>,
     commands: &mut mpsc::Receiver<EngineCommand>,
     live: &LiveCounts,
-) {
+) -> Result<(), String> {
     let mut parked = None;
     let mut embedding: Option<EmbedProgress> = None;
     // Time embedding decodes took while sequences were generating, not yet matched by
@@ -71,7 +72,7 @@ pub fn run<R: ModelRunner>(
                 fail_command(command, "the model was unloaded");
             }
             fail_queued(commands, "the model was unloaded");
-            return;
+            return Ok(());
         }
         if let Some(command) = parked.take() {
             match take(command, &mut scheduler, &mut embedding) {
@@ -84,7 +85,7 @@ pub fn run<R: ModelRunner>(
                 // Nothing to decode: sleeping on the queue is the engine's idle state.
                 match commands.blocking_recv() {
                     Some(command) => command,
-                    None => return,
+                    None => return Ok(()),
                 }
             } else {
                 match commands.try_recv() {
@@ -131,6 +132,13 @@ pub fn run<R: ModelRunner>(
             for stats in &report.finished {
                 hook(stats);
             }
+        }
+        if let Some(reason) = report.lost {
+            if let Some(command) = parked.take() {
+                fail_command(command, &reason);
+            }
+            fail_queued(commands, &reason);
+            return Err(reason);
         }
         live.active.store(scheduler.active(), Ordering::Relaxed);
         live.kv_cells.store(scheduler.kv_cells(), Ordering::Relaxed);
@@ -222,7 +230,7 @@ pub fn supervise(
                 state_tx.send_replace(EngineState::Failed(err));
                 return;
             }
-            Ok(Err(err)) => format!("reloading the model failed: {err}"),
+            Ok(Err(err)) => err,
             Err(payload) => format!("engine thread panicked: {}", panic_message(&*payload)),
         };
         if was_ready && started.elapsed() >= policy.healthy_after {
@@ -306,8 +314,7 @@ pub fn spawn_engine_with_runner<R: ModelRunner + Clone + Send + 'static>(
                     config.n_batch,
                     config.n_ctx_seq,
                 );
-                run(scheduler, commands, &live);
-                Ok(())
+                run(scheduler, commands, &live)
             });
         })?;
     Ok((handle, thread))

@@ -23,10 +23,16 @@ pub fn gpus(args: &GpusArgs) -> anyhow::Result<()> {
 pub fn plan_command(args: &PlanArgs) -> anyhow::Result<()> {
     let facts =
         model_facts(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
-    let inventory = match &args.gpus {
+    let mut inventory = match &args.gpus {
         Some(path) => FileSource(path.clone()).read()?,
         None => NvmlSource.read()?,
     };
+    let endpoints = crate::config::rpc_endpoints(&args.placement)?;
+    if !endpoints.is_empty() {
+        // The workers' devices as they report them now; nothing is loaded on them.
+        let links = crate::engine::link_workers(&endpoints)?;
+        inventory.gpus.extend(crate::engine::remote_gpus(&links));
+    }
     let n_ctx = if args.ctx_size == 0 {
         facts.n_ctx_train
     } else {
@@ -35,6 +41,7 @@ pub fn plan_command(args: &PlanArgs) -> anyhow::Result<()> {
     let config = PlanConfig {
         n_ctx,
         n_seq: args.parallel.max(1),
+        n_ubatch: args.batch_size.clamp(1, 512),
         kv_bytes_per_element: args.cache_type.bytes_per_element(),
         cuda: cfg!(feature = "cuda") || args.assume_cuda || args.gpus.is_some(),
         ..crate::config::plan_config(&args.placement)
@@ -54,7 +61,12 @@ pub fn plan_command(args: &PlanArgs) -> anyhow::Result<()> {
             config.n_seq
         );
         print!("{}", report::plan_table(&placement, facts.n_layer));
-        if !cfg!(feature = "cuda") && placement.n_gpu_layers > 0 {
+        let local_layers = placement
+            .devices
+            .iter()
+            .filter(|d| inventory.gpus[d.gpu].remote.is_none())
+            .any(|d| d.end_layer > d.first_layer);
+        if !cfg!(feature = "cuda") && local_layers {
             println!("note: this binary has no CUDA backend; build with --features cuda to apply this plan");
         }
     }

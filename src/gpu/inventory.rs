@@ -31,6 +31,11 @@ pub struct Gpu {
     /// Memory held by other processes (compute and graphics).
     #[serde(default)]
     pub other_process_memory: u64,
+    /// An RPC worker's device: the worker's `HOST:PORT`. Its `pci_bus_id` is then a placement id
+    /// (`rpc:HOST:PORT/N`), its memory what the worker reports, and `memory_used` what this
+    /// process allocated there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
 }
 
 /// Every GPU plus host memory.
@@ -137,6 +142,7 @@ fn read_nvml() -> Inventory {
             // needless margin.
             display_attached: device.is_display_active().unwrap_or(false),
             other_process_memory: other,
+            remote: None,
         });
     }
     Inventory {
@@ -144,6 +150,30 @@ fn read_nvml() -> Inventory {
         ram_available,
         driver_version: nvml.sys_driver_version().ok(),
         unavailable: None,
+    }
+}
+
+/// A local source plus the devices of RPC workers, read by `remote` (which knows llama.cpp; this
+/// module does not).
+pub struct WithRemote<S> {
+    pub local: S,
+    pub remote: std::sync::Arc<dyn Fn() -> Vec<Gpu> + Send + Sync>,
+}
+
+impl<S: InventorySource> InventorySource for WithRemote<S> {
+    fn read(&self) -> Result<Inventory, InventoryError> {
+        let mut inventory = self.local.read()?;
+        inventory.gpus.extend((self.remote)());
+        Ok(inventory)
+    }
+}
+
+/// One source read from several places (the loader, the poller).
+pub struct Shared(pub std::sync::Arc<dyn InventorySource + Send + Sync>);
+
+impl InventorySource for Shared {
+    fn read(&self) -> Result<Inventory, InventoryError> {
+        self.0.read()
     }
 }
 
@@ -164,6 +194,9 @@ impl InventorySource for FileSource {
 /// Normalises a PCI bus id for comparison: NVML writes an 8-digit domain (`00000000:01:00.0`),
 /// CUDA and llama.cpp a 4-digit one (`0000:01:00.0`), in either case.
 pub fn normalize_bus_id(id: &str) -> String {
+    if id.starts_with("rpc:") {
+        return id.to_owned();
+    }
     let id = id.trim().to_ascii_lowercase();
     match id.split_once(':') {
         Some((domain, rest)) => {

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::gguf::{model_facts, ModelFacts};
-use super::inventory::{Inventory, InventorySource, NvmlSource};
+use super::inventory::{Inventory, InventorySource};
 use super::plan::{plan, Plan, PlanConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -106,19 +106,28 @@ pub fn measure(
     allocated: &[(String, u64)],
 ) -> Vec<Measured> {
     use super::inventory::normalize_bus_id;
-    let find = |inventory: &Inventory, bus: &str| {
+    let find = |inventory: &'_ Inventory, bus: &str| {
         inventory
             .gpus
             .iter()
             .find(|g| normalize_bus_id(&g.pci_bus_id) == bus)
-            .map(|g| g.memory_free)
+            .cloned()
     };
     plan.devices
         .iter()
         .filter(|d| d.total > 0)
         .filter_map(|d| {
             let bus = normalize_bus_id(&d.pci_bus_id);
-            let used = find(before, &bus)?.saturating_sub(find(now, &bus)?);
+            let current = find(now, &bus)?;
+            // An RPC device's use is what its worker allocated for this process, as the relay
+            // saw it (a worker's "free" may be fixed, as ggml's CPU device reports it).
+            let used = if current.remote.is_some() {
+                current.memory_used
+            } else {
+                find(before, &bus)?
+                    .memory_free
+                    .saturating_sub(current.memory_free)
+            };
             let allocated = allocated
                 .iter()
                 .find(|(b, _)| normalize_bus_id(b) == bus)
@@ -242,10 +251,14 @@ pub fn budget_report(inventory: &Inventory, held: &[Held]) -> String {
 /// How often the live inventory is re-read.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Publishes NVML readings every `interval` from a thread of its own. Without NVML it publishes the
-/// first reading (empty, with the reason) once and stops.
-pub fn spawn_poller(first: Inventory, interval: Duration) -> watch::Receiver<Inventory> {
-    let nvml_present = first.unavailable.is_none();
+/// Publishes `source`'s readings every `interval` from a thread of its own. Without NVML and
+/// without RPC devices it publishes the first reading (empty, with the reason) once and stops.
+pub fn spawn_poller(
+    first: Inventory,
+    interval: Duration,
+    source: std::sync::Arc<dyn InventorySource + Send + Sync>,
+) -> watch::Receiver<Inventory> {
+    let nvml_present = first.unavailable.is_none() || first.gpus.iter().any(|g| g.remote.is_some());
     let (tx, rx) = watch::channel(first);
     if nvml_present {
         let spawned = std::thread::Builder::new()
@@ -256,7 +269,7 @@ pub fn spawn_poller(first: Inventory, interval: Duration) -> watch::Receiver<Inv
                 if tx.is_closed() {
                     return;
                 }
-                if let Ok(inventory) = NvmlSource.read() {
+                if let Ok(inventory) = source.read() {
                     tx.send_replace(inventory);
                 }
             });
@@ -309,6 +322,7 @@ mod tests {
                     power_watts: None,
                     display_attached: false,
                     other_process_memory: 0,
+                    remote: None,
                 })
                 .collect(),
             ram_available: 0,

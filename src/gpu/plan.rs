@@ -186,8 +186,12 @@ impl Costs {
     }
 }
 
-/// The default margin for a card.
+/// The default margin for a card. An RPC worker's device keeps 5 % of what it reports (its
+/// `--mem` is the headroom the worker's operator chose).
 pub fn default_margin(gpu: &Gpu) -> u64 {
+    if gpu.remote.is_some() {
+        return gpu.memory_total / 20;
+    }
     let base = (512 * MIB).max(gpu.memory_total / 20);
     if gpu.display_attached {
         base + 256 * MIB
@@ -266,9 +270,11 @@ impl Planning<'_> {
         let (config, inventory) = (self.config, self.inventory);
         let reasons = &mut self.reasons;
         let mut usable: Vec<usize> = Vec::new();
-        if !config.cuda {
+        let has_local = inventory.gpus.iter().any(|g| g.remote.is_none());
+        let has_remote = inventory.gpus.iter().any(|g| g.remote.is_some());
+        if !config.cuda && !has_remote {
             reasons.push("this build has no CUDA backend: everything runs on the CPU".to_owned());
-        } else if inventory.gpus.is_empty() {
+        } else if !has_local && !has_remote {
             reasons.push(
                 inventory
                     .unavailable
@@ -292,7 +298,15 @@ impl Planning<'_> {
             };
             for i in candidates {
                 let gpu = &inventory.gpus[i];
-                if gpu.compute_capability < config.min_compute_capability {
+                if gpu.remote.is_some() {
+                    // An RPC worker's device runs whatever backend the worker was built with.
+                    usable.push(i);
+                } else if !config.cuda {
+                    reasons.push(format!(
+                        "GPU {i} ({}) skipped: this build has no CUDA backend",
+                        gpu.name
+                    ));
+                } else if gpu.compute_capability < config.min_compute_capability {
                     reasons.push(format!(
                         "GPU {i} ({}) skipped: compute capability {}.{} is below this build's {}.{}",
                         gpu.name,
@@ -349,6 +363,7 @@ impl Planning<'_> {
                     let gpu = &inventory.gpus[i];
                     (
                         !config.occupied.contains(&gpu.pci_bus_id),
+                        gpu.remote.is_none(),
                         speed(gpu),
                         budget_of(i),
                         std::cmp::Reverse(gpu.pci_bus_id.clone()),
@@ -391,12 +406,25 @@ impl Planning<'_> {
                     }
                 }
                 Policy::Auto | Policy::PreferFast => {
+                    // Local cards last, so they are filled first and hold the output layer: every
+                    // layer on an RPC worker costs a network round trip per token.
                     usable.sort_by_key(|&i| {
                         (
+                            inventory.gpus[i].remote.is_none(),
                             speed(&inventory.gpus[i]),
                             inventory.gpus[i].pci_bus_id.clone(),
                         )
                     });
+                    let remote = usable
+                        .iter()
+                        .filter(|&&i| inventory.gpus[i].remote.is_some())
+                        .count();
+                    if remote > 0 && remote < usable.len() {
+                        reasons.push(format!(
+                            "{}: local GPUs are filled first and hold the output layer; the {remote} RPC device(s) take the layers before them (each remote layer costs a network round trip per token)",
+                            if config.policy == Policy::Auto { "auto" } else { "prefer-fast" }
+                        ));
+                    }
                     if let (Some(&fast), Policy::PreferFast) = (usable.last(), config.policy) {
                         reasons.push(format!(
                             "prefer-fast: GPU {fast} ({}) is fastest (compute capability {}.{}): filled first, with the output layer",
@@ -463,11 +491,18 @@ impl Planning<'_> {
                     let split: Vec<f64> = budgets.iter().map(|&b| b as f64).collect();
                     (split_by(k, &split), k == n_layer && output_allowed)
                 }
-                _ => (counts, output && output_allowed),
+                // Above n_layer asks for the output layer too, as llama.cpp would place it; the
+                // per-device check below names what does not fit.
+                _ => (
+                    counts,
+                    output_allowed && (output || config.n_gpu_layers.is_some()),
+                ),
             }
         };
-        if let Some(n) = config.n_gpu_layers {
-            reasons.push(format!("--n-gpu-layers {n}"));
+        match config.n_gpu_layers {
+            Some(n) if n > n_layer + 1 => reasons.push("--n-gpu-layers all".to_owned()),
+            Some(n) => reasons.push(format!("--n-gpu-layers {n}")),
+            None => {}
         }
 
         Ok((counts, output_on_gpu))

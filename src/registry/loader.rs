@@ -19,7 +19,8 @@ use crate::gpu::report;
 ///
 /// A plan that leaves layers on the CPU while other models hold GPU memory is refused as not
 /// fitting, so the registry unloads an idle model first; with `last_resort` (nothing left to
-/// unload) it is accepted.
+/// unload) it is accepted, as it is when the layer count was asked for (`--n-gpu-layers`, a
+/// preset's `n_gpu_layers`).
 pub fn place(
     card: &ModelCard,
     others: &[Holding],
@@ -34,6 +35,8 @@ pub fn place(
         .collect();
     let available = subtract_held(inventory, &held);
     let mut request = request.clone();
+    // The engine's micro-batch (llama.cpp's n_ubatch), which sizes the compute buffers.
+    request.n_ubatch = engine.n_batch.clamp(1, 512);
     request.occupied = held
         .iter()
         .flat_map(|h| h.gpus.iter().map(|(bus, _, _)| bus.clone()))
@@ -47,6 +50,7 @@ pub fn place(
     ) {
         Ok((placement, facts))
             if placement.plan.cpu_layers > 0
+                && request.n_gpu_layers.is_none()
                 && !last_resort
                 && held.iter().any(|h| !h.gpus.is_empty()) =>
         {

@@ -282,6 +282,15 @@ impl RunningStatus {
             .map(|i| i.device_memory)
             .unwrap_or_default()
     }
+
+    /// The layers llama.cpp put on each planned device, read back from its load (placement id,
+    /// count); empty while loading or on the CPU alone.
+    pub fn layers(&self) -> Vec<(String, u32)> {
+        self.engine
+            .model_info()
+            .map(|i| i.device_layers)
+            .unwrap_or_default()
+    }
 }
 
 struct Running {

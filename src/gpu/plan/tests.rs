@@ -23,6 +23,7 @@ fn gpu(name: &str, bus: &str, total: u64, used: u64, cc: [u32; 2], display: bool
         power_watts: None,
         display_attached: display,
         other_process_memory: used,
+        remote: None,
     }
 }
 

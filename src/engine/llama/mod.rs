@@ -22,6 +22,11 @@ use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
+mod readback;
+mod rpc;
+
+pub use rpc::{link_workers, remote_gpus, serve_worker, WorkerConfig as RpcWorkerConfig};
+
 use super::runner::{BatchEntry, ModelRunner, RunnerError};
 use super::scheduler::Scheduler;
 use super::worker;
@@ -77,6 +82,9 @@ pub enum LoadError {
     ContextTooSmall { n_ctx: u32, n_seq: u32 },
     #[error("placement: {0}")]
     Placement(String),
+    /// A device the model was placed on went away while serving.
+    #[error("{0}")]
+    Lost(String),
 }
 
 /// llama.cpp's device index for each of `bus_ids`, matched by PCI bus id (never by position: NVML
@@ -100,6 +108,9 @@ fn devices_by_bus_id(bus_ids: &[String]) -> Result<Vec<usize>, LoadError> {
     bus_ids
         .iter()
         .map(|bus| {
+            if let Some((worker, index)) = crate::rpc::parse_device_id(bus) {
+                return rpc::device_index(worker, index);
+            }
             let bus = normalize_bus_id(bus);
             known
                 .iter()
@@ -120,7 +131,6 @@ fn devices_by_bus_id(bus_ids: &[String]) -> Result<Vec<usize>, LoadError> {
 /// with the plan's margins (see `fit.rs`); with any GPU, llama.cpp's own fit is logged beside the
 /// plan.
 /// `free` is each device's free memory, read just before (used by the CUDA build's fit).
-#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn model_params(
     config: &LlamaEngineConfig,
     indices: &[usize],
@@ -131,13 +141,10 @@ fn model_params(
     if indices.is_empty() {
         return Ok(params);
     }
-    #[cfg(feature = "cuda")]
-    {
-        compare_with_llama_fit(config, indices);
-        if indices.len() > 1 && !offload.single_gpu {
-            if let Some(fitted) = fitted_to_plan(config, indices, free) {
-                return Ok(fitted);
-            }
+    compare_with_llama_fit(config, indices);
+    if indices.len() > 1 && !offload.single_gpu {
+        if let Some(fitted) = fitted_to_plan(config, indices, free) {
+            return Ok(fitted);
         }
     }
     let mut params = params
@@ -151,22 +158,64 @@ fn model_params(
     Ok(params)
 }
 
-/// Free memory of each of llama.cpp's devices `indices` (empty in CPU builds, which have none).
+/// Free memory of each of llama.cpp's devices `indices`.
 fn devices_free(indices: &[usize]) -> Vec<u64> {
-    #[cfg(feature = "cuda")]
-    return indices
+    indices
         .iter()
         .map(|&i| super::fit::device_free(i))
-        .collect();
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = indices;
-        Vec::new()
+        .collect()
+}
+
+/// The layers llama.cpp put on each planned device (placement id, count), read back from its load,
+/// logged beside the plan; a disagreement is a warning with both tables.
+fn read_back(
+    config: &LlamaEngineConfig,
+    indices: &[usize],
+    assigned: &[(u32, String)],
+) -> Vec<(String, u32)> {
+    let offload = &config.offload;
+    if indices.is_empty() {
+        return Vec::new();
     }
+    let names: Vec<String> = indices
+        .iter()
+        // SAFETY: a getter; `indices` came from llama.cpp's device list.
+        .map(|&i| unsafe {
+            std::ffi::CStr::from_ptr(llama_cpp_sys_2::ggml_backend_dev_name(
+                llama_cpp_sys_2::ggml_backend_dev_get(i),
+            ))
+        })
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    let loaded = readback::counts(assigned, &names);
+    let planned = super::fit::plan_split(offload.n_layer, offload.n_gpu_layers, &offload.layers);
+    let table = |counts: &[u32]| {
+        offload
+            .devices
+            .iter()
+            .zip(&names)
+            .zip(counts)
+            .map(|((id, name), n)| format!("{id} ({name}): {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if assigned.is_empty() {
+        tracing::warn!(
+            "placement: llama.cpp stated no layer assignments; the split is not checked"
+        );
+    } else if loaded == planned || offload.layers.is_empty() {
+        tracing::info!(loaded = %table(&loaded), "placement: llama.cpp put the layers where the plan did");
+    } else {
+        tracing::warn!(
+            planned = %table(&planned),
+            loaded = %table(&loaded),
+            "placement: llama.cpp's split differs from the plan"
+        );
+    }
+    offload.devices.iter().cloned().zip(loaded).collect()
 }
 
 /// The context a fit measures, or `None` before the context size is known.
-#[cfg(feature = "cuda")]
 fn fit_context(config: &LlamaEngineConfig) -> Option<super::fit::FitContext> {
     (config.n_ctx > 0).then(|| super::fit::FitContext {
         n_ctx: config.n_ctx,
@@ -178,7 +227,6 @@ fn fit_context(config: &LlamaEngineConfig) -> Option<super::fit::FitContext> {
 
 /// Runs llama.cpp's fit on `indices` with `margins` and names, as `who`, how its split differs
 /// from the plan.
-#[cfg(feature = "cuda")]
 fn fit_against_plan(
     config: &LlamaEngineConfig,
     indices: &[usize],
@@ -208,7 +256,6 @@ fn fit_against_plan(
 
 /// Logs where llama.cpp's own fit (its default 1 GiB margin per device) would put the model, and
 /// how that differs from the plan.
-#[cfg(feature = "cuda")]
 fn compare_with_llama_fit(config: &LlamaEngineConfig, indices: &[usize]) {
     let margins = vec![super::fit::LLAMA_DEFAULT_MARGIN; indices.len()];
     match fit_against_plan(config, indices, &margins, "llama.cpp's own fit") {
@@ -226,7 +273,6 @@ fn compare_with_llama_fit(config: &LlamaEngineConfig, indices: &[usize]) {
 
 /// The plan's split through llama.cpp's fit: margins that leave each device the plan's bytes.
 /// `None` (with a warning) when the fit cannot reproduce it; llama.cpp's default split applies.
-#[cfg(feature = "cuda")]
 fn fitted_to_plan(
     config: &LlamaEngineConfig,
     indices: &[usize],
@@ -235,27 +281,55 @@ fn fitted_to_plan(
     use super::fit;
     let offload = &config.offload;
     let context = fit_context(config)?;
-    let margins = fit::margins_for_plan(free, &offload.bytes, &offload.layers);
-    // The same fit the params go through below, run first so its split can be logged.
-    match fit_against_plan(config, indices, &margins, "the fit to the plan's margins") {
-        Ok((split, said)) => {
-            if said.is_empty() {
-                tracing::info!(?split, "llama.cpp's fit reproduces the plan's split");
+    let mut margins = fit::margins_for_plan(free, &offload.bytes, &offload.layers);
+    let planned = fit::plan_split(offload.n_layer, offload.n_gpu_layers, &offload.layers);
+    // The fit is run with the margins, and the margins corrected by the layers it moved, until it
+    // lands on the plan (a few rounds at most: each corrects every device by half a layer per
+    // layer moved).
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        match fit_against_plan(config, indices, &margins, "the fit to the plan's margins") {
+            Ok((split, said)) => {
+                // The plan's layer count is a ceiling (it may be the user's --n-gpu-layers).
+                if split.n_gpu_layers > offload.n_gpu_layers {
+                    tracing::warn!(
+                        "placement: the fit would offload more layers than planned; llama.cpp's default split applies"
+                    );
+                    return None;
+                }
+                let fitted = split.layers.clone().unwrap_or_default();
+                match fit::corrected_margins(&margins, &offload.bytes, &planned, &fitted) {
+                    None => {
+                        tracing::info!(
+                            ?split,
+                            rounds,
+                            "llama.cpp's fit reproduces the plan's split"
+                        );
+                        break;
+                    }
+                    Some(corrected) if rounds < 6 && split.overrides == 0 => {
+                        tracing::debug!(
+                            ?fitted,
+                            ?planned,
+                            "placement: correcting the fit's margins"
+                        );
+                        margins = corrected;
+                    }
+                    Some(_) => {
+                        for line in said {
+                            tracing::warn!("placement: {line}");
+                        }
+                        break;
+                    }
+                }
             }
-            for line in said {
-                tracing::warn!("placement: {line}");
-            }
-            // The plan's layer count is a ceiling (it may be the user's --n-gpu-layers).
-            if split.n_gpu_layers > offload.n_gpu_layers {
+            Err(err) => {
                 tracing::warn!(
-                    "placement: the fit would offload more layers than planned; llama.cpp's default split applies"
+                    "placement: {err}; llama.cpp's default split (by free memory) applies"
                 );
                 return None;
             }
-        }
-        Err(err) => {
-            tracing::warn!("placement: {err}; llama.cpp's default split (by free memory) applies");
-            return None;
         }
     }
     let mut params = match LlamaModelParams::default().with_devices(indices) {
@@ -312,6 +386,7 @@ fn backend() -> Result<&'static LlamaBackend, LoadError> {
         .get_or_init(|| {
             // llama.cpp's own logging goes through `tracing` (filtered by RUST_LOG), not stderr.
             llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            readback::install();
             LlamaBackend::init().map_err(|e| e.to_string())
         })
         .as_ref()
@@ -338,12 +413,13 @@ pub fn serve_model(
     // loading is what the model and its context took, without the runtime's own share.
     let free_before = devices_free(&indices);
     let params = model_params(config, &indices, &free_before)?;
-    let model = LlamaModel::load_from_file(backend, &config.model_path, &params).map_err(|e| {
-        LoadError::Model {
-            path: config.model_path.clone(),
-            reason: e.to_string(),
-        }
+    let (loaded, assigned) =
+        readback::recording(|| LlamaModel::load_from_file(backend, &config.model_path, &params));
+    let model = loaded.map_err(|e| LoadError::Model {
+        path: config.model_path.clone(),
+        reason: e.to_string(),
     })?;
+    let device_layers = read_back(config, &indices, &assigned);
     let model = Arc::new(model);
     let n_ctx = if config.n_ctx == 0 {
         model.n_ctx_train()
@@ -365,7 +441,12 @@ pub fn serve_model(
         .devices
         .iter()
         .zip(free_before.iter().zip(devices_free(&indices)))
-        .map(|(bus, (before, after))| (bus.clone(), before.saturating_sub(after)))
+        .map(|(bus, (before, after))| {
+            // An RPC device: what its worker reported allocating for us, through the relay.
+            let remote = crate::rpc::parse_device_id(bus)
+                .and_then(|(worker, n)| Some(crate::rpc::by_worker(worker)?.allocated(n)));
+            (bus.clone(), remote.unwrap_or(before.saturating_sub(after)))
+        })
         .collect();
     for (bus, bytes) in &device_memory {
         tracing::info!(gpu = %bus, mib = bytes >> 20, "llama.cpp allocated on the GPU while loading");
@@ -396,6 +477,7 @@ pub fn serve_model(
             model: Arc::clone(&model),
         }),
         device_memory,
+        device_layers,
         load_id: 0,
     };
     tracing::info!(
@@ -421,10 +503,15 @@ pub fn serve_model(
             pooling,
             n_threads: config.n_threads,
         },
+        links: offload
+            .devices
+            .iter()
+            .filter_map(|id| crate::rpc::parse_device_id(id))
+            .filter_map(|(worker, _)| crate::rpc::by_worker(worker))
+            .collect(),
     };
     let scheduler = Scheduler::new(runner, n_seq as usize, config.n_batch as usize, n_ctx_seq);
-    worker::run(scheduler, commands, live);
-    Ok(())
+    worker::run(scheduler, commands, live).map_err(LoadError::Lost)
 }
 
 /// The most sequences one embedding decode packs.
@@ -579,6 +666,24 @@ struct LlamaRunner<'m> {
     samplers: Vec<Option<SequenceSampler>>,
     embedder: Option<Embedder<'m>>,
     embed_params: EmbedParams,
+    /// The RPC workers holding some of the model's layers.
+    links: Vec<Arc<crate::rpc::Link>>,
+}
+
+impl LlamaRunner<'_> {
+    /// Why a worker this model runs on is gone, if one is: its layers' results are stand-ins
+    /// from then on (`rpc::fuse`), so no decode result can be trusted.
+    fn lost(&self) -> Result<(), RunnerError> {
+        for link in &self.links {
+            if let Some(reason) = link.lost() {
+                return Err(RunnerError::Lost(format!(
+                    "RPC worker {} holding layers of this model is gone ({reason}); the model must be reloaded",
+                    link.worker
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One sequence's samplers: the chain, and a grammar kept apart so it is consulted for one token
@@ -713,6 +818,7 @@ impl ModelRunner for LlamaRunner<'_> {
     }
 
     fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), RunnerError> {
+        self.lost()?;
         self.batch.clear();
         for entry in batch {
             self.batch
@@ -726,7 +832,9 @@ impl ModelRunner for LlamaRunner<'_> {
         }
         self.ctx
             .decode(&mut self.batch)
-            .map_err(|e| RunnerError::Decode(e.to_string()))
+            .map_err(|e| RunnerError::Decode(e.to_string()))?;
+        // A worker lost during the decode answered with stand-ins: the logits are not the model's.
+        self.lost()
     }
 
     fn sample(&mut self, seq: SeqId, batch_index: usize) -> Result<Token, String> {
