@@ -260,7 +260,15 @@ pub fn supervise(
         );
         state_tx.send_replace(EngineState::Failed(format!("{reason}; reloading")));
         fail_queued(commands, &reason);
-        std::thread::sleep(wait);
+        // Sleeps the backoff in slices, so an unload (every handle gone) does not wait it out.
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            if commands.is_closed() && commands.is_empty() {
+                state_tx.send_replace(EngineState::Stopped);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
+        }
         // Requests that raced the state change are failed too, rather than left waiting.
         fail_queued(commands, &reason);
         state_tx.send_replace(EngineState::Loading);

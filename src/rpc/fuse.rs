@@ -125,9 +125,9 @@ fn serve(
             Some(Err(err)) => {
                 link.lose(format!("it stopped answering: {err}"));
                 *upstream = None;
-                wire::stand_in(cmd, expected)
+                wire::stand_in(cmd, expected, head.as_deref())
             }
-            None => wire::stand_in(cmd, expected),
+            None => wire::stand_in(cmd, expected, head.as_deref()),
         };
         if cmd == wire::ALLOC_BUFFER && upstream.is_some() {
             let device = head.as_deref().and_then(|h| le_u32(h, 0));

@@ -141,6 +141,14 @@ fn a_lost_worker_is_stood_in_for_and_reported() {
     assert_eq!(link.allocated(0), 0);
     request(&mut s, wire::GET_ALIGNMENT, &0u32.to_le_bytes());
     assert_eq!(answer(&mut s), 32u64.to_le_bytes());
+    // ggml asserts on a null buffer and a null base: neither is ever answered.
+    request(&mut s, wire::ALLOC_BUFFER, &alloc(0, 512));
+    let a = answer(&mut s);
+    assert_ne!(&a[..8], &[0u8; 8]);
+    assert_eq!(u64::from_le_bytes(a[8..].try_into().unwrap()), 512);
+    request(&mut s, wire::BUFFER_GET_BASE, &a[..8]);
+    assert_ne!(answer(&mut s), vec![0u8; 8]);
+    assert_eq!(link.allocated(0), 0, "stand-in allocations are not counted");
     // With no connection left, a worker that answers again is found again.
     drop(s);
     for _ in 0..100 {

@@ -48,16 +48,29 @@ pub fn answer(cmd: u8) -> Option<Answer> {
     }
 }
 
-/// What a relay answers for a lost worker: well-formed, so llama.cpp's client never aborts, and
-/// harmless (no allocation succeeds, no device has memory, every copy fails). Whatever is computed
-/// meanwhile is thrown away: the engine fails the requests of a model whose worker is lost.
-pub fn stand_in(cmd: u8, size: usize) -> Vec<u8> {
+/// What a relay answers for a lost worker, given the request's bytes (when it read them whole):
+/// well-formed and consistent, so llama.cpp's client never aborts — an allocation "succeeds" at a
+/// made-up address and a buffer's base is never null (ggml asserts on both), no device has memory,
+/// every copy fails. Whatever is computed meanwhile is thrown away: the engine fails the requests
+/// of a model whose worker is lost.
+pub fn stand_in(cmd: u8, size: usize, request: Option<&[u8]>) -> Vec<u8> {
+    // Far from any real mapping, and aligned for every buffer type.
+    const FAKE_BASE: u64 = 0x7a00_0000_0000;
     let mut out = vec![0u8; size];
     match cmd {
         HELLO => out[0] = PROTO_MAJOR,
         // A power of two keeps ggml's padding arithmetic sane.
         GET_ALIGNMENT => out.copy_from_slice(&32u64.to_le_bytes()),
         GET_MAX_SIZE => out.copy_from_slice(&(1u64 << 40).to_le_bytes()),
+        BUFFER_GET_BASE => out.copy_from_slice(&FAKE_BASE.to_le_bytes()),
+        ALLOC_BUFFER => {
+            let asked = request
+                .and_then(|r| r.get(4..12))
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_le_bytes);
+            out[..8].copy_from_slice(&FAKE_BASE.to_le_bytes());
+            out[8..].copy_from_slice(&asked.to_le_bytes());
+        }
         _ => {}
     }
     out

@@ -141,6 +141,11 @@ fn model_params(
     if indices.is_empty() {
         return Ok(params);
     }
+    // llama.cpp's fit swaps the process-wide logger for one pointing into its own stack frame and
+    // puts the old one back after: two fits at once (two servers in one process, as in the tests)
+    // would leave a logger pointing into a finished frame. One fit at a time.
+    static FIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _fitting = FIT.lock().unwrap_or_else(|e| e.into_inner());
     compare_with_llama_fit(config, indices);
     if indices.len() > 1 && !offload.single_gpu {
         if let Some(fitted) = fitted_to_plan(config, indices, free) {
