@@ -17,6 +17,12 @@
 //!
 //! Budgets: free memory minus a margin of max(512 MiB, 5 % of the card), plus 256 MiB on a card
 //! driving a display. Memory other processes hold is already missing from "free".
+//!
+//! RPC workers' devices (`Gpu::remote`) are devices like the others, in any build, with a margin
+//! of 5 % of what the worker reports. `auto` and `prefer-fast` order them before the local cards,
+//! so the local cards take the last layers and the output layer and the workers the layers before
+//! them (each remote layer costs a network round trip per token), and `auto` puts a model on one
+//! device alone only on a local card, unless there is none.
 
 use serde::Serialize;
 
@@ -355,15 +361,18 @@ impl Planning<'_> {
             && config.n_gpu_layers.is_none()
             && config.split_mode == SplitMode::Layer;
         if auto_alone {
+            // An RPC device alone only when no local card can take layers: the default keeps as
+            // many layers as fit on local cards (each remote layer costs a round trip per token).
+            let any_local = usable.iter().any(|&i| inventory.gpus[i].remote.is_none());
             let alone = usable
                 .iter()
                 .copied()
+                .filter(|&i| !(any_local && inventory.gpus[i].remote.is_some()))
                 .filter(|&i| budget_of(i) >= whole)
                 .max_by_key(|&i| {
                     let gpu = &inventory.gpus[i];
                     (
                         !config.occupied.contains(&gpu.pci_bus_id),
-                        gpu.remote.is_none(),
                         speed(gpu),
                         budget_of(i),
                         std::cmp::Reverse(gpu.pci_bus_id.clone()),
@@ -439,7 +448,8 @@ impl Planning<'_> {
         for &i in &usable {
             let gpu = &inventory.gpus[i];
             reasons.push(format!(
-                "GPU {i} ({}, {}): {} free, margin {}{}, budget {}",
+                "{} {i} ({}, {}): {} free, margin {}{}, budget {}",
+                if gpu.remote.is_some() { "RPC device" } else { "GPU" },
                 gpu.name,
                 gpu.pci_bus_id,
                 gib(gpu.memory_free),

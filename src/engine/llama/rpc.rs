@@ -312,7 +312,7 @@ pub fn remote_gpus(links: &[Arc<Link>]) -> Vec<Gpu> {
                 memory_of(device)
             };
             out.push(Gpu {
-                name: format!("{} via RPC", name_of(device)),
+                name: format!("{} ({})", name_of(device), link.worker),
                 uuid: String::new(),
                 pci_bus_id: crate::rpc::device_id(&link.worker, n as u32),
                 memory_total: total,

@@ -632,3 +632,92 @@ fn held_memory_counts_only_what_is_not_allocated_yet() {
         before - 100
     );
 }
+
+/// A 24 GB card on an RPC worker, as its worker reports it.
+fn remote_24gb() -> Gpu {
+    let mut g = gpu(
+        "RPC0",
+        "rpc:10.0.0.2:50052/0",
+        24 * GIB,
+        0,
+        [0, 0],
+        false,
+    );
+    g.uuid = String::new();
+    g.remote = Some("10.0.0.2:50052".into());
+    g
+}
+
+fn owner_and_worker() -> Inventory {
+    inventory(vec![rtx3060(), gtx1060(), remote_24gb()])
+}
+
+#[test]
+fn local_cards_take_the_last_layers_and_the_output_and_the_worker_the_layers_before() {
+    // A 32B-class model: more than both local cards hold, less than all three.
+    let m = model(
+        "qwen-32b",
+        64,
+        300 * MB,
+        5120,
+        128,
+        152_064,
+        600 * MB,
+        600 * MB,
+    );
+    let inv = owner_and_worker();
+    for policy in [Policy::Auto, Policy::PreferFast] {
+        let plan = plan(&m, &inv, &config(8192, policy)).unwrap();
+        assert_valid(&plan, &m);
+        let order: Vec<&str> = plan.devices.iter().map(|d| d.pci_bus_id.as_str()).collect();
+        // llama.cpp device order: the worker first (earliest layers), the 3060 last (output).
+        assert_eq!(
+            order,
+            ["rpc:10.0.0.2:50052/0", "00000000:02:00.0", "00000000:01:00.0"],
+            "{policy:?}"
+        );
+        assert!(plan.devices[2].output > 0, "the output layer stays local");
+        assert_eq!(plan.cpu_layers, 0, "{plan:#?}");
+        // The local cards are filled (their headroom is less than a layer); the worker takes the rest.
+        let layer = m.layer_bytes[0];
+        for d in &plan.devices[1..] {
+            assert!(d.headroom < 2 * layer, "{d:#?}");
+        }
+        let remote = &plan.devices[0];
+        assert!(remote.end_layer - remote.first_layer > 0);
+        assert!(
+            plan.reasons
+                .iter()
+                .any(|r| r.contains("network round trip") && r.contains("1 RPC device")),
+            "{:?}",
+            plan.reasons
+        );
+    }
+}
+
+#[test]
+fn a_model_that_fits_the_local_cards_leaves_the_worker_empty() {
+    let m = llama_8b();
+    let plan = plan(&m, &owner_and_worker(), &config(8192, Policy::Auto)).unwrap();
+    assert_valid(&plan, &m);
+    assert!(plan
+        .devices
+        .iter()
+        .all(|d| !d.pci_bus_id.starts_with("rpc:")));
+}
+
+#[test]
+fn rpc_devices_are_planned_in_a_cpu_build_and_keep_five_percent() {
+    // No CUDA backend here: local cards are skipped, the worker still takes layers.
+    let m = llama_8b();
+    let cfg = PlanConfig {
+        cuda: false,
+        ..config(8192, Policy::Auto)
+    };
+    let plan = plan(&m, &owner_and_worker(), &cfg).unwrap();
+    assert_valid(&plan, &m);
+    assert_eq!(plan.devices.len(), 1);
+    assert_eq!(plan.devices[0].pci_bus_id, "rpc:10.0.0.2:50052/0");
+    assert_eq!(plan.devices[0].budget, 24 * GIB - 24 * GIB / 20);
+    assert!(plan.reasons.iter().any(|r| r.contains("no CUDA backend")));
+}
