@@ -9,7 +9,7 @@
 //! repetitions and expanded size, every rule defined, no left recursion, and a language that is not
 //! empty. What this cannot know statically (a grammar satisfiable in characters but not by this
 //! vocabulary's tokens) is caught while sampling: a step where no token is admissible ends the
-//! sequence (see `llama.rs`).
+//! sequence (see `llama/`).
 //!
 //! Must not: call llama.cpp. It is pure, so it is unit-tested and fuzzed without a model.
 

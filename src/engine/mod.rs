@@ -5,7 +5,7 @@
 //! admission queue in front of it.
 //!
 //! Must not: know HTTP or OpenAI's words (`max_tokens` is `max_new_tokens` here), await anything
-//! on the engine thread, or grow a queue without bound. Only `llama.rs` and `fit.rs` (llama.cpp's
+//! on the engine thread, or grow a queue without bound. Only `llama/` and `fit.rs` (llama.cpp's
 //! fit, CUDA builds) import `llama_cpp_2` / `llama_cpp_sys_2`.
 
 mod detok;

@@ -1,7 +1,7 @@
 //! The seam between the scheduler and a model: [`ModelRunner`].
 //!
 //! The scheduler decides *what* to decode; a runner does it. The real runner wraps llama.cpp
-//! (`llama.rs`); the fake runner (`fake.rs`) lets the scheduler be tested without a model or threads.
+//! (`llama/`); the fake runner (`fake.rs`) lets the scheduler be tested without a model or threads.
 
 use super::{SamplingParams, SeqId, Token};
 

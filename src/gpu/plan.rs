@@ -449,7 +449,11 @@ impl Planning<'_> {
             let gpu = &inventory.gpus[i];
             reasons.push(format!(
                 "{} {i} ({}, {}): {} free, margin {}{}, budget {}",
-                if gpu.remote.is_some() { "RPC device" } else { "GPU" },
+                if gpu.remote.is_some() {
+                    "RPC device"
+                } else {
+                    "GPU"
+                },
                 gpu.name,
                 gpu.pci_bus_id,
                 gib(gpu.memory_free),

@@ -1,5 +1,6 @@
-//! The file that touches `llama_cpp_2` (and `llama_cpp_sys_2`, for one getter it lacks): model
-//! loading, the context, the batch, samplers. `fit.rs` holds the one other use, llama.cpp's fit.
+//! The module that touches `llama_cpp_2` (and `llama_cpp_sys_2`, for what the binding lacks):
+//! model loading, the context, the batch, samplers; `readback` (where llama.cpp put each layer) and
+//! `rpc` (llama.cpp's RPC backend, both ends). `fit.rs` holds the one other use, llama.cpp's fit.
 //!
 //! Everything here runs on the engine thread except [`Tokenizer`], which only reads the immutable
 //! vocabulary (llama.cpp's vocab is `Sync`) so the HTTP side can validate prompt lengths before a

@@ -635,14 +635,7 @@ fn held_memory_counts_only_what_is_not_allocated_yet() {
 
 /// A 24 GB card on an RPC worker, as its worker reports it.
 fn remote_24gb() -> Gpu {
-    let mut g = gpu(
-        "RPC0",
-        "rpc:10.0.0.2:50052/0",
-        24 * GIB,
-        0,
-        [0, 0],
-        false,
-    );
+    let mut g = gpu("RPC0", "rpc:10.0.0.2:50052/0", 24 * GIB, 0, [0, 0], false);
     g.uuid = String::new();
     g.remote = Some("10.0.0.2:50052".into());
     g
@@ -673,7 +666,11 @@ fn local_cards_take_the_last_layers_and_the_output_and_the_worker_the_layers_bef
         // llama.cpp device order: the worker first (earliest layers), the 3060 last (output).
         assert_eq!(
             order,
-            ["rpc:10.0.0.2:50052/0", "00000000:02:00.0", "00000000:01:00.0"],
+            [
+                "rpc:10.0.0.2:50052/0",
+                "00000000:02:00.0",
+                "00000000:01:00.0"
+            ],
             "{policy:?}"
         );
         assert!(plan.devices[2].output > 0, "the output layer stays local");
