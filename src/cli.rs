@@ -166,6 +166,10 @@ pub enum FormatChoice {
     Deepseek,
     /// FunctionGemma (`<start_function_call>call:NAME{…}<end_function_call>`).
     FunctionGemma,
+    /// Gemma 4 (`<|tool_call>call:NAME{…}<tool_call|>`).
+    Gemma4,
+    /// Kimi K3 (`<|open|>tools<|sep|><|open|>call tool="NAME"…`).
+    KimiK3,
     Llama3,
     Mistral,
     Generic,

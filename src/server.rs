@@ -180,9 +180,16 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
         .await
         .map_err(|e| ServeError::Rpc(format!("linking task: {e}")))?
         .map_err(|e| ServeError::Rpc(e.to_string()))?;
+    // Plans ask the workers for their memory; the 2-second poller only re-reads what this process
+    // allocated on them (asking would open a connection to every idle worker each time).
+    let polled = links.clone();
     let source: Arc<dyn InventorySource + Send + Sync> = Arc::new(WithRemote {
         local: NvmlSource,
-        remote: Arc::new(move || crate::engine::remote_gpus(&links)),
+        remote: Arc::new(move || crate::engine::remote_gpus(&links, true)),
+    });
+    let poll_source: Arc<dyn InventorySource + Send + Sync> = Arc::new(WithRemote {
+        local: NvmlSource,
+        remote: Arc::new(move || crate::engine::remote_gpus(&polled, false)),
     });
     let reader = Arc::clone(&source);
     let before = tokio::task::spawn_blocking(move || reader.read())
@@ -217,7 +224,7 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
         addr: format!("{}:{}", config.host, config.port),
         source,
     })?;
-    let gpus = spawn_poller(before.clone(), POLL_INTERVAL, Arc::clone(&source));
+    let gpus = spawn_poller(before.clone(), POLL_INTERVAL, poll_source);
     let view = PlacementView {
         placement: None,
         before: before.clone(),

@@ -31,7 +31,9 @@ pub fn plan_command(args: &PlanArgs) -> anyhow::Result<()> {
     if !endpoints.is_empty() {
         // The workers' devices as they report them now; nothing is loaded on them.
         let links = crate::engine::link_workers(&endpoints)?;
-        inventory.gpus.extend(crate::engine::remote_gpus(&links));
+        inventory
+            .gpus
+            .extend(crate::engine::remote_gpus(&links, true));
     }
     let n_ctx = if args.ctx_size == 0 {
         facts.n_ctx_train

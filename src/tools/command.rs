@@ -32,6 +32,8 @@ pub fn parse_command(args: &ToolsParseArgs) -> anyhow::Result<()> {
         FormatChoice::Llama4 => ToolFormat::Llama4,
         FormatChoice::Harmony => ToolFormat::Harmony,
         FormatChoice::FunctionGemma => ToolFormat::FunctionGemma,
+        FormatChoice::Gemma4 => ToolFormat::Gemma4,
+        FormatChoice::KimiK3 => ToolFormat::KimiK3,
         FormatChoice::Deepseek => ToolFormat::Deepseek,
         FormatChoice::Llama3 => ToolFormat::Llama3,
         FormatChoice::Mistral => ToolFormat::Mistral,

@@ -28,6 +28,28 @@ pub(super) const GEMMA_CALL: &str = "<start_function_call>";
 const GEMMA_CALL_END: &str = "<end_function_call>";
 const GEMMA_ESCAPE: &str = "<escape>";
 
+pub(super) const GEMMA4_CALL: &str = "<|tool_call>";
+const GEMMA4_CALL_END: &str = "<tool_call|>";
+const GEMMA4_ESCAPE: &str = "<|\"|>";
+
+pub(super) const K3_OPEN: &str = "<|open|>";
+pub(super) const K3_SEP: &str = "<|sep|>";
+pub(super) const K3_THINK_START: &str = "<|open|>think<|sep|>";
+pub(super) const K3_THINK_END: &str = "<|close|>think<|sep|>";
+const K3_MSG_START: &str = "<|open|>message role=\"assistant\"<|sep|>";
+const K3_RESP_START: &str = "<|open|>response<|sep|>";
+const K3_RESP_END: &str = "<|close|>response<|sep|>";
+pub(super) const K3_TOOLS_START: &str = "<|open|>tools<|sep|>";
+const K3_TOOLS_END: &str = "<|close|>tools<|sep|>";
+const K3_CALL: &str = "<|open|>call";
+const K3_CALL_END: &str = "<|close|>call<|sep|>";
+const K3_ARGUMENT: &str = "<|open|>argument";
+const K3_ARGUMENT_END: &str = "<|close|>argument<|sep|>";
+const K3_JSON: &str = "<|open|>json";
+const K3_JSON_END: &str = "<|close|>json<|sep|>";
+const K3_MSG_END: &str = "<|close|>message<|sep|>";
+const K3_EOM: &str = "<|end_of_msg|>";
+
 pub(super) const DEEPSEEK_CALLS: &str = "<｜tool▁calls▁begin｜>";
 pub(super) const DEEPSEEK_CALL: &str = "<｜tool▁call▁begin｜>";
 const DEEPSEEK_SEP: &str = "<｜tool▁sep｜>";
@@ -543,44 +565,49 @@ pub(super) fn harmony(text: &str) -> Parsed {
 /// strings sit between `<escape>` tokens, other values are written bare (numbers, booleans,
 /// nested `{…}` and `[…]`).
 pub(super) fn function_gemma(body: &str) -> Found<'_> {
-    delimited(
-        body,
-        &[GEMMA_CALL],
-        GEMMA_CALL,
-        GEMMA_CALL_END,
-        None,
-        |call| {
-            let rest = call.trim().strip_prefix("call:").ok_or("no `call:`")?;
-            let open = rest.find('{').ok_or("no `{` after the name")?;
-            let name = rest[..open].trim();
-            if name.is_empty() {
-                return Err("a call needs a function name".into());
-            }
-            let mut reader = Gemma {
-                text: &rest[open..],
-                at: 0,
-            };
-            let arguments = reader.value()?;
-            if !reader.text[reader.at..].trim().is_empty() {
-                return Err(format!("`{name}`: text after the arguments"));
-            }
-            match arguments {
-                Value::Object(_) => Ok(ParsedCall {
-                    name: name.to_owned(),
-                    arguments,
-                }),
-                other => Err(format!(
-                    "`{name}`: arguments must be an object, not {other}"
-                )),
-            }
-        },
-    )
+    gemma_calls(body, GEMMA_CALL, GEMMA_CALL_END, GEMMA_ESCAPE)
 }
 
-/// A reader of FunctionGemma's values.
+/// Gemma 4: FunctionGemma's call syntax between `<|tool_call>` and `<tool_call|>`, strings
+/// between `<|"|>` tokens.
+pub(super) fn gemma4(body: &str) -> Found<'_> {
+    gemma_calls(body, GEMMA4_CALL, GEMMA4_CALL_END, GEMMA4_ESCAPE)
+}
+
+fn gemma_calls<'a>(body: &'a str, open: &str, close: &str, escape: &'static str) -> Found<'a> {
+    delimited(body, &[open], open, close, None, |call| {
+        let rest = call.trim().strip_prefix("call:").ok_or("no `call:`")?;
+        let open = rest.find('{').ok_or("no `{` after the name")?;
+        let name = rest[..open].trim();
+        if name.is_empty() {
+            return Err("a call needs a function name".into());
+        }
+        let mut reader = Gemma {
+            text: &rest[open..],
+            at: 0,
+            escape,
+        };
+        let arguments = reader.value()?;
+        if !reader.text[reader.at..].trim().is_empty() {
+            return Err(format!("`{name}`: text after the arguments"));
+        }
+        match arguments {
+            Value::Object(_) => Ok(ParsedCall {
+                name: name.to_owned(),
+                arguments,
+            }),
+            other => Err(format!(
+                "`{name}`: arguments must be an object, not {other}"
+            )),
+        }
+    })
+}
+
+/// A reader of FunctionGemma's (and Gemma 4's) values; strings sit between `escape` tokens.
 struct Gemma<'a> {
     text: &'a str,
     at: usize,
+    escape: &'static str,
 }
 
 impl<'a> Gemma<'a> {
@@ -604,10 +631,10 @@ impl<'a> Gemma<'a> {
 
     fn value(&mut self) -> Result<Value, String> {
         self.skip_space();
-        if self.eat(GEMMA_ESCAPE) {
+        if self.eat(self.escape) {
             let rest = self.rest();
-            let end = rest.find(GEMMA_ESCAPE).ok_or("a string is never closed")?;
-            self.at += end + GEMMA_ESCAPE.len();
+            let end = rest.find(self.escape).ok_or("a string is never closed")?;
+            self.at += end + self.escape.len();
             return Ok(Value::String(rest[..end].to_owned()));
         }
         if self.eat("{") {
@@ -653,4 +680,150 @@ impl<'a> Gemma<'a> {
             Err(_) => Err("a key without a value".into()),
         }
     }
+}
+
+/// An attribute of a Kimi K3 tag (`key="v"`, with `&quot;` and `&amp;` escaped).
+fn k3_attribute(attributes: &str, name: &str) -> Option<String> {
+    let start = attributes.find(&format!("{name}=\""))? + name.len() + 2;
+    let end = attributes[start..].find('"')? + start;
+    Some(
+        attributes[start..end]
+            .replace("&quot;", "\"")
+            .replace("&amp;", "&"),
+    )
+}
+
+/// The tag at the start of `text` opened with `open` (`<|open|>call`): its attributes and what
+/// follows its `<|sep|>`.
+fn k3_tag<'a>(text: &'a str, open: &str) -> Option<(&'a str, &'a str)> {
+    let rest = text.strip_prefix(open)?;
+    let sep = rest.find(K3_SEP)?;
+    Some((&rest[..sep], &rest[sep + K3_SEP.len()..]))
+}
+
+/// One Kimi K3 call after its `<|open|>call` tag: `(call, rest)`; `Err` when it is cut off or
+/// malformed.
+fn k3_call<'a>(attributes: &str, mut rest: &'a str) -> Result<(ParsedCall, &'a str), String> {
+    let name = k3_attribute(attributes, "tool").ok_or("a call without `tool=\"…\"`")?;
+    let mut arguments = Map::new();
+    loop {
+        if let Some(after) = rest.strip_prefix(K3_CALL_END) {
+            return Ok((
+                ParsedCall {
+                    name,
+                    arguments: Value::Object(arguments),
+                },
+                after,
+            ));
+        }
+        if let Some((attrs, value)) = k3_tag(rest, K3_ARGUMENT) {
+            let key = k3_attribute(attrs, "key").ok_or("an argument without `key`")?;
+            let end = value
+                .find(K3_ARGUMENT_END)
+                .ok_or(format!("`{name}`: argument `{key}` never closes"))?;
+            let text = &value[..end];
+            // `type="string"` is the text itself; anything else is JSON (a string if it is not).
+            let typed = match k3_attribute(attrs, "type").as_deref() {
+                Some("string") | None => Value::String(text.to_owned()),
+                Some(_) => serde_json::from_str(text.trim())
+                    .unwrap_or_else(|_| Value::String(text.to_owned())),
+            };
+            arguments.insert(key, typed);
+            rest = &value[end + K3_ARGUMENT_END.len()..];
+        } else if let Some((_, json)) = k3_tag(rest, K3_JSON) {
+            let end = json
+                .find(K3_JSON_END)
+                .ok_or(format!("`{name}`: its JSON arguments never close"))?;
+            match json_arguments(&name, &json[..end])? {
+                Value::Object(map) => arguments.extend(map),
+                _ => unreachable!("json_arguments returns objects"),
+            }
+            rest = &json[end + K3_JSON_END.len()..];
+        } else {
+            return Err(format!("`{name}`: the call is cut off or malformed"));
+        }
+    }
+}
+
+/// Kimi K3: the whole message, section by section. The generation prompt opens the think section
+/// (the server puts the opener back in front, as for `<think>`), or the response section when
+/// thinking is off; a model that skips a closer moves on at the next section's opener.
+pub(super) fn kimi_k3(text: &str) -> Parsed {
+    let mut parsed = Parsed::default();
+    let mut rest = text.trim_start();
+    rest = rest.strip_prefix(K3_MSG_START).unwrap_or(rest);
+    if let Some(inner) = rest.strip_prefix(K3_THINK_START) {
+        let stop = [K3_THINK_END, K3_RESP_START, K3_TOOLS_START]
+            .into_iter()
+            .filter_map(|m| inner.find(m).map(|at| (at, m)))
+            .min();
+        match stop {
+            Some((at, marker)) => {
+                parsed.reasoning = non_empty(inner[..at].trim());
+                rest = if marker == K3_THINK_END {
+                    &inner[at + marker.len()..]
+                } else {
+                    &inner[at..]
+                };
+            }
+            None => {
+                parsed.reasoning = non_empty(inner.trim());
+                parsed.problem = Some("the think section never closed".into());
+                return parsed;
+            }
+        }
+    }
+    rest = rest.trim_start();
+    rest = rest.strip_prefix(K3_RESP_START).unwrap_or(rest);
+    let end = [K3_RESP_END, K3_TOOLS_START, K3_MSG_END, K3_EOM]
+        .into_iter()
+        .filter_map(|m| rest.find(m))
+        .min()
+        .unwrap_or(rest.len());
+    let mut content = rest[..end].to_owned();
+    rest = &rest[end..];
+    rest = rest.strip_prefix(K3_RESP_END).unwrap_or(rest);
+    if let Some(mut calls_text) = rest.trim_start().strip_prefix(K3_TOOLS_START) {
+        loop {
+            calls_text = calls_text.trim_start();
+            let Some((attributes, after)) = k3_tag(calls_text, K3_CALL) else {
+                break;
+            };
+            match k3_call(attributes, after) {
+                Ok((call, after)) => {
+                    parsed.calls.push(call);
+                    calls_text = after;
+                }
+                Err(problem) if parsed.calls.is_empty() => {
+                    parsed.problem = Some(format!("call 1: {problem}"));
+                    break;
+                }
+                Err(_) => {
+                    parsed.repairs.push(format!(
+                        "call {} was cut off mid-way: its text is content",
+                        parsed.calls.len() + 1
+                    ));
+                    break;
+                }
+            }
+        }
+        if parsed.calls.is_empty() {
+            // Nothing parsed: the whole section is content, as for every family.
+            content.push_str(rest);
+            rest = "";
+        } else {
+            rest = calls_text;
+        }
+    }
+    for trailer in [K3_TOOLS_END, K3_MSG_END, K3_EOM] {
+        rest = rest.trim_start();
+        rest = rest.strip_prefix(trailer).unwrap_or(rest);
+    }
+    content.push_str(rest);
+    parsed.content = non_empty(&content);
+    parsed
+}
+
+fn non_empty(text: &str) -> Option<String> {
+    (!text.trim().is_empty()).then(|| text.to_owned())
 }

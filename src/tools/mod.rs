@@ -286,6 +286,14 @@ impl ToolRequest {
         };
         let mut g = GrammarBuilder::new();
         let mut calls = Vec::new();
+        // Kimi K3 writes each argument's JSON type in its tag.
+        let k3_type = (self.format == ToolFormat::KimiK3).then(|| {
+            g.rule(
+                "k3-type",
+                r#""string" | "number" | "integer" | "boolean" | "object" | "array" | "null""#
+                    .to_owned(),
+            )
+        });
         if matches!(self.format, ToolFormat::QwenXml | ToolFormat::Glm) {
             return self.xml_grammar(&allowed, g).map(Some);
         }
@@ -297,7 +305,13 @@ impl ToolRequest {
                 .unwrap_or(0);
             let param = format!("tools[{index}].function.parameters");
             // The keyword-argument families build their arguments key by key instead.
-            let args = if matches!(self.format, ToolFormat::FunctionGemma | ToolFormat::Llama4) {
+            let args = if matches!(
+                self.format,
+                ToolFormat::FunctionGemma
+                    | ToolFormat::Gemma4
+                    | ToolFormat::Llama4
+                    | ToolFormat::KimiK3
+            ) {
                 String::new()
             } else {
                 g.schema(&tool.parameters, &param)
@@ -329,6 +343,43 @@ impl ToolRequest {
                     };
                     format!(
                         r#""<start_function_call>call:{name}{{" {arguments} "}}<end_function_call>""#
+                    )
+                }
+                // Gemma 4: FunctionGemma's syntax between its own tokens.
+                ToolFormat::Gemma4 => {
+                    let parts = Self::required_arguments(
+                        &mut g,
+                        tool,
+                        &param,
+                        Some(r#""<|\"|>" [^<]* "<|\"|>""#),
+                        |key, value| format!(r#""{key}:" {value}"#),
+                    )?;
+                    format!(
+                        r#""<|tool_call>call:{name}{{" {} "}}<tool_call|>""#,
+                        if parts.is_empty() {
+                            String::new()
+                        } else {
+                            parts.join(r#" "," "#)
+                        }
+                    )
+                }
+                // Kimi K3: an argument tag per required key, typed as its template types it.
+                ToolFormat::KimiK3 => {
+                    let parts = Self::required_arguments(
+                        &mut g,
+                        tool,
+                        &param,
+                        Some("[^<]*"),
+                        |key, value| {
+                            format!(
+                                r#""<|open|>argument key=\"{key}\" type=\"" {} "\"<|sep|>" {value} "<|close|>argument<|sep|>""#,
+                                k3_type.as_deref().unwrap_or("\"string\"")
+                            )
+                        },
+                    )?;
+                    format!(
+                        r#""<|open|>call tool=\"{name}\" index=\"" [1-9] [0-9]* "\"<|sep|>" {} "<|close|>call<|sep|>""#,
+                        parts.join(" ")
                     )
                 }
                 ToolFormat::Harmony => format!(
@@ -380,8 +431,14 @@ impl ToolRequest {
                 "",
                 r#""<｜tool▁calls▁end｜>""#,
             ),
-            ToolFormat::FunctionGemma | ToolFormat::Harmony => ("", "", ""),
+            ToolFormat::FunctionGemma | ToolFormat::Gemma4 | ToolFormat::Harmony => ("", "", ""),
+            ToolFormat::KimiK3 => (
+                r#""<|open|>tools<|sep|>""#,
+                "",
+                r#""<|close|>tools<|sep|>""#,
+            ),
         };
+
         // Harmony's `<|call|>` ends the turn: one call.
         let list = if several && self.format != ToolFormat::Harmony {
             format!("{item} ( {separator} {item} )*")

@@ -37,12 +37,26 @@ pub enum ToolFormat {
     Harmony,
     /// FunctionGemma: `<start_function_call>call:NAME{key:<escape>v<escape>}<end_function_call>`.
     FunctionGemma,
+    /// Gemma 4: `<|tool_call>call:NAME{key:<|"|>v<|"|>}<tool_call|>`, reasoning in
+    /// `<|channel>thought…<channel|>`.
+    Gemma4,
+    /// Kimi K3's tagged sections: `<|open|>think<|sep|>…`, `<|open|>response<|sep|>…`, and
+    /// `<|open|>tools<|sep|><|open|>call tool="NAME" index="1"<|sep|><|open|>argument key="K"
+    /// type="T"<|sep|>V<|close|>argument<|sep|>…<|close|>call<|sep|><|close|>tools<|sep|>`.
+    KimiK3,
     Llama3,
     Mistral,
     Generic,
 }
 
-const REASONING_TAGS: [(&str, &str); 2] = [("<think>", "</think>"), ("[THINK]", "[/THINK]")];
+const REASONING_TAGS: [(&str, &str); 4] = [
+    ("<think>", "</think>"),
+    ("[THINK]", "[/THINK]"),
+    // Gemma 4.
+    ("<|channel>thought", "<channel|>"),
+    // Kimi K3 (its generation prompt opens it).
+    (families::K3_THINK_START, families::K3_THINK_END),
+];
 /// The reasoning tag a rendered prompt leaves open at its end (`…<|im_start|>assistant\n<think>\n`),
 /// if any: the model's output then starts inside reasoning.
 pub fn opened_reasoning(prompt: &str) -> Option<&'static str> {
@@ -78,6 +92,10 @@ impl ToolFormat {
     pub fn detect(template: &str) -> Self {
         if template.contains(families::HARMONY_CHANNEL) {
             Self::Harmony
+        } else if template.contains(families::K3_OPEN) && template.contains(families::K3_SEP) {
+            Self::KimiK3
+        } else if template.contains(families::GEMMA4_CALL) {
+            Self::Gemma4
         } else if template.contains(QWEN_FUNCTION) && template.contains(QWEN_PARAMETER) {
             Self::QwenXml
         } else if template.contains(families::GEMMA_CALL) {
@@ -111,6 +129,8 @@ impl ToolFormat {
             Self::Deepseek => "deepseek",
             Self::Harmony => "harmony",
             Self::FunctionGemma => "function-gemma",
+            Self::Gemma4 => "gemma4",
+            Self::KimiK3 => "kimi-k3",
             Self::Llama3 => "llama3",
             Self::Mistral => "mistral",
             Self::Generic => "generic",
@@ -128,6 +148,8 @@ impl ToolFormat {
             Self::Deepseek => &[families::DEEPSEEK_CALLS, families::DEEPSEEK_CALL],
             Self::Harmony => &[families::HARMONY_CHANNEL],
             Self::FunctionGemma => &[families::GEMMA_CALL],
+            Self::Gemma4 => &[families::GEMMA4_CALL],
+            Self::KimiK3 => &[families::K3_TOOLS_START],
             Self::Llama3 => &[PYTHON_TAG],
             Self::Mistral => &[MISTRAL_CALLS],
         }
@@ -204,8 +226,9 @@ pub fn may_open_reasoning(text: &str) -> bool {
 /// marker, and never into a tail that may become one. A body that may be a bare JSON call holds
 /// everything.
 pub fn settled_content(body: &str, format: ToolFormat) -> usize {
-    if format == ToolFormat::Harmony {
-        // Which channel a text belongs to is known only from its header: all at the end.
+    if matches!(format, ToolFormat::Harmony | ToolFormat::KimiK3) {
+        // Which channel or section a text belongs to is known only from its header: all at the
+        // end.
         return 0;
     }
     let trimmed = body.trim_start();
@@ -250,6 +273,10 @@ pub fn parse(text: &str, format: ToolFormat) -> Parsed {
         // Channels carry the reasoning, the content and the calls alike.
         return families::harmony(text);
     }
+    if format == ToolFormat::KimiK3 {
+        // So do Kimi K3's sections.
+        return families::kimi_k3(text);
+    }
     let split = split(text);
     let reasoning = split.reasoning.map(|r| r.trim().to_owned());
     let Some(body) = split.body else {
@@ -268,6 +295,8 @@ pub fn parse(text: &str, format: ToolFormat) -> Parsed {
         Format::Deepseek => families::deepseek(body),
         Format::Harmony => unreachable!("parsed whole above"),
         Format::FunctionGemma => families::function_gemma(body),
+        Format::Gemma4 => families::gemma4(body),
+        Format::KimiK3 => unreachable!("parsed whole above"),
         Format::Generic => hermes(body, true),
         Format::Llama3 => llama3(body),
         Format::Mistral => mistral(body),

@@ -585,6 +585,95 @@ fn function_gemma_calls_with_escaped_strings() {
     crate::engine::grammar::check(&grammar).unwrap_or_else(|e| panic!("{e}\n{grammar}"));
 }
 
+/// Gemma 4, from llama.cpp's recorded outputs for google/gemma-4-31B-it's template.
+#[test]
+fn gemma4_calls_and_thought_channel() {
+    let gemma = family_tools("{{- '<|tool_call>call:' + function['name'] + '{' -}}", None);
+    assert_eq!(gemma.format, ToolFormat::Gemma4);
+    let out = "Hello, world!\nWhat's up?<|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>,days:2}<tool_call|>";
+    let (m, content) = both_ways(&gemma, out);
+    assert_eq!(m.tool_calls[0].name, "get_weather");
+    assert_eq!(arguments(&m, 0), json!({"city": "Paris", "days": 2}));
+    assert_eq!(content, "Hello, world!\nWhat's up?");
+    // Reasoning in the thought channel, then a call with no arguments.
+    let out = "<|channel>thought\nI'm\nthinking<channel|><|tool_call>call:get_time{}<tool_call|>";
+    let (m, _) = gemma.finish(out, false);
+    assert_eq!(m.reasoning.as_deref(), Some("I'm\nthinking"));
+    assert_eq!(m.tool_calls[0].name, "get_time");
+    // A complete call, then one cut off: the first is a call, the tail content.
+    let (m, calls) = gemma.finish(
+        "<|tool_call>call:get_time{}<tool_call|><|tool_call>call:get_weather{city:<|\"|>Os",
+        false,
+    );
+    assert!(calls && m.tool_calls.len() == 1, "{m:?}");
+    assert!(m.content.unwrap().contains("<|tool_call>call:get_weather"));
+    let grammar = family_tools("<|tool_call>call:", Some(json!("required")))
+        .grammar()
+        .unwrap()
+        .unwrap();
+    assert!(
+        grammar.contains("<|tool_call>call:get_weather{"),
+        "{grammar}"
+    );
+    crate::engine::grammar::check(&grammar).unwrap_or_else(|e| panic!("{e}\n{grammar}"));
+}
+
+/// Kimi K3, from llama.cpp's recorded outputs for its published template: sections, typed
+/// arguments, parallel calls, reasoning opened by the generation prompt.
+#[test]
+fn kimi_k3_sections_typed_arguments_and_calls() {
+    let k3 = family_tools("{{- '<|open|>' + tag -}}{{- '<|sep|>' -}}", None);
+    assert_eq!(k3.format, ToolFormat::KimiK3);
+    let parse = |out: &str| super::parse::parse(out, ToolFormat::KimiK3);
+    let p = parse("<|open|>response<|sep|>Hello, world!\nWhat's up?<|close|>response<|sep|><|close|>message<|sep|>");
+    assert_eq!(p.content.as_deref(), Some("Hello, world!\nWhat's up?"));
+    assert!(p.reasoning.is_none() && p.calls.is_empty());
+    // The generation prompt opened the think section; the server puts the opener back.
+    let opened = super::parse::opened_reasoning(
+        "<|open|>message role=\"user\"<|sep|>Hi<|close|>message<|sep|><|open|>message role=\"assistant\"<|sep|><|open|>think<|sep|>",
+    );
+    assert_eq!(opened, Some("<|open|>think<|sep|>"));
+    let out = "<|open|>think<|sep|>I should call it<|close|>think<|sep|><|open|>response<|sep|>On it.<|close|>response<|sep|><|open|>tools<|sep|><|open|>call tool=\"get_weather\" index=\"1\"<|sep|><|open|>argument key=\"city\" type=\"string\"<|sep|>12<|close|>argument<|sep|><|open|>argument key=\"days\" type=\"number\"<|sep|>2<|close|>argument<|sep|><|close|>call<|sep|><|open|>call tool=\"get_time\" index=\"2\"<|sep|><|close|>call<|sep|><|close|>tools<|sep|><|close|>message<|sep|><|end_of_msg|>";
+    let (m, content) = both_ways(&k3, out);
+    assert_eq!(m.reasoning.as_deref(), Some("I should call it"));
+    assert_eq!(m.content.as_deref(), Some("On it."));
+    assert_eq!(content, "On it.");
+    assert_eq!(m.tool_calls.len(), 2);
+    // A string stays a string even when it looks like a number; numbers are numbers.
+    assert_eq!(arguments(&m, 0), json!({"city": "12", "days": 2}));
+    assert_eq!(arguments(&m, 1), json!({}));
+    // Prose that names the tags survives; a budget cut inside reasoning keeps the reasoning.
+    let p = parse("<|open|>response<|sep|>Use the response tag, then message the handler.<|close|>response<|sep|><|close|>message<|sep|>");
+    assert_eq!(
+        p.content.as_deref(),
+        Some("Use the response tag, then message the handler.")
+    );
+    let p = parse("<|open|>think<|sep|>I was still thinking when the budget ran out");
+    assert_eq!(
+        p.reasoning.as_deref(),
+        Some("I was still thinking when the budget ran out")
+    );
+    // JSON arguments in one block, escaped attributes.
+    let p = parse("<|open|>tools<|sep|><|open|>call tool=\"get_weather\" index=\"1\"<|sep|><|open|>json type=\"object\"<|sep|>{\"city\": \"Caf\\u00e9 \\\"Nord\\\"\"}<|close|>json<|sep|><|close|>call<|sep|><|close|>tools<|sep|>");
+    assert_eq!(p.calls[0].arguments, json!({"city": "Café \"Nord\""}));
+    // A complete call, then one cut off: the first stays a call, the tail is content.
+    let (m, calls) = k3.finish(
+        "<|open|>tools<|sep|><|open|>call tool=\"get_time\" index=\"1\"<|sep|><|close|>call<|sep|><|open|>call tool=\"get_weather\" index=\"2\"<|sep|><|open|>argument key=\"city\" type=\"string\"<|sep|>Pa",
+        false,
+    );
+    assert!(calls && m.tool_calls.len() == 1, "{m:?}");
+    assert!(m.content.unwrap().contains("get_weather"));
+    // Malformed: no call parses, everything is content.
+    let (m, calls) = k3.finish("<|open|>tools<|sep|><|open|>call index=\"1\"<|sep|>", false);
+    assert!(!calls && m.content.is_some());
+    let grammar = family_tools("<|open|><|sep|>", Some(json!("required")))
+        .grammar()
+        .unwrap()
+        .unwrap();
+    assert!(grammar.contains("<|open|>tools<|sep|>"), "{grammar}");
+    crate::engine::grammar::check(&grammar).unwrap_or_else(|e| panic!("{e}\n{grammar}"));
+}
+
 /// Every family: streamed in pieces of every size (on character boundaries), the deltas add up to
 /// the whole output's message (content, reasoning and calls), and no call markup is streamed.
 #[test]
@@ -598,6 +687,8 @@ fn every_format_streams_to_the_same_message_at_every_piece_size() {
         ("<|python_start|>", "[get_weather(city='Zürich')]"),
         ("<|channel|>", "<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant<|channel|>final<|message|>Ça va.<|return|>"),
         ("<start_function_call>", "<start_function_call>call:get_weather{city:<escape>Kyiv<escape>}<end_function_call>"),
+        ("<|tool_call>call:", "Oui.<|tool_call>call:get_weather{city:<|\"|>Liège<|\"|>}<tool_call|>"),
+        ("<|open|><|sep|>", "<|open|>think<|sep|>Hmm “x”.<|close|>think<|sep|><|open|>response<|sep|>Voilà.<|close|>response<|sep|><|open|>tools<|sep|><|open|>call tool=\"get_time\" index=\"1\"<|sep|><|close|>call<|sep|><|close|>tools<|sep|><|close|>message<|sep|>"),
         ("<|python_tag|>", "Sure.<|python_tag|>{\"name\": \"get_time\", \"parameters\": {}}"),
         ("<think>", "<think>Why \"x\"?</think>Plain answer with “quotes”."),
     ];

@@ -300,16 +300,47 @@ pub fn device_index(worker: &str, index: u32) -> Result<usize, LoadError> {
         .ok_or_else(|| LoadError::Placement(format!("RPC worker {worker} has no device {index}")))
 }
 
-/// The devices of every linked worker as inventory entries: memory as each worker reports it,
-/// named by placement id (`rpc:HOST:PORT/N`), marked remote. A lost worker's devices report none.
-pub fn remote_gpus(links: &[Arc<Link>]) -> Vec<Gpu> {
+/// What each worker's devices last reported (relay address, device) → (free, total): the
+/// live view re-reads only this process's allocations, so a poll never opens a connection to an
+/// idle worker.
+fn last_reported() -> &'static Mutex<std::collections::HashMap<(String, usize), (u64, u64)>> {
+    static LAST: OnceLock<Mutex<std::collections::HashMap<(String, usize), (u64, u64)>>> =
+        OnceLock::new();
+    LAST.get_or_init(Mutex::default)
+}
+
+/// The devices of every linked worker as inventory entries, named by placement id
+/// (`rpc:HOST:PORT/N`), marked remote, with what this process allocated there as `memory_used`.
+/// `ask`: memory as each worker reports it now (before a plan); else as it last reported it. A
+/// lost worker's devices report none.
+pub fn remote_gpus(links: &[Arc<Link>], ask: bool) -> Vec<Gpu> {
     let mut out = Vec::new();
     for link in links {
         for (n, (_, device)) in devices_of(link).into_iter().enumerate() {
+            let key = (link.relay.to_string(), n);
             let (free, total) = if link.lost().is_some() {
                 (0, 0)
+            } else if ask {
+                let reading = memory_of(device);
+                last_reported()
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, reading);
+                reading
             } else {
-                memory_of(device)
+                let last = last_reported().lock().unwrap_or_else(|e| e.into_inner());
+                match last.get(&key) {
+                    Some(&reading) => reading,
+                    None => {
+                        drop(last);
+                        let reading = memory_of(device);
+                        last_reported()
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(key, reading);
+                        reading
+                    }
+                }
             };
             out.push(Gpu {
                 name: format!("{} ({})", name_of(device), link.worker),
