@@ -303,11 +303,13 @@ pub fn device_index(worker: &str, index: u32) -> Result<usize, LoadError> {
 /// What each worker's devices last reported (relay address, device) → (free, total): the
 /// live view re-reads only this process's allocations, so a poll never opens a connection to an
 /// idle worker.
-fn last_reported() -> &'static Mutex<std::collections::HashMap<(String, usize), (u64, u64)>> {
-    static LAST: OnceLock<Mutex<std::collections::HashMap<(String, usize), (u64, u64)>>> =
-        OnceLock::new();
+fn last_reported() -> &'static Mutex<Readings> {
+    static LAST: OnceLock<Mutex<Readings>> = OnceLock::new();
     LAST.get_or_init(Mutex::default)
 }
+
+/// (relay address, device index) → (free, total) bytes.
+type Readings = std::collections::HashMap<(String, usize), (u64, u64)>;
 
 /// The devices of every linked worker as inventory entries, named by placement id
 /// (`rpc:HOST:PORT/N`), marked remote, with what this process allocated there as `memory_used`.
