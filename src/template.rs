@@ -75,7 +75,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source.to_owned())
+        env.add_template_owned(NAME, rewrite_appends(source))
             .map_err(|e| TemplateError::Syntax(describe(&e)))?;
         Ok(Self {
             env,
@@ -239,6 +239,72 @@ fn write_json(value: &serde_json::Value, style: &JsonStyle<'_>, depth: usize, ou
     }
 }
 
+/// Python's `list.append` and `list.pop` mutate; minijinja's lists are values. Templates that keep
+/// a queue in a namespace's list (`{%- set _ = ns.ids.append(x) -%}`, `{%- set id =
+/// ns.ids.pop(0) -%}`: Kimi K2's) get the same effect written as assignments (`{%- set ns.ids =
+/// (ns.ids + [x])|list -%}`; `{%- set id = ns.ids[0] -%}{%- set ns.ids = ns.ids[1:] -%}`). Only
+/// those statement shapes on a namespace attribute are rewritten; any other use still fails as an
+/// unknown method, with the template's line.
+fn rewrite_appends(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(open) = rest.find("{%") {
+        let Some(close) = rest[open..].find("%}").map(|c| open + c) else {
+            break;
+        };
+        out.push_str(&rest[..open]);
+        let tag = &rest[open..close + 2];
+        out.push_str(&rewrite_append_tag(tag).unwrap_or_else(|| tag.to_owned()));
+        rest = &rest[close + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `{%- set NAME = PATH.append(ARG) -%}` as `{%- set PATH = PATH + [ARG] -%}`.
+fn rewrite_append_tag(tag: &str) -> Option<String> {
+    let inner = &tag[2..tag.len() - 2];
+    let (lead, inner) = match inner.strip_prefix(['-', '+']) {
+        Some(rest) => (&tag[2..3], rest),
+        None => ("", inner),
+    };
+    let (inner, trail) = match inner.strip_suffix(['-', '+']) {
+        Some(rest) => (rest, &inner[inner.len() - 1..]),
+        None => (inner, ""),
+    };
+    let assignment = inner.trim().strip_prefix("set ")?;
+    let (name, expression) = assignment.split_once('=')?;
+    let (name, expression) = (name.trim(), expression.trim());
+    let call = expression.strip_suffix(')')?;
+    let (path, method) = [".append(", ".pop("]
+        .iter()
+        .find_map(|m| call.find(m).map(|at| (&call[..at], &call[at + 1..])))?;
+    let path = path.trim();
+    // Only a namespace attribute can be assigned from inside a loop.
+    if !path.contains('.')
+        || !path
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '.')
+    {
+        return None;
+    }
+    let tag = |body: String| format!("{{%{lead} {body} {trail}%}}");
+    if let Some(argument) = method.strip_prefix("append(") {
+        return Some(tag(format!("set {path} = ({path} + [{argument}])|list")));
+    }
+    // `x = l.pop(0)` / `x = l.pop()`: the item, then the list without it.
+    let (item, remaining) = match method {
+        "pop(0" => ("[0]", "[1:]"),
+        "pop(" => ("[-1]", "[:-1]"),
+        _ => return None,
+    };
+    Some(format!(
+        "{}{}",
+        tag(format!("set {name} = {path}{item}")),
+        tag(format!("set {path} = {path}{remaining}"))
+    ))
+}
+
 /// The family of a chat template, by the markers its source writes (for listings): `harmony`,
 /// `chatml`, `llama3`, `mistral`, `gemma`, `deepseek`, `glm`, `phi`, `zephyr`, else `custom`.
 pub fn family(source: &str) -> &'static str {
@@ -273,6 +339,25 @@ mod tests {
             eos_token: "</s>".into(),
             extra: Default::default(),
         })
+    }
+
+    #[test]
+    fn a_namespace_list_append_is_an_assignment() {
+        let source = "{%- set ns = namespace(ids=[]) -%}{%- for m in messages -%}\
+                      {%- set _ = ns.ids.append(m.content) -%}{%- endfor -%}{{ ns.ids|join(',') }}";
+        let out = render(source, json!([{"content": "a"}, {"content": "b"}])).unwrap();
+        assert_eq!(out, "a,b");
+        assert_eq!(
+            rewrite_append_tag("{% set x = ns.l.append(1) %}").as_deref(),
+            Some("{% set ns.l = (ns.l + [1])|list %}")
+        );
+        let queue = "{%- set ns = namespace(q=[]) -%}{%- set _ = ns.q.append('a') -%}\
+                     {%- set _ = ns.q.append('b') -%}{%- set first = ns.q.pop(0) -%}\
+                     {{ first }}|{{ ns.q|join(',') }}";
+        assert_eq!(render(queue, json!([])).unwrap(), "a|b");
+        // Other shapes are left alone.
+        assert_eq!(rewrite_append_tag("{% set x = l.append(1) %}"), None);
+        assert_eq!(rewrite_append_tag("{{ x }}"), None);
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub fn parse_command(args: &ToolsParseArgs) -> anyhow::Result<()> {
                     .calls
                     .iter()
                     .map(|c| super::ToolCall {
-                        id: call_id(),
+                        id: call_id(format),
                         name: c.name.clone(),
                         arguments: c.arguments.to_string(),
                     })

@@ -1,5 +1,6 @@
 //! Call syntaxes of the families whose calls are delimited by their own special tokens: GLM
-//! (4.5 and later), Kimi (K2), DeepSeek (V3, V3.1 and later). Each parser finds the calls in a
+//! (4.5 and later), Kimi (K2; K3's tagged sections, parsed whole), DeepSeek (V3, V3.1 and later),
+//! Llama 4, harmony, FunctionGemma and Gemma 4. Each parser finds the calls in a
 //! body, keeps complete ones before a last call cut off mid-way, and reports anything else that
 //! looks like a call but does not parse as `Found::Broken` (returned as content, never a 5xx).
 

@@ -604,7 +604,7 @@ impl ToolRequest {
         message.tool_calls = calls
             .into_iter()
             .map(|c| ToolCall {
-                id: call_id(),
+                id: call_id(self.format),
                 name: c.name,
                 arguments: c.arguments.to_string(),
             })
@@ -691,12 +691,16 @@ fn spec(tool: &Value, i: usize) -> Result<ToolSpec, ToolError> {
 }
 
 /// `call_` and 24 alphanumerics, as OpenAI's ids look.
-pub fn call_id() -> String {
+/// A new call id: OpenAI's shape (`call_` and 24 characters), except for Mistral, whose templates
+/// refuse any id in the history that is not 9 alphanumeric characters (as Mistral's own API
+/// writes them).
+pub fn call_id(format: ToolFormat) -> String {
     use rand::distributions::{Alphanumeric, DistString};
-    format!(
-        "call_{}",
-        Alphanumeric.sample_string(&mut rand::thread_rng(), 24)
-    )
+    let mut rng = rand::thread_rng();
+    match format {
+        ToolFormat::Mistral => Alphanumeric.sample_string(&mut rng, 9),
+        _ => format!("call_{}", Alphanumeric.sample_string(&mut rng, 24)),
+    }
 }
 
 /// The grammar for `response_format`: any JSON object, or one matching a schema.

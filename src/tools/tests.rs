@@ -587,6 +587,16 @@ fn function_gemma_calls_with_escaped_strings() {
 
 /// Gemma 4, from llama.cpp's recorded outputs for google/gemma-4-31B-it's template.
 #[test]
+fn mistral_call_ids_are_nine_alphanumerics_as_its_templates_require() {
+    let id = super::call_id(ToolFormat::Mistral);
+    assert!(
+        id.len() == 9 && id.chars().all(|c| c.is_ascii_alphanumeric()),
+        "{id}"
+    );
+    assert!(super::call_id(ToolFormat::Hermes).starts_with("call_"));
+}
+
+#[test]
 fn gemma4_calls_and_thought_channel() {
     let gemma = family_tools("{{- '<|tool_call>call:' + function['name'] + '{' -}}", None);
     assert_eq!(gemma.format, ToolFormat::Gemma4);
