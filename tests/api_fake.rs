@@ -2691,3 +2691,35 @@ async fn reasoning_effort_and_template_kwargs_reach_the_template() {
     let (_, body) = send_json(&h.app, post("/api/chat", off)).await;
     assert_eq!(body["message"]["content"], "none|False|hi");
 }
+
+/// DeepSeek V3.1's published template lists no tools but renders calls in its own syntax: the
+/// prompt gets the tool section its model card gives (not the generic format, whose `<tool_call>`
+/// syntax its parser would not read), and earlier calls stay in DeepSeek's syntax.
+#[tokio::test]
+async fn a_template_with_its_own_call_syntax_but_no_tool_list_gets_its_model_cards_section() {
+    let template = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/templates/deepseek-ai-DeepSeek-V3.1.jinja"),
+    )
+    .unwrap();
+    let h = ollama_harness(Some(&template));
+    let request = json!({
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function",
+              "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18"},
+            {"role": "user", "content": "And Oslo?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather",
+            "description": "Current weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]});
+    let (status, body) = send_json(&h.app, post("/apply-template", request)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let prompt = body["prompt"].as_str().unwrap();
+    assert!(prompt.starts_with("## Tools\nYou have access to the following tools:\n\n### get_weather\nDescription: Current weather"), "{prompt}");
+    assert!(
+        prompt.contains("<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"Paris\"}"),
+        "{prompt}"
+    );
+    assert!(!prompt.contains("<tool_call>"), "{prompt}");
+}

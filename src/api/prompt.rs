@@ -14,6 +14,7 @@ use super::error::ApiError;
 use super::Loaded;
 use crate::engine::Token;
 use crate::template::{RenderContext, TemplateError};
+use crate::tools::parse::ToolFormat;
 use crate::tools::ToolRequest;
 
 /// For templates that do not render tools: the history in the generic format. Calls become
@@ -53,25 +54,63 @@ fn generic_history(messages: &mut Vec<Value>, tools: Option<&ToolRequest>) {
         }
     }
     if let Some(tools) = tools {
-        let instructions = tools.generic_instructions();
-        match messages.first_mut() {
-            Some(first) if first["role"] == "system" => {
-                let text = first["content"].as_str().unwrap_or("").to_owned();
-                first["content"] = json!(format!("{text}\n\n{instructions}"));
-            }
-            _ => messages.insert(0, json!({"role": "system", "content": instructions})),
-        }
+        add_to_system(messages, &tools.generic_instructions());
     }
 }
 
 /// The rendered prompt (tools into the template, or the generic format) and its tokens.
+/// Appends `text` to the system message (one is added first when there is none).
+fn add_to_system(messages: &mut Vec<Value>, text: &str) {
+    match messages.first_mut() {
+        Some(first) if first["role"] == "system" => {
+            let current = first["content"].as_str().unwrap_or("").to_owned();
+            first["content"] = json!(format!("{current}\n\n{text}"));
+        }
+        _ => messages.insert(0, json!({"role": "system", "content": text})),
+    }
+}
+
+/// The tool section DeepSeek V3.1's model card puts in the system prompt (its template lists no
+/// tools), in the card's words.
+fn deepseek_tools_section(tools: &ToolRequest) -> String {
+    let mut text = String::from("## Tools\nYou have access to the following tools:\n");
+    for tool in tools.template_tools().as_array().into_iter().flatten() {
+        let function = &tool["function"];
+        text.push_str(&format!(
+            "\n### {}\nDescription: {}\n\nParameters: {}\n",
+            function["name"].as_str().unwrap_or(""),
+            function["description"].as_str().unwrap_or(""),
+            function["parameters"]
+        ));
+    }
+    text.push_str(
+        "\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n\
+         <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>tool_call_name<｜tool▁sep｜>tool_call_arguments\
+         <｜tool▁call▁end｜>{{additional_tool_calls}}<｜tool▁calls▁end｜>\n\n\
+         Where:\n\n\
+         - `tool_call_name` must be an exact match to one of the available tools\n\
+         - `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema\n\
+         - For multiple tool calls, chain them directly without separators or spaces",
+    );
+    text
+}
+
 fn render_and_tokenize(
     loaded: &Loaded,
     mut messages: Vec<Value>,
     tools: Option<&ToolRequest>,
     extra: serde_json::Map<String, Value>,
 ) -> Result<(String, Vec<Token>), ApiError> {
-    let template_tools = if loaded.template.knows_tools() {
+    // A template that writes a family's call syntax renders calls in history itself even when
+    // it does not list the tools (DeepSeek V3.1's): the generic format would teach the model a
+    // syntax its parser does not read.
+    let own_syntax = tools.is_some_and(|t| t.format != ToolFormat::Generic);
+    let template_tools = if loaded.template.knows_tools() || own_syntax {
+        if !loaded.template.knows_tools() {
+            if let Some(tools) = tools.filter(|t| t.format == ToolFormat::Deepseek) {
+                add_to_system(&mut messages, &deepseek_tools_section(tools));
+            }
+        }
         tools.map(ToolRequest::template_tools)
     } else {
         generic_history(&mut messages, tools);
