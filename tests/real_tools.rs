@@ -236,3 +236,31 @@ async fn a_raw_grammar_constrains_the_output_and_a_broken_one_is_a_400() {
     request.as_object_mut().unwrap().remove("grammar");
     assert_eq!(post(&url, &request).await.0, 200);
 }
+
+/// A grammar that names a token matches that token, not its text: how forcing grammars make a
+/// model write a call marker its vocabulary holds as one control token (`[TOOL_CALLS]`,
+/// `<|tool_call>`) rather than spell it. SmolLM2 holds `<filename>` as token 6; its text is a
+/// control token's, so a request that does not ask for control tokens does not see it.
+#[tokio::test]
+async fn a_grammar_token_reference_forces_the_control_token_itself() {
+    let server = start(&[]).await;
+    let url = format!("http://{}/v1/completions", server.addr);
+    let ask = |grammar: &str| {
+        json!({"model": MODEL_ID, "prompt": "<|im_start|>user\nhi<|im_end|>\n", "max_tokens": 8,
+               "temperature": 0, "grammar": grammar})
+    };
+    // By token: one token, then `a`, then the end.
+    let (status, body) = post(&url, &ask(r#"root ::= <[6]> "a""#)).await;
+    assert_eq!(status, 200, "{body}");
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["choices"][0]["text"], "a", "{reply}");
+    assert_eq!(reply["usage"]["completion_tokens"], 3, "{reply}");
+    // By text: the model spells it out of ordinary tokens.
+    let (_, body) = post(&url, &ask(r#"root ::= "<filename>" "a""#)).await;
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["choices"][0]["text"], "<filename>a", "{reply}");
+    assert!(
+        reply["usage"]["completion_tokens"].as_u64().unwrap() > 3,
+        "{reply}"
+    );
+}

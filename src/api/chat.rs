@@ -402,6 +402,17 @@ pub(super) async fn start_chat(
         options.special_tokens = true;
         tools.check_schemas()?;
         if let Some(forced) = tools.grammar()? {
+            // Markers this vocabulary holds as one token are forced as that token.
+            let tokenizer = &loaded.info.tokenizer;
+            let tokens: Vec<(&str, crate::engine::Token)> = crate::tools::CALL_MARKERS
+                .iter()
+                .filter(|m| forced.contains(&crate::tools::gbnf_escaped(m)))
+                .filter_map(|&m| match tokenizer.tokenize(m, false).as_slice() {
+                    [t] if tokenizer.piece(*t) == m.as_bytes() => Some((m, *t)),
+                    _ => None,
+                })
+                .collect();
+            let forced = crate::tools::markers_as_tokens(&forced, &tokens);
             if grammar.is_some() {
                 return Err(ApiError::invalid(
                     "response_format",

@@ -586,6 +586,53 @@ fn function_gemma_calls_with_escaped_strings() {
 }
 
 /// Gemma 4, from llama.cpp's recorded outputs for google/gemma-4-31B-it's template.
+/// Forcing grammars match a marker the vocabulary holds as one token by that token, so the model
+/// is never steered into spelling `[TOOL_CALLS]` out of ordinary tokens.
+#[test]
+fn markers_held_as_one_token_are_forced_as_that_token() {
+    let mistral = family_tools("[TOOL_CALLS]", Some(json!("required")));
+    let grammar = mistral.grammar().unwrap().unwrap();
+    let forced = super::markers_as_tokens(&grammar, &[("[TOOL_CALLS]", 5)]);
+    assert!(
+        forced.contains("<[5]>") && !forced.contains("[TOOL_CALLS]"),
+        "{forced}"
+    );
+    crate::engine::grammar::check(&forced).unwrap_or_else(|e| panic!("{e}\n{forced}"));
+    // Markers inside longer literals, escaped quotes, character classes left alone.
+    let k3 = family_tools("<|open|><|sep|>", Some(json!("required")));
+    let grammar = k3.grammar().unwrap().unwrap();
+    let forced = super::markers_as_tokens(
+        &grammar,
+        &[("<|open|>", 1), ("<|close|>", 2), ("<|sep|>", 3)],
+    );
+    assert!(
+        !forced.contains("<|open|>") && !forced.contains("<|sep|>"),
+        "{forced}"
+    );
+    assert!(
+        forced.contains(r#"(<[1]> "call tool=\"get_weather\" index=\"")"#),
+        "{forced}"
+    );
+    crate::engine::grammar::check(&forced).unwrap_or_else(|e| panic!("{e}\n{forced}"));
+    let gemma = family_tools("<|tool_call>call:", Some(json!("required")));
+    let grammar = gemma.grammar().unwrap().unwrap();
+    let forced = super::markers_as_tokens(&grammar, &[("<|\"|>", 7), ("<|tool_call>", 8)]);
+    assert!(
+        forced.contains("<[7]>") && forced.contains("<[8]>"),
+        "{forced}"
+    );
+    crate::engine::grammar::check(&forced).unwrap_or_else(|e| panic!("{e}\n{forced}"));
+    // Nothing to rewrite: unchanged; a repeated literal stays one group.
+    assert_eq!(super::markers_as_tokens(&grammar, &[]), grammar);
+    assert_eq!(
+        super::markers_as_tokens(
+            r#"root ::= ("x[TOOL_CALLS]y")* [^"\]]"#,
+            &[("[TOOL_CALLS]", 5)]
+        ),
+        r#"root ::= (("x" <[5]> "y"))* [^"\]]"#
+    );
+}
+
 #[test]
 fn mistral_call_ids_are_nine_alphanumerics_as_its_templates_require() {
     let id = super::call_id(ToolFormat::Mistral);
