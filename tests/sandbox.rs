@@ -1059,6 +1059,9 @@ async fn tenants_are_capped_paused_when_idle_and_woken_on_use() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(tenant_run(&sandbox, &c, "echo c").await.stdout, "c\n");
     // A new pool (a restarted server) adopts the existing tenants: they count against the cap.
+    // The old pool goes first, as with a real restart: its reaper (1 s idle) would otherwise pause
+    // a tenant the new pool is using.
+    drop(sandbox);
     let restarted = Sandbox::new(
         tenants_for(&fixture, |c| c.max_tenants = 2),
         AuditLog::open(&audit).await.unwrap(),
