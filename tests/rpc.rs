@@ -6,7 +6,10 @@
 //! serving.
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+#[cfg(feature = "real-model")]
+use std::process::{Child, Stdio};
+#[cfg(feature = "real-model")]
 use std::time::{Duration, Instant};
 
 #[cfg(feature = "real-model")]
@@ -23,11 +26,13 @@ fn free_port() -> u16 {
 }
 
 /// An `rpc-worker` child process, killed when dropped.
+#[cfg(feature = "real-model")]
 struct Worker {
     child: Child,
     endpoint: String,
 }
 
+#[cfg(feature = "real-model")]
 impl Worker {
     /// Starts a worker reporting `mem_mib` and waits until it answers a handshake.
     fn start(mem_mib: u64) -> Self {
@@ -57,21 +62,27 @@ impl Worker {
     }
 }
 
+#[cfg(feature = "real-model")]
 impl Drop for Worker {
     fn drop(&mut self) {
         self.kill();
     }
 }
 
-#[test]
-fn a_worker_refuses_a_public_address_without_allow_remote() {
+/// Runs the binary with `args`, which must fail; its stderr.
+fn failure(args: &[&str]) -> String {
     let out = Command::new(BIN)
-        .args(["rpc-worker", "--host", "0.0.0.0", "--port", "1"])
+        .args(args)
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_worker_refuses_a_public_address_without_allow_remote() {
+    let err = failure(&["rpc-worker", "--host", "0.0.0.0", "--port", "1"]);
     assert!(
         err.contains("--allow-remote")
             && err.contains("no authentication")
@@ -83,13 +94,7 @@ fn a_worker_refuses_a_public_address_without_allow_remote() {
 #[test]
 fn an_unreachable_worker_stops_serve_with_its_name() {
     let endpoint = format!("127.0.0.1:{}", free_port());
-    let out = Command::new(BIN)
-        .args(["serve", "--port", "0", "--rpc", &endpoint])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failure(&["serve", "--port", "0", "--rpc", &endpoint]);
     assert!(
         err.contains(&endpoint) && err.contains("unreachable"),
         "{err}"

@@ -4,8 +4,9 @@
 //! --test templates` rewrites the golden files (review the diff). `lm-sandbox tools parse --format
 //! auto --template F` picks the family and parses a call in its syntax.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use lm_sandbox::template::{ChatTemplate, RenderContext};
 use lm_sandbox::tools::parse::ToolFormat;
@@ -206,31 +207,12 @@ fn every_template_renders_tools_calls_results_and_reasoning_as_its_golden_file()
 
 #[test]
 fn tools_parse_auto_picks_the_family_from_the_template() {
-    let bin = env!("CARGO_BIN_EXE_lm-sandbox");
     for case in CASES {
-        let mut child = Command::new(bin)
-            .args(["tools", "parse", "--format", "auto", "--template"])
-            .arg(fixtures().join(case.file))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(case.output.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            case.file,
-            String::from_utf8_lossy(&out.stderr)
+        let template = fixtures().join(case.file);
+        let parsed = common::tools_parse(
+            &["--format", "auto", "--template", template.to_str().unwrap()],
+            case.output,
         );
-        let parsed: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(parsed["format"], case.family, "{}", case.file);
         let message = &parsed["message"];
         let text = message.to_string();

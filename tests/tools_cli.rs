@@ -1,28 +1,8 @@
 //! `lm-sandbox tools parse` as a user runs it: raw output on stdin, a message on stdout.
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+mod common;
 
-use serde_json::Value;
-
-fn parse(args: &[&str], stdin: &str) -> Value {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lm-sandbox"))
-        .args(["tools", "parse"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+use common::tools_parse as parse;
 
 #[test]
 fn parse_prints_the_message_or_says_why_not() {

@@ -40,3 +40,30 @@ pub async fn start(extra: &[&str]) -> RunningServer {
     server.ready().await.expect("model loads");
     server
 }
+
+/// Runs `lm-sandbox tools parse ARGS` with `stdin` as the model output; its JSON report.
+pub fn tools_parse(args: &[&str], stdin: &str) -> serde_json::Value {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lm-sandbox"))
+        .args(["tools", "parse"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "tools parse {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -322,27 +322,21 @@ pub fn remote_gpus(links: &[Arc<Link>], ask: bool) -> Vec<Gpu> {
             let key = (link.relay.to_string(), n);
             let (free, total) = if link.lost().is_some() {
                 (0, 0)
-            } else if ask {
-                let reading = memory_of(device);
-                last_reported()
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, reading);
-                reading
             } else {
-                let last = last_reported().lock().unwrap_or_else(|e| e.into_inner());
-                match last.get(&key) {
-                    Some(&reading) => reading,
-                    None => {
-                        drop(last);
-                        let reading = memory_of(device);
-                        last_reported()
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(key, reading);
-                        reading
-                    }
-                }
+                let cached = if ask {
+                    None
+                } else {
+                    let last = last_reported().lock().unwrap_or_else(|e| e.into_inner());
+                    last.get(&key).copied()
+                };
+                cached.unwrap_or_else(|| {
+                    let reading = memory_of(device);
+                    last_reported()
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key, reading);
+                    reading
+                })
             };
             out.push(Gpu {
                 name: format!("{} ({})", name_of(device), link.worker),
