@@ -8,10 +8,11 @@
 #   - benches/load.py against llama-server and against lm-sandbox, both `-np 8 -c 16384 -t THREADS`;
 # and prints every row with the ratio lm-sandbox / llama-server (and / llama-bench for decode).
 #
-# Usage: benches/compare.sh [THREADS]   (default 2)
+# Usage: benches/compare.sh [THREADS [ROUNDS]]   (defaults 2 and 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${1:-2}
+rounds=${2:-3}
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 model_id=SmolLM2-135M-Instruct.Q4_1
 peer=target/peer
@@ -48,12 +49,12 @@ run_llama_server() {
 run_lm_sandbox() {
   target/release/lm-sandbox serve -m "$model" --port $port -t "$threads" -np 8 -c 16384 2>/dev/null &
 }
-# Two rounds in A-B-A-B order, so drift in the machine's speed hits both servers alike; each row
-# is the mean over the rounds.
+# ROUNDS rounds in A-B-A-B order, so drift in the machine's speed hits both servers alike; each row
+# is the median over the rounds, with the spread of the per-round ratios.
 theirs="" ours=""
 pid=""
 trap 'if [ -n "$pid" ]; then kill $pid 2>/dev/null || true; fi' EXIT
-for round in 1 2; do
+for round in $(seq "$rounds"); do
   for server in llama_server lm_sandbox; do
     echo "round $round: $server ..." >&2
     "run_$server"
@@ -67,30 +68,37 @@ for round in 1 2; do
 done
 
 python3 - "$bench" "$theirs" "$ours" "$threads" <<'PY'
-import json, sys
-def mean_of_rounds(text):
-    rounds = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return {
-        scenario: {key: sum(r[scenario][key] for r in rounds) / len(rounds) for key in rounds[0][scenario]}
-        for scenario in rounds[0]
-    }
-bench = json.loads(sys.argv[1]); theirs = mean_of_rounds(sys.argv[2]); ours = mean_of_rounds(sys.argv[3])
+import json, statistics, sys
+def rounds_of(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+bench = json.loads(sys.argv[1]); theirs = rounds_of(sys.argv[2]); ours = rounds_of(sys.argv[3])
 pp = next(r["avg_ts"] for r in bench if r["n_prompt"] > 0)
 tg = next(r["avg_ts"] for r in bench if r["n_gen"] > 0)
-print(f"SmolLM2-135M-Instruct Q4_1, {sys.argv[4]} threads, -np 8 -c 16384, streaming, temperature 0, mean of 2 A-B rounds")
+print(f"SmolLM2-135M-Instruct Q4_1, {sys.argv[4]} threads, -np 8 -c 16384, streaming, temperature 0, "
+      f"medians of {len(ours)} A-B rounds (ratio range over the rounds)")
 print(f"llama-bench: prompt {pp:.1f} tok/s, decode {tg:.1f} tok/s")
-print(f"{'row':44} {'llama-server':>12} {'lm-sandbox':>11} {'ratio':>7}")
+print(f"{'row':58} {'llama-server':>12} {'lm-sandbox':>11} {'ratio':>7}  range")
 rows = [
     ("1 stream, 128 tokens: decode tok/s", ("single", "decode_tok_s")),
     ("1 stream: first token s", ("single", "ttft_s")),
     ("8 streams x 128: aggregate tok/s", ("multi", "aggregate_tok_s")),
+    ("8 streams x 128: median first token s", ("multi", "median_ttft_s")),
     ("~470-token prompt, cold: first token s", ("cold_long", "ttft_s")),
     ("same prompt again: first token s", ("warm_long", "ttft_s")),
     ("8 distinct ~470-token prompts: aggregate tok/s", ("multi_long", "aggregate_tok_s")),
     ("8 distinct ~470-token prompts: median first token s", ("multi_long", "median_ttft_s")),
+    ("same: running streams' decode tok/s during prefill", ("multi_long", "decode_during_prefill_tok_s")),
+    ("agent 4 x 6 turns: median first token s", ("agent", "median_ttft_s")),
+    ("agent 4 x 6 turns: p95 first token s", ("agent", "p95_ttft_s")),
+    ("agent 4 x 6 turns: wall s", ("agent", "wall_s")),
 ]
 for name, (scenario, key) in rows:
-    t, o = theirs[scenario][key], ours[scenario][key]
-    print(f"{name:44} {t:12.3f} {o:11.3f} {o / t:7.3f}")
-print(f"{'1 stream decode / llama-bench decode':44} {'':12} {ours['single']['decode_tok_s']:11.3f} {ours['single']['decode_tok_s'] / tg:7.3f}")
+    t = [r[scenario][key] for r in theirs]
+    o = [r[scenario][key] for r in ours]
+    ratios = [b / a if a else float("nan") for a, b in zip(t, o)]
+    tm, om = statistics.median(t), statistics.median(o)
+    print(f"{name:58} {tm:12.3f} {om:11.3f} {om / tm if tm else float('nan'):7.3f}  "
+          f"{min(ratios):.2f}-{max(ratios):.2f}")
+single = statistics.median(r["single"]["decode_tok_s"] for r in ours)
+print(f"{'1 stream decode / llama-bench decode':58} {'':12} {single:11.3f} {single / tg:7.3f}")
 PY

@@ -8,7 +8,12 @@ Prints one JSON object per scenario:
   cold_long   one ~470-token prompt never seen before: first token s
   warm_long   the same prompt again: first token s
   multi_long  8 streams, distinct ~470-token prompts, 64 tokens each: aggregate tok/s, median first
-              token s
+              token s, and the running streams' decode rate while other prompts still prefill (per
+              stream: tokens after its first, up to the last stream's first token, over that time;
+              the median over the streams that had one)
+  agent       4 conversations x 6 turns at once: a shared ~600-token system prompt, each turn adding
+              the reply and a ~150-token tool result, 32 tokens per reply: median and p95 first token
+              s over all turns, and the wall time
 
 Usage: load.py HOST:PORT MODEL [--ban-token ID ...] [--scenario NAME ...]
 """
@@ -31,11 +36,11 @@ def long_prompt(tag):
     return f"[{tag}] Summarise this story.\n" + FILLER * 11
 
 
-def stream(addr, model, content, max_tokens, banned):
+def stream(addr, model, content, max_tokens, banned, messages=None):
     host, port = addr.rsplit(":", 1)
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": content}],
+        "messages": messages or [{"role": "user", "content": content}],
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
@@ -48,6 +53,7 @@ def stream(addr, model, content, max_tokens, banned):
     if resp.status != 200:
         raise RuntimeError(f"{resp.status}: {resp.read()[:300]}")
     stamps = []
+    text = []
     while True:
         line = resp.readline()
         if not line:
@@ -59,10 +65,12 @@ def stream(addr, model, content, max_tokens, banned):
         if data == b"[DONE]":
             break
         choices = json.loads(data).get("choices") or []
-        if choices and choices[0].get("delta", {}).get("content"):
+        piece = choices[0].get("delta", {}).get("content") if choices else None
+        if piece:
             stamps.append(time.perf_counter())
+            text.append(piece)
     conn.close()
-    return {"start": start, "stamps": stamps}
+    return {"start": start, "stamps": stamps, "text": "".join(text)}
 
 
 def concurrent(addr, model, contents, max_tokens, banned):
@@ -80,7 +88,47 @@ def concurrent(addr, model, contents, max_tokens, banned):
     wall = time.perf_counter() - t0
     tokens = sum(len(r["stamps"]) for r in results)
     ttfts = [r["stamps"][0] - r["start"] for r in results]
-    return tokens / wall, statistics.median(ttfts), tokens
+    return tokens / wall, statistics.median(ttfts), tokens, results
+
+
+def decode_during_prefill(results):
+    """Median decode rate of the streams that were generating while others still prefilled."""
+    last_first = max(r["stamps"][0] for r in results)
+    rates = []
+    for r in results:
+        s = r["stamps"]
+        during = [t for t in s[1:] if t <= last_first]
+        if during and last_first > s[0]:
+            rates.append(len(during) / (last_first - s[0]))
+    return statistics.median(rates) if rates else 0.0
+
+
+def agent(addr, model, banned):
+    """4 conversations x 6 turns at once; first-token times of every turn, and the wall time."""
+    system = "You are an agent with tools. " + FILLER * 13
+    ttfts = []
+    lock = threading.Lock()
+
+    def conversation(i):
+        messages = [{"role": "system", "content": system},
+                    {"role": "user", "content": f"[{uuid.uuid4().hex[:8]}] Task {i}: plan a trip."}]
+        for turn in range(6):
+            r = stream(addr, model, None, 32, banned, messages)
+            with lock:
+                ttfts.append(r["stamps"][0] - r["start"])
+            messages.append({"role": "assistant", "content": r["text"]})
+            messages.append({"role": "user", "content": f"Tool result {turn}: " + FILLER * 3})
+
+    threads = [threading.Thread(target=conversation, args=(i,)) for i in range(4)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttfts.sort()
+    p95 = ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))]
+    return {"median_ttft_s": statistics.median(ttfts), "p95_ttft_s": p95, "wall_s": wall}
 
 
 def main():
@@ -90,7 +138,7 @@ def main():
     p.add_argument("--ban-token", type=int, action="append", default=[])
     p.add_argument("--scenario", action="append")
     a = p.parse_args()
-    wanted = a.scenario or ["single", "multi", "cold_long", "warm_long", "multi_long"]
+    wanted = a.scenario or ["single", "multi", "cold_long", "warm_long", "multi_long", "agent"]
     out = {}
     stream(a.addr, a.model, "Hello", 4, a.ban_token)  # warm-up
     if "single" in wanted:
@@ -103,8 +151,8 @@ def main():
                          "ttft_s": statistics.median(x[1] for x in runs)}
     if "multi" in wanted:
         contents = [f"[{uuid.uuid4().hex[:8]}] Write story number {i}." for i in range(8)]
-        rate, ttft, tokens = concurrent(a.addr, a.model, contents, 128, a.ban_token)
-        out["multi"] = {"aggregate_tok_s": rate, "tokens": tokens}
+        rate, ttft, tokens, _ = concurrent(a.addr, a.model, contents, 128, a.ban_token)
+        out["multi"] = {"aggregate_tok_s": rate, "median_ttft_s": ttft, "tokens": tokens}
     prompt = long_prompt(uuid.uuid4().hex[:8])
     if "cold_long" in wanted or "warm_long" in wanted:
         r = stream(a.addr, a.model, prompt, 1, a.ban_token)
@@ -113,8 +161,11 @@ def main():
         out["warm_long"] = {"ttft_s": r["stamps"][0] - r["start"]}
     if "multi_long" in wanted:
         contents = [long_prompt(uuid.uuid4().hex[:8]) for _ in range(8)]
-        rate, ttft, tokens = concurrent(a.addr, a.model, contents, 64, a.ban_token)
-        out["multi_long"] = {"aggregate_tok_s": rate, "median_ttft_s": ttft, "tokens": tokens}
+        rate, ttft, tokens, results = concurrent(a.addr, a.model, contents, 64, a.ban_token)
+        out["multi_long"] = {"aggregate_tok_s": rate, "median_ttft_s": ttft, "tokens": tokens,
+                             "decode_during_prefill_tok_s": decode_during_prefill(results)}
+    if "agent" in wanted:
+        out["agent"] = agent(a.addr, a.model, a.ban_token)
     print(json.dumps(out))
 
 
