@@ -113,7 +113,8 @@ mod real {
     /// server per process, so these tests take turns.
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-    /// `/v1/placement` once the poller has read the workers' use after loading.
+    /// `/v1/placement` once the 2-second poller has read the workers' use after loading (a
+    /// reading taken while the load was still allocating stays until the next one).
     async fn placement_measured(base: &str) -> Value {
         let started = Instant::now();
         loop {
@@ -122,7 +123,8 @@ mod real {
                 .as_array()
                 .cloned()
                 .unwrap_or_default();
-            if !measured.is_empty() && measured.iter().all(|m| m["used"].as_u64() > Some(0)) {
+            let settled = |m: &Value| m["used"].as_u64() > Some(0) && m["used"] == m["allocated"];
+            if !measured.is_empty() && measured.iter().all(settled) {
                 return placement;
             }
             assert!(started.elapsed() < Duration::from_secs(20), "{placement:#}");
