@@ -73,19 +73,24 @@ def stream(addr, model, content, max_tokens, banned, messages=None):
     return {"start": start, "stamps": stamps, "text": "".join(text)}
 
 
+def at_once(work, n):
+    """Runs work(0) … work(n - 1) on threads of their own; the wall time until all are done."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def concurrent(addr, model, contents, max_tokens, banned):
     results = [None] * len(contents)
 
     def run(i):
         results[i] = stream(addr, model, contents[i], max_tokens, banned)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(contents))]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = at_once(run, len(contents))
     tokens = sum(len(r["stamps"]) for r in results)
     ttfts = [r["stamps"][0] - r["start"] for r in results]
     return tokens / wall, statistics.median(ttfts), tokens, results
@@ -119,13 +124,7 @@ def agent(addr, model, banned):
             messages.append({"role": "assistant", "content": r["text"]})
             messages.append({"role": "user", "content": f"Tool result {turn}: " + FILLER * 3})
 
-    threads = [threading.Thread(target=conversation, args=(i,)) for i in range(4)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = at_once(conversation, 4)
     ttfts.sort()
     p95 = ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))]
     return {"median_ttft_s": statistics.median(ttfts), "p95_ttft_s": p95, "wall_s": wall}
