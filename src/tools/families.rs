@@ -4,9 +4,11 @@
 //! body, keeps complete ones before a last call cut off mid-way, and reports anything else that
 //! looks like a call but does not parse as `Found::Broken` (returned as content, never a 5xx).
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
-use super::parse::{leading_json, Found, Parsed, ParsedCall};
+use super::parse::{before_markers, leading_json, Found, Parsed, ParsedCall, Settled};
 
 pub(super) const GLM_ARG_KEY: &str = "<arg_key>";
 const GLM_OPEN: &str = "<tool_call>";
@@ -495,70 +497,134 @@ fn preview(text: &str) -> String {
     text.chars().take(20).collect()
 }
 
+/// One harmony message.
+struct HarmonyMessage<'a> {
+    channel: &'a str,
+    /// `to=…` in its header (before or after the channel name).
+    recipient: Option<&'a str>,
+    body: &'a str,
+    /// Whether an end marker (or the next `<|start|>`) closed it.
+    ended: bool,
+    /// The output from this message's header on.
+    from: &'a str,
+}
+
+/// The messages of a harmony output in order, and whether one stopped at a header without
+/// `<|message|>`. `partial`: `text` is a streamed prefix, and an unended last body stops before
+/// a tail that may become its end marker.
+fn harmony_messages(text: &str, partial: bool) -> (Vec<HarmonyMessage<'_>>, bool) {
+    let mut messages = Vec::new();
+    let Some(first) = text.find(HARMONY_CHANNEL) else {
+        return (messages, false);
+    };
+    // A recipient may be written in the header before the channel (`<|start|>assistant to=…`).
+    let mut rest = &text[text[..first].rfind("<|start|>").unwrap_or(first)..];
+    while let Some(channel_at) = rest.find(HARMONY_CHANNEL) {
+        let header = &rest[..channel_at];
+        let after_channel = &rest[channel_at + HARMONY_CHANNEL.len()..];
+        let Some(message_at) = after_channel.find(HARMONY_MESSAGE) else {
+            return (messages, true);
+        };
+        let channel_header = &after_channel[..message_at];
+        let body_and_rest = &after_channel[message_at + HARMONY_MESSAGE.len()..];
+        let ended_at = HARMONY_ENDS
+            .iter()
+            .filter_map(|m| body_and_rest.find(m).map(|at| (at, *m)))
+            .min();
+        let end = match ended_at {
+            Some((at, _)) => at,
+            None if partial => before_markers(body_and_rest, &HARMONY_ENDS),
+            None => body_and_rest.len(),
+        };
+        messages.push(HarmonyMessage {
+            channel: channel_header.split_whitespace().next().unwrap_or(""),
+            recipient: header
+                .split_whitespace()
+                .chain(channel_header.split_whitespace())
+                .find_map(|word| word.strip_prefix("to=")),
+            body: &body_and_rest[..end],
+            ended: ended_at.is_some(),
+            from: rest,
+        });
+        rest = match ended_at {
+            // `<|start|>` opens the next header; the other ends are consumed.
+            Some((at, marker)) if marker != "<|start|>" => &body_and_rest[at + marker.len()..],
+            _ => &body_and_rest[end..],
+        };
+    }
+    (messages, false)
+}
+
 /// OpenAI's harmony (gpt-oss): messages `<|channel|>NAME[ to=functions.TOOL][ <|constrain|>json]
 /// <|message|>BODY` ended by `<|end|>`, `<|call|>`, `<|return|>` or the next `<|start|>`.
 /// `analysis` is reasoning, `final` (and a `commentary` preamble) content, and a message
 /// addressed `to=functions.NAME` a call with a JSON body. Text without channels is content.
 pub(super) fn harmony(text: &str) -> Parsed {
-    let Some(first) = text.find(HARMONY_CHANNEL) else {
+    if !text.contains(HARMONY_CHANNEL) {
         return Parsed {
             content: (!text.trim().is_empty()).then(|| text.to_owned()),
             ..Parsed::default()
         };
-    };
+    }
     let mut parsed = Parsed::default();
     let mut reasoning = String::new();
     let mut content = String::new();
-    // A recipient may be written in the header before the channel (`<|start|>assistant to=…`).
-    let header_start = text[..first].rfind("<|start|>").unwrap_or(first);
-    let mut rest = &text[header_start..];
-    while let Some(channel_at) = rest.find(HARMONY_CHANNEL) {
-        let header = &rest[..channel_at];
-        let after_channel = &rest[channel_at + HARMONY_CHANNEL.len()..];
-        let Some(message_at) = after_channel.find(HARMONY_MESSAGE) else {
-            parsed.problem = Some("a channel without `<|message|>`".into());
-            break;
-        };
-        let channel_header = &after_channel[..message_at];
-        let body_and_rest = &after_channel[message_at + HARMONY_MESSAGE.len()..];
-        let end = HARMONY_ENDS
-            .iter()
-            .filter_map(|m| body_and_rest.find(m))
-            .min()
-            .unwrap_or(body_and_rest.len());
-        let body = &body_and_rest[..end];
-        let channel = channel_header.split_whitespace().next().unwrap_or("");
-        let recipient = format!("{header} {channel_header}")
-            .split_whitespace()
-            .find_map(|word| word.strip_prefix("to=").map(str::to_owned));
-        match (channel, recipient) {
+    let (messages, headless) = harmony_messages(text, false);
+    if headless {
+        parsed.problem = Some("a channel without `<|message|>`".into());
+    }
+    for message in messages {
+        match (message.channel, message.recipient) {
             (_, Some(to)) => {
-                let name = to.strip_prefix("functions.").unwrap_or(&to).to_owned();
-                match json_arguments(&name, body) {
+                let name = to.strip_prefix("functions.").unwrap_or(to).to_owned();
+                match json_arguments(&name, message.body) {
                     Ok(arguments) => parsed.calls.push(ParsedCall { name, arguments }),
-                    Err(_) if end == body_and_rest.len() && !parsed.calls.is_empty() => {
-                        parsed.repairs.push(format!(
-                            "call {} was cut off mid-way: its text is content",
-                            parsed.calls.len() + 1
-                        ));
-                        content.push_str(rest);
-                    }
-                    Err(e) => {
-                        parsed.problem = Some(format!("call {}: {e}", parsed.calls.len() + 1));
-                        parsed.calls.clear();
-                        parsed.content = Some(text.to_owned());
-                        return parsed;
+                    Err(problem) => {
+                        if !message.ended && !parsed.calls.is_empty() {
+                            parsed.repairs.push(format!(
+                                "call {} was cut off mid-way: its text is content",
+                                parsed.calls.len() + 1
+                            ));
+                        } else {
+                            parsed.problem =
+                                Some(format!("call {}: {problem}", parsed.calls.len() + 1));
+                            parsed.calls.clear();
+                        }
+                        // The broken call is content from its header on; the reasoning before
+                        // it stays reasoning.
+                        content.push_str(message.from);
+                        break;
                     }
                 }
             }
-            ("analysis", None) => reasoning.push_str(body),
-            (_, None) => content.push_str(body),
+            ("analysis", None) => reasoning.push_str(message.body),
+            (_, None) => content.push_str(message.body),
         }
-        rest = &body_and_rest[end..];
     }
-    parsed.reasoning = (!reasoning.trim().is_empty()).then(|| reasoning.trim().to_owned());
-    parsed.content = (!content.trim().is_empty()).then_some(content);
+    parsed.reasoning = non_empty(reasoning.trim());
+    parsed.content = non_empty(&content);
     parsed
+}
+
+/// What a streamed harmony prefix settles: the analysis and final text of the messages before
+/// the first call (a call that fails to parse turns its text and all after it into content).
+pub(super) fn harmony_settled(text: &str) -> Settled<'_> {
+    let (messages, _) = harmony_messages(text, true);
+    let mut reasoning = Cow::Borrowed("");
+    let mut content = Cow::Borrowed("");
+    for message in messages.iter().take_while(|m| m.recipient.is_none()) {
+        let slot = if message.channel == "analysis" {
+            &mut reasoning
+        } else {
+            &mut content
+        };
+        if slot.is_empty() {
+            *slot = Cow::Borrowed(message.body);
+        } else {
+            slot.to_mut().push_str(message.body);
+        }
+    }
+    Settled::new(reasoning, content)
 }
 
 /// FunctionGemma (Google's Gemma function-calling format):
@@ -746,43 +812,100 @@ fn k3_call<'a>(attributes: &str, mut rest: &'a str) -> Result<(ParsedCall, &'a s
     }
 }
 
-/// Kimi K3: the whole message, section by section. The generation prompt opens the think section
-/// (the server puts the opener back in front, as for `<think>`), or the response section when
-/// thinking is off; a model that skips a closer moves on at the next section's opener.
-pub(super) fn kimi_k3(text: &str) -> Parsed {
-    let mut parsed = Parsed::default();
+/// Kimi K3's think section and response text, up to the tools section or the message's end.
+#[derive(Default)]
+struct K3Head<'a> {
+    reasoning: Option<&'a str>,
+    /// The think section is still open (a streamed prefix, or a budget cut).
+    thinking: bool,
+    content: &'a str,
+    /// From the end of the response text on.
+    rest: &'a str,
+}
+
+/// `partial`: `text` is a streamed prefix; an opener it may still grow into settles nothing yet,
+/// and a section's text stops before a tail that may become its closer.
+fn k3_head(text: &str, partial: bool) -> K3Head<'_> {
+    let undecided = |rest: &str, openers: &[&str]| {
+        partial
+            && openers
+                .iter()
+                .any(|o| o.len() > rest.len() && o.starts_with(rest))
+    };
+    let first = |text: &str, markers: &[&str]| {
+        markers
+            .iter()
+            .filter_map(|m| text.find(m).map(|at| (at, m.len())))
+            .min()
+    };
+    let mut head = K3Head::default();
     let mut rest = text.trim_start();
+    if undecided(rest, &[K3_MSG_START, K3_THINK_START, K3_RESP_START]) {
+        return head;
+    }
     rest = rest.strip_prefix(K3_MSG_START).unwrap_or(rest);
+    if undecided(rest, &[K3_THINK_START, K3_RESP_START]) {
+        return head;
+    }
     if let Some(inner) = rest.strip_prefix(K3_THINK_START) {
-        let stop = [K3_THINK_END, K3_RESP_START, K3_TOOLS_START]
-            .into_iter()
-            .filter_map(|m| inner.find(m).map(|at| (at, m)))
-            .min();
-        match stop {
-            Some((at, marker)) => {
-                parsed.reasoning = non_empty(inner[..at].trim());
-                rest = if marker == K3_THINK_END {
-                    &inner[at + marker.len()..]
+        let stops = [K3_THINK_END, K3_RESP_START, K3_TOOLS_START];
+        match first(inner, &stops) {
+            Some((at, len)) => {
+                head.reasoning = Some(&inner[..at]);
+                // A closer is consumed; another section's opener starts what follows.
+                rest = if inner[at..].starts_with(K3_THINK_END) {
+                    &inner[at + len..]
                 } else {
                     &inner[at..]
                 };
             }
             None => {
-                parsed.reasoning = non_empty(inner.trim());
-                parsed.problem = Some("the think section never closed".into());
-                return parsed;
+                let end = if partial {
+                    before_markers(inner, &stops)
+                } else {
+                    inner.len()
+                };
+                head.reasoning = Some(&inner[..end]);
+                head.thinking = true;
+                return head;
             }
         }
     }
     rest = rest.trim_start();
+    if undecided(rest, &[K3_RESP_START]) {
+        return head;
+    }
     rest = rest.strip_prefix(K3_RESP_START).unwrap_or(rest);
-    let end = [K3_RESP_END, K3_TOOLS_START, K3_MSG_END, K3_EOM]
-        .into_iter()
-        .filter_map(|m| rest.find(m))
-        .min()
-        .unwrap_or(rest.len());
-    let mut content = rest[..end].to_owned();
-    rest = &rest[end..];
+    let ends = [K3_RESP_END, K3_TOOLS_START, K3_MSG_END, K3_EOM];
+    let end = match first(rest, &ends) {
+        Some((at, _)) => at,
+        None if partial => before_markers(rest, &ends),
+        None => rest.len(),
+    };
+    head.content = &rest[..end];
+    head.rest = &rest[end..];
+    head
+}
+
+/// What a streamed Kimi K3 prefix settles: the think section's text and the response text.
+pub(super) fn kimi_k3_settled(text: &str) -> Settled<'_> {
+    let head = k3_head(text, true);
+    Settled::new(head.reasoning.unwrap_or(""), head.content)
+}
+
+/// Kimi K3: the whole message, section by section. The generation prompt opens the think section
+/// (the server puts the opener back in front, as for `<think>`), or the response section when
+/// thinking is off; a model that skips a closer moves on at the next section's opener.
+pub(super) fn kimi_k3(text: &str) -> Parsed {
+    let mut parsed = Parsed::default();
+    let head = k3_head(text, false);
+    parsed.reasoning = head.reasoning.and_then(|r| non_empty(r.trim()));
+    if head.thinking {
+        parsed.problem = Some("the think section never closed".into());
+        return parsed;
+    }
+    let mut content = head.content.to_owned();
+    let mut rest = head.rest;
     rest = rest.strip_prefix(K3_RESP_END).unwrap_or(rest);
     if let Some(mut calls_text) = rest.trim_start().strip_prefix(K3_TOOLS_START) {
         loop {

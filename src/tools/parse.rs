@@ -14,6 +14,8 @@
 //! that starts a call but does not parse comes back whole as content, with the reason, never as
 //! an error.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 /// The tool-call syntax a model writes.
@@ -222,15 +224,94 @@ pub fn may_open_reasoning(text: &str) -> bool {
             .any(|(open, _)| open.starts_with(start) || start.starts_with(open))
 }
 
+/// What a streamed prefix of an output settles: the text the whole output's `reasoning` and
+/// `content` are sure to begin with, whatever comes next. Empty while nothing is settled.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Settled<'a> {
+    pub reasoning: Cow<'a, str>,
+    pub content: Cow<'a, str>,
+}
+
+impl<'a> Settled<'a> {
+    /// Reasoning is trimmed as the whole parse trims it (a trailing space may yet be followed
+    /// by more); content waits for its first visible character (all-blank content is none).
+    pub fn new(reasoning: impl Into<Cow<'a, str>>, content: impl Into<Cow<'a, str>>) -> Self {
+        let trim = |text: Cow<'a, str>| match text {
+            Cow::Borrowed(text) => Cow::Borrowed(text.trim()),
+            Cow::Owned(text) => Cow::Owned(text.trim().to_owned()),
+        };
+        let content = content.into();
+        Self {
+            reasoning: trim(reasoning.into()),
+            content: if content.trim().is_empty() {
+                Cow::Borrowed("")
+            } else {
+                content
+            },
+        }
+    }
+}
+
+/// The reasoning and content a streamed prefix settles, for every format: the streamer sends
+/// them as they grow, so a reasoning model's thinking and its answer arrive token by token.
+pub fn settled(text: &str, format: ToolFormat) -> Settled<'_> {
+    match format {
+        ToolFormat::Harmony => families::harmony_settled(text),
+        ToolFormat::KimiK3 => families::kimi_k3_settled(text),
+        _ => {
+            let parts = split(text);
+            if parts.reasoning.is_none() && may_open_reasoning(text) {
+                return Settled::default();
+            }
+            match (parts.reasoning, parts.body) {
+                (Some(open), None) => {
+                    // Inside the block: all but a tail that may be its closing tag.
+                    let close = REASONING_TAGS
+                        .iter()
+                        .find(|(o, _)| text.trim_start().starts_with(o))
+                        .map_or("", |(_, close)| close);
+                    Settled::new(&open[..before_markers(open, &[close])], "")
+                }
+                (reasoning, Some(body)) => Settled::new(
+                    reasoning.unwrap_or(""),
+                    &body[..settled_content(body, format)],
+                ),
+                (None, None) => Settled::default(),
+            }
+        }
+    }
+}
+
+/// The length of `text`'s prefix before the first of `markers`, and never into a tail that may
+/// become one.
+pub fn before_markers(text: &str, markers: &[&str]) -> usize {
+    let mut end = markers
+        .iter()
+        .filter_map(|marker| text.find(marker))
+        .min()
+        .unwrap_or(text.len());
+    if end < text.len() {
+        return end;
+    }
+    for marker in markers {
+        // Markers may be multi-byte (DeepSeek's `｜`): only whole-character prefixes.
+        for cut in (1..marker.len())
+            .rev()
+            .filter(|&cut| marker.is_char_boundary(cut))
+        {
+            if text.ends_with(&marker[..cut]) && text.is_char_boundary(text.len() - cut) {
+                end = end.min(text.len() - cut);
+                break;
+            }
+        }
+    }
+    end
+}
+
 /// The length of `body`'s prefix that is content whatever comes next: up to the first call
 /// marker, and never into a tail that may become one. A body that may be a bare JSON call holds
-/// everything.
+/// everything. (Harmony and Kimi K3 settle by their own sections: `settled`.)
 pub fn settled_content(body: &str, format: ToolFormat) -> usize {
-    if matches!(format, ToolFormat::Harmony | ToolFormat::KimiK3) {
-        // Which channel or section a text belongs to is known only from its header: all at the
-        // end.
-        return 0;
-    }
     let trimmed = body.trim_start();
     if trimmed.is_empty() {
         return 0;
@@ -238,29 +319,7 @@ pub fn settled_content(body: &str, format: ToolFormat) -> usize {
     if format.bare_json() && (trimmed.starts_with('{') || trimmed.starts_with('[')) {
         return 0;
     }
-    let mut end = body.len();
-    for marker in format.markers() {
-        if let Some(at) = body.find(marker) {
-            end = end.min(at);
-        }
-    }
-    if end < body.len() {
-        return end;
-    }
-    // Hold back a tail that is the start of a marker.
-    for marker in format.markers() {
-        // Markers may be multi-byte (DeepSeek's `｜`): only whole-character prefixes.
-        for cut in (1..marker.len())
-            .rev()
-            .filter(|&cut| marker.is_char_boundary(cut))
-        {
-            if body.ends_with(&marker[..cut]) && body.is_char_boundary(body.len() - cut) {
-                end = end.min(body.len() - cut);
-                break;
-            }
-        }
-    }
-    end
+    before_markers(body, format.markers())
 }
 
 fn non_empty(text: &str) -> Option<String> {

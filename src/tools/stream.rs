@@ -1,23 +1,38 @@
-//! Streaming a reply that may hold tool calls: reasoning and content go out as soon as they are
-//! settled; text that may be a call is held until the end, when the whole output is parsed exactly
-//! as the non-streamed response parses it. So the streamed deltas add up to the same message.
+//! Streaming a reply that may hold tool calls: reasoning and content go out as they grow, as far
+//! as they are settled (`parse::settled`); text that may be a call is held until the end, when
+//! the whole output is parsed exactly as the non-streamed response parses it. So the streamed
+//! deltas add up to the same message.
 
 use serde_json::{json, Value};
 
-use super::parse::{may_open_reasoning, settled_content, split};
+use super::parse::settled;
 use super::{AssistantMessage, ToolRequest};
 
 /// One choice's stream.
 #[derive(Debug, Default)]
 pub struct ToolStream {
     text: String,
-    reasoning_sent: bool,
-    /// Bytes of the body already sent as content.
-    content_sent: usize,
+    /// The reasoning and content already sent.
+    reasoning: String,
+    content: String,
 }
 
 /// A `delta` object.
 pub type Delta = Value;
+
+/// The delta that takes `sent` to `now`, if `now` extends it.
+fn grow(field: &str, sent: &mut String, now: &str) -> Option<Delta> {
+    if now.len() <= sent.len() {
+        return None;
+    }
+    let Some(new) = now.strip_prefix(sent.as_str()) else {
+        tracing::error!("streamed {field} is not a prefix of what the output settles");
+        return None;
+    };
+    let delta = json!({ field: new });
+    sent.push_str(new);
+    Some(delta)
+}
 
 impl ToolStream {
     pub fn new() -> Self {
@@ -33,28 +48,10 @@ impl ToolStream {
             }
         }
         self.text.push_str(piece);
-        let parts = split(&self.text);
-        if parts.reasoning.is_none() && may_open_reasoning(&self.text) {
-            return Vec::new();
-        }
-        let mut deltas = Vec::new();
-        let Some(body) = parts.body else {
-            // Inside an unfinished reasoning block: wait for its end.
-            return deltas;
-        };
-        if let (Some(reasoning), false) = (parts.reasoning, self.reasoning_sent) {
-            self.reasoning_sent = true;
-            let reasoning = reasoning.trim();
-            if !reasoning.is_empty() {
-                deltas.push(json!({"reasoning_content": reasoning}));
-            }
-        }
-        let settled = settled_content(body, tools.format);
-        if settled > self.content_sent {
-            deltas.push(json!({"content": &body[self.content_sent..settled]}));
-            self.content_sent = settled;
-        }
-        deltas
+        let now = settled(&self.text, tools.format);
+        let reasoning = grow("reasoning_content", &mut self.reasoning, &now.reasoning);
+        let content = grow("content", &mut self.content, &now.content);
+        reasoning.into_iter().chain(content).collect()
     }
 
     /// Parses the whole output; returns the remaining deltas, the message, and whether it holds
@@ -71,20 +68,15 @@ impl ToolStream {
         }
         let (message, has_calls) = tools.finish_whole(&self.text, truncated);
         let mut deltas = Vec::new();
-        if let (Some(reasoning), false) = (&message.reasoning, self.reasoning_sent) {
-            if !reasoning.is_empty() {
-                deltas.push(json!({"reasoning_content": reasoning}));
+        for (field, sent, whole) in [
+            ("reasoning_content", &mut self.reasoning, &message.reasoning),
+            ("content", &mut self.content, &message.content),
+        ] {
+            let whole = whole.as_deref().unwrap_or("");
+            if !whole.starts_with(sent.as_str()) {
+                tracing::error!("streamed {field} is not a prefix of the final {field}");
             }
-        }
-        let sent = split(&self.text)
-            .body
-            .map_or("", |body| &body[..self.content_sent.min(body.len())]);
-        if let Some(content) = &message.content {
-            match content.strip_prefix(sent) {
-                Some(rest) if !rest.is_empty() => deltas.push(json!({"content": rest})),
-                Some(_) => {}
-                None => tracing::error!("streamed content is not a prefix of the final content"),
-            }
+            deltas.extend(grow(field, sent, whole));
         }
         for (index, call) in message.tool_calls.iter().enumerate() {
             deltas.push(json!({"tool_calls": [{

@@ -542,6 +542,19 @@ fn harmony_channels_become_reasoning_content_and_calls() {
         false,
     );
     assert!(!calls && m.content.is_some());
+    // A broken call is content from its header on; the reasoning before it stays reasoning.
+    let (m, calls) = harmony.finish(
+        "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\":<|call|>",
+        false,
+    );
+    assert!(!calls);
+    assert_eq!(m.reasoning.as_deref(), Some("Need weather."));
+    assert!(
+        m.content
+            .as_deref()
+            .is_some_and(|c| c.starts_with("<|start|>assistant<|channel|>commentary")),
+        "{m:?}"
+    );
     let grammar = family_tools("<|channel|>", Some(json!("required")))
         .grammar()
         .unwrap()
@@ -801,4 +814,64 @@ fn every_format_streams_to_the_same_message_at_every_piece_size() {
             }
         }
     }
+}
+
+/// Reasoning and content go out as they are written, for every family: a thinking model's
+/// reasoning reaches the client token by token, not when its block closes; only a tail that may
+/// become a marker waits.
+#[test]
+fn reasoning_and_content_stream_as_they_grow() {
+    use super::families::K3_THINK_START;
+    // (template, reasoning opened by the prompt, output so far, reasoning sent, content sent)
+    let cases: [(&str, Option<&'static str>, &str, &str, &str); 11] = [
+        ("<think>", None, "<think>Let me think about th", "Let me think about th", ""),
+        ("<think>", Some("<think>"), "Counting the r's </th", "Counting the r's", ""),
+        ("<think>", None, "<think>ok</think>\nThe answer is", "ok", "The answer is"),
+        ("<think>", None, "<thi", "", ""),
+        ("<|channel|>", None, "<|channel|>analysis<|message|>User asks. Think", "User asks. Think", ""),
+        ("<|channel|>", None, "<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant<|channel|>final<|message|>Ça va<|en", "Hm.", "Ça va"),
+        ("<|channel|>", None, "<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{\"a\"", "Hm.", ""),
+        ("<|open|><|sep|>", Some(K3_THINK_START), "I should call it<|close|>th", "I should call it", ""),
+        ("<|open|><|sep|>", None, "<|open|>think<|sep|>Hmm<|close|>think<|sep|><|open|>response<|sep|>Voilà, c'est<|clo", "Hmm", "Voilà, c'est"),
+        ("<|open|><|sep|>", None, "<|open|>resp", "", ""),
+        ("<|tool_call>call:", None, "<|channel>thought\nNeed weather", "Need weather", ""),
+    ];
+    for (template, opened, out, reasoning, content) in cases {
+        let mut tools = family_tools(template, None);
+        tools.opened = opened;
+        for piece in [out.len(), 1] {
+            let mut stream = ToolStream::new();
+            let (mut sent_reasoning, mut sent_content) = (String::new(), String::new());
+            let mut start = 0;
+            while start < out.len() {
+                let mut end = (start + piece).min(out.len());
+                while !out.is_char_boundary(end) {
+                    end += 1;
+                }
+                for delta in stream.push(&out[start..end], &tools) {
+                    sent_content.push_str(delta["content"].as_str().unwrap_or(""));
+                    sent_reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or(""));
+                }
+                start = end;
+            }
+            assert_eq!(
+                (sent_reasoning.as_str(), sent_content.as_str()),
+                (reasoning, content),
+                "{out:?} in pieces of {piece}"
+            );
+        }
+    }
+    // A harmony call that does not parse: what was streamed is still where the message starts.
+    let harmony = family_tools("<|channel|>", None);
+    let out = "<|channel|>analysis<|message|>Need it.<|end|><|start|>assistant<|channel|>final<|message|>Checking.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\":<|call|>";
+    let (whole, _) = harmony.finish(out, false);
+    let mut stream = ToolStream::new();
+    let mut deltas: Vec<Value> = out
+        .char_indices()
+        .flat_map(|(at, c)| stream.push(&out[at..at + c.len_utf8()], &harmony))
+        .collect();
+    deltas.extend(stream.finish(&harmony, false).0);
+    let (content, reasoning, calls) = apply(&deltas);
+    assert_eq!((content, reasoning), (whole.content, whole.reasoning));
+    assert!(calls.is_empty());
 }
