@@ -386,6 +386,63 @@ async fn a_repeated_prompt_is_served_from_the_cache_with_the_same_greedy_output(
 }
 
 #[tokio::test]
+async fn a_system_prompt_shared_by_concurrent_conversations_is_copied_not_recomputed() {
+    let system = "You are the reference desk of a small public library. Answer in one short \
+        sentence, name your source when you have one, never invent a title or an author, and say \
+        so plainly when you do not know. Patrons ask about opening hours, the catalogue, local \
+        history and how to use the reading room computers; keep a friendly, even tone, avoid \
+        jargon, and suggest a librarian at the desk for anything about accounts or fines.";
+    let questions = [
+        "When does the library open on Saturdays?",
+        "Can I print from the reading room?",
+        "Who founded the town?",
+        "How do I renew a book?",
+    ];
+    let request = |question: &str| {
+        json!({
+            "model": MODEL_ID, "temperature": 0, "max_tokens": 24,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": question}
+            ]
+        })
+    };
+    let client = reqwest::Client::new();
+    // All at once: the first computes the system prompt's cells, the others copy them.
+    let server = start(&["--parallel", "4"]).await;
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let together = futures::future::join_all(
+        questions
+            .iter()
+            .map(|q| async { post(&client, &url, &request(q)).await }),
+    )
+    .await;
+    drop(server);
+    // One at a time on one sequence: each reuses the cells it computed itself.
+    let server = start(&["--parallel", "1"]).await;
+    let url = format!("http://{}/v1/chat/completions", server.addr);
+    let mut copied = 0;
+    for ((status, shared), question) in together.iter().zip(questions) {
+        assert_eq!(*status, 200, "{shared}");
+        let (_, alone) = post(&client, &url, &request(question)).await;
+        assert_eq!(
+            shared["choices"][0]["message"]["content"], alone["choices"][0]["message"]["content"],
+            "{question}: copied cells must give the output computed ones give"
+        );
+        let cached = shared["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        if cached >= 64 {
+            copied += 1;
+        }
+    }
+    assert_eq!(
+        copied, 3,
+        "three conversations copied the system prompt: {together:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_burst_beyond_capacity_gets_responses_or_429s_and_the_server_recovers() {
     // 2 sequences + 2 queued = 4 in flight at most; a burst of 16 (4x) concurrent requests.
     let server = start(&["--parallel", "2", "--max-queue", "2"]).await;

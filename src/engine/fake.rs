@@ -58,6 +58,8 @@ pub struct FakeLog {
     pub ended: Vec<SeqId>,
     /// `(seq, keep)` for every KV truncation.
     pub truncated: Vec<(SeqId, u32)>,
+    /// `(src, dst, keep)` for every prefix copy.
+    pub copied: Vec<(SeqId, SeqId, u32)>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -216,6 +218,26 @@ impl ModelRunner for FakeRunner {
             .expect("fake log")
             .truncated
             .push((seq, keep));
+    }
+
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, keep: u32) {
+        let mut decoded = self
+            .sequences
+            .get(&src)
+            .map(|s| s.decoded.clone())
+            .unwrap_or_default();
+        assert!(
+            decoded.len() >= keep as usize,
+            "fake: copied {keep} positions of sequence {src}, which holds {}",
+            decoded.len()
+        );
+        decoded.truncate(keep as usize);
+        self.sequences.entry(dst).or_default().decoded = decoded;
+        self.log
+            .lock()
+            .expect("fake log")
+            .copied
+            .push((src, dst, keep));
     }
 
     fn token_bytes(&self, token: Token, _special: bool, out: &mut Vec<u8>) {

@@ -57,6 +57,11 @@ pub trait ModelRunner {
     /// Frees the sequence's KV cells at positions `keep..`; `keep == 0` frees them all.
     fn truncate_sequence(&mut self, seq: SeqId, keep: u32);
 
+    /// Makes `dst` hold `src`'s KV cells at positions `0..keep` (its own cells are dropped
+    /// first): a prompt prefix another sequence already computed. `src`'s cells at those
+    /// positions must all be decoded; the copy takes effect before the next decode.
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, keep: u32);
+
     /// Appends the bytes of `token`'s text to `out`. Control tokens append nothing unless
     /// `special` (tool-call markers such as `[TOOL_CALLS]` and `<|python_tag|>` are control
     /// tokens in their vocabularies).

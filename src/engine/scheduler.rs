@@ -10,10 +10,13 @@
 //! dropped at the start of the next step.
 //!
 //! Prefix reuse: a finished (or cancelled) sequence keeps its KV cells and remembers the tokens in
-//! them. A new request goes to the idle sequence whose cached tokens share the longest prefix with
-//! its prompt; only the diverging suffix is removed and only the rest of the prompt is prefilled.
-//! With no useful match it takes an empty sequence, else evicts the least recently used cache. Each
-//! sequence holds at most `n_ctx_seq` positions, so cached cells can never crowd out active ones.
+//! them. A new request goes to the idle sequence whose whole cache its prompt continues (the next
+//! turn of a conversation); else to an empty sequence, else to the least recently used cache. Then
+//! it takes the longest prefix of its prompt that any sequence's cells hold, its own or another's
+//! (copied: a system prompt many conversations share is computed once), and only the rest of the
+//! prompt is prefilled. A prompt sharing a long prefix with one an earlier request is still
+//! prefilling waits for it instead of computing the same cells alongside. Each sequence holds at
+//! most `n_ctx_seq` positions, so cached cells can never crowd out active ones.
 //!
 //! Pure logic over a [`ModelRunner`]: no threads, no channels it waits on, so it is unit-tested with
 //! the fake runner.
@@ -120,6 +123,11 @@ struct SeqCache {
     /// When the sequence was last released, for LRU eviction.
     last_used: u64,
 }
+
+/// Fewest prompt tokens worth copying from another sequence's cells rather than prefilling: a
+/// copy moves the source's whole KV stream (for the default model on a CPU, about the cost of
+/// prefilling a dozen tokens).
+pub const MIN_SHARED_PREFIX: usize = 64;
 
 /// Length of the common prefix of `a` and `b`.
 fn common_prefix(a: &[Token], b: &[Token]) -> usize {
@@ -313,8 +321,10 @@ impl<R: ModelRunner> Scheduler<R> {
         Ok(())
     }
 
-    /// The idle sequence for `prompt`: the longest cached prefix, else an empty one, else the least
-    /// recently used. `None` when every sequence is busy.
+    /// The idle sequence for `prompt`: the one whose whole cache the prompt continues (the longest
+    /// such), else an empty one, else the least recently used. A cache the prompt only partly
+    /// shares is not cut short for it: its shared prefix is copied instead (`share_prefixes`), so
+    /// the conversation it holds can still continue. `None` when every sequence is busy.
     fn pick_sequence(&self, prompt: &[Token]) -> Option<usize> {
         // Reversed: `max_by_key` keeps the last of equal keys, and the lowest index should win.
         let idle = (0..self.slots.len())
@@ -323,13 +333,68 @@ impl<R: ModelRunner> Scheduler<R> {
         idle.max_by_key(|&i| {
             let cache = &self.kv[i];
             let shared = common_prefix(&cache.tokens, prompt);
-            // Ordered: most shared tokens, then empty over occupied, then least recently used.
+            let continued = if shared == cache.tokens.len() {
+                shared
+            } else {
+                0
+            };
+            // Ordered: most tokens continued, then empty over occupied, then least recently used.
             (
-                shared,
+                continued,
                 cache.tokens.is_empty(),
                 std::cmp::Reverse(cache.last_used),
             )
         })
+    }
+
+    /// Gives each sequence in prefill the longest prefix of its prompt that another sequence's
+    /// cells hold, copied when that saves at least [`MIN_SHARED_PREFIX`] tokens of prefill (a
+    /// system prompt many conversations share is computed once). Returns, per sequence, whether
+    /// it waits this step: its prompt shares such a prefix with one an earlier request is still
+    /// prefilling, and copying it once that is done beats computing the same cells twice.
+    fn share_prefixes(&mut self) -> Vec<bool> {
+        let n = self.slots.len();
+        let mut waiting = vec![false; n];
+        for i in 0..n {
+            let Some(slot) = self.slots[i].as_ref().filter(|s| s.in_prefill()) else {
+                continue;
+            };
+            // The last prompt token is always decoded: its logits pick the first token.
+            let limit = slot.prompt().len() - 1;
+            waiting[i] = self.slots.iter().flatten().any(|leader| {
+                let shared = common_prefix(leader.prompt(), slot.prompt()).min(limit);
+                leader.order < slot.order
+                    && leader.in_prefill()
+                    && leader.n_prefilled < shared
+                    && shared >= slot.n_prefilled + MIN_SHARED_PREFIX
+            });
+            if waiting[i] {
+                // Copied whole once the leader holds it.
+                continue;
+            }
+            let donor = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| {
+                    (
+                        common_prefix(&self.kv[j].tokens, slot.prompt()).min(limit),
+                        j,
+                    )
+                })
+                // The lowest index of equals: the first to hold the cells.
+                .max_by_key(|&(shared, j)| (shared, std::cmp::Reverse(j)));
+            if let Some((shared, j)) =
+                donor.filter(|&(shared, _)| shared >= slot.n_prefilled + MIN_SHARED_PREFIX)
+            {
+                self.runner
+                    .copy_prefix(j as SeqId, i as SeqId, shared as u32);
+                let tokens = self.kv[j].tokens[..shared].to_vec();
+                self.kv[i].tokens = tokens;
+                let slot = self.slots[i].as_mut().expect("checked above");
+                slot.n_prefilled = shared;
+                slot.cached = shared as u32;
+            }
+        }
+        waiting
     }
 
     /// Tokens cached in each sequence's KV cells (for tests and diagnostics).
@@ -391,6 +456,7 @@ impl<R: ModelRunner> Scheduler<R> {
     /// Decode tokens first, then prompt chunks oldest-first. Returns the batch and, for each entry
     /// with logits, the slot index and batch position to sample from.
     fn build_batch(&mut self) -> (Vec<BatchEntry>, Vec<(usize, usize)>) {
+        let waiting = self.share_prefixes();
         let mut batch = Vec::with_capacity(self.n_batch);
         let mut sample_at = Vec::new();
         for (index, slot) in self.slots.iter_mut().enumerate() {
@@ -408,7 +474,7 @@ impl<R: ModelRunner> Scheduler<R> {
             }
         }
         let mut prefilling: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| self.slots[i].as_ref().is_some_and(Slot::in_prefill))
+            .filter(|&i| !waiting[i] && self.slots[i].as_ref().is_some_and(Slot::in_prefill))
             .collect();
         // Shortest remaining prompt first; admission order breaks ties.
         prefilling.sort_by_key(|&i| {

@@ -365,7 +365,7 @@ fn a_conversation_resent_with_one_more_turn_prefills_only_the_new_part() {
 }
 
 #[test]
-fn the_idle_sequence_with_the_longest_match_is_chosen() {
+fn the_idle_sequence_whose_cache_the_prompt_continues_is_chosen() {
     let mut s = scheduler(3, 64);
     let mut receivers = Vec::new();
     for prompt in ["aaaa1", "bbbb2", "cccc3"] {
@@ -374,20 +374,139 @@ fn the_idle_sequence_with_the_longest_match_is_chosen() {
         receivers.push(rx);
     }
     run_until_idle(&mut s);
-    let (b, mut rb) = submission("bbbbX", 100, &[]);
+    let held = s.cached_tokens(1).len();
+    let next_turn: String = s
+        .cached_tokens(1)
+        .iter()
+        .map(|&t| char::from(t as u8))
+        .chain("X".chars())
+        .collect();
+    let (b, mut rb) = submission(&next_turn, 100, &[]);
     s.admit(b).unwrap();
     assert_eq!(*s.runner().log.lock().unwrap().begun.last().unwrap(), 1);
     run_until_idle(&mut s);
-    assert_eq!(done_stats(&mut rb).1.cached_tokens, 4);
+    assert_eq!(done_stats(&mut rb).1.cached_tokens as usize, held);
+}
+
+/// A system prompt of `MIN_SHARED_PREFIX` tokens and more.
+fn system_prompt() -> String {
+    "You are a careful assistant. ".repeat(MIN_SHARED_PREFIX / 16)
+}
+
+#[test]
+fn a_shared_system_prompt_is_computed_once_and_copied() {
+    let mut s = scheduler(4, 512);
+    let system = system_prompt();
+    let mut receivers = Vec::new();
+    for user in ["alpha", "bravo", "charlie", "delta"] {
+        let (sub, rx) = submission(&format!("{system}{user}"), 1000, &[]);
+        s.admit(sub).unwrap();
+        receivers.push(rx);
+    }
+    run_until_idle(&mut s);
+    for (rx, user) in receivers
+        .iter_mut()
+        .zip(["alpha", "bravo", "charlie", "delta"])
+    {
+        let (text, stats) = done_stats(rx);
+        // The fake echoes the cells it holds: the copied ones are the right ones.
+        assert_eq!(text, format!("{system}{user}"));
+        let expected = if user == "alpha" {
+            0
+        } else {
+            system.len() as u32
+        };
+        assert_eq!(stats.cached_tokens, expected, "{user}");
+    }
+    let log = s.runner().log.lock().unwrap();
+    assert_eq!(
+        log.copied,
+        (1..4)
+            .map(|seq| (0, seq, system.len() as u32))
+            .collect::<Vec<_>>()
+    );
+    let prefilled_system: usize = log
+        .batches
+        .iter()
+        .flatten()
+        .filter(|e| (e.pos as usize) < system.len())
+        .count();
+    assert_eq!(
+        prefilled_system,
+        system.len(),
+        "the system prompt's cells, once"
+    );
+}
+
+#[test]
+fn a_prompt_waits_for_an_earlier_prefill_of_the_same_prefix_but_decodes_never_wait() {
+    let mut s = scheduler(3, 32);
+    let system = system_prompt();
+    // A stream decoding 40 tokens (its prompt takes two steps).
+    let run = "r".repeat(40);
+    let (running, mut r_running) = submission(&run, 1000, &[]);
+    s.admit(running).unwrap();
+    s.step();
+    s.step();
+    let (a, mut ra) = submission(&format!("{system}a"), 1000, &[]);
+    let (b, mut rb) = submission(&format!("{system}b"), 1000, &[]);
+    s.admit(a).unwrap();
+    s.admit(b).unwrap();
+    let steps_to_prefill_once = system.len().div_ceil(31);
+    for _ in 0..steps_to_prefill_once {
+        s.step();
+        let log = s.runner().log.lock().unwrap();
+        let batch = log.batches.last().unwrap();
+        assert!(
+            batch.iter().any(|e| e.seq == 0),
+            "the running stream decodes"
+        );
+        assert!(
+            batch.iter().all(|e| e.seq != 2),
+            "b waits for a's cells: {batch:?}"
+        );
+    }
+    run_until_idle(&mut s);
+    assert_eq!(done_stats(&mut r_running).0, run);
+    assert_eq!(done_stats(&mut ra).0, format!("{system}a"));
+    let (text, stats) = done_stats(&mut rb);
+    assert_eq!(text, format!("{system}b"));
+    assert_eq!(stats.cached_tokens as usize, system.len());
+}
+
+#[test]
+fn a_cache_the_prompt_only_partly_shares_is_copied_from_not_cut_short() {
+    let mut s = scheduler(2, 512);
+    let system = system_prompt();
+    let (a, mut ra) = submission(&format!("{system}first question"), 1000, &[]);
+    s.admit(a).unwrap();
+    run_until_idle(&mut s);
+    let (first, _) = done_stats(&mut ra);
+    let (b, mut rb) = submission(&format!("{system}another question"), 1000, &[]);
+    s.admit(b).unwrap();
+    assert_eq!(
+        *s.runner().log.lock().unwrap().begun.last().unwrap(),
+        1,
+        "the empty sequence, not the one holding the other conversation"
+    );
+    run_until_idle(&mut s);
+    let (_, stats) = done_stats(&mut rb);
+    assert_eq!(stats.cached_tokens as usize, system.len());
+    let kept: Vec<Token> = first.bytes().map(Token::from).collect();
+    assert_eq!(
+        s.cached_tokens(0)[..kept.len()],
+        kept[..],
+        "seq 0 kept its conversation"
+    );
 }
 
 #[test]
 fn without_a_match_an_empty_sequence_is_used_then_the_least_recently_used_is_evicted() {
     let mut s = scheduler(2, 64);
-    let (a, _ra) = submission("aaaa", 100, &[]);
+    let (a, _ra) = submission("aaaa", 1000, &[]);
     s.admit(a).unwrap();
     run_until_idle(&mut s);
-    let (b, _rb) = submission("bbbb", 100, &[]);
+    let (b, _rb) = submission("bbbb", 1000, &[]);
     s.admit(b).unwrap();
     assert_eq!(
         *s.runner().log.lock().unwrap().begun.last().unwrap(),
@@ -395,7 +514,7 @@ fn without_a_match_an_empty_sequence_is_used_then_the_least_recently_used_is_evi
         "the empty sequence first"
     );
     run_until_idle(&mut s);
-    let (c, mut rc) = submission("cccc", 100, &[]);
+    let (c, mut rc) = submission("cccc", 1000, &[]);
     s.admit(c).unwrap();
     {
         let log = s.runner().log.lock().unwrap();
@@ -418,8 +537,8 @@ fn without_a_match_an_empty_sequence_is_used_then_the_least_recently_used_is_evi
 fn prefill_budget_goes_to_the_shortest_remaining_prompt_first() {
     let mut s = scheduler(2, 8);
     let long = "L".repeat(20);
-    let (a, _ra) = submission(&long, 100, &[]);
-    let (b, _rb) = submission("sssss", 100, &[]);
+    let (a, _ra) = submission(&long, 1000, &[]);
+    let (b, _rb) = submission("sssss", 1000, &[]);
     s.admit(a).unwrap();
     s.admit(b).unwrap();
     s.step();
