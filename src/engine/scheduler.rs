@@ -353,48 +353,52 @@ impl<R: ModelRunner> Scheduler<R> {
     /// it waits this step: its prompt shares such a prefix with one an earlier request is still
     /// prefilling, and copying it once that is done beats computing the same cells twice.
     fn share_prefixes(&mut self) -> Vec<bool> {
+        (0..self.slots.len())
+            .map(|i| self.share_prefix(i))
+            .collect()
+    }
+
+    /// `share_prefixes` for sequence `i`: whether it waits.
+    fn share_prefix(&mut self, i: usize) -> bool {
         let n = self.slots.len();
-        let mut waiting = vec![false; n];
-        for i in 0..n {
-            let Some(slot) = self.slots[i].as_ref().filter(|s| s.in_prefill()) else {
-                continue;
-            };
-            // The last prompt token is always decoded: its logits pick the first token.
-            let limit = slot.prompt().len() - 1;
-            waiting[i] = self.slots.iter().flatten().any(|leader| {
-                let shared = common_prefix(leader.prompt(), slot.prompt()).min(limit);
-                leader.order < slot.order
-                    && leader.in_prefill()
-                    && leader.n_prefilled < shared
-                    && shared >= slot.n_prefilled + MIN_SHARED_PREFIX
-            });
-            if waiting[i] {
-                // Copied whole once the leader holds it.
-                continue;
-            }
-            let donor = (0..n)
-                .filter(|&j| j != i)
-                .map(|j| {
-                    (
-                        common_prefix(&self.kv[j].tokens, slot.prompt()).min(limit),
-                        j,
-                    )
-                })
-                // The lowest index of equals: the first to hold the cells.
-                .max_by_key(|&(shared, j)| (shared, std::cmp::Reverse(j)));
-            if let Some((shared, j)) =
-                donor.filter(|&(shared, _)| shared >= slot.n_prefilled + MIN_SHARED_PREFIX)
-            {
-                self.runner
-                    .copy_prefix(j as SeqId, i as SeqId, shared as u32);
-                let tokens = self.kv[j].tokens[..shared].to_vec();
-                self.kv[i].tokens = tokens;
-                let slot = self.slots[i].as_mut().expect("checked above");
-                slot.n_prefilled = shared;
-                slot.cached = shared as u32;
-            }
+        let Some(slot) = self.slots[i].as_ref().filter(|s| s.in_prefill()) else {
+            return false;
+        };
+        // The last prompt token is always decoded: its logits pick the first token.
+        let limit = slot.prompt().len() - 1;
+        let waits = self.slots.iter().flatten().any(|leader| {
+            let shared = common_prefix(leader.prompt(), slot.prompt()).min(limit);
+            leader.order < slot.order
+                && leader.in_prefill()
+                && leader.n_prefilled < shared
+                && shared >= slot.n_prefilled + MIN_SHARED_PREFIX
+        });
+        if waits {
+            // Copied whole once the leader holds it.
+            return true;
         }
-        waiting
+        let donor = (0..n)
+            .filter(|&j| j != i)
+            .map(|j| {
+                (
+                    common_prefix(&self.kv[j].tokens, slot.prompt()).min(limit),
+                    j,
+                )
+            })
+            // The lowest index of equals: the first to hold the cells.
+            .max_by_key(|&(shared, j)| (shared, std::cmp::Reverse(j)));
+        if let Some((shared, j)) =
+            donor.filter(|&(shared, _)| shared >= slot.n_prefilled + MIN_SHARED_PREFIX)
+        {
+            self.runner
+                .copy_prefix(j as SeqId, i as SeqId, shared as u32);
+            let tokens = self.kv[j].tokens[..shared].to_vec();
+            self.kv[i].tokens = tokens;
+            let slot = self.slots[i].as_mut().expect("checked above");
+            slot.n_prefilled = shared;
+            slot.cached = shared as u32;
+        }
+        false
     }
 
     /// Tokens cached in each sequence's KV cells (for tests and diagnostics).

@@ -891,9 +891,7 @@ impl ModelRunner for LlamaRunner<'_> {
     fn copy_prefix(&mut self, src: SeqId, dst: SeqId, keep: u32) {
         // Each sequence has its own KV stream: llama.cpp copies `src`'s whole stream into `dst`'s
         // at the next decode (the cells' bookkeeping now), then the tail past `keep` is dropped.
-        let copied = self
-            .ctx
-            .copy_kv_cache_seq(src as i32, dst as i32, None, None);
+        let copied = self.ctx.copy_kv_cache_seq(src, dst, None, None);
         debug_assert!(copied.is_ok(), "no positions given, none can overflow");
         self.truncate_sequence(dst, keep);
     }
