@@ -125,9 +125,10 @@ struct SeqCache {
 }
 
 /// Fewest prompt tokens worth copying from another sequence's cells rather than prefilling: a
-/// copy moves the source's whole KV stream (for the default model on a CPU, about the cost of
-/// prefilling a dozen tokens).
-pub const MIN_SHARED_PREFIX: usize = 64;
+/// copy moves the source's whole KV stream, which costs about as much as prefilling a dozen
+/// tokens (the default model on a CPU, where a stream is ~47 MB; a GPU copies faster than it
+/// prefills). Enough to cover a template's default system prompt.
+pub const MIN_SHARED_PREFIX: usize = 16;
 
 /// Length of the common prefix of `a` and `b`.
 fn common_prefix(a: &[Token], b: &[Token]) -> usize {
@@ -350,8 +351,9 @@ impl<R: ModelRunner> Scheduler<R> {
     /// Gives each sequence in prefill the longest prefix of its prompt that another sequence's
     /// cells hold, copied when that saves at least [`MIN_SHARED_PREFIX`] tokens of prefill (a
     /// system prompt many conversations share is computed once). Returns, per sequence, whether
-    /// it waits this step: its prompt shares such a prefix with one an earlier request is still
-    /// prefilling, and copying it once that is done beats computing the same cells twice.
+    /// it waits this step: at least half of what its prompt still needs is a prefix one an
+    /// earlier request is still prefilling, and copying it once that is done beats computing the
+    /// same cells twice.
     fn share_prefixes(&mut self) -> Vec<bool> {
         (0..self.slots.len())
             .map(|i| self.share_prefix(i))
@@ -366,12 +368,17 @@ impl<R: ModelRunner> Scheduler<R> {
         };
         // The last prompt token is always decoded: its logits pick the first token.
         let limit = slot.prompt().len() - 1;
+        // Waiting pays when the leader's cells are most of what this prompt still needs; a few
+        // shared tokens (a template's preamble) are cheaper computed alongside in this step.
+        let left = slot.prompt().len() - slot.n_prefilled;
         let waits = self.slots.iter().flatten().any(|leader| {
             let shared = common_prefix(leader.prompt(), slot.prompt()).min(limit);
+            let saved = shared.saturating_sub(slot.n_prefilled);
             leader.order < slot.order
                 && leader.in_prefill()
                 && leader.n_prefilled < shared
-                && shared >= slot.n_prefilled + MIN_SHARED_PREFIX
+                && saved >= MIN_SHARED_PREFIX
+                && saved * 2 >= left
         });
         if waits {
             // Copied whole once the leader holds it.

@@ -388,9 +388,11 @@ fn the_idle_sequence_whose_cache_the_prompt_continues_is_chosen() {
     assert_eq!(done_stats(&mut rb).1.cached_tokens as usize, held);
 }
 
-/// A system prompt of `MIN_SHARED_PREFIX` tokens and more.
+/// A system prompt of over `MIN_SHARED_PREFIX` tokens.
 fn system_prompt() -> String {
-    "You are a careful assistant. ".repeat(MIN_SHARED_PREFIX / 16)
+    let system = "You are a careful assistant. ".repeat(4);
+    assert!(system.len() > 4 * MIN_SHARED_PREFIX);
+    system
 }
 
 #[test]
@@ -580,4 +582,25 @@ fn a_large_embedding_job_runs_one_decode_at_a_time_and_stops_when_its_client_goe
     });
     drop(rx);
     assert!(s.embed_step(&mut gone));
+}
+
+#[test]
+fn a_short_shared_preamble_is_computed_alongside_not_waited_for() {
+    let mut s = scheduler(2, 512);
+    let preamble = "x".repeat(MIN_SHARED_PREFIX + 4);
+    let (a, mut ra) = submission(&format!("{preamble}{}", "a".repeat(100)), 1000, &[]);
+    let (b, mut rb) = submission(&format!("{preamble}{}", "b".repeat(100)), 1000, &[]);
+    s.admit(a).unwrap();
+    s.admit(b).unwrap();
+    s.step();
+    {
+        let log = s.runner().log.lock().unwrap();
+        assert!(
+            log.batches[0].iter().any(|e| e.seq == 1),
+            "both prompts prefill in the first step"
+        );
+    }
+    run_until_idle(&mut s);
+    assert!(done_stats(&mut ra).0.ends_with('a'));
+    assert!(done_stats(&mut rb).0.ends_with('b'));
 }
