@@ -744,6 +744,26 @@ fn kimi_k3_sections_typed_arguments_and_calls() {
     crate::engine::grammar::check(&grammar).unwrap_or_else(|e| panic!("{e}\n{grammar}"));
 }
 
+/// Pushes `out` into a new stream in pieces of `size` bytes (widened to character boundaries);
+/// the stream, and the reasoning and content sent so far.
+fn push_in_pieces(tools: &ToolRequest, out: &str, size: usize) -> (ToolStream, String, String) {
+    let mut stream = ToolStream::new();
+    let (mut reasoning, mut content) = (String::new(), String::new());
+    let mut start = 0;
+    while start < out.len() {
+        let mut end = (start + size).min(out.len());
+        while !out.is_char_boundary(end) {
+            end += 1;
+        }
+        for delta in stream.push(&out[start..end], tools) {
+            content.push_str(delta["content"].as_str().unwrap_or(""));
+            reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or(""));
+        }
+        start = end;
+    }
+    (stream, reasoning, content)
+}
+
 /// Every family: streamed in pieces of every size (on character boundaries), the deltas add up to
 /// the whole output's message (content, reasoning and calls), and no call markup is streamed.
 #[test]
@@ -766,21 +786,7 @@ fn every_format_streams_to_the_same_message_at_every_piece_size() {
         let tools = family_tools(template, None);
         let (whole, _) = tools.finish(out, false);
         for size in 1..=7 {
-            let mut stream = ToolStream::new();
-            let mut content = String::new();
-            let mut reasoning = String::new();
-            let mut start = 0;
-            while start < out.len() {
-                let mut end = (start + size).min(out.len());
-                while !out.is_char_boundary(end) {
-                    end += 1;
-                }
-                for delta in stream.push(&out[start..end], &tools) {
-                    content.push_str(delta["content"].as_str().unwrap_or(""));
-                    reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or(""));
-                }
-                start = end;
-            }
+            let (mut stream, mut reasoning, mut content) = push_in_pieces(&tools, out, size);
             let (deltas, message, _) = stream.finish(&tools, false);
             for delta in deltas {
                 content.push_str(delta["content"].as_str().unwrap_or(""));
@@ -840,20 +846,7 @@ fn reasoning_and_content_stream_as_they_grow() {
         let mut tools = family_tools(template, None);
         tools.opened = opened;
         for piece in [out.len(), 1] {
-            let mut stream = ToolStream::new();
-            let (mut sent_reasoning, mut sent_content) = (String::new(), String::new());
-            let mut start = 0;
-            while start < out.len() {
-                let mut end = (start + piece).min(out.len());
-                while !out.is_char_boundary(end) {
-                    end += 1;
-                }
-                for delta in stream.push(&out[start..end], &tools) {
-                    sent_content.push_str(delta["content"].as_str().unwrap_or(""));
-                    sent_reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or(""));
-                }
-                start = end;
-            }
+            let (_, sent_reasoning, sent_content) = push_in_pieces(&tools, out, piece);
             assert_eq!(
                 (sent_reasoning.as_str(), sent_content.as_str()),
                 (reasoning, content),
