@@ -73,10 +73,11 @@ impl ToolStream {
             ("content", &mut self.content, &message.content),
         ] {
             let whole = whole.as_deref().unwrap_or("");
-            if !whole.starts_with(sent.as_str()) {
+            if whole.starts_with(sent.as_str()) {
+                deltas.extend(grow(field, sent, whole));
+            } else {
                 tracing::error!("streamed {field} is not a prefix of the final {field}");
             }
-            deltas.extend(grow(field, sent, whole));
         }
         for (index, call) in message.tool_calls.iter().enumerate() {
             deltas.push(json!({"tool_calls": [{
