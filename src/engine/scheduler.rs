@@ -11,7 +11,7 @@
 //!
 //! Prefix reuse: a finished (or cancelled) sequence keeps its KV cells and remembers the tokens in
 //! them. A new request goes to the idle sequence whose whole cache its prompt continues (the next
-//! turn of a conversation); else to an empty sequence, else to the least recently used cache. Then
+//! turn of a conversation) or that holds its whole prompt (the same prompt again); else to an empty sequence, else to the least recently used cache. Then
 //! it takes the longest prefix of its prompt that any sequence's cells hold, its own or another's
 //! (copied: a system prompt many conversations share is computed once), and only the rest of the
 //! prompt is prefilled. A prompt sharing a long prefix with one an earlier request is still
@@ -322,8 +322,8 @@ impl<R: ModelRunner> Scheduler<R> {
         Ok(())
     }
 
-    /// The idle sequence for `prompt`: the one whose whole cache the prompt continues (the longest
-    /// such), else an empty one, else the least recently used. A cache the prompt only partly
+    /// The idle sequence for `prompt`: the one whose whole cache the prompt continues or that
+    /// holds the whole prompt (the longest such), else an empty one, else the least recently used. A cache the prompt only partly
     /// shares is not cut short for it: its shared prefix is copied instead (`share_prefixes`), so
     /// the conversation it holds can still continue. `None` when every sequence is busy.
     fn pick_sequence(&self, prompt: &[Token]) -> Option<usize> {
@@ -334,7 +334,9 @@ impl<R: ModelRunner> Scheduler<R> {
         idle.max_by_key(|&i| {
             let cache = &self.kv[i];
             let shared = common_prefix(&cache.tokens, prompt);
-            let continued = if shared == cache.tokens.len() {
+            // Its whole cache continued (a conversation's next turn), or the whole prompt in it
+            // (the same prompt again, a regenerated answer: what is cut is the old answer).
+            let continued = if shared == cache.tokens.len() || shared + 1 >= prompt.len() {
                 shared
             } else {
                 0

@@ -604,3 +604,22 @@ fn a_short_shared_preamble_is_computed_alongside_not_waited_for() {
     assert!(done_stats(&mut ra).0.ends_with('a'));
     assert!(done_stats(&mut rb).0.ends_with('b'));
 }
+
+#[test]
+fn the_same_prompt_again_reuses_its_own_sequence_in_place() {
+    let mut s = scheduler(2, 512);
+    let prompt = format!("{}again", system_prompt());
+    for expected_cached in [0, prompt.len() as u32 - 1] {
+        let (a, mut ra) = submission(&prompt, 1000, &[]);
+        s.admit(a).unwrap();
+        run_until_idle(&mut s);
+        assert_eq!(done_stats(&mut ra).1.cached_tokens, expected_cached);
+    }
+    let log = s.runner().log.lock().unwrap();
+    assert_eq!(
+        log.begun,
+        vec![0, 0],
+        "the sequence holding it, not the empty one"
+    );
+    assert!(log.copied.is_empty());
+}
