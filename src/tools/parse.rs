@@ -189,6 +189,8 @@ pub struct Split<'a> {
     /// The text after the reasoning block (leading whitespace dropped); `None` while the block is
     /// still open.
     pub body: Option<&'a str>,
+    /// The tag that closes the reasoning block, when there is one.
+    pub close: &'static str,
 }
 
 /// Separates a leading reasoning block from the rest. Used on whole outputs and on streamed
@@ -201,10 +203,12 @@ pub fn split(text: &str) -> Split<'_> {
                 Some(end) => Split {
                     reasoning: Some(&inner[..end]),
                     body: Some(inner[end + close.len()..].trim_start()),
+                    close,
                 },
                 None => Split {
                     reasoning: Some(inner),
                     body: None,
+                    close,
                 },
             };
         }
@@ -212,11 +216,12 @@ pub fn split(text: &str) -> Split<'_> {
     Split {
         reasoning: None,
         body: Some(text),
+        close: "",
     }
 }
 
 /// Whether `text` could still grow into a reasoning opening tag.
-pub fn may_open_reasoning(text: &str) -> bool {
+fn may_open_reasoning(text: &str) -> bool {
     let start = text.trim_start();
     start.is_empty()
         || REASONING_TAGS
@@ -266,11 +271,7 @@ pub fn settled(text: &str, format: ToolFormat) -> Settled<'_> {
             match (parts.reasoning, parts.body) {
                 (Some(open), None) => {
                     // Inside the block: all but a tail that may be its closing tag.
-                    let close = REASONING_TAGS
-                        .iter()
-                        .find(|(o, _)| text.trim_start().starts_with(o))
-                        .map_or("", |(_, close)| close);
-                    Settled::new(&open[..before_markers(open, &[close])], "")
+                    Settled::new(&open[..before_markers(open, &[parts.close])], "")
                 }
                 (reasoning, Some(body)) => Settled::new(
                     reasoning.unwrap_or(""),
@@ -311,7 +312,7 @@ pub fn before_markers(text: &str, markers: &[&str]) -> usize {
 /// The length of `body`'s prefix that is content whatever comes next: up to the first call
 /// marker, and never into a tail that may become one. A body that may be a bare JSON call holds
 /// everything. (Harmony and Kimi K3 settle by their own sections: `settled`.)
-pub fn settled_content(body: &str, format: ToolFormat) -> usize {
+fn settled_content(body: &str, format: ToolFormat) -> usize {
     let trimmed = body.trim_start();
     if trimmed.is_empty() {
         return 0;
