@@ -60,7 +60,7 @@ for round in $(seq "$rounds"); do
     "run_$server"
     pid=$!
     wait_healthy
-    result=$(python3 benches/load.py "127.0.0.1:$port" "$model_id" "${ban[@]}")
+    result=$(python3 benches/load.py "127.0.0.1:$port" "$model_id" "${ban[@]}" --pid $pid)
     kill $pid; wait $pid 2>/dev/null || true
     pid=""
     if [ "$server" = llama_server ]; then theirs="$theirs$result"$'\n'; else ours="$ours$result"$'\n'; fi
@@ -91,6 +91,7 @@ rows = [
     ("agent 4 x 6 turns: median first token s", ("agent", "median_ttft_s")),
     ("agent 4 x 6 turns: p95 first token s", ("agent", "p95_ttft_s")),
     ("agent 4 x 6 turns: wall s", ("agent", "wall_s")),
+    ("peak resident memory MiB (after all of the above)", ("peak_rss", "mib")),
 ]
 for name, (scenario, key) in rows:
     t = [r[scenario][key] for r in theirs]

@@ -5,8 +5,8 @@ temperature 0, EOS banned with logit_bias so every stream decodes exactly its ma
 Prints one JSON object per scenario:
   single      1 stream, 128 tokens: decode tok/s (client side, chunks after the first), first token s
   multi       8 concurrent streams x 128 tokens: aggregate tok/s (all tokens / wall time)
-  cold_long   one ~470-token prompt never seen before: first token s
-  warm_long   the same prompt again: first token s
+  cold_long   a ~470-token prompt never seen before: first token s (median of 3 prompts)
+  warm_long   the same prompt again: first token s (median of the same 3)
   multi_long  8 streams, distinct ~470-token prompts, 64 tokens each: aggregate tok/s, median first
               token s, and the running streams' decode rate while other prompts still prefill (per
               stream: tokens after its first, up to the last stream's first token, over that time;
@@ -14,8 +14,9 @@ Prints one JSON object per scenario:
   agent       4 conversations x 6 turns at once: a shared ~600-token system prompt, each turn adding
               the reply and a ~150-token tool result, 32 tokens per reply: median and p95 first token
               s over all turns, and the wall time
+  peak_rss    with --pid: the server process's peak resident memory (VmHWM) after all the above
 
-Usage: load.py HOST:PORT MODEL [--ban-token ID ...] [--scenario NAME ...]
+Usage: load.py HOST:PORT MODEL [--ban-token ID ...] [--scenario NAME ...] [--pid PID]
 """
 import argparse
 import http.client
@@ -130,12 +131,22 @@ def agent(addr, model, banned):
     return {"median_ttft_s": statistics.median(ttfts), "p95_ttft_s": p95, "wall_s": wall}
 
 
+def peak_rss_mib(pid):
+    """The process's peak resident set (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("addr")
     p.add_argument("model")
     p.add_argument("--ban-token", type=int, action="append", default=[])
     p.add_argument("--scenario", action="append")
+    p.add_argument("--pid", type=int, help="the server's process, for its peak resident memory")
     a = p.parse_args()
     wanted = a.scenario or ["single", "multi", "cold_long", "warm_long", "multi_long", "agent"]
     out = {}
@@ -152,12 +163,16 @@ def main():
         contents = [f"[{uuid.uuid4().hex[:8]}] Write story number {i}." for i in range(8)]
         rate, ttft, tokens, _ = concurrent(a.addr, a.model, contents, 128, a.ban_token)
         out["multi"] = {"aggregate_tok_s": rate, "median_ttft_s": ttft, "tokens": tokens}
-    prompt = long_prompt(uuid.uuid4().hex[:8])
     if "cold_long" in wanted or "warm_long" in wanted:
-        r = stream(a.addr, a.model, prompt, 1, a.ban_token)
-        out["cold_long"] = {"ttft_s": r["stamps"][0] - r["start"]}
-        r = stream(a.addr, a.model, prompt, 1, a.ban_token)
-        out["warm_long"] = {"ttft_s": r["stamps"][0] - r["start"]}
+        # Three prompts, each sent twice: the medians of the first and of the second sendings.
+        cold, warm = [], []
+        for _ in range(3):
+            prompt = long_prompt(uuid.uuid4().hex[:8])
+            for times in (cold, warm):
+                r = stream(a.addr, a.model, prompt, 1, a.ban_token)
+                times.append(r["stamps"][0] - r["start"])
+        out["cold_long"] = {"ttft_s": statistics.median(cold)}
+        out["warm_long"] = {"ttft_s": statistics.median(warm)}
     if "multi_long" in wanted:
         contents = [long_prompt(uuid.uuid4().hex[:8]) for _ in range(8)]
         rate, ttft, tokens, results = concurrent(a.addr, a.model, contents, 64, a.ban_token)
@@ -165,6 +180,8 @@ def main():
                              "decode_during_prefill_tok_s": decode_during_prefill(results)}
     if "agent" in wanted:
         out["agent"] = agent(a.addr, a.model, a.ban_token)
+    if a.pid:
+        out["peak_rss"] = {"mib": peak_rss_mib(a.pid)}
     print(json.dumps(out))
 
 

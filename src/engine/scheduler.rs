@@ -2,11 +2,13 @@
 //!
 //! Each [`Scheduler::step`] builds one batch: the pending token of every decoding sequence first
 //! (so running streams never stall), then prompt chunks of sequences still in prefill, up to
-//! `n_batch` tokens in all. Prefill budget goes to the sequence with the fewest prompt tokens left
-//! first (shortest-remaining-first): it minimises the mean and median time to first token, and it
-//! cannot starve a long prompt for long, because at most `n_seq - 1` other prompts compete with it
-//! and the leftover budget of every step still goes to it. A request admitted between steps joins
-//! at the next step; it never waits for others to finish. A sequence whose receiver is gone is
+//! `n_batch` tokens in all. Prefill goes to the sequence with the fewest prompt tokens left first
+//! (shortest-remaining-first), and prompts are prefilled one after another, not together: a step
+//! starts another prompt only while it holds fewer than [`COMBINE_PROMPTS_BELOW`] prompt tokens.
+//! Both minimise the mean and median time to first token, and a prompt that finishes starts
+//! decoding while the next one prefills. A prompt passed over for `n_seq` steps in a row goes
+//! first, so a long prompt is not starved by short ones that keep arriving. A request admitted
+//! between steps joins at the next step; it never waits for others to finish. A sequence whose receiver is gone is
 //! dropped at the start of the next step.
 //!
 //! Prefix reuse: a finished (or cancelled) sequence keeps its KV cells and remembers the tokens in
@@ -46,6 +48,8 @@ struct Slot {
     admitted_at: Instant,
     first_token_at: Option<Instant>,
     order: u64,
+    /// Steps in a row this prompt waited in prefill while others were prefilled.
+    passed_over: usize,
     /// Log-probabilities of tokens whose text has not been sent yet (held back by the UTF-8
     /// decoder or the stop matcher).
     logprobs: Vec<TokenLogprob>,
@@ -129,6 +133,15 @@ struct SeqCache {
 /// tokens (the default model on a CPU, where a stream is ~47 MB; a GPU copies faster than it
 /// prefills). Enough to cover a template's default system prompt.
 pub const MIN_SHARED_PREFIX: usize = 16;
+
+/// Prompt tokens up to which one step prefills several prompts together; once a step holds this
+/// many, it starts no other prompt. Prompts finish one after another rather than together: with
+/// four prompts of equal cost P arriving at once, their first tokens come at P, 2P, 3P, 4P instead
+/// of all at 4P, and each starts decoding (riding along the next prompt's step) as soon as its
+/// own prefill is done. Combining pays only below the point where a prompt costs less than a
+/// step's fixed part (reading the weights once, sampling): a few tokens on a CPU, a few dozen on
+/// a GPU.
+pub const COMBINE_PROMPTS_BELOW: usize = 32;
 
 /// Length of the common prefix of `a` and `b`.
 fn common_prefix(a: &[Token], b: &[Token]) -> usize {
@@ -316,6 +329,7 @@ impl<R: ModelRunner> Scheduler<R> {
             admitted_at: Instant::now(),
             first_token_at: None,
             order: self.next_order,
+            passed_over: 0,
             logprobs: Vec::new(),
         });
         self.next_order += 1;
@@ -489,20 +503,33 @@ impl<R: ModelRunner> Scheduler<R> {
         let mut prefilling: Vec<usize> = (0..self.slots.len())
             .filter(|&i| !waiting[i] && self.slots[i].as_ref().is_some_and(Slot::in_prefill))
             .collect();
-        // Shortest remaining prompt first; admission order breaks ties.
+        // Shortest remaining prompt first, admission order breaking ties; but a prompt passed over
+        // for as many steps as there are sequences goes first, so a long prompt is never starved
+        // by short ones that keep arriving.
+        let n_seq = self.slots.len();
         prefilling.sort_by_key(|&i| {
-            self.slots[i].as_ref().map_or((usize::MAX, u64::MAX), |s| {
-                (s.prompt().len() - s.n_prefilled, s.order)
-            })
+            self.slots[i]
+                .as_ref()
+                .map_or((true, usize::MAX, u64::MAX), |s| {
+                    (
+                        s.passed_over < n_seq,
+                        s.prompt().len() - s.n_prefilled,
+                        s.order,
+                    )
+                })
         });
+        let mut prompt_tokens = 0;
         for index in prefilling {
             let budget = self.n_batch - batch.len();
-            if budget == 0 {
-                break;
-            }
             let Some(slot) = self.slots[index].as_mut() else {
                 continue;
             };
+            if budget == 0 || prompt_tokens >= COMBINE_PROMPTS_BELOW {
+                slot.passed_over += 1;
+                continue;
+            }
+            slot.passed_over = 0;
+            prompt_tokens += (slot.prompt().len() - slot.n_prefilled).min(budget);
             let cache = &mut self.kv[index].tokens;
             let prompt_len = slot.prompt().len();
             let end = (slot.n_prefilled + budget).min(prompt_len);
