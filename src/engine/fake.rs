@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::runner::{BatchEntry, ModelRunner, RunnerError};
+use super::runner::{BatchEntry, Logits, ModelRunner, RunnerError};
 use super::worker::{self, WorkerConfig};
 use super::{EngineHandle, ModelInfo, SamplingParams, SeqId, Token, TokenizeText};
 
@@ -60,6 +60,8 @@ pub struct FakeLog {
     pub truncated: Vec<(SeqId, u32)>,
     /// `(src, dst, keep)` for every prefix copy.
     pub copied: Vec<(SeqId, SeqId, u32)>,
+    /// `(seq, tokens)` for every first token sampled from a kept row: the tokens it followed.
+    pub replayed: Vec<(SeqId, usize)>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -70,6 +72,8 @@ struct FakeSequence {
     prompt_len: Option<usize>,
     sampled: usize,
     dead_end: bool,
+    /// How many decoded tokens the kept logits row follows.
+    kept: Option<usize>,
 }
 
 /// The echo model described in the module docs.
@@ -171,11 +175,24 @@ impl ModelRunner for FakeRunner {
         Ok(())
     }
 
-    fn sample(&mut self, seq: SeqId, _batch_index: usize) -> Result<Token, String> {
+    fn sample(&mut self, seq: SeqId, logits: Logits) -> Result<Token, String> {
         let state = self
             .sequences
             .get_mut(&seq)
             .expect("sampled a begun sequence");
+        if logits == Logits::Kept {
+            // Only a prompt that is exactly what the kept row follows may be answered from it.
+            assert_eq!(
+                state.kept,
+                Some(state.decoded.len()),
+                "fake: sampled from a kept row that does not follow the sequence's tokens"
+            );
+            self.log
+                .lock()
+                .expect("fake log")
+                .replayed
+                .push((seq, state.decoded.len()));
+        }
         let prompt_len = *state.prompt_len.get_or_insert(state.decoded.len());
         let prompt = &state.decoded[..prompt_len];
         let marker: Vec<Token> = FAKE_PANIC_PROMPT.bytes().map(Token::from).collect();
@@ -194,7 +211,7 @@ impl ModelRunner for FakeRunner {
     fn logprobs(
         &self,
         _seq: SeqId,
-        _batch_index: usize,
+        _logits: Logits,
         chosen: Token,
         top_n: usize,
     ) -> (f32, Vec<(Token, f32)>) {
@@ -205,6 +222,14 @@ impl ModelRunner for FakeRunner {
         super::logprobs::Shaping::new(1.0, &[]).logprobs(&logits, chosen, top_n)
     }
 
+    fn keep_logits(&mut self, seq: SeqId, _batch_index: usize) {
+        let state = self
+            .sequences
+            .get_mut(&seq)
+            .expect("kept logits of a decoded sequence");
+        state.kept = Some(state.decoded.len());
+    }
+
     fn end_sequence(&mut self, seq: SeqId) {
         self.log.lock().expect("fake log").ended.push(seq);
     }
@@ -212,6 +237,8 @@ impl ModelRunner for FakeRunner {
     fn truncate_sequence(&mut self, seq: SeqId, keep: u32) {
         if let Some(state) = self.sequences.get_mut(&seq) {
             state.decoded.truncate(keep as usize);
+            // The row no longer follows the sequence's tokens: a later `Kept` sample panics.
+            state.kept = state.kept.filter(|&n| n <= keep as usize);
         }
         self.log
             .lock()
@@ -232,7 +259,9 @@ impl ModelRunner for FakeRunner {
             decoded.len()
         );
         decoded.truncate(keep as usize);
-        self.sequences.entry(dst).or_default().decoded = decoded;
+        let state = self.sequences.entry(dst).or_default();
+        state.decoded = decoded;
+        state.kept = None;
         self.log
             .lock()
             .expect("fake log")

@@ -16,6 +16,15 @@ pub struct BatchEntry {
     pub logits: bool,
 }
 
+/// The logits a token is sampled from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Those of batch entry `i` of the last decode.
+    Batch(usize),
+    /// The sequence's kept row ([`ModelRunner::keep_logits`]).
+    Kept,
+}
+
 /// Errors a runner reports for a whole decode step.
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -35,21 +44,28 @@ pub trait ModelRunner {
     /// Runs one forward pass over `batch`.
     fn decode(&mut self, batch: &[BatchEntry]) -> Result<(), RunnerError>;
 
-    /// Samples the next token for `seq` from the logits of batch entry `batch_index`, and
-    /// records it in the sequence's sampler history (penalties). `Err`: the sequence's grammar
-    /// admits no token here; nothing was recorded, and the sequence must end.
-    fn sample(&mut self, seq: SeqId, batch_index: usize) -> Result<Token, String>;
+    /// Samples the next token for `seq` from `logits`, and records it in the sequence's sampler
+    /// history (penalties). `Err`: the sequence's grammar admits no token here; nothing was
+    /// recorded, and the sequence must end.
+    fn sample(&mut self, seq: SeqId, logits: Logits) -> Result<Token, String>;
 
-    /// The log-probability of `chosen` and of the `top_n` most likely tokens at batch entry
-    /// `batch_index`, from the distribution `seq` samples from (see `logprobs.rs`). Called after
-    /// `sample`, only for requests that ask for log-probabilities.
+    /// The log-probability of `chosen` and of the `top_n` most likely tokens in `logits`, from
+    /// the distribution `seq` samples from (see `logprobs.rs`). Called after `sample`, only for
+    /// requests that ask for log-probabilities.
     fn logprobs(
         &self,
         seq: SeqId,
-        batch_index: usize,
+        logits: Logits,
         chosen: Token,
         top_n: usize,
     ) -> (f32, Vec<(Token, f32)>);
+
+    /// Keeps the logits of batch entry `batch_index` of the last decode as `seq`'s kept row,
+    /// replacing the one before: the next-token logits of the tokens `seq` holds up to that
+    /// entry, so a request with exactly those tokens as its prompt samples its first token
+    /// without a decode. The row outlives requests and decodes; `sample` and `logprobs` read it
+    /// as [`Logits::Kept`].
+    fn keep_logits(&mut self, seq: SeqId, batch_index: usize);
 
     /// Drops per-sequence sampling state. The KV cells stay (they are the prefix cache).
     fn end_sequence(&mut self, seq: SeqId);

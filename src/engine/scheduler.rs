@@ -29,7 +29,7 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use super::detok::Utf8Decoder;
 use super::logprobs::{TokenLogprob, TopLogprob};
-use super::runner::{BatchEntry, ModelRunner};
+use super::runner::{BatchEntry, Logits, ModelRunner};
 use super::stop::StopMatcher;
 use super::{FinishReason, GenerationEvent, GenerationStats, SeqId, Submission, Token};
 
@@ -38,6 +38,9 @@ struct Slot {
     submission: Submission,
     /// Prompt tokens already decoded into the KV cache.
     n_prefilled: usize,
+    /// The whole prompt was cached with the logits that follow it: the first token is sampled
+    /// from the kept row at the next step, without a decode.
+    from_kept: bool,
     /// Sampled token not yet decoded (the sequence is in its decode phase).
     pending: Option<Token>,
     /// Prompt tokens whose KV cells were reused from an earlier request.
@@ -62,6 +65,11 @@ impl Slot {
 
     fn in_prefill(&self) -> bool {
         self.pending.is_none() && self.n_prefilled < self.prompt().len()
+    }
+
+    /// Whether the first token is still to be sampled (in prefill, or answered from kept logits).
+    fn before_first_token(&self) -> bool {
+        self.generated == 0 && self.pending.is_none()
     }
 
     fn stats(&self) -> GenerationStats {
@@ -124,8 +132,19 @@ pub struct StepReport {
 #[derive(Debug, Default)]
 struct SeqCache {
     tokens: Vec<Token>,
+    /// The runner keeps the logits that follow `tokens[..n]` (`ModelRunner::keep_logits`): the
+    /// next-token distribution of the last prompt that ended there.
+    logits_follow: Option<usize>,
     /// When the sequence was last released, for LRU eviction.
     last_used: u64,
+}
+
+impl SeqCache {
+    /// Drops the tokens at positions `keep..`, and the kept logits if they followed any of them.
+    fn truncate(&mut self, keep: usize) {
+        self.tokens.truncate(keep);
+        self.logits_follow = self.logits_follow.filter(|&n| n <= keep);
+    }
 }
 
 /// Fewest prompt tokens worth copying from another sequence's cells rather than prefilling: a
@@ -302,8 +321,6 @@ impl<R: ModelRunner> Scheduler<R> {
             });
             return Ok(());
         }
-        // Keep the shared prefix, but always decode at least the last prompt token: its logits
-        // pick the first generated token.
         if let Err(reason) = self.runner.begin_sequence(seq, &request.sampling) {
             // Ignored send error: a client that left needs no answer.
             let _ = submission
@@ -311,16 +328,27 @@ impl<R: ModelRunner> Scheduler<R> {
                 .try_send(GenerationEvent::Rejected(reason));
             return Ok(());
         }
+        // Keep the shared prefix, but decode at least the last prompt token, whose logits pick the
+        // first generated token, unless the sequence kept exactly those logits (the same prompt
+        // again: a regenerated answer, another sample).
         let cache = &mut self.kv[index];
-        let reuse = common_prefix(&cache.tokens, &request.prompt).min(request.prompt.len() - 1);
+        let prompt_len = request.prompt.len();
+        let shared = common_prefix(&cache.tokens, &request.prompt);
+        let from_kept = shared == prompt_len && cache.logits_follow == Some(prompt_len);
+        let reuse = if from_kept {
+            prompt_len
+        } else {
+            shared.min(prompt_len - 1)
+        };
         if cache.tokens.len() > reuse {
             self.runner.truncate_sequence(seq, reuse as u32);
-            cache.tokens.truncate(reuse);
+            cache.truncate(reuse);
         }
         let stop = StopMatcher::new(request.stop.clone());
         self.slots[index] = Some(Slot {
             submission,
             n_prefilled: reuse,
+            from_kept,
             pending: None,
             cached: reuse as u32,
             generated: 0,
@@ -416,7 +444,11 @@ impl<R: ModelRunner> Scheduler<R> {
             self.runner
                 .copy_prefix(j as SeqId, i as SeqId, shared as u32);
             let tokens = self.kv[j].tokens[..shared].to_vec();
-            self.kv[i].tokens = tokens;
+            self.kv[i] = SeqCache {
+                tokens,
+                logits_follow: None,
+                last_used: self.kv[i].last_used,
+            };
             let slot = self.slots[i].as_mut().expect("checked above");
             slot.n_prefilled = shared;
             slot.cached = shared as u32;
@@ -433,6 +465,15 @@ impl<R: ModelRunner> Scheduler<R> {
     pub fn step(&mut self) -> StepReport {
         let mut report = StepReport::default();
         self.drop_cancelled(&mut report);
+        // First tokens answered from kept logits join this step's batch as pending tokens.
+        for index in 0..self.slots.len() {
+            if self.slots[index]
+                .as_mut()
+                .is_some_and(|s| std::mem::take(&mut s.from_kept))
+            {
+                self.sample_token(index, Logits::Kept, &mut report);
+            }
+        }
 
         let (batch, sample_at) = self.build_batch();
         report.batch_tokens = batch.len();
@@ -457,16 +498,29 @@ impl<R: ModelRunner> Scheduler<R> {
             return report;
         }
         for (index, batch_index) in sample_at {
-            match self.runner.sample(index as SeqId, batch_index) {
-                Ok(token) => {
-                    self.record_logprobs(index, batch_index, token);
-                    self.accept_token(index, token, &mut report);
-                }
-                // The request's grammar left no admissible token: its mistake, ended in-band.
-                Err(reason) => self.reject(index, reason, &mut report),
+            // After a prompt's last token, its logits are kept for the same prompt again.
+            if self.slots[index]
+                .as_ref()
+                .is_some_and(Slot::before_first_token)
+            {
+                self.runner.keep_logits(index as SeqId, batch_index);
+                self.kv[index].logits_follow = Some(self.kv[index].tokens.len());
             }
+            self.sample_token(index, Logits::Batch(batch_index), &mut report);
         }
         report
+    }
+
+    /// Samples the next token of slot `index` from `logits` and takes it on.
+    fn sample_token(&mut self, index: usize, logits: Logits, report: &mut StepReport) {
+        match self.runner.sample(index as SeqId, logits) {
+            Ok(token) => {
+                self.record_logprobs(index, logits, token);
+                self.accept_token(index, token, report);
+            }
+            // The request's grammar left no admissible token: its mistake, ended in-band.
+            Err(reason) => self.reject(index, reason, report),
+        }
     }
 
     fn drop_cancelled(&mut self, report: &mut StepReport) {
@@ -555,7 +609,7 @@ impl<R: ModelRunner> Scheduler<R> {
     /// For a request that asked for them, the sampled token's log-probability and alternatives,
     /// kept until the token's text is sent. End-of-generation tokens are not reported (they have
     /// no text), as OpenAI does not report them.
-    fn record_logprobs(&mut self, index: usize, batch_index: usize, token: Token) {
+    fn record_logprobs(&mut self, index: usize, logits: Logits, token: Token) {
         let Some(slot) = self.slots[index].as_mut() else {
             return;
         };
@@ -568,7 +622,7 @@ impl<R: ModelRunner> Scheduler<R> {
         let special = slot.submission.request.special_tokens;
         let (logprob, top) =
             self.runner
-                .logprobs(index as SeqId, batch_index, token, usize::from(top_n));
+                .logprobs(index as SeqId, logits, token, usize::from(top_n));
         let bytes = |t: Token| {
             let mut out = Vec::new();
             self.runner.token_bytes(t, special, &mut out);
@@ -680,7 +734,7 @@ impl<R: ModelRunner> Scheduler<R> {
         self.release(index, report);
         // After a failed decode the cells' contents are unknown: drop them.
         self.runner.truncate_sequence(index as SeqId, 0);
-        self.kv[index].tokens.clear();
+        self.kv[index].truncate(0);
     }
 
     /// Frees the slot for the next request. Its KV cells stay as a prefix cache.

@@ -28,7 +28,7 @@ mod rpc;
 
 pub use rpc::{link_workers, remote_gpus, serve_worker, WorkerConfig as RpcWorkerConfig};
 
-use super::runner::{BatchEntry, ModelRunner, RunnerError};
+use super::runner::{BatchEntry, Logits, ModelRunner, RunnerError};
 use super::scheduler::Scheduler;
 use super::worker;
 use super::{
@@ -502,6 +502,7 @@ pub fn serve_model(
         model: &model,
         batch: LlamaBatch::new(config.n_batch as usize, 1),
         samplers: (0..n_seq).map(|_| None).collect(),
+        kept: vec![Vec::new(); n_seq as usize],
         ctx,
         embedder: None,
         embed_params: EmbedParams {
@@ -670,6 +671,8 @@ struct LlamaRunner<'m> {
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
     samplers: Vec<Option<SequenceSampler>>,
+    /// Each sequence's kept logits row (`ModelRunner::keep_logits`); empty until one is kept.
+    kept: Vec<Vec<f32>>,
     embedder: Option<Embedder<'m>>,
     embed_params: EmbedParams,
     /// The RPC workers holding some of the model's layers.
@@ -735,22 +738,28 @@ impl SequenceSampler {
     /// A token is only ever accepted into the grammar after the grammar admitted it: llama.cpp
     /// throws a C++ exception (which would abort the process) when asked to accept one it refuses.
     /// So when no token at all is admissible, this returns `Err` and accepts nothing.
-    fn sample(&mut self, ctx: &LlamaContext<'_>, index: i32) -> Result<LlamaToken, String> {
-        let Some(grammar) = self.grammar.as_mut() else {
+    fn sample(&mut self, row: Row<'_, '_>) -> Result<LlamaToken, String> {
+        let free = match (&row, self.grammar.is_some()) {
             // `llama_sampler_sample` also accepts the token into the chain (penalty history).
-            return Ok(self.chain.sample(ctx, index));
+            (Row::Batch(ctx, index), false) => return Ok(self.chain.sample(ctx, *index)),
+            _ => {
+                let mut candidates = row.candidates();
+                candidates.apply_sampler(&mut self.chain);
+                candidates
+                    .selected_token()
+                    .expect("the chain ends in a selecting sampler")
+            }
         };
-        let mut candidates = ctx.token_data_array_ith(index);
-        candidates.apply_sampler(&mut self.chain);
-        let free = candidates
-            .selected_token()
-            .expect("the chain ends in a selecting sampler");
+        let Some(grammar) = self.grammar.as_mut() else {
+            self.chain.accept(free);
+            return Ok(free);
+        };
         let mut single = LlamaTokenDataArray::new(vec![LlamaTokenData::new(free, 1.0, 0.0)], false);
         single.apply_sampler(grammar);
         let token = if single.data[0].logit() > f32::NEG_INFINITY {
             free
         } else {
-            let mut candidates = ctx.token_data_array_ith(index);
+            let mut candidates = row.candidates();
             candidates.apply_sampler(grammar);
             // Indexed by token id: the array holds the whole vocabulary, in id order, until
             // the chain sorts or truncates it.
@@ -771,6 +780,31 @@ impl SequenceSampler {
         grammar.accept(token);
         self.chain.accept(token);
         Ok(token)
+    }
+}
+
+/// The logits a sequence samples from: a batch entry's, or its kept row.
+enum Row<'a, 'm> {
+    Batch(&'a LlamaContext<'m>, i32),
+    Kept(&'a [f32]),
+}
+
+impl Row<'_, '_> {
+    fn logits(&self) -> &[f32] {
+        match self {
+            Row::Batch(ctx, index) => ctx.get_logits_ith(*index),
+            Row::Kept(row) => row,
+        }
+    }
+
+    /// Every token of the vocabulary with its logit, in id order.
+    fn candidates(&self) -> LlamaTokenDataArray {
+        let data = self
+            .logits()
+            .iter()
+            .enumerate()
+            .map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0));
+        LlamaTokenDataArray::from_iter(data, false)
     }
 }
 
@@ -843,17 +877,27 @@ impl ModelRunner for LlamaRunner<'_> {
         self.lost()
     }
 
-    fn sample(&mut self, seq: SeqId, batch_index: usize) -> Result<Token, String> {
+    fn sample(&mut self, seq: SeqId, logits: Logits) -> Result<Token, String> {
         let sampler = self.samplers[seq as usize]
             .as_mut()
             .expect("begin_sequence runs before any sample for a sequence");
-        sampler.sample(&self.ctx, batch_index as i32).map(|t| t.0)
+        let row = match logits {
+            Logits::Batch(index) => Row::Batch(&self.ctx, index as i32),
+            Logits::Kept => Row::Kept(&self.kept[seq as usize]),
+        };
+        sampler.sample(row).map(|t| t.0)
+    }
+
+    fn keep_logits(&mut self, seq: SeqId, batch_index: usize) {
+        let row = &mut self.kept[seq as usize];
+        row.clear();
+        row.extend_from_slice(self.ctx.get_logits_ith(batch_index as i32));
     }
 
     fn logprobs(
         &self,
         seq: SeqId,
-        batch_index: usize,
+        logits: Logits,
         chosen: Token,
         top_n: usize,
     ) -> (f32, Vec<(Token, f32)>) {
@@ -861,7 +905,10 @@ impl ModelRunner for LlamaRunner<'_> {
             .as_ref()
             .expect("begin_sequence runs before any sample for a sequence");
         // The row `sample` just read: batch entries with logits keep them until the next decode.
-        let logits = self.ctx.get_logits_ith(batch_index as i32);
+        let logits = match logits {
+            Logits::Batch(index) => self.ctx.get_logits_ith(index as i32),
+            Logits::Kept => &self.kept[seq as usize],
+        };
         sampler.shaping.logprobs(logits, chosen, top_n)
     }
 

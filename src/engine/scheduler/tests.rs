@@ -335,16 +335,54 @@ fn a_shared_prefix_is_reused_and_only_the_divergent_suffix_is_removed() {
 }
 
 #[test]
-fn an_identical_prompt_recomputes_only_its_last_token() {
+fn an_identical_prompt_is_answered_from_the_kept_logits_without_a_decode() {
     let mut s = scheduler(1, 64);
-    for expected_cached in [0, 4] {
+    for expected_cached in [0, 5] {
+        let batches_before = s.runner().log.lock().unwrap().batches.len();
         let (a, mut ra) = submission("abcde", 100, &[]);
         s.admit(a).unwrap();
         run_until_idle(&mut s);
         let (text, stats) = done_stats(&mut ra);
         assert_eq!(text, "abcde");
         assert_eq!(stats.cached_tokens, expected_cached);
+        let log = s.runner().log.lock().unwrap();
+        let first = log.batches[batches_before][0];
+        assert_eq!(
+            (first.pos, first.token),
+            (expected_cached, Token::from(b'a')),
+            "the first batch decodes the first uncached token"
+        );
     }
+    assert_eq!(s.runner().log.lock().unwrap().replayed, vec![(0, 5)]);
+}
+
+#[test]
+fn kept_logits_answer_only_the_exact_prompt_they_follow() {
+    let mut s = scheduler(1, 64);
+    let mut run = |prompt: &str| {
+        let (a, mut ra) = submission(prompt, 100, &[]);
+        s.admit(a).unwrap();
+        run_until_idle(&mut s);
+        let (text, stats) = done_stats(&mut ra);
+        assert_eq!(text, prompt);
+        stats.cached_tokens
+    };
+    assert_eq!(run("abcde"), 0);
+    // A prefix of the cached tokens, or the prompt and its answer's first token: the logits
+    // after them were never kept, so the last prompt token is decoded again.
+    assert_eq!(run("abcd"), 3);
+    assert_eq!(run("abcdaa"), 5);
+    // Kept after each of those: the same prompt again is answered from them.
+    assert_eq!(run("abcdaa"), 6);
+    // Cut below the tokens the row follows (`abcx…` keeps `abc`), the row is never used again
+    // (the fake panics if it is), even once the same tokens are back.
+    assert_eq!(run("abcxy"), 3);
+    assert_eq!(run("abcdaa"), 3);
+    assert_eq!(run("abcdaa"), 6);
+    assert_eq!(
+        s.runner().log.lock().unwrap().replayed,
+        vec![(0, 6), (0, 6)]
+    );
 }
 
 #[test]
@@ -589,7 +627,7 @@ fn a_short_shared_preamble_is_computed_alongside_not_waited_for() {
     let mut s = scheduler(2, 512);
     let preamble = "x".repeat(MIN_SHARED_PREFIX + 4);
     let (a, mut ra) = submission(&format!("{preamble}{}", "a".repeat(100)), 1000, &[]);
-    let (b, mut rb) = submission(&format!("{preamble}{}", "b".repeat(100)), 1000, &[]);
+    let (b, mut rb) = submission(&format!("{preamble}{}", "b".repeat(50)), 1000, &[]);
     s.admit(a).unwrap();
     s.admit(b).unwrap();
     s.step();
@@ -597,7 +635,7 @@ fn a_short_shared_preamble_is_computed_alongside_not_waited_for() {
         let log = s.runner().log.lock().unwrap();
         assert!(
             log.batches[0].iter().any(|e| e.seq == 1),
-            "both prompts prefill in the first step"
+            "the later, shorter prompt prefills at once, not after the earlier one"
         );
     }
     run_until_idle(&mut s);
@@ -609,7 +647,7 @@ fn a_short_shared_preamble_is_computed_alongside_not_waited_for() {
 fn the_same_prompt_again_reuses_its_own_sequence_in_place() {
     let mut s = scheduler(2, 512);
     let prompt = format!("{}again", system_prompt());
-    for expected_cached in [0, prompt.len() as u32 - 1] {
+    for expected_cached in [0, prompt.len() as u32] {
         let (a, mut ra) = submission(&prompt, 1000, &[]);
         s.admit(a).unwrap();
         run_until_idle(&mut s);
@@ -622,4 +660,55 @@ fn the_same_prompt_again_reuses_its_own_sequence_in_place() {
         "the sequence holding it, not the empty one"
     );
     assert!(log.copied.is_empty());
+}
+
+#[test]
+fn prompts_are_prefilled_one_after_another_shortest_first() {
+    let mut s = scheduler(3, 512);
+    let prompts = ["a".repeat(40), "b".repeat(60), "c".repeat(50)];
+    let mut receivers = Vec::new();
+    for prompt in &prompts {
+        let (sub, rx) = submission(prompt, 1000, &[]);
+        s.admit(sub).unwrap();
+        receivers.push(rx);
+    }
+    for _ in 0..3 {
+        s.step();
+    }
+    let log = s.runner().log.lock().unwrap();
+    let per_seq = |batch: &Vec<BatchEntry>| -> Vec<usize> {
+        (0..3)
+            .map(|seq| batch.iter().filter(|e| e.seq == seq).count())
+            .collect()
+    };
+    // One prompt per step; each finished one decodes alongside the next one's prefill.
+    assert_eq!(per_seq(&log.batches[0]), vec![40, 0, 0]);
+    assert_eq!(per_seq(&log.batches[1]), vec![1, 0, 50]);
+    assert_eq!(per_seq(&log.batches[2]), vec![1, 60, 1]);
+}
+
+#[test]
+fn a_long_prompt_is_not_starved_by_short_ones_that_keep_arriving() {
+    let mut s = scheduler(2, 64);
+    let long = "L".repeat(200);
+    let (a, mut ra) = submission(&long, 1, &[]);
+    s.admit(a).unwrap();
+    let mut short_receivers = Vec::new();
+    let mut steps = 0;
+    while s.cached_tokens(0).len() < long.len() {
+        // A new short prompt whenever the other sequence is free: always one shorter than
+        // what the long prompt has left.
+        if s.has_free_slot() && !s.is_idle() {
+            let first = char::from(b'a' + (short_receivers.len() % 26) as u8);
+            let (b, rb) = submission(&format!("{first}{}", "s".repeat(39)), 1, &[]);
+            s.admit(b).unwrap();
+            short_receivers.push(rb);
+        }
+        s.step();
+        steps += 1;
+        assert!(steps <= 20, "the long prompt starved: {steps} steps");
+    }
+    assert!(short_receivers.len() >= 4, "short prompts were served too");
+    run_until_idle(&mut s);
+    assert_eq!(done_stats(&mut ra).0, "L");
 }
