@@ -157,10 +157,12 @@ pub const MIN_SHARED_PREFIX: usize = 16;
 /// many, it starts no other prompt. Prompts finish one after another rather than together: with
 /// four prompts of equal cost P arriving at once, their first tokens come at P, 2P, 3P, 4P instead
 /// of all at 4P, and each starts decoding (riding along the next prompt's step) as soon as its
-/// own prefill is done. Combining pays only below the point where a prompt costs less than a
-/// step's fixed part (reading the weights once, sampling): a few tokens on a CPU, a few dozen on
-/// a GPU.
-pub const COMBINE_PROMPTS_BELOW: usize = 32;
+/// own prefill is done. Combining pays only while prompts are short enough that one costs about
+/// a step's fixed part (reading the weights once, sampling): measured on the default model on 2
+/// CPU cores, four 11-token prompts decode 13 % faster when combined at 64 than when split at 32
+/// (`cargo bench` engine_decode/sequences/4), while prompts of 140 tokens and more (the agent
+/// and long-prompt loads of `benches/compare.sh`) gain from going one by one.
+pub const COMBINE_PROMPTS_BELOW: usize = 64;
 
 /// Length of the common prefix of `a` and `b`.
 fn common_prefix(a: &[Token], b: &[Token]) -> usize {
@@ -383,13 +385,24 @@ impl<R: ModelRunner> Scheduler<R> {
             } else {
                 0
             };
-            // Ordered: most tokens continued, then empty over occupied, then least recently used.
+            // Ordered: most tokens continued, then empty over occupied, then next to a busy
+            // sequence, then least recently used.
             (
                 continued,
                 cache.tokens.is_empty(),
+                self.next_to_busy(i),
                 std::cmp::Reverse(cache.last_used),
             )
         })
+    }
+
+    /// Whether sequence `i` neighbours one bound to a request. With one KV stream per sequence,
+    /// llama.cpp puts only sequences with consecutive ids in one micro-batch (each micro-batch is
+    /// a pass over the weights), so a step decoding sequences 0, 2 and 5 costs three passes where
+    /// 0, 1 and 2 cost one: new requests keep the busy sequences together.
+    fn next_to_busy(&self, i: usize) -> bool {
+        let busy = |j: usize| self.slots.get(j).is_some_and(Option::is_some);
+        (i > 0 && busy(i - 1)) || busy(i + 1)
     }
 
     /// Gives each sequence in prefill the longest prefix of its prompt that another sequence's
