@@ -789,12 +789,14 @@ async fn a_repeated_prompt_reports_cached_tokens_in_usage_and_timings() {
     assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     let (_, warm) = send_json(&h.app, post("/v1/chat/completions", chat("same"))).await;
     let prompt = warm["usage"]["prompt_tokens"].as_u64().unwrap();
+    // All of it: the cells, and the logits kept after its last token (nothing is decoded again).
     assert_eq!(
         warm["usage"]["prompt_tokens_details"]["cached_tokens"],
-        prompt - 1
+        prompt
     );
-    assert_eq!(warm["timings"]["cache_n"], prompt - 1);
-    assert_eq!(warm["timings"]["prompt_n"], 1);
+    assert_eq!(warm["timings"]["cache_n"], prompt);
+    assert_eq!(warm["timings"]["prompt_n"], 0);
+    assert_eq!(warm["timings"]["prompt_per_second"], 0.0);
     assert_eq!(cold["choices"][0]["message"], warm["choices"][0]["message"]);
 }
 
