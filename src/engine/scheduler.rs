@@ -8,8 +8,8 @@
 //! Both minimise the mean and median time to first token, and a prompt that finishes starts
 //! decoding while the next one prefills. A prompt passed over for `n_seq` steps in a row goes
 //! first, so a long prompt is not starved by short ones that keep arriving. A request admitted
-//! between steps joins at the next step; it never waits for others to finish. A sequence whose receiver is gone is
-//! dropped at the start of the next step.
+//! between steps joins at the next step; it never waits for others to finish. A sequence whose
+//! receiver is gone is dropped at the start of the next step.
 //!
 //! Prefix reuse: a finished (or cancelled) sequence keeps its KV cells and remembers the tokens in
 //! them. A new request goes to the idle sequence whose whole cache its prompt continues (the next
@@ -163,6 +163,28 @@ pub const MIN_SHARED_PREFIX: usize = 16;
 /// (`cargo bench` engine_decode/sequences/4), while prompts of 140 tokens and more (the agent
 /// and long-prompt loads of `benches/compare.sh`) gain from going one by one.
 pub const COMBINE_PROMPTS_BELOW: usize = 64;
+
+/// Orders a batch by sequence id, each sequence's tokens kept in position order, and moves the
+/// sampling positions with their entries. With one KV stream per sequence llama.cpp micro-batches
+/// only consecutive sequence ids, taking each one's tokens in batch order: decoding 0, 1 and 3
+/// while 2 prefills costs three passes over the weights as `[0, 1, 3, 2…]` (0–2, 3, the rest of
+/// 2) and two as `[0, 1, 2…, 3]` (0–3, the rest of 2).
+fn in_sequence_order(
+    batch: Vec<BatchEntry>,
+    mut sample_at: Vec<(usize, usize)>,
+) -> (Vec<BatchEntry>, Vec<(usize, usize)>) {
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    // Stable: a sequence's tokens stay in position order.
+    order.sort_by_key(|&k| batch[k].seq);
+    let mut moved_to = vec![0; batch.len()];
+    for (new, &old) in order.iter().enumerate() {
+        moved_to[old] = new;
+    }
+    for (_, at) in &mut sample_at {
+        *at = moved_to[*at];
+    }
+    (order.into_iter().map(|k| batch[k]).collect(), sample_at)
+}
 
 /// Length of the common prefix of `a` and `b`.
 fn common_prefix(a: &[Token], b: &[Token]) -> usize {
@@ -547,7 +569,8 @@ impl<R: ModelRunner> Scheduler<R> {
         }
     }
 
-    /// Decode tokens first, then prompt chunks oldest-first. Returns the batch and, for each entry
+    /// Decode tokens first, then prompt chunks shortest-first, within `n_batch`; the entries are
+    /// then ordered by sequence (see [`in_sequence_order`]). Returns the batch and, for each entry
     /// with logits, the slot index and batch position to sample from.
     fn build_batch(&mut self) -> (Vec<BatchEntry>, Vec<(usize, usize)>) {
         let waiting = self.share_prefixes();
@@ -616,7 +639,7 @@ impl<R: ModelRunner> Scheduler<R> {
             }
             slot.n_prefilled = end;
         }
-        (batch, sample_at)
+        in_sequence_order(batch, sample_at)
     }
 
     /// For a request that asked for them, the sampled token's log-probability and alternatives,

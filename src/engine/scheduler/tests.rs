@@ -733,3 +733,28 @@ fn a_new_conversation_takes_an_idle_sequence_next_to_a_busy_one() {
     s.admit(new).unwrap();
     assert_eq!(s.runner().log.lock().unwrap().begun[4..], [2, 1]);
 }
+
+#[test]
+fn a_batch_is_ordered_by_sequence_so_consecutive_ids_share_a_micro_batch() {
+    let mut s = scheduler(4, 512);
+    // The short prompts of sequences 0, 1 and 3 go first (shortest first), 2's long one after.
+    let mut receivers = Vec::new();
+    for prompt in ["a", "b", &"c".repeat(100), "d"] {
+        let (sub, rx) = submission(prompt, 1000, &[]);
+        s.admit(sub).unwrap();
+        receivers.push(rx);
+    }
+    s.step();
+    let log = s.runner().log.lock().unwrap();
+    let seqs: Vec<SeqId> = log.batches[0].iter().map(|e| e.seq).collect();
+    assert_eq!(seqs.len(), 103);
+    let mut sorted = seqs.clone();
+    sorted.sort();
+    assert_eq!(seqs, sorted, "in sequence order");
+    drop(log);
+    run_until_idle(&mut s);
+    // Each sequence was sampled from its own entries: the echoes are whole.
+    for (rx, want) in receivers.iter_mut().zip(["a", "b", &"c".repeat(100), "d"]) {
+        assert_eq!(drain(rx).0, want);
+    }
+}
