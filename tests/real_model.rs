@@ -406,6 +406,7 @@ async fn a_system_prompt_shared_by_concurrent_conversations_is_copied_not_recomp
     let request = |question: &str| {
         json!({
             "model": MODEL_ID, "temperature": 0, "max_tokens": 24,
+            "logprobs": true, "top_logprobs": 5,
             "messages": [
                 {"role": "system", "content": system},
                 {"role": "user", "content": question}
@@ -430,10 +431,43 @@ async fn a_system_prompt_shared_by_concurrent_conversations_is_copied_not_recomp
     for ((status, shared), question) in together.iter().zip(questions) {
         assert_eq!(*status, 200, "{shared}");
         let (_, alone) = post(&client, &url, &request(question)).await;
-        assert_eq!(
-            shared["choices"][0]["message"]["content"], alone["choices"][0]["message"]["content"],
-            "{question}: copied cells must give the output computed ones give"
+        // Copied cells give the distribution computed ones give, compared on the first token.
+        // Not on the greedy text: batched with other sequences the same cells round a little
+        // differently from a decode alone, enough to flip a near tie (seen: "The" -2.54 and "We"
+        // -2.60 alone, "We" first batched) and part the answers from there. Cells not copied
+        // give another distribution (seen: one token of the top 5 in common, 0.35 apart).
+        let top = |answer: &Value| -> Vec<(String, f64)> {
+            answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| {
+                    (
+                        t["token"].as_str().unwrap().to_owned(),
+                        t["logprob"].as_f64().unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let computed_top = top(&alone);
+        let both: Vec<(String, f64, f64)> = top(shared)
+            .into_iter()
+            .filter_map(|(token, copied)| {
+                let (_, computed) = computed_top.iter().find(|(t, _)| *t == token)?;
+                Some((token, copied, *computed))
+            })
+            .collect();
+        assert!(
+            both.len() >= 3,
+            "{question}: the top 5 first tokens differ: {:?} from copied cells, {computed_top:?} computed",
+            top(shared)
         );
+        for (token, copied, computed) in both {
+            assert!(
+                (copied - computed).abs() < 0.15,
+                "{question}: {token:?} has logprob {copied} from copied cells, {computed} computed"
+            );
+        }
         let cached = shared["usage"]["prompt_tokens_details"]["cached_tokens"]
             .as_u64()
             .unwrap();
