@@ -38,9 +38,6 @@ struct Slot {
     submission: Submission,
     /// Prompt tokens already decoded into the KV cache.
     n_prefilled: usize,
-    /// The whole prompt was cached with the logits that follow it: the first token is sampled
-    /// from the kept row at the next step, without a decode.
-    from_kept: bool,
     /// Sampled token not yet decoded (the sequence is in its decode phase).
     pending: Option<Token>,
     /// Prompt tokens whose KV cells were reused from an earlier request.
@@ -70,6 +67,12 @@ impl Slot {
     /// Whether the first token is still to be sampled (in prefill, or answered from kept logits).
     fn before_first_token(&self) -> bool {
         self.generated == 0 && self.pending.is_none()
+    }
+
+    /// The whole prompt was cached with the logits that follow it (`Scheduler::admit`): its first
+    /// token is sampled from the kept row, without a decode.
+    fn answered_from_kept(&self) -> bool {
+        self.before_first_token() && !self.in_prefill()
     }
 
     fn stats(&self) -> GenerationStats {
@@ -372,7 +375,6 @@ impl<R: ModelRunner> Scheduler<R> {
         self.slots[index] = Some(Slot {
             submission,
             n_prefilled: reuse,
-            from_kept,
             pending: None,
             cached: reuse as u32,
             generated: 0,
@@ -503,8 +505,8 @@ impl<R: ModelRunner> Scheduler<R> {
         // First tokens answered from kept logits join this step's batch as pending tokens.
         for index in 0..self.slots.len() {
             if self.slots[index]
-                .as_mut()
-                .is_some_and(|s| std::mem::take(&mut s.from_kept))
+                .as_ref()
+                .is_some_and(Slot::answered_from_kept)
             {
                 self.sample_token(index, Logits::Kept, &mut report);
             }
