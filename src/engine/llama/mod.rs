@@ -789,7 +789,15 @@ enum Row<'a, 'm> {
     Kept(&'a [f32]),
 }
 
-impl Row<'_, '_> {
+impl<'a, 'm> Row<'a, 'm> {
+    /// Where `logits` are for sequence `seq`, given every sequence's kept row.
+    fn of(ctx: &'a LlamaContext<'m>, kept: &'a [Vec<f32>], seq: SeqId, logits: Logits) -> Self {
+        match logits {
+            Logits::Batch(index) => Row::Batch(ctx, index as i32),
+            Logits::Kept => Row::Kept(&kept[seq as usize]),
+        }
+    }
+
     fn logits(&self) -> &[f32] {
         match self {
             Row::Batch(ctx, index) => ctx.get_logits_ith(*index),
@@ -881,11 +889,9 @@ impl ModelRunner for LlamaRunner<'_> {
         let sampler = self.samplers[seq as usize]
             .as_mut()
             .expect("begin_sequence runs before any sample for a sequence");
-        let row = match logits {
-            Logits::Batch(index) => Row::Batch(&self.ctx, index as i32),
-            Logits::Kept => Row::Kept(&self.kept[seq as usize]),
-        };
-        sampler.sample(row).map(|t| t.0)
+        sampler
+            .sample(Row::of(&self.ctx, &self.kept, seq, logits))
+            .map(|t| t.0)
     }
 
     fn keep_logits(&mut self, seq: SeqId, batch_index: usize) {
@@ -905,11 +911,8 @@ impl ModelRunner for LlamaRunner<'_> {
             .as_ref()
             .expect("begin_sequence runs before any sample for a sequence");
         // The row `sample` just read: batch entries with logits keep them until the next decode.
-        let logits = match logits {
-            Logits::Batch(index) => self.ctx.get_logits_ith(index as i32),
-            Logits::Kept => &self.kept[seq as usize],
-        };
-        sampler.shaping.logprobs(logits, chosen, top_n)
+        let row = Row::of(&self.ctx, &self.kept, seq, logits);
+        sampler.shaping.logprobs(row.logits(), chosen, top_n)
     }
 
     fn end_sequence(&mut self, seq: SeqId) {
