@@ -435,7 +435,8 @@ async fn a_system_prompt_shared_by_concurrent_conversations_is_copied_not_recomp
         // Not on the greedy text: batched with other sequences the same cells round a little
         // differently from a decode alone, enough to flip a near tie (seen: "The" -2.54 and "We"
         // -2.60 alone, "We" first batched) and part the answers from there. Cells not copied
-        // give another distribution (seen: one token of the top 5 in common, 0.35 apart).
+        // give another distribution (seen: one token of the top 5 in common, 0.35 apart); batch
+        // shapes alone moved an unlikely token by up to 0.16 (seen: "Our" -3.20 against -3.36).
         let top = |answer: &Value| -> Vec<(String, f64)> {
             answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
                 .as_array()
@@ -464,7 +465,7 @@ async fn a_system_prompt_shared_by_concurrent_conversations_is_copied_not_recomp
         );
         for (token, copied, computed) in both {
             assert!(
-                (copied - computed).abs() < 0.15,
+                (copied - computed).abs() < 0.3,
                 "{question}: {token:?} has logprob {copied} from copied cells, {computed} computed"
             );
         }
