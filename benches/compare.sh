@@ -91,6 +91,7 @@ rows = [
     ("agent 4 x 6 turns: median first token s", ("agent", "median_ttft_s")),
     ("agent 4 x 6 turns: p95 first token s", ("agent", "p95_ttft_s")),
     ("agent 4 x 6 turns: wall s", ("agent", "wall_s")),
+    ("same, a system prompt per conversation: wall s", ("agent_own", "wall_s")),
     ("peak resident memory MiB (after all of the above)", ("peak_rss", "mib")),
 ]
 for name, (scenario, key) in rows:

@@ -14,6 +14,9 @@ Prints one JSON object per scenario:
   agent       4 conversations x 6 turns at once: a shared ~600-token system prompt, each turn adding
               the reply and a ~150-token tool result, 32 tokens per reply: median and p95 first token
               s over all turns, and the wall time
+  agent_own   the same load with a distinct system prompt per conversation (a tag first): no server
+              can share a prefix across conversations, so both compute the same tokens and the wall
+              time compares how well each schedules them, apart from prefix reuse
   peak_rss    with --pid: the server process's peak resident memory (VmHWM) after all the above
 
 Usage: load.py HOST:PORT MODEL [--ban-token ID ...] [--scenario NAME ...] [--pid PID]
@@ -109,13 +112,15 @@ def decode_during_prefill(results):
     return statistics.median(rates) if rates else 0.0
 
 
-def agent(addr, model, banned):
-    """4 conversations x 6 turns at once; first-token times of every turn, and the wall time."""
-    system = "You are an agent with tools. " + FILLER * 13
+def agent(addr, model, banned, shared=True):
+    """4 conversations x 6 turns at once; first-token times of every turn, and the wall time.
+    `shared=False`: each conversation's system prompt starts with a tag of its own."""
     ttfts = []
     lock = threading.Lock()
 
     def conversation(i):
+        tag = "" if shared else f"[{uuid.uuid4().hex[:8]}] "
+        system = tag + "You are an agent with tools. " + FILLER * 13
         messages = [{"role": "system", "content": system},
                     {"role": "user", "content": f"[{uuid.uuid4().hex[:8]}] Task {i}: plan a trip."}]
         for turn in range(6):
@@ -148,7 +153,8 @@ def main():
     p.add_argument("--scenario", action="append")
     p.add_argument("--pid", type=int, help="the server's process, for its peak resident memory")
     a = p.parse_args()
-    wanted = a.scenario or ["single", "multi", "cold_long", "warm_long", "multi_long", "agent"]
+    wanted = a.scenario or ["single", "multi", "cold_long", "warm_long", "multi_long", "agent",
+                            "agent_own"]
     out = {}
     stream(a.addr, a.model, "Hello", 4, a.ban_token)  # warm-up
     if "single" in wanted:
@@ -180,6 +186,8 @@ def main():
                              "decode_during_prefill_tok_s": decode_during_prefill(results)}
     if "agent" in wanted:
         out["agent"] = agent(a.addr, a.model, a.ban_token)
+    if "agent_own" in wanted:
+        out["agent_own"] = agent(a.addr, a.model, a.ban_token, shared=False)
     if a.pid:
         out["peak_rss"] = {"mib": peak_rss_mib(a.pid)}
     print(json.dumps(out))
