@@ -49,13 +49,16 @@ run_llama_server() {
 run_lm_sandbox() {
   target/release/lm-sandbox serve -m "$model" --port $port -t "$threads" -np 8 -c 16384 2>/dev/null &
 }
-# ROUNDS rounds in A-B-A-B order, so drift in the machine's speed hits both servers alike; each row
-# is the median over the rounds, with the spread of the per-round ratios.
+# ROUNDS rounds, A-B then B-A in turn (A-B-B-A-A-B...), so drift in the machine's speed hits both
+# servers alike and neither always runs first; each row is the median over the rounds, with the
+# spread of the per-round ratios.
 theirs="" ours=""
 pid=""
 trap 'if [ -n "$pid" ]; then kill $pid 2>/dev/null || true; fi' EXIT
 for round in $(seq "$rounds"); do
-  for server in llama_server lm_sandbox; do
+  order="llama_server lm_sandbox"
+  if [ $((round % 2)) -eq 0 ]; then order="lm_sandbox llama_server"; fi
+  for server in $order; do
     echo "round $round: $server ..." >&2
     "run_$server"
     pid=$!
@@ -75,7 +78,7 @@ bench = json.loads(sys.argv[1]); theirs = rounds_of(sys.argv[2]); ours = rounds_
 pp = next(r["avg_ts"] for r in bench if r["n_prompt"] > 0)
 tg = next(r["avg_ts"] for r in bench if r["n_gen"] > 0)
 print(f"SmolLM2-135M-Instruct Q4_1, {sys.argv[4]} threads, -np 8 -c 16384, streaming, temperature 0, "
-      f"medians of {len(ours)} A-B rounds (ratio range over the rounds)")
+      f"medians of {len(ours)} rounds, A-B and B-A in turn (ratio range over the rounds)")
 print(f"llama-bench: prompt {pp:.1f} tok/s, decode {tg:.1f} tok/s")
 print(f"{'row':58} {'llama-server':>12} {'lm-sandbox':>11} {'ratio':>7}  range")
 rows = [
