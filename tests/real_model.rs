@@ -390,13 +390,32 @@ async fn a_repeated_prompt_is_served_from_the_cache_with_the_same_greedy_output(
     );
 }
 
+const LIBRARY_DESK: &str = "You are the reference desk of a small public library. Answer in one \
+    short sentence, name your source when you have one, never invent a title or an author, and say \
+    so plainly when you do not know. Patrons ask about opening hours, the catalogue, local history \
+    and how to use the reading room computers; keep a friendly, even tone, avoid jargon, and \
+    suggest a librarian at the desk for anything about accounts or fines.";
+
 #[tokio::test]
 async fn a_system_prompt_shared_by_concurrent_conversations_is_copied_not_recomputed() {
-    let system = "You are the reference desk of a small public library. Answer in one short \
-        sentence, name your source when you have one, never invent a title or an author, and say \
-        so plainly when you do not know. Patrons ask about opening hours, the catalogue, local \
-        history and how to use the reading room computers; keep a friendly, even tone, avoid \
-        jargon, and suggest a librarian at the desk for anything about accounts or fines.";
+    // 1,024 positions per sequence; the donor holds ~110 cells, so they are copied through a
+    // serialized state (fewer bytes than its whole KV stream).
+    copied_system_prompt_gives_computed_logprobs(LIBRARY_DESK, &[]).await;
+}
+
+#[tokio::test]
+async fn a_system_prompt_copied_as_a_whole_kv_stream_gives_the_computed_logprobs() {
+    // 256 positions per sequence (llama.cpp's least) and a system prompt twice as long: the
+    // donor's ~200 cells serialized (read, then written) would move more bytes than its whole
+    // stream, so the stream is copied.
+    let system = format!("{LIBRARY_DESK}\n\n{LIBRARY_DESK}");
+    copied_system_prompt_gives_computed_logprobs(&system, &["--ctx-size", "1024"]).await;
+}
+
+/// Four conversations sharing `system` at once on a server started with `extra` (and
+/// `--parallel 4`): three copy the first's cells, and each first token's distribution matches
+/// the one computed from scratch.
+async fn copied_system_prompt_gives_computed_logprobs(system: &str, extra: &[&str]) {
     let questions = [
         "When does the library open on Saturdays?",
         "Can I print from the reading room?",
@@ -415,7 +434,7 @@ async fn a_system_prompt_shared_by_concurrent_conversations_is_copied_not_recomp
     };
     let client = reqwest::Client::new();
     // All at once: the first computes the system prompt's cells, the others copy them.
-    let server = start(&["--parallel", "4"]).await;
+    let server = start(&[&["--parallel", "4"], extra].concat()).await;
     let url = format!("http://{}/v1/chat/completions", server.addr);
     let together = futures::future::join_all(
         questions

@@ -151,9 +151,10 @@ impl SeqCache {
 }
 
 /// Fewest prompt tokens worth copying from another sequence's cells rather than prefilling: a
-/// copy moves the source's whole KV stream, which costs about as much as prefilling a dozen
-/// tokens (the default model on a CPU, where a stream is ~47 MB; a GPU copies faster than it
-/// prefills). Enough to cover a template's default system prompt.
+/// copy moves at most the source's whole KV stream (the runner takes the cheaper of that and the
+/// source's cells alone), which on the default model on a CPU (a ~47 MB stream) costs about as
+/// much as prefilling a dozen tokens; a GPU copies faster than it prefills. Enough to cover a
+/// template's default system prompt.
 pub const MIN_SHARED_PREFIX: usize = 16;
 
 /// Prompt tokens up to which one step prefills several prompts together; once a step holds this

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -516,6 +517,9 @@ pub fn serve_model(
             .filter_map(|id| crate::rpc::parse_device_id(id))
             .filter_map(|(worker, _)| crate::rpc::by_worker(worker))
             .collect(),
+        host_kv: offload.devices.is_empty(),
+        n_ctx_seq,
+        deferred_copies: Vec::new(),
     };
     let scheduler = Scheduler::new(runner, n_seq as usize, config.n_batch as usize, n_ctx_seq);
     worker::run(scheduler, commands, live).map_err(LoadError::Lost)
@@ -677,9 +681,30 @@ struct LlamaRunner<'m> {
     embed_params: EmbedParams,
     /// The RPC workers holding some of the model's layers.
     links: Vec<Arc<crate::rpc::Link>>,
+    /// Every layer, and so the KV cache, is in host memory (no GPU or RPC device).
+    host_kv: bool,
+    n_ctx_seq: u32,
+    /// Sequences a whole-stream copy into is queued for the next decode: their cells' data is
+    /// not there yet.
+    deferred_copies: Vec<SeqId>,
 }
 
 impl LlamaRunner<'_> {
+    /// Copies `src`'s cells into `dst` (emptied first) through a serialized state, now; `false`
+    /// if llama.cpp refused, with `dst` emptied.
+    fn copy_by_state(&mut self, src: SeqId, dst: SeqId) -> bool {
+        let _ = self.ctx.clear_kv_cache_seq(Some(dst as u32), None, None);
+        let copied = self
+            .ctx
+            .state_seq_get(src, LlamaStateSeqFlags::empty())
+            .and_then(|state| self.ctx.state_seq_set(&state, dst));
+        if let Err(err) = &copied {
+            tracing::warn!(src, dst, %err, "serialized KV copy refused; copying the whole stream");
+            let _ = self.ctx.clear_kv_cache_seq(Some(dst as u32), None, None);
+        }
+        copied.is_ok()
+    }
+
     /// Why a worker this model runs on is gone, if one is: its layers' results are stand-ins
     /// from then on (`rpc::fuse`), so no decode result can be trusted.
     fn lost(&self) -> Result<(), RunnerError> {
@@ -878,9 +903,10 @@ impl ModelRunner for LlamaRunner<'_> {
                 )
                 .map_err(|e| RunnerError::Decode(e.to_string()))?;
         }
-        self.ctx
-            .decode(&mut self.batch)
-            .map_err(|e| RunnerError::Decode(e.to_string()))?;
+        let decoded = self.ctx.decode(&mut self.batch);
+        // Deferred stream copies are done at the start of a decode, even one that fails after.
+        self.deferred_copies.clear();
+        decoded.map_err(|e| RunnerError::Decode(e.to_string()))?;
         // A worker lost during the decode answered with stand-ins: the logits are not the model's.
         self.lost()
     }
@@ -939,10 +965,23 @@ impl ModelRunner for LlamaRunner<'_> {
     }
 
     fn copy_prefix(&mut self, src: SeqId, dst: SeqId, keep: u32) {
-        // Each sequence has its own KV stream: llama.cpp copies `src`'s whole stream into `dst`'s
-        // at the next decode (the cells' bookkeeping now), then the tail past `keep` is dropped.
-        let copied = self.ctx.copy_kv_cache_seq(src, dst, None, None);
-        debug_assert!(copied.is_ok(), "no positions given, none can overflow");
+        // Each sequence has its own KV stream, and llama.cpp copies across streams in one of two
+        // ways: the whole stream, every cell used or not (n_ctx_seq cells; ~47 MB for the default
+        // model at 2048, some 15 ms of one core's memcpy on a CPU), deferred to the next decode;
+        // or now, through a serialized state of `src`'s cells (each read and written once). The
+        // state goes through host memory, so it is only taken when the cache is there, when it
+        // moves fewer bytes, and when `src`'s data is in place (not itself awaiting a deferred
+        // copy). Then the tail past `keep` is dropped.
+        let src_cells = u32::try_from(self.ctx.kv_cache_seq_pos_max(src) + 1).unwrap_or(0);
+        let by_state = self.host_kv
+            && 2 * src_cells < self.n_ctx_seq
+            && !self.deferred_copies.contains(&src)
+            && self.copy_by_state(src, dst);
+        if !by_state {
+            let copied = self.ctx.copy_kv_cache_seq(src, dst, None, None);
+            debug_assert!(copied.is_ok(), "no positions given, none can overflow");
+            self.deferred_copies.push(dst);
+        }
         self.truncate_sequence(dst, keep);
     }
 
