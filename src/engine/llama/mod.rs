@@ -903,10 +903,12 @@ impl ModelRunner for LlamaRunner<'_> {
                 )
                 .map_err(|e| RunnerError::Decode(e.to_string()))?;
         }
-        let decoded = self.ctx.decode(&mut self.batch);
-        // Deferred stream copies are done at the start of a decode, even one that fails after.
+        self.ctx
+            .decode(&mut self.batch)
+            .map_err(|e| RunnerError::Decode(e.to_string()))?;
+        // Queued stream copies are done at the start of a decode. (After a failed one they may
+        // still be queued: kept on record, later copies from those sequences take the stream too.)
         self.deferred_copies.clear();
-        decoded.map_err(|e| RunnerError::Decode(e.to_string()))?;
         // A worker lost during the decode answered with stand-ins: the logits are not the model's.
         self.lost()
     }
