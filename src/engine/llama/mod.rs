@@ -683,6 +683,7 @@ struct LlamaRunner<'m> {
     links: Vec<Arc<crate::rpc::Link>>,
     /// Every layer, and so the KV cache, is in host memory (no GPU or RPC device).
     host_kv: bool,
+    /// Positions per sequence: the cells of each sequence's KV stream.
     n_ctx_seq: u32,
     /// Sequences a whole-stream copy into is queued for the next decode: their cells' data is
     /// not there yet.
