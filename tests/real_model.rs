@@ -405,9 +405,9 @@ async fn a_system_prompt_shared_by_concurrent_conversations_is_copied_not_recomp
 
 #[tokio::test]
 async fn a_system_prompt_copied_as_a_whole_kv_stream_gives_the_computed_logprobs() {
-    // 256 positions per sequence and a system prompt twice as long: the
-    // donor's ~200 cells serialized (read, then written) would move more bytes than its whole
-    // stream, so the stream is copied.
+    // 256 positions per sequence and a system prompt twice as long: the donor's ~200 cells
+    // serialized (read, then written) would move more bytes than its whole stream, so the stream
+    // is copied.
     let system = format!("{LIBRARY_DESK}\n\n{LIBRARY_DESK}");
     copied_system_prompt_gives_computed_logprobs(&system, &["--ctx-size", "1024"]).await;
 }

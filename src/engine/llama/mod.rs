@@ -518,7 +518,6 @@ pub fn serve_model(
             .filter_map(|(worker, _)| crate::rpc::by_worker(worker))
             .collect(),
         host_kv: offload.devices.is_empty(),
-        n_ctx_seq,
         deferred_copies: Vec::new(),
     };
     let scheduler = Scheduler::new(runner, n_seq as usize, config.n_batch as usize, n_ctx_seq);
@@ -683,8 +682,6 @@ struct LlamaRunner<'m> {
     links: Vec<Arc<crate::rpc::Link>>,
     /// Every layer, and so the KV cache, is in host memory (no GPU or RPC device).
     host_kv: bool,
-    /// Positions per sequence: the cells of each sequence's KV stream.
-    n_ctx_seq: u32,
     /// Sequences a whole-stream copy into is queued for the next decode: their cells' data is
     /// not there yet.
     deferred_copies: Vec<SeqId>,
@@ -976,8 +973,10 @@ impl ModelRunner for LlamaRunner<'_> {
         // moves fewer bytes, and when `src`'s data is in place (not itself awaiting a deferred
         // copy). Then the tail past `keep` is dropped.
         let src_cells = u32::try_from(self.ctx.kv_cache_seq_pos_max(src) + 1).unwrap_or(0);
+        // Each sequence's stream has n_ctx / n_seq cells.
+        let stream_cells = self.ctx.n_ctx() / self.samplers.len() as u32;
         let by_state = self.host_kv
-            && 2 * src_cells < self.n_ctx_seq
+            && 2 * src_cells < stream_cells
             && !self.deferred_copies.contains(&src)
             && self.copy_by_state(src, dst);
         if !by_state {
