@@ -49,6 +49,12 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    model: String,
+    step: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: String,
 }
@@ -98,6 +104,7 @@ pub struct Metrics {
     cache_hits: Family<ModelLabel, Counter>,
     cache_hit_tokens: Family<ModelLabel, Counter>,
     kv_cells_total: Family<ModelLabel, Gauge>,
+    engine_busy: Family<StepLabels, FloatCounter>,
     gpu_memory_used: Family<GpuLabels, Gauge>,
     gpu_memory_total: Family<GpuLabels, Gauge>,
     gpu_utilization: Family<GpuLabels, Gauge>,
@@ -231,6 +238,11 @@ impl Metrics {
             kv_cells_total: reg!(
                 "lmsandbox_kv_cells",
                 "KV cells of the context, over all sequences",
+                Family::default()
+            ),
+            engine_busy: reg!(
+                "lmsandbox_engine_busy_seconds",
+                "Time in generation steps: prefill (the step held prompt tokens) or decode (only sampled tokens)",
                 Family::default()
             ),
             gpu_memory_used: reg!(
@@ -370,6 +382,17 @@ impl Metrics {
                 &self.decodes.get_or_create(&label),
                 e.live.decodes.load(Ordering::Relaxed),
             );
+            for (step, nanos) in [
+                ("prefill", &e.live.prefill_step_ns),
+                ("decode", &e.live.decode_step_ns),
+            ] {
+                let busy = self.engine_busy.get_or_create(&StepLabels {
+                    model: e.model.to_owned(),
+                    step,
+                });
+                let seconds = nanos.load(Ordering::Relaxed) as f64 / 1e9;
+                busy.inc_by((seconds - busy.get()).max(0.0));
+            }
             self.processing
                 .get_or_create(&label)
                 .set(e.live.active.load(Ordering::Relaxed) as i64);

@@ -1799,6 +1799,19 @@ async fn metrics_count_requests_tokens_and_gpus_in_prometheus_text() {
         completion
     );
     assert!(sample(&after, "llamacpp:n_decode_total", &model) >= completion);
+    // The engine's time, by the kind of step: the prompt's step, then one per further token.
+    let busy = |text: &str, step| {
+        sample(
+            text,
+            "lmsandbox_engine_busy_seconds_total",
+            &[("model", MODEL), ("step", step)],
+        )
+    };
+    assert_eq!(busy(&before, "prefill"), 0.0);
+    assert_eq!(busy(&before, "decode"), 0.0);
+    assert!(completion >= 2.0, "{body}");
+    assert!(busy(&after, "prefill") > 0.0);
+    assert!(busy(&after, "decode") > 0.0);
     assert!(
         sample(&after, "llamacpp:kv_cache_tokens", &model) > 0.0,
         "the prefix cache holds it"

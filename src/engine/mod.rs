@@ -239,6 +239,11 @@ pub struct LiveCounts {
     pub parked: std::sync::atomic::AtomicUsize,
     /// Decode steps run.
     pub decodes: std::sync::atomic::AtomicU64,
+    /// Nanoseconds the engine spent in generation steps that prefilled prompt tokens (decoding
+    /// running streams alongside), and in steps that only decoded: with the wall time, where the
+    /// engine's time goes and how much of it was idle.
+    pub prefill_step_ns: std::sync::atomic::AtomicU64,
+    pub decode_step_ns: std::sync::atomic::AtomicU64,
     /// Told of every finished generation (the metrics); set once, by whoever serves the engine.
     pub on_finished: std::sync::OnceLock<FinishedHook>,
     /// Set by an unload whose deadline passed: the worker drops its sequences (their clients see

@@ -123,6 +123,8 @@ impl Slot {
 pub struct StepReport {
     /// Tokens in the decoded batch (0: nothing to do).
     pub batch_tokens: usize,
+    /// Of those, prompt tokens (the rest are sampled tokens fed back).
+    pub prompt_tokens: usize,
     /// Sequences that finished or were cancelled during the step.
     pub ended: Vec<SeqId>,
     /// The stats of every generation that ended with `Done` during the step.
@@ -513,8 +515,9 @@ impl<R: ModelRunner> Scheduler<R> {
             }
         }
 
-        let (batch, sample_at) = self.build_batch();
+        let (batch, sample_at, prompt_tokens) = self.build_batch();
         report.batch_tokens = batch.len();
+        report.prompt_tokens = prompt_tokens;
         if batch.is_empty() {
             return report;
         }
@@ -573,9 +576,10 @@ impl<R: ModelRunner> Scheduler<R> {
     }
 
     /// Decode tokens first, then prompt chunks shortest-first, within `n_batch`; the entries are
-    /// then ordered by sequence (see [`in_sequence_order`]). Returns the batch and, for each entry
-    /// with logits, the slot index and batch position to sample from.
-    fn build_batch(&mut self) -> (Vec<BatchEntry>, Vec<(usize, usize)>) {
+    /// then ordered by sequence (see [`in_sequence_order`]). Returns the batch, for each entry
+    /// with logits the slot index and batch position to sample from, and how many of the batch's
+    /// tokens are prompt tokens.
+    fn build_batch(&mut self) -> (Vec<BatchEntry>, Vec<(usize, usize)>, usize) {
         let waiting = self.share_prefixes();
         let mut batch = Vec::with_capacity(self.n_batch);
         let mut sample_at = Vec::new();
@@ -642,7 +646,8 @@ impl<R: ModelRunner> Scheduler<R> {
             }
             slot.n_prefilled = end;
         }
-        in_sequence_order(batch, sample_at)
+        let (batch, sample_at) = in_sequence_order(batch, sample_at);
+        (batch, sample_at, prompt_tokens)
     }
 
     /// For a request that asked for them, the sampled token's log-probability and alternatives,

@@ -127,6 +127,12 @@ pub fn run<R: ModelRunner>(
         };
         if report.batch_tokens > 0 {
             live.decodes.fetch_add(1, Ordering::Relaxed);
+            let busy = if report.prompt_tokens > 0 {
+                &live.prefill_step_ns
+            } else {
+                &live.decode_step_ns
+            };
+            busy.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
         if let Some(hook) = live.on_finished.get() {
             for stats in &report.finished {

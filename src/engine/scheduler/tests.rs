@@ -215,20 +215,32 @@ fn long_prompts_are_chunked_to_the_batch_size_without_stalling_decodes() {
     let long = "z".repeat(20);
     let (b, mut rb) = submission(&long, 100, &[]);
     s.admit(b).unwrap();
-    for _ in 0..3 {
-        s.step();
-    }
+    let reports: Vec<(usize, usize)> = (0..3)
+        .map(|_| s.step())
+        .map(|r| (r.batch_tokens, r.prompt_tokens))
+        .collect();
+    // b's first sampled token is fed back: no prompt token left.
+    let report = s.step();
+    assert!(report.batch_tokens > 0);
+    assert_eq!(report.prompt_tokens, 0);
     {
         let log = s.runner().log.lock().unwrap();
         for batch in &log.batches {
             assert!(batch.len() <= 8);
         }
         // a keeps decoding (1 token a step) while b prefills in chunks of 7.
-        let b_chunks: Vec<usize> = log.batches[1..]
+        let b_chunks: Vec<usize> = log.batches[1..4]
             .iter()
             .map(|batch| batch.iter().filter(|e| e.seq == 1).count())
             .collect();
         assert_eq!(b_chunks, vec![7, 7, 6]);
+        // Each report counts its batch's prompt tokens (b's chunk) apart from sampled ones (a's).
+        let logged: Vec<(usize, usize)> = log.batches[1..]
+            .iter()
+            .zip(&b_chunks)
+            .map(|(batch, &chunk)| (batch.len(), chunk))
+            .collect();
+        assert_eq!(reports, logged);
     }
     run_until_idle(&mut s);
     assert_eq!(drain(&mut rb).0, long);
