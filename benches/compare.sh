@@ -47,7 +47,8 @@ run_llama_server() {
   "$peer/build/bin/llama-server" -m "$model" --port $port -t "$threads" -np 8 -c 16384 >/dev/null 2>&1 &
 }
 run_lm_sandbox() {
-  target/release/lm-sandbox serve -m "$model" --port $port -t "$threads" -np 8 -c 16384 2>/dev/null &
+  target/release/lm-sandbox serve -m "$model" --port $port -t "$threads" -np 8 -c 16384 --metrics \
+    2>/dev/null &
 }
 # ROUNDS rounds, A-B then B-A in turn (A-B-B-A-A-B...), so drift in the machine's speed hits both
 # servers alike and neither always runs first; each row is the median over the rounds, with the
@@ -96,6 +97,12 @@ rows = [
     ("agent 4 x 6 turns: wall s", ("agent", "wall_s")),
     ("same, a system prompt per conversation: wall s", ("agent_own", "wall_s")),
     ("peak resident memory MiB (after all of the above)", ("peak_rss", "mib")),
+    # Where the time goes: the server's CPU time over each load (same tokens, same kernels: same
+    # CPU time; a wall-time ratio below the CPU-time ratio is the scheduler's).
+    ("8 streams x 128: server CPU s", ("multi", "cpu_s")),
+    ("8 distinct ~470-token prompts: server CPU s", ("multi_long", "cpu_s")),
+    ("agent 4 x 6 turns: server CPU s", ("agent", "cpu_s")),
+    ("same, a system prompt per conversation: server CPU s", ("agent_own", "cpu_s")),
 ]
 for name, (scenario, key) in rows:
     t = [r[scenario][key] for r in theirs]
@@ -106,4 +113,14 @@ for name, (scenario, key) in rows:
           f"{min(ratios):.2f}-{max(ratios):.2f}")
 single = statistics.median(r["single"]["decode_tok_s"] for r in ours)
 print(f"{'1 stream decode / llama-bench decode':58} {'':12} {single:11.3f} {single / tg:7.3f}")
+print()
+print("lm-sandbox's engine over each load (medians, seconds): steps that held prompt tokens, steps that")
+print("only decoded, and the rest of the wall time (the engine idle)")
+print(f"{'load':40} {'wall':>8} {'prefill':>8} {'decode':>8} {'idle':>8}")
+for scenario in ("multi", "multi_long", "agent", "agent_own"):
+    med = lambda key: statistics.median(r[scenario][key] for r in ours)
+    wall, prefill, decode = med("wall_s"), med("prefill_s"), med("decode_s")
+    idle = statistics.median(r[scenario]["wall_s"] - r[scenario]["prefill_s"] - r[scenario]["decode_s"]
+                             for r in ours)
+    print(f"{scenario:40} {wall:8.2f} {prefill:8.2f} {decode:8.2f} {idle:8.2f}")
 PY

@@ -19,11 +19,18 @@ Prints one JSON object per scenario:
               time compares how well each schedules them, apart from prefix reuse
   peak_rss    with --pid: the server process's peak resident memory (VmHWM) after all the above
 
+Where the time goes, for the multi, multi_long, agent and agent_own loads: wall_s, and with --pid
+cpu_s (the server's CPU time, all threads: the same tokens on the same kernels cost the same CPU
+time, so a wall-time gap with equal CPU time is scheduling and a gap in both is work); and when the
+server exports lmsandbox_engine_busy_seconds_total (lm-sandbox with --metrics), prefill_s and
+decode_s (its engine's time in steps that held prompt tokens, and in steps that only decoded).
+
 Usage: load.py HOST:PORT MODEL [--ban-token ID ...] [--scenario NAME ...] [--pid PID]
 """
 import argparse
 import http.client
 import json
+import os
 import statistics
 import threading
 import time
@@ -136,6 +143,50 @@ def agent(addr, model, banned, shared=True):
     return {"median_ttft_s": statistics.median(ttfts), "p95_ttft_s": p95, "wall_s": wall}
 
 
+def cpu_seconds(pid):
+    """The process's CPU time so far (user + system, every thread), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_busy(addr):
+    """lm-sandbox's engine time by step kind ({"prefill": s, "decode": s}), or None when the
+    server does not export it."""
+    host, port = addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    conn.close()
+    if resp.status != 200:
+        return None
+    busy = {}
+    for line in text.splitlines():
+        if line.startswith("lmsandbox_engine_busy_seconds_total{"):
+            labels, value = line.rsplit(" ", 1)
+            step = labels.split('step="', 1)[1].split('"', 1)[0]
+            busy[step] = busy.get(step, 0.0) + float(value)
+    return busy or None
+
+
+def profiled(addr, pid, load):
+    """Runs load() (a dict of results) and adds where the time went: wall_s, cpu_s, and the
+    engine's prefill_s and decode_s where the server exports them."""
+    cpu0 = cpu_seconds(pid) if pid else None
+    busy0 = engine_busy(addr)
+    t0 = time.perf_counter()
+    out = load()
+    out.setdefault("wall_s", time.perf_counter() - t0)
+    if pid:
+        out["cpu_s"] = cpu_seconds(pid) - cpu0
+    busy1 = engine_busy(addr)
+    if busy0 and busy1:
+        out["prefill_s"] = busy1["prefill"] - busy0["prefill"]
+        out["decode_s"] = busy1["decode"] - busy0["decode"]
+    return out
+
+
 def peak_rss_mib(pid):
     """The process's peak resident set (VmHWM), in MiB."""
     with open(f"/proc/{pid}/status") as f:
@@ -166,9 +217,11 @@ def main():
         out["single"] = {"decode_tok_s": statistics.median(x[0] for x in runs),
                          "ttft_s": statistics.median(x[1] for x in runs)}
     if "multi" in wanted:
-        contents = [f"[{uuid.uuid4().hex[:8]}] Write story number {i}." for i in range(8)]
-        rate, ttft, tokens, _ = concurrent(a.addr, a.model, contents, 128, a.ban_token)
-        out["multi"] = {"aggregate_tok_s": rate, "median_ttft_s": ttft, "tokens": tokens}
+        def multi():
+            contents = [f"[{uuid.uuid4().hex[:8]}] Write story number {i}." for i in range(8)]
+            rate, ttft, tokens, _ = concurrent(a.addr, a.model, contents, 128, a.ban_token)
+            return {"aggregate_tok_s": rate, "median_ttft_s": ttft, "tokens": tokens}
+        out["multi"] = profiled(a.addr, a.pid, multi)
     if "cold_long" in wanted or "warm_long" in wanted:
         # Three prompts, each sent twice: the medians of the first and of the second sendings.
         cold, warm = [], []
@@ -180,14 +233,17 @@ def main():
         out["cold_long"] = {"ttft_s": statistics.median(cold)}
         out["warm_long"] = {"ttft_s": statistics.median(warm)}
     if "multi_long" in wanted:
-        contents = [long_prompt(uuid.uuid4().hex[:8]) for _ in range(8)]
-        rate, ttft, tokens, results = concurrent(a.addr, a.model, contents, 64, a.ban_token)
-        out["multi_long"] = {"aggregate_tok_s": rate, "median_ttft_s": ttft, "tokens": tokens,
-                             "decode_during_prefill_tok_s": decode_during_prefill(results)}
+        def multi_long():
+            contents = [long_prompt(uuid.uuid4().hex[:8]) for _ in range(8)]
+            rate, ttft, tokens, results = concurrent(a.addr, a.model, contents, 64, a.ban_token)
+            return {"aggregate_tok_s": rate, "median_ttft_s": ttft, "tokens": tokens,
+                    "decode_during_prefill_tok_s": decode_during_prefill(results)}
+        out["multi_long"] = profiled(a.addr, a.pid, multi_long)
     if "agent" in wanted:
-        out["agent"] = agent(a.addr, a.model, a.ban_token)
+        out["agent"] = profiled(a.addr, a.pid, lambda: agent(a.addr, a.model, a.ban_token))
     if "agent_own" in wanted:
-        out["agent_own"] = agent(a.addr, a.model, a.ban_token, shared=False)
+        out["agent_own"] = profiled(
+            a.addr, a.pid, lambda: agent(a.addr, a.model, a.ban_token, shared=False))
     if a.pid:
         out["peak_rss"] = {"mib": peak_rss_mib(a.pid)}
     print(json.dumps(out))
