@@ -90,6 +90,15 @@ impl Snapshot {
             .map(|s| s.value)
     }
 
+    /// The sum of `name`'s samples for `model` over its other labels; `None` when it has none.
+    fn sum(&self, name: &str, model: &str) -> Option<f64> {
+        self.metrics
+            .iter()
+            .filter(|s| s.name == name && s.label("model") == Some(model))
+            .map(|s| s.value)
+            .reduce(|a, b| a + b)
+    }
+
     fn buckets(&self, name: &str, model: &str) -> Vec<(f64, f64)> {
         let bucket = format!("{name}_bucket");
         self.metrics
@@ -117,6 +126,9 @@ pub struct ModelRow {
     pub queued: Option<f64>,
     /// Generated tokens per second since the previous reading.
     pub tokens_per_second: Option<f64>,
+    /// The share of the time since the previous reading its engine spent in generation steps
+    /// (1: it never waited for work, and more load only queues).
+    pub busy: Option<f64>,
     pub ttft_p50: Option<f64>,
     pub ttft_p95: Option<f64>,
     /// KV cells in use, as a fraction.
@@ -170,17 +182,28 @@ impl View {
                     Some(other) => other.to_owned(),
                     None => state.clone(),
                 };
-                let rate = before.and_then(|b| {
-                    let dt = now.at.duration_since(b.at).as_secs_f64();
-                    let tokens = now.value("llamacpp:tokens_predicted_total", &id)?
-                        - b.value("llamacpp:tokens_predicted_total", &id)?;
-                    (dt > 0.0).then(|| tokens / dt)
-                });
+                let dt = before.map(|b| now.at.duration_since(b.at).as_secs_f64());
+                let per_second = |delta: Option<f64>| {
+                    let dt = dt.filter(|&dt| dt > 0.0)?;
+                    Some(delta? / dt)
+                };
+                let rate = per_second(before.and_then(|b| {
+                    Some(
+                        now.value("llamacpp:tokens_predicted_total", &id)?
+                            - b.value("llamacpp:tokens_predicted_total", &id)?,
+                    )
+                }));
+                let busy = per_second(before.and_then(|b| {
+                    const BUSY: &str = "lmsandbox_engine_busy_seconds_total";
+                    Some(now.sum(BUSY, &id)? - b.sum(BUSY, &id)?)
+                }))
+                .map(|share| share.clamp(0.0, 1.0));
                 let ttft = now.buckets("lmsandbox_time_to_first_token_seconds", &id);
                 Some(ModelRow {
                     active: now.value("llamacpp:requests_processing", &id),
                     queued: now.value("llamacpp:requests_deferred", &id),
                     tokens_per_second: rate,
+                    busy,
                     ttft_p50: histogram_quantile(0.5, &ttft),
                     ttft_p95: histogram_quantile(0.95, &ttft),
                     kv: now.value("llamacpp:kv_cache_usage_ratio", &id),
@@ -285,6 +308,7 @@ pub fn render(frame: &mut Frame<'_>, view: &View) {
             or_dash(m.active.map(|v| format!("{v:.0}"))),
             or_dash(m.queued.map(|v| format!("{v:.0}"))),
             or_dash(m.tokens_per_second.map(|v| format!("{v:.1}"))),
+            or_dash(m.busy.map(|v| format!("{:.0} %", v * 100.0))),
             or_dash(m.ttft_p50.map(millis)),
             or_dash(m.ttft_p95.map(millis)),
             or_dash(m.kv.map(|v| format!("{:.0} %", v * 100.0))),
@@ -299,13 +323,14 @@ pub fn render(frame: &mut Frame<'_>, view: &View) {
                 Constraint::Length(7),
                 Constraint::Length(6),
                 Constraint::Length(8),
+                Constraint::Length(6),
                 Constraint::Length(10),
                 Constraint::Length(10),
                 Constraint::Length(6),
             ],
         )
         .header(header(&[
-            "model", "state", "active", "queue", "tok/s", "TTFT p50", "TTFT p95", "KV",
+            "model", "state", "active", "queue", "tok/s", "busy", "TTFT p50", "TTFT p95", "KV",
         ]))
         .block(Block::bordered().title(" Models ")),
         models,
@@ -401,5 +426,32 @@ mod tests {
             [("a", "ready"), ("b:7b", "unloaded"), ("broken", "failed")]
         );
         assert_eq!(view.gpus[0].planned, Some(150));
+    }
+
+    #[test]
+    fn a_models_rates_are_over_the_time_between_readings() {
+        let reading = |at: Instant, tokens: f64, prefill: f64, decode: f64| Snapshot {
+            at,
+            health: json!({"status": "ok"}),
+            models: json!({"data": [{"id": "a", "state": "loaded"}, {"id": "b", "state": "loaded"}]}),
+            metrics: crate::metrics::read_samples(&format!(
+                "llamacpp:tokens_predicted_total{{model=\"a\"}} {tokens}\n\
+                 lmsandbox_engine_busy_seconds_total{{model=\"a\",step=\"prefill\"}} {prefill}\n\
+                 lmsandbox_engine_busy_seconds_total{{model=\"a\",step=\"decode\"}} {decode}\n\
+                 lmsandbox_engine_busy_seconds_total{{model=\"b\",step=\"decode\"}} 9\n\
+                 # EOF\n"
+            )),
+            placement: json!({}),
+        };
+        let start = Instant::now();
+        let before = reading(start, 100.0, 1.0, 2.0);
+        let now = reading(start + Duration::from_secs(2), 300.0, 1.5, 3.0);
+        let view = View::new("http://x", &now, Some(&before));
+        assert_eq!(view.models[0].tokens_per_second, Some(100.0));
+        // 0.5 s of prefill and 1 s of decode steps in 2 s.
+        assert_eq!(view.models[0].busy, Some(0.75));
+        // b's engine was idle; the first reading has no rates.
+        assert_eq!(view.models[1].busy, Some(0.0));
+        assert_eq!(View::new("http://x", &now, None).models[0].busy, None);
     }
 }
