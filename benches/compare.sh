@@ -37,38 +37,52 @@ cargo build --release --locked >/dev/null 2>&1
 # SmolLM2's end-of-generation tokens (<|endoftext|> = 0, <|im_end|> = 2) are banned so every stream
 # decodes exactly its max_tokens.
 ban=(--ban-token 0 --ban-token 2)
-port=18181
-wait_healthy() { until curl -sf "localhost:$port/health" >/dev/null; do sleep 0.2; done; }
+llama_server_port=18181
+lm_sandbox_port=18182
+wait_healthy() { until curl -sf "localhost:$1/health" >/dev/null; do sleep 0.2; done; }
 
 echo "llama-bench ..." >&2
 bench=$("$peer/build/bin/llama-bench" -m "$model" -t "$threads" -p 512 -n 128 -r 3 -o json 2>/dev/null)
 
-run_llama_server() {
-  "$peer/build/bin/llama-server" -m "$model" --port $port -t "$threads" -np 8 -c 16384 >/dev/null 2>&1 &
-}
-run_lm_sandbox() {
-  target/release/lm-sandbox serve -m "$model" --port $port -t "$threads" -np 8 -c 16384 --metrics \
-    2>/dev/null &
-}
-# ROUNDS rounds, A-B then B-A in turn (A-B-B-A-A-B...), so drift in the machine's speed hits both
-# servers alike and neither always runs first; each row is the median over the rounds, with the
+# Each round starts both servers (so every round begins with cold caches on both sides) and runs
+# each load on one, then at once on the other, the order alternating from load to load and round
+# to round (A-B, B-A, ...): the machine's speed drifts by more than the differences measured over
+# the few minutes a whole load.py run takes, much less over one load. The idle server costs
+# nothing meanwhile (both wait on a socket). Each row is the median over the rounds, with the
 # spread of the per-round ratios.
+scenarios=(single multi cold_long multi_long agent agent_own)
 theirs="" ours=""
-pid=""
-trap 'if [ -n "$pid" ]; then kill $pid 2>/dev/null || true; fi' EXIT
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 for round in $(seq "$rounds"); do
-  order="llama_server lm_sandbox"
-  if [ $((round % 2)) -eq 0 ]; then order="lm_sandbox llama_server"; fi
-  for server in $order; do
-    echo "round $round: $server ..." >&2
-    "run_$server"
-    pid=$!
-    wait_healthy
-    result=$(python3 benches/load.py "127.0.0.1:$port" "$model_id" "${ban[@]}" --pid $pid)
-    kill $pid; wait $pid 2>/dev/null || true
-    pid=""
-    if [ "$server" = llama_server ]; then theirs="$theirs$result"$'\n'; else ours="$ours$result"$'\n'; fi
+  echo "round $round ..." >&2
+  "$peer/build/bin/llama-server" -m "$model" --port $llama_server_port -t "$threads" -np 8 \
+    -c 16384 >/dev/null 2>&1 &
+  llama_server_pid=$!
+  target/release/lm-sandbox serve -m "$model" --port $lm_sandbox_port -t "$threads" -np 8 \
+    -c 16384 --metrics 2>/dev/null &
+  lm_sandbox_pid=$!
+  pids=("$llama_server_pid" "$lm_sandbox_pid")
+  wait_healthy $llama_server_port
+  wait_healthy $lm_sandbox_port
+  llama_server_round="" lm_sandbox_round=""
+  for i in "${!scenarios[@]}"; do
+    order="llama_server lm_sandbox"
+    if [ $(((round + i) % 2)) -eq 0 ]; then order="lm_sandbox llama_server"; fi
+    for server in $order; do
+      port_var=${server}_port pid_var=${server}_pid round_var=${server}_round
+      result=$(python3 benches/load.py "127.0.0.1:${!port_var}" "$model_id" "${ban[@]}" \
+        --scenario "${scenarios[$i]}" --pid "${!pid_var}")
+      printf -v "$round_var" '%s%s\n' "${!round_var}" "$result"
+    done
   done
+  kill "${pids[@]}"; wait "${pids[@]}" 2>/dev/null || true
+  pids=()
+  # One JSON object per server and round: its loads' results merged (the last peak_rss is the
+  # process's peak over the whole round).
+  merge='import json,sys; r={}; [r.update(json.loads(l)) for l in sys.stdin if l.strip()]; print(json.dumps(r))'
+  theirs="$theirs$(python3 -c "$merge" <<<"$llama_server_round")"$'\n'
+  ours="$ours$(python3 -c "$merge" <<<"$lm_sandbox_round")"$'\n'
 done
 
 python3 - "$bench" "$theirs" "$ours" "$threads" <<'PY'
@@ -79,7 +93,7 @@ bench = json.loads(sys.argv[1]); theirs = rounds_of(sys.argv[2]); ours = rounds_
 pp = next(r["avg_ts"] for r in bench if r["n_prompt"] > 0)
 tg = next(r["avg_ts"] for r in bench if r["n_gen"] > 0)
 print(f"SmolLM2-135M-Instruct Q4_1, {sys.argv[4]} threads, -np 8 -c 16384, streaming, temperature 0, "
-      f"medians of {len(ours)} rounds, A-B and B-A in turn (ratio range over the rounds)")
+      f"medians of {len(ours)} rounds, each load A-B or B-A in turn (ratio range over the rounds)")
 print(f"llama-bench: prompt {pp:.1f} tok/s, decode {tg:.1f} tok/s")
 print(f"{'row':58} {'llama-server':>12} {'lm-sandbox':>11} {'ratio':>7}  range")
 rows = [
