@@ -112,7 +112,7 @@ rows = [
     ("same, a system prompt per conversation: wall s", ("agent_own", "wall_s")),
     ("peak resident memory MiB (after all of the above)", ("peak_rss", "mib")),
     # Where the time goes: the server's CPU time over each load (same tokens, same kernels: same
-    # CPU time; a wall-time ratio below the CPU-time ratio is the scheduler's).
+    # CPU time; a wall-time gap with equal CPU times is scheduling, a gap in both is work).
     ("8 streams x 128: server CPU s", ("multi", "cpu_s")),
     ("8 distinct ~470-token prompts: server CPU s", ("multi_long", "cpu_s")),
     ("agent 4 x 6 turns: server CPU s", ("agent", "cpu_s")),
