@@ -182,22 +182,16 @@ impl View {
                     Some(other) => other.to_owned(),
                     None => state.clone(),
                 };
-                let dt = before.map(|b| now.at.duration_since(b.at).as_secs_f64());
-                let per_second = |delta: Option<f64>| {
-                    let dt = dt.filter(|&dt| dt > 0.0)?;
-                    Some(delta? / dt)
+                // A counter's change per second since the previous reading.
+                let per_second = |read: fn(&Snapshot, &str) -> Option<f64>| {
+                    let b = before?;
+                    let dt = now.at.duration_since(b.at).as_secs_f64();
+                    let delta = read(now, &id)? - read(b, &id)?;
+                    (dt > 0.0).then(|| delta / dt)
                 };
-                let rate = per_second(before.and_then(|b| {
-                    Some(
-                        now.value("llamacpp:tokens_predicted_total", &id)?
-                            - b.value("llamacpp:tokens_predicted_total", &id)?,
-                    )
-                }));
-                let busy = per_second(before.and_then(|b| {
-                    const BUSY: &str = "lmsandbox_engine_busy_seconds_total";
-                    Some(now.sum(BUSY, &id)? - b.sum(BUSY, &id)?)
-                }))
-                .map(|share| share.clamp(0.0, 1.0));
+                let rate = per_second(|s, id| s.value("llamacpp:tokens_predicted_total", id));
+                let busy = per_second(|s, id| s.sum("lmsandbox_engine_busy_seconds_total", id))
+                    .map(|share| share.clamp(0.0, 1.0));
                 let ttft = now.buckets("lmsandbox_time_to_first_token_seconds", &id);
                 Some(ModelRow {
                     active: now.value("llamacpp:requests_processing", &id),
