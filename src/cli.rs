@@ -439,6 +439,33 @@ pub struct ServeArgs {
     #[arg(long = "api-key-file", env = "LM_SANDBOX_API_KEY_FILE")]
     pub api_key_files: Vec<PathBuf>,
 
+    /// Keys with scopes (`inference`, `models`, `sandbox`, `metrics`) and limits: TOML `[[key]]`
+    /// tables, or one `KEY scope,scope` per line (repeatable; adds to the other key flags).
+    #[arg(long = "keys-file", env = "LM_SANDBOX_KEYS_FILE")]
+    pub keys_files: Vec<PathBuf>,
+
+    /// Origins browser pages may call from (`*` wildcards; comma-separated in the variable;
+    /// default: the loopback origins and app schemes). `*` allows every origin.
+    #[arg(
+        long = "allowed-origins",
+        env = "LM_SANDBOX_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Host names served besides loopback names and IP addresses (`*` wildcards). Checked while
+    /// bound to loopback, or whenever given; `*` turns the check off.
+    #[arg(
+        long = "allowed-hosts",
+        env = "LM_SANDBOX_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
+
+    /// LM Studio SDK websockets open at once; more upgrades are refused with 503.
+    #[arg(long, env = "LM_SANDBOX_MAX_WEBSOCKETS", default_value_t = 64)]
+    pub max_websockets: u32,
+
     /// Requests handled at once; beyond that, 503 with Retry-After (`/health` is never shed).
     #[arg(long, env = "LM_SANDBOX_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: u32,

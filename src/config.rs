@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::api::{ApiConfig, ApiKey};
+use crate::api::{ApiConfig, ApiKey, BrowserPolicy, Scope};
 use crate::cli::{PlacementArgs, ServeArgs, ServeSandboxArgs};
 use crate::engine::{GpuOffload, LlamaEngineConfig};
 use crate::gpu::plan::PlanConfig;
@@ -38,21 +38,27 @@ pub struct HttpLimits {
 }
 
 /// Keys from `--api-key-file`-style files: one per line, blank lines and `#` comments skipped.
+/// A file of secrets, with a warning when other users may read it.
+fn read_secret_file(flag: &'static str, path: &std::path::Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(flag, format!("{}: {e}", path.display())))?;
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                "{flag}: the key file is readable by other users; chmod 600 it"
+            );
+        }
+    }
+    Ok(text)
+}
+
 fn read_key_files(flag: &'static str, paths: &[PathBuf]) -> Result<Vec<String>, ConfigError> {
     let mut keys = Vec::new();
     for path in paths {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| invalid(flag, format!("{}: {e}", path.display())))?;
-        #[cfg(unix)]
-        if let Ok(meta) = std::fs::metadata(path) {
-            use std::os::unix::fs::PermissionsExt;
-            if meta.permissions().mode() & 0o077 != 0 {
-                tracing::warn!(
-                    path = %path.display(),
-                    "{flag}: the key file is readable by other users; chmod 600 it"
-                );
-            }
-        }
+        let text = read_secret_file(flag, path)?;
         let before = keys.len();
         keys.extend(
             text.lines()
@@ -247,7 +253,9 @@ fn seconds(flag: &'static str, value: f64) -> Result<Duration, ConfigError> {
 }
 
 impl SandboxConfig {
-    fn from_args(args: &ServeSandboxArgs) -> Result<Option<Self>, ConfigError> {
+    /// `keys` are every key the server takes (flags and keys files): `--sandbox` needs one with
+    /// the `sandbox` scope.
+    fn from_args(args: &ServeSandboxArgs, keys: &[ApiKey]) -> Result<Option<Self>, ConfigError> {
         if args.sandbox_api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err(invalid("--sandbox-api-key", "keys must not be empty"));
         }
@@ -263,11 +271,12 @@ impl SandboxConfig {
         if !args.sandbox {
             return Ok(None);
         }
-        if args.sandbox_api_keys.is_empty() && args.auto_shell_keys.is_empty() {
+        if !keys.iter().any(|k| k.scopes.contains(Scope::Sandbox)) {
             return Err(invalid(
                 "--sandbox-api-key",
-                "--sandbox needs at least one key allowed to run commands: there is no \
-                 unauthenticated path to command execution",
+                "--sandbox needs at least one key allowed to run commands (--sandbox-api-key, or \
+                 the `sandbox` scope in --keys-file): there is no unauthenticated path to \
+                 command execution",
             ));
         }
         let default_timeout = seconds("--sandbox-timeout", args.timeout)?;
@@ -330,6 +339,9 @@ impl ServeConfig {
         args.sandbox.sandbox_api_keys.extend(file_keys);
         if args.max_in_flight == 0 {
             return Err(invalid("--max-in-flight", "must be at least 1"));
+        }
+        if args.max_websockets == 0 {
+            return Err(invalid("--max-websockets", "must be at least 1"));
         }
         let header_timeout = seconds("--header-timeout", args.header_timeout)?;
         let body_timeout = seconds("--body-timeout", args.body_timeout)?;
@@ -434,7 +446,30 @@ impl ServeConfig {
         if args.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err(invalid("--api-key", "keys must not be empty"));
         }
-        let sandbox = SandboxConfig::from_args(&args.sandbox)?;
+        let mut api_keys = ApiKey::list_with_auto_shell(
+            &args.api_keys,
+            &args.sandbox.sandbox_api_keys,
+            &args.sandbox.auto_shell_keys,
+        );
+        for path in &args.keys_files {
+            let text = read_secret_file("--keys-file", path)?;
+            let keys = crate::api::keys::parse_keys_file(&text)
+                .map_err(|e| invalid("--keys-file", format!("{}: {e}", path.display())))?;
+            for key in keys {
+                if api_keys.iter().any(|k| k.same_secret(&key)) {
+                    return Err(invalid(
+                        "--keys-file",
+                        format!(
+                            "{}: a key is also given by another flag or file",
+                            path.display()
+                        ),
+                    ));
+                }
+                api_keys.push(key);
+            }
+        }
+        let sandbox = SandboxConfig::from_args(&args.sandbox, &api_keys)?;
+
         let chat_template = match &args.chat_template_file {
             None => None,
             Some(path) => {
@@ -485,11 +520,7 @@ impl ServeConfig {
             },
             api: ApiConfig {
                 model_ids: Vec::new(),
-                api_keys: ApiKey::list_with_auto_shell(
-                    &args.api_keys,
-                    &args.sandbox.sandbox_api_keys,
-                    &args.sandbox.auto_shell_keys,
-                ),
+                api_keys,
                 n_predict,
                 chat_template,
                 created: 0,
@@ -501,6 +532,12 @@ impl ServeConfig {
                 metrics: args.metrics,
                 metrics_public: args.metrics_public,
                 model_path: None,
+                browser: BrowserPolicy::for_bind(
+                    &args.host,
+                    &args.allowed_origins,
+                    &args.allowed_hosts,
+                ),
+                max_websockets: args.max_websockets as usize,
             },
             host: args.host,
             port: args.port,
@@ -615,7 +652,11 @@ mod tests {
         assert_eq!(sandbox.audit_log, PathBuf::from("/s/box/audit.jsonl"));
         assert_eq!(sandbox.limits.default_timeout, Duration::from_secs(30));
         assert_eq!(
-            c.api.api_keys.iter().map(|k| k.sandbox).collect::<Vec<_>>(),
+            c.api
+                .api_keys
+                .iter()
+                .map(|k| k.scopes.contains(Scope::Sandbox))
+                .collect::<Vec<_>>(),
             [true, false]
         );
         let with = |extra: &[&str]| {

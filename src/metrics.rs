@@ -334,7 +334,17 @@ impl Metrics {
     }
 
     /// An HTTP request answered (`route` is the matched route pattern).
+    /// A request's answer. `route` is a matched route pattern (a fixed set) or `unmatched`;
+    /// `method` outside HTTP's standard ones is recorded as `other`, so no client can grow the
+    /// label set.
     pub fn observe_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        const METHODS: [&str; 9] = [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+        ];
+        let method = METHODS
+            .into_iter()
+            .find(|m| *m == method)
+            .unwrap_or("other");
         let labels = RouteLabels {
             route: route.to_owned(),
             method: method.to_owned(),
@@ -345,7 +355,8 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// A request refused for load: `queue_full` (429) or `overloaded` (503).
+    /// A request refused for load: `queue_full` (429), `overloaded` (503), `rate_limited` (a
+    /// key's own rate, 429) or `unauthenticated` (401, refused before its body was read).
     pub fn shed(&self, reason: &str) {
         self.shed
             .get_or_create(&ReasonLabel {

@@ -225,7 +225,7 @@ async fn a_slow_loris_cannot_hold_a_connection() {
     let started = Instant::now();
     let mut socket = TcpStream::connect(server.addr).await.unwrap();
     socket
-        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         .await
         .unwrap();
     for _ in 0..3 {
@@ -246,7 +246,7 @@ async fn a_slow_loris_cannot_hold_a_connection() {
     let mut socket = TcpStream::connect(server.addr).await.unwrap();
     socket
         .write_all(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
               Content-Length: 1000\r\n\r\n{\"model\"",
         )
         .await

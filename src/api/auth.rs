@@ -1,210 +1,225 @@
-//! API keys and request ids.
+//! Who is asking, decided from the request head before anything is spent on it, and request ids.
 //!
-//! Keys: `Authorization: Bearer KEY` on every route but `/health` when keys are configured. The
-//! matching key's [`Authenticated`] (its id and whether it may use the sandbox) rides along in the
-//! request's extensions. Request ids: every response carries `x-request-id`; handlers read the
-//! [`RequestId`] extension.
+//! Keys: `Authorization: Bearer KEY` on every keyed route when keys are configured (the router
+//! mounts `/health`, a public `/metrics` and LM Studio's SDK sockets, which authenticate inside
+//! the socket, outside this layer). The key is checked before the body is read and before an
+//! in-flight permit is taken, so a client without a key costs one parsed head: it gets 401 and
+//! the connection is closed without reading its body. The matching key's [`Authenticated`] (id,
+//! scopes) rides along in the request's extensions; [`require_scope`] guards each route group.
+//! Request ids: every response carries `x-request-id`; handlers read the [`RequestId`] extension.
+
+use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderName, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use std::path::Path;
-use std::sync::OnceLock;
-
-use sha2::Sha256;
-use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
+use super::keys::{ApiKey, Bucket, Scope, Scopes};
 use super::AppState;
+
+pub use super::keys::{key_id, keyed_id, load_key_id_secret};
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The per-install secret that key ids are keyed with: set once at start-up from
-/// `STATE_DIR/key-id.secret` ([`load_key_id_secret`]); a process that never sets it (tests) draws
-/// a random one, so its ids are stable only within the process.
-static KEY_ID_SECRET: OnceLock<[u8; 32]> = OnceLock::new();
+/// A configured key as the server holds it: the key, its id (computed once) and its request
+/// bucket.
+pub struct KeyEntry {
+    pub key: ApiKey,
+    pub id: String,
+    requests: Option<Bucket>,
+}
 
-/// Reads (or creates, 0600) the per-install secret for key ids at `path`, and uses it for every
-/// key id this process computes. Call before any id is computed.
-pub fn load_key_id_secret(path: &Path) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let secret = match std::fs::read(path) {
-        Ok(bytes) if bytes.len() == 32 => bytes,
-        Ok(_) | Err(_) => {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let bytes: [u8; 32] = rand::random();
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(path)?;
-            file.write_all(&bytes)?;
-            bytes.to_vec()
-        }
-    };
-    let mut key = [0u8; 32];
-    key.copy_from_slice(&secret);
-    if KEY_ID_SECRET.set(key).is_err() && KEY_ID_SECRET.get() != Some(&key) {
-        tracing::warn!("key ids were computed before the install secret was loaded");
+/// The server's keys; empty: no key needed.
+pub struct Keys(Vec<Arc<KeyEntry>>);
+
+impl Keys {
+    pub fn new(keys: &[ApiKey]) -> Self {
+        Self(
+            keys.iter()
+                .map(|key| {
+                    Arc::new(KeyEntry {
+                        id: key.id(),
+                        requests: key.limits.requests_per_minute.map(Bucket::new),
+                        key: key.clone(),
+                    })
+                })
+                .collect(),
+        )
     }
-    Ok(())
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Who `presented` is: the keyless caller on a server without keys, the matching key's
+    /// caller, or an error for a wrong key. Compared against every key in time independent of
+    /// where they differ.
+    pub fn authenticate(&self, presented: Option<&str>) -> Result<Authenticated, ApiError> {
+        if self.0.is_empty() {
+            return Ok(Authenticated::keyless());
+        }
+        let Some(presented) = presented else {
+            return Err(ApiError::Unauthorized(
+                "Missing API key: send `Authorization: Bearer KEY`",
+            ));
+        };
+        // Every key is compared, hit or not.
+        let found = self.0.iter().fold(None, |found, entry| {
+            if entry.key.matches(presented) {
+                Some(entry)
+            } else {
+                found
+            }
+        });
+        match found {
+            Some(entry) => Ok(Authenticated::of(entry)),
+            None => Err(ApiError::Unauthorized("Incorrect API key provided")),
+        }
+    }
 }
 
-/// `key-` and 12 hex digits of HMAC-SHA256(install secret, key): names a key in logs without
-/// allowing an offline guess of a weak key from the log alone.
-pub fn key_id(key: &str) -> String {
-    keyed_id(KEY_ID_SECRET.get_or_init(rand::random), key)
-}
-
-/// [`key_id`] under an explicit `secret` (the bytes of a `key-id.secret` file).
-pub fn keyed_id(secret: &[u8], key: &str) -> String {
-    use hmac::Mac as _;
-    let mut mac =
-        hmac::Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(key.as_bytes());
-    let digest = mac.finalize().into_bytes();
-    format!("key-{}", &crate::sandbox::image::hex(&digest)[..12])
-}
-
-/// One configured API key.
+/// The key a request presented, once it matched (or the keyless caller of a server without keys).
 #[derive(Clone)]
-pub struct ApiKey {
-    secret: String,
-    /// May run commands in the sandbox.
-    pub sandbox: bool,
-    /// Chat requests run the server-side shell loop unless they say `"sandbox": {"shell": false}`.
+pub struct Authenticated {
+    pub key_id: String,
+    pub scopes: Scopes,
     pub auto_shell: bool,
+    /// Sandbox sessions the key may hold at once (`None`: the server's default).
+    pub sandbox_sessions: Option<usize>,
+    entry: Option<Arc<KeyEntry>>,
 }
 
-impl std::fmt::Debug for ApiKey {
+impl std::fmt::Debug for Authenticated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the secret, not even in debug output.
-        f.debug_struct("ApiKey")
-            .field("id", &self.id())
-            .field("sandbox", &self.sandbox)
-            .field("auto_shell", &self.auto_shell)
+        f.debug_struct("Authenticated")
+            .field("key_id", &self.key_id)
+            .field("scopes", &self.scopes)
             .finish()
     }
 }
 
-impl ApiKey {
-    pub fn new(secret: impl Into<String>, sandbox: bool) -> Self {
+impl Authenticated {
+    /// Anyone, on a server without keys: everything but the sandbox (which needs a key).
+    pub fn keyless() -> Self {
         Self {
-            secret: secret.into(),
-            sandbox,
+            key_id: "keyless".into(),
+            scopes: Scopes::KEYLESS,
             auto_shell: false,
+            sandbox_sessions: None,
+            entry: None,
         }
     }
 
-    /// The key's name in logs (see [`key_id`]).
-    pub fn id(&self) -> String {
-        key_id(&self.secret)
+    fn of(entry: &Arc<KeyEntry>) -> Self {
+        Self {
+            key_id: entry.id.clone(),
+            scopes: entry.key.scopes,
+            auto_shell: entry.key.auto_shell,
+            sandbox_sessions: entry.key.limits.sandbox_sessions,
+            entry: Some(Arc::clone(entry)),
+        }
     }
 
-    /// `plain` keys and `sandbox` keys as one list; a key in both may use the sandbox.
-    pub fn list(plain: &[String], sandbox: &[String]) -> Vec<Self> {
-        Self::list_with_auto_shell(plain, sandbox, &[])
+    pub fn may(&self, scope: Scope) -> bool {
+        self.scopes.contains(scope)
     }
 
-    /// As [`ApiKey::list`], plus `auto_shell` keys: sandbox keys whose chat requests run the
-    /// shell loop by default.
-    pub fn list_with_auto_shell(
-        plain: &[String],
-        sandbox: &[String],
-        auto_shell: &[String],
-    ) -> Vec<Self> {
-        let mut keys: Vec<Self> = auto_shell
-            .iter()
-            .map(|k| Self {
-                auto_shell: true,
-                ..Self::new(k, true)
-            })
-            .collect();
-        for key in sandbox {
-            if !keys.iter().any(|k| &k.secret == key) {
-                keys.push(Self::new(key, true));
-            }
+    /// A 403 unless the caller has `scope`.
+    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
+        if self.may(scope) {
+            return Ok(());
         }
-        for key in plain {
-            if !keys.iter().any(|k| &k.secret == key) {
-                keys.push(Self::new(key, false));
-            }
-        }
-        keys
+        Err(ApiError::Forbidden(match scope {
+            Scope::Sandbox => "This API key may not run commands in the sandbox: it lacks the `sandbox` scope (see --sandbox-api-key, --keys-file)".into(),
+            scope => format!(
+                "This API key lacks the `{}` scope (see --keys-file)",
+                scope.name()
+            ),
+        }))
+    }
+
+    /// Counts one request against the key's rate; a 429 with the wait when it is spent.
+    fn admit(&self, now: Instant) -> Result<(), ApiError> {
+        let Some(bucket) = self.entry.as_ref().and_then(|e| e.requests.as_ref()) else {
+            return Ok(());
+        };
+        bucket.take(now).map_err(|wait| ApiError::RateLimited {
+            retry_after: wait.as_secs().max(1),
+            what: "requests per minute",
+        })
     }
 }
 
-/// The key a request presented, once it matched.
-#[derive(Debug, Clone)]
-pub struct Authenticated {
-    pub key_id: String,
-    pub sandbox: bool,
-    pub auto_shell: bool,
-}
-
-/// This request's id (`req_` and 24 hex digits), also sent back as `x-request-id`.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub String);
-
-/// The key `presented` matches, compared against every key in time independent of where they
-/// differ.
-pub fn find_key<'a>(keys: &'a [ApiKey], presented: &str) -> Option<&'a ApiKey> {
-    keys.iter().fold(None, |found, key| {
-        let hit = bool::from(key.secret.as_bytes().ct_eq(presented.as_bytes()));
-        if hit {
-            Some(key)
-        } else {
-            found
-        }
-    })
-}
-
-pub async fn require_key(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let keys = &state.config().api_keys;
-    let public = match request.uri().path() {
-        "/health" => true,
-        "/metrics" => state.config().metrics_public,
-        // LM Studio's SDK authenticates inside its websocket, with its client passkey.
-        path => super::lmstudio::sdk::authenticates_itself(path),
-    };
-    if keys.is_empty() || public {
-        return next.run(request).await;
-    }
-    let presented = request
-        .headers()
+/// The bearer token of `headers`, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
-        .map(str::trim);
-    let Some(presented) = presented else {
-        return ApiError::Unauthorized("Missing API key: send `Authorization: Bearer KEY`")
-            .into_response();
-    };
-    match find_key(keys, presented) {
-        Some(key) => {
-            let authenticated = Authenticated {
-                key_id: key.id(),
-                sandbox: key.sandbox,
-                auto_shell: key.auto_shell,
-            };
+        .map(str::trim)
+}
+
+/// The key layer of every keyed route: authenticates from the head and counts the request against
+/// the key's rate. A request that fails gets its answer with `Connection: close`, so its body is
+/// never read.
+pub async fn require_key(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let authenticated = state
+        .keys()
+        .authenticate(bearer(request.headers()))
+        .and_then(|a| a.admit(Instant::now()).map(|()| a));
+    match authenticated {
+        Ok(authenticated) => {
             request.extensions_mut().insert(authenticated);
             next.run(request).await
         }
-        None => ApiError::Unauthorized("Incorrect API key provided").into_response(),
+        Err(err) => {
+            if let Some(metrics) = state.metrics() {
+                metrics.shed(match err {
+                    ApiError::RateLimited { .. } => "rate_limited",
+                    _ => "unauthenticated",
+                });
+            }
+            let mut response = err.into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response.extensions_mut().insert(ShedCounted);
+            response
+        }
     }
 }
+
+/// Marks an answer whose refusal was already counted in the shed metric.
+#[derive(Debug, Clone, Copy)]
+pub struct ShedCounted;
+
+/// A route group's scope check, from the head, after [`require_key`].
+pub async fn require_scope(State(scope): State<Scope>, request: Request, next: Next) -> Response {
+    let checked = match request.extensions().get::<Authenticated>() {
+        Some(authenticated) => authenticated.require(scope),
+        None => Err(ApiError::Unauthorized(
+            "Missing API key: send `Authorization: Bearer KEY`",
+        )),
+    };
+    match checked {
+        Ok(()) => next.run(request).await,
+        Err(err) => err.into_response(),
+    }
+}
+
+/// This request's id (`req_` and 24 hex digits), also sent back as `x-request-id`.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
 
 pub async fn request_id(mut request: Request, next: Next) -> Response {
     let id = format!(
@@ -225,32 +240,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_match_exactly() {
-        let keys = ApiKey::list(&["alpha".to_string(), "beta".to_string()], &[]);
-        assert_eq!(
-            find_key(&keys, "beta").unwrap().id(),
-            ApiKey::new("beta", false).id()
-        );
-        assert!(find_key(&keys, "bet").is_none());
-        assert!(find_key(&keys, "betaa").is_none());
-        assert!(find_key(&[], "x").is_none());
+    fn a_server_without_keys_lets_anyone_in_but_not_into_the_sandbox() {
+        let keys = Keys::new(&[]);
+        let anyone = keys.authenticate(None).unwrap();
+        assert!(anyone.may(Scope::Inference) && anyone.may(Scope::Models));
+        assert!(!anyone.may(Scope::Sandbox));
     }
 
     #[test]
-    fn a_key_in_both_lists_may_use_the_sandbox_and_ids_hide_the_secret() {
-        let keys = ApiKey::list(
-            &["plain".to_string(), "both".to_string()],
-            &["both".to_string()],
-        );
-        assert_eq!(keys.len(), 2);
-        assert!(find_key(&keys, "both").unwrap().sandbox);
-        assert!(!find_key(&keys, "plain").unwrap().sandbox);
-        let id = &find_key(&keys, "plain").unwrap().id();
-        assert!(id.starts_with("key-") && id.len() == 16 && !id.contains("plain"));
-        assert!(!format!("{keys:?}").contains("plain"));
-        // Keyed: not the plain SHA-256 prefix anyone could compute from a guess.
-        use sha2::Digest as _;
-        let unkeyed = crate::sandbox::image::hex(&Sha256::digest(b"plain"));
-        assert!(!unkeyed.starts_with(&id[4..]));
+    fn wrong_and_missing_keys_are_401_and_scopes_are_403() {
+        let keys = Keys::new(&[ApiKey::scoped("chat", Scopes::of(&[Scope::Inference]))]);
+        for presented in [None, Some("chat2"), Some("")] {
+            let err = keys.authenticate(presented).unwrap_err();
+            assert_eq!(err.status(), 401, "{presented:?}");
+        }
+        let chat = keys.authenticate(Some("chat")).unwrap();
+        assert!(chat.require(Scope::Inference).is_ok());
+        let err = chat.require(Scope::Models).unwrap_err();
+        assert_eq!(err.status(), 403);
+        assert!(err.to_string().contains("`models` scope"), "{err}");
+    }
+
+    #[test]
+    fn a_key_over_its_rate_is_429_with_the_wait() {
+        let mut key = ApiKey::scoped("k", Scopes::PLAIN);
+        key.limits.requests_per_minute = Some(1);
+        let keys = Keys::new(&[key]);
+        let caller = keys.authenticate(Some("k")).unwrap();
+        let now = Instant::now();
+        assert!(caller.admit(now).is_ok());
+        match caller.admit(now).unwrap_err() {
+            ApiError::RateLimited { retry_after, .. } => assert!((59..=60).contains(&retry_after)),
+            other => panic!("{other:?}"),
+        }
     }
 }

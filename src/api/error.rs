@@ -29,7 +29,16 @@ pub enum ApiError {
     Unauthorized(&'static str),
     /// A valid key that lacks a permission.
     #[error("{0}")]
-    Forbidden(&'static str),
+    Forbidden(String),
+    /// A request a browser page may not make: an `Origin` or `Host` outside the allowlists.
+    #[error("{message}")]
+    NotAllowedFrom { message: String, code: &'static str },
+    /// The key's own rate (`requests_per_minute`) is spent.
+    #[error("Rate limit reached for this API key ({what}); retry after {retry_after} s")]
+    RateLimited {
+        retry_after: u64,
+        what: &'static str,
+    },
     #[error("The model `{0}` does not exist")]
     ModelNotFound(String),
     #[error("Unknown route {method} {path}")]
@@ -96,14 +105,14 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) | Self::NotAllowedFrom { .. } => StatusCode::FORBIDDEN,
             Self::ModelNotFound(_) | Self::ModelNotLoaded(_) | Self::RouteNotFound { .. } => {
                 StatusCode::NOT_FOUND
             }
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            Self::QueueFull | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Loading
             | Self::ModelLoadFailed(_)
             | Self::Unavailable(_)
@@ -124,6 +133,8 @@ impl ApiError {
             }
             Self::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
             Self::Forbidden(_) => ("permission_error", Some("insufficient_permissions")),
+            Self::NotAllowedFrom { code, .. } => ("permission_error", Some(*code)),
+            Self::RateLimited { .. } => ("rate_limit_error", Some("rate_limit_exceeded")),
             Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             Self::RouteNotFound { .. } => ("invalid_request_error", Some("unknown_url")),
             Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed")),
@@ -202,7 +213,11 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %self, "request failed");
         }
         let mut response = (status, axum::Json(self.body())).into_response();
-        if matches!(
+        if let Self::RateLimited { retry_after, .. } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        } else if matches!(
             self,
             Self::QueueFull | Self::Overloaded { .. } | Self::SandboxBusy(_)
         ) {

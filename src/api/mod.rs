@@ -14,12 +14,14 @@ pub mod error;
 mod extract;
 mod generate;
 mod inputs;
+pub mod keys;
 mod limits;
 mod lmstudio;
 mod logprobs;
 mod model_facts;
 mod models;
 mod ollama;
+pub mod origin;
 mod params;
 mod prompt;
 mod sandbox;
@@ -32,14 +34,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{Method, Uri};
 use axum::routing::{get, post};
 use axum::Router;
 
-pub use auth::ApiKey;
 pub use error::ApiError;
 pub use extract::MAX_BODY_BYTES;
+pub use keys::{ApiKey, Scope, Scopes};
+pub use origin::BrowserPolicy;
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
@@ -81,6 +84,10 @@ pub struct ApiConfig {
     pub metrics_public: bool,
     /// For a state over one running engine: its model file (what `/api/show` reads).
     pub model_path: Option<std::path::PathBuf>,
+    /// Which `Origin`s and `Host`s browsers may reach the server from.
+    pub browser: BrowserPolicy,
+    /// LM Studio SDK websockets open at once (`--max-websockets`).
+    pub max_websockets: usize,
 }
 
 impl Default for ApiConfig {
@@ -100,6 +107,8 @@ impl Default for ApiConfig {
             metrics: false,
             metrics_public: false,
             model_path: None,
+            browser: BrowserPolicy::default(),
+            max_websockets: 64,
         }
     }
 }
@@ -136,6 +145,12 @@ impl Served {
 struct Shared {
     registry: Arc<Registry>,
     config: ApiConfig,
+    /// `config.api_keys` with their ids and rate buckets.
+    keys: auth::Keys,
+    /// `--max-websockets` permits, held by each SDK socket for its life; see `lmstudio::socket`.
+    websockets: Arc<Semaphore>,
+    /// SDK sockets that have not sent their passkey yet.
+    waiting_sockets: Arc<lmstudio::Waiting>,
     /// Per model id, the facts of its engine's current load and its compiled template. A std
     /// Mutex: held only to compare a load id and clone an `Arc`, never across an await.
     loaded: Mutex<HashMap<String, Arc<Loaded>>>,
@@ -259,6 +274,9 @@ impl AppState {
                 placement,
                 sandbox,
                 in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+                keys: auth::Keys::new(&config.api_keys),
+                websockets: Arc::new(Semaphore::new(config.max_websockets)),
+                waiting_sockets: Arc::default(),
                 shed: AtomicU64::new(0),
                 metrics,
                 facts: Mutex::default(),
@@ -285,6 +303,21 @@ impl AppState {
     /// The metrics, with `--metrics`.
     pub fn metrics(&self) -> Option<&Arc<Metrics>> {
         self.shared.metrics.as_ref()
+    }
+
+    /// The server's keys.
+    pub fn keys(&self) -> &auth::Keys {
+        &self.shared.keys
+    }
+
+    /// A permit for one more SDK websocket, or `None` when `--max-websockets` are open.
+    pub fn try_open_websocket(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.shared.websockets).try_acquire_owned().ok()
+    }
+
+    /// SDK sockets waiting for their first message.
+    fn waiting_sockets(&self) -> &Arc<lmstudio::Waiting> {
+        &self.shared.waiting_sockets
     }
 
     /// A permit for one more request in flight, or `None` (counted) when all are taken.
@@ -415,32 +448,70 @@ impl AppState {
     }
 }
 
-async fn route_not_found(method: Method, uri: Uri) -> ApiError {
+/// 404, or 401 first on a keyed server when the key is wrong: no route probing without a key.
+async fn route_not_found(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> ApiError {
+    if let Err(err) = state.keys().authenticate(auth::bearer(&headers)) {
+        return err;
+    }
     ApiError::RouteNotFound {
         method: method.to_string(),
         path: uri.path().to_owned(),
     }
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+/// 405, or 401 first as for [`route_not_found`].
+async fn method_not_allowed(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    method: Method,
+    uri: Uri,
+) -> ApiError {
+    if let Err(err) = state.keys().authenticate(auth::bearer(&headers)) {
+        return err;
+    }
     ApiError::MethodNotAllowed {
         method: method.to_string(),
         path: uri.path().to_owned(),
     }
 }
 
-/// The whole HTTP surface.
+/// Routes that need a key with `scope` (when the server has keys): the key and scope are checked
+/// from the head, then an in-flight permit is taken and the body read (`limits::bound`), then the
+/// handler runs. Layers added later wrap earlier ones, so they run in the reverse order here.
+fn keyed(routes: Router<AppState>, scope: Scope, state: &AppState) -> Router<AppState> {
+    routes
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::bound,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            scope,
+            auth::require_scope,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ))
+}
+
+/// The whole HTTP surface. Outermost first: metrics, request id, the browser guard (`Host`,
+/// `Origin`), CORS, then per route group the key, its scope, the in-flight permit and body
+/// deadline, and the handler. `/health`, a public `/metrics` and LM Studio's SDK sockets (which
+/// authenticate inside the socket) have no key layer.
 pub fn router(state: AppState) -> Router {
-    let mut router = Router::new()
-        .route("/health", get(models::health))
+    let mut inference = Router::new()
         .route("/tokenize", post(tokens::tokenize))
         .route("/detokenize", post(tokens::detokenize))
         .route("/apply-template", post(tokens::apply_template));
-    if state.config().metrics {
-        router = router.route("/metrics", get(models::metrics));
-    }
+    let mut admin = Router::new();
+    let mut sandbox = None;
     for prefix in ["/v1", ""] {
-        router = router
+        inference = inference
             .route(
                 &format!("{prefix}/chat/completions"),
                 post(chat::chat_completions),
@@ -458,27 +529,50 @@ pub fn router(state: AppState) -> Router {
                 post(embeddings::embeddings),
             )
             .route(&format!("{prefix}/models"), get(models::list))
-            .route(&format!("{prefix}/models/load"), post(models::load))
-            .route(&format!("{prefix}/models/unload"), post(models::unload))
-            .route(&format!("{prefix}/models/rescan"), post(models::rescan))
             .route(&format!("{prefix}/models/{{*id}}"), get(models::get))
             .route(&format!("{prefix}/placement"), get(models::placement));
+        admin = admin
+            .route(&format!("{prefix}/models/load"), post(models::load))
+            .route(&format!("{prefix}/models/unload"), post(models::unload))
+            .route(&format!("{prefix}/models/rescan"), post(models::rescan));
         if state.sandbox().is_some() {
-            router = router.route(&format!("{prefix}/sandbox/exec"), post(sandbox::exec));
+            sandbox = Some(
+                sandbox
+                    .unwrap_or_else(Router::new)
+                    .route(&format!("{prefix}/sandbox/exec"), post(sandbox::exec)),
+            );
         }
     }
+    let inference = inference.merge(ollama::routes()).merge(lmstudio::routes());
+    let admin = admin.merge(lmstudio::admin_routes());
+    let mut open = Router::new().route("/health", get(models::health));
+    let mut router = Router::new()
+        .merge(keyed(inference, Scope::Inference, &state))
+        .merge(keyed(admin, Scope::Models, &state));
+    if let Some(sandbox) = sandbox {
+        router = router.merge(keyed(sandbox, Scope::Sandbox, &state));
+    }
+    if state.config().metrics {
+        let metrics = Router::new().route("/metrics", get(models::metrics));
+        if state.config().metrics_public {
+            open = open.merge(metrics);
+        } else {
+            router = router.merge(keyed(metrics, Scope::Metrics, &state));
+        }
+    }
+    let sdk = lmstudio::sdk_routes().layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        limits::bound,
+    ));
     router
-        .merge(ollama::routes())
-        .merge(lmstudio::routes())
+        .merge(open)
+        .merge(sdk)
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(origin::cors())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            auth::require_key,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            limits::bound,
+            origin::guard,
         ))
         .layer(axum::middleware::from_fn(auth::request_id))
         .layer(axum::middleware::from_fn_with_state(

@@ -3,11 +3,12 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde_json::{json, Value};
 
 use std::sync::Arc;
 
+use super::auth::Authenticated;
 use super::error::ApiError;
 use super::extract::{parse, JsonObject};
 use super::AppState;
@@ -84,9 +85,11 @@ pub struct ModelRequest {
 /// load; `{"success": true, …}` once it is loaded.
 pub async fn load(
     State(state): State<AppState>,
+    Extension(caller): Extension<Authenticated>,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
     let body: ModelRequest = parse(&body)?;
+    tracing::info!(key = %caller.key_id, model = %body.model, "load");
     let id = state.registry().load(&body.model).await?;
     Ok(Json(
         json!({"success": true, "model": id, "state": "loaded"}),
@@ -96,9 +99,11 @@ pub async fn load(
 /// `POST /v1/models/unload {"model"}`: waits for its requests (bounded), then frees it.
 pub async fn unload(
     State(state): State<AppState>,
+    Extension(caller): Extension<Authenticated>,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
     let body: ModelRequest = parse(&body)?;
+    tracing::info!(key = %caller.key_id, model = %body.model, "unload");
     let id = state.registry().unload(&body.model).await?;
     state.forget_unloaded();
     Ok(Json(
@@ -107,7 +112,11 @@ pub async fn unload(
 }
 
 /// `POST /v1/models/rescan`: the stores read again (as on SIGHUP).
-pub async fn rescan(State(state): State<AppState>) -> Json<Value> {
+pub async fn rescan(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Authenticated>,
+) -> Json<Value> {
+    tracing::info!(key = %caller.key_id, "rescan");
     let registry = Arc::clone(state.registry());
     let report = tokio::task::spawn_blocking(move || registry.rescan())
         .await
@@ -167,7 +176,12 @@ pub async fn track(
     let started = std::time::Instant::now();
     let response = next.run(request).await;
     let status = response.status();
-    if status == StatusCode::TOO_MANY_REQUESTS {
+    if status == StatusCode::TOO_MANY_REQUESTS
+        && response
+            .extensions()
+            .get::<super::auth::ShedCounted>()
+            .is_none()
+    {
         metrics.shed("queue_full");
     }
     metrics.observe_request(&route, &method, status.as_u16(), started.elapsed());

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use super::auth::{Authenticated, RequestId};
 use super::error::ApiError;
 use super::extract::{parse, JsonObject};
+use super::keys::Scope;
 use super::AppState;
 use crate::sandbox::{
     validate_command, validate_session, Caller, ExecOutput, ExecRequest, SandboxError,
@@ -47,11 +48,7 @@ pub async fn exec(
             "Missing API key: the sandbox always needs `Authorization: Bearer KEY`",
         ));
     };
-    if !key.sandbox {
-        return Err(ApiError::Forbidden(
-            "This API key may not run commands in the sandbox (see --sandbox-api-key)",
-        ));
-    }
+    key.require(Scope::Sandbox)?;
     let body: ExecBody = parse(&body)?;
     validate_command(&body.command).map_err(|e| ApiError::invalid("command", e.to_string()))?;
     let limits = sandbox.limits();

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use super::auth::Authenticated;
 use super::error::ApiError;
 use super::generate::{self, finish_reason, PromptJob, Timings, Usage};
+use super::keys::Scope;
 use super::params::{token_budget, GenerationOptions};
 use super::prompt::tokens_off_runtime;
 use super::sse::{error_event, ChunkHeader};
@@ -83,11 +84,8 @@ pub fn wanted(
             "this server runs without --sandbox: it cannot run shell commands",
         ));
     };
-    let Some(key) = key.filter(|k| k.sandbox) else {
-        return Err(ApiError::Forbidden(
-            "This API key may not run commands in the sandbox (see --sandbox-api-key)",
-        ));
-    };
+    let key = key.cloned().unwrap_or_else(Authenticated::keyless);
+    key.require(Scope::Sandbox)?;
     let cap = state.config().max_tool_rounds;
     let max_rounds = fields
         .max_tool_rounds

@@ -7,7 +7,8 @@
 //! Must not: answer anything the OpenAI routes would not (one validation, one scheduler path).
 
 mod chat;
-pub(super) mod sdk;
+mod sdk;
+mod socket;
 
 use std::sync::Arc;
 
@@ -24,9 +25,9 @@ use super::model_facts::{model_facts, Facts};
 use super::AppState;
 use crate::registry::{ModelCard, ModelStatus};
 
-/// LM Studio's REST v0 routes.
+/// LM Studio's REST routes that need the `inference` scope.
 pub fn routes() -> Router<AppState> {
-    sdk::routes()
+    Router::new()
         .route("/api/v0/models", get(models))
         .route("/api/v0/models/{*id}", get(model))
         .route("/api/v0/chat/completions", post(chat))
@@ -34,10 +35,20 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v0/embeddings", post(super::embeddings::embeddings))
         .route("/api/v1/chat", post(chat::chat))
         .route("/api/v1/models", get(v1_models))
-        .route("/api/v1/models/load", post(v1_load))
-        .route("/api/v1/models/unload", post(v1_unload))
         .route("/api/v1/models/download", post(no_downloads))
         .route("/api/v1/models/download/status/{*id}", get(no_downloads))
+}
+
+/// LM Studio's REST routes that need the `models` scope.
+pub fn admin_routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/models/load", post(v1_load))
+        .route("/api/v1/models/unload", post(v1_unload))
+}
+
+/// LM Studio's SDK: the greeting and its websockets, which authenticate inside the socket.
+pub fn sdk_routes() -> Router<AppState> {
+    socket::routes()
 }
 
 /// Bits per weight of a quantization name (`Q4_K_M` → 4, `F16` → 16, `BF16` → 16).
@@ -131,12 +142,14 @@ async fn v1_models(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
 /// 400.
 async fn v1_load(
     State(state): State<AppState>,
+    Extension(caller): Extension<Authenticated>,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
     let name = body
         .get("model")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::invalid("model", "`model` is required"))?;
+    tracing::info!(key = %caller.key_id, model = name, "load (LM Studio REST)");
     let started = std::time::Instant::now();
     let id = state.registry().load(name).await?;
     let served = state.model(&id).await?;
@@ -168,6 +181,7 @@ async fn v1_load(
 /// `POST /api/v1/models/unload {"instance_id"}`: waits for the model's requests, then frees it.
 async fn v1_unload(
     State(state): State<AppState>,
+    Extension(caller): Extension<Authenticated>,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
     let name = body
@@ -175,6 +189,7 @@ async fn v1_unload(
         .or_else(|| body.get("model"))
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::invalid("instance_id", "`instance_id` is required"))?;
+    tracing::info!(key = %caller.key_id, model = name, "unload (LM Studio REST)");
     let id = state.registry().unload(name).await?;
     state.forget_unloaded();
     Ok(Json(json!({"instance_id": id})))
@@ -193,6 +208,7 @@ async fn no_downloads() -> ApiError {
 
 /// One model as LM Studio lists it.
 pub use chat::Threads;
+pub use socket::Waiting;
 
 async fn model_object(
     state: &AppState,

@@ -1,7 +1,6 @@
-//! The protocol of LM Studio's SDKs (`lmstudio` on PyPI, `@lmstudio/sdk`): `GET
-//! /lmstudio-greeting`, then one websocket per namespace (`/llm`, `/embedding`, `/system`, …)
-//! carrying JSON messages. The first message authenticates (`clientIdentifier`,
-//! `clientPasskey`: with `--api-key` set the passkey must be a key). Then the client sends
+//! The protocol of LM Studio's SDKs (`lmstudio` on PyPI, `@lmstudio/sdk`) above its transport
+//! (`socket`: the websocket per namespace, the first message that authenticates, caps). The
+//! client sends
 //! `rpcCall {endpoint, callId, parameter}` (answered `rpcResult` or `rpcError`) and
 //! `channelCreate {endpoint, channelId, creationParameter}` (answered with `channelSend`
 //! messages, then `channelClose` or `channelError`); `channelSend {message: {type: "cancel"}}`
@@ -11,75 +10,25 @@
 //! dialects: a prediction becomes an OpenAI chat body (or a raw completion) and is started by
 //! `chat::start_chat` / `chat::start_raw`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
-use axum::http::Uri;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
+use super::super::auth::Authenticated;
 use super::super::chat::{start_chat, start_raw, ChatStart, StartedChat};
 use super::super::error::ApiError;
 use super::super::generate::{self, merged};
+use super::super::keys::Scope;
 use super::super::model_facts::model_facts;
 use super::super::AppState;
 use crate::engine::{FinishReason, GenerationEvent};
 use crate::registry::{ModelStatus, State as ModelState};
 
-/// The namespaces the SDK opens a websocket for.
-const NAMESPACES: [&str; 6] = [
-    "llm",
-    "embedding",
-    "system",
-    "files",
-    "repository",
-    "diagnostics",
-];
-
-/// Largest message a client may send (a long chat history).
-const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
-
-/// Messages queued for one socket's writer.
-const OUTBOX: usize = 256;
-
-pub fn routes() -> Router<AppState> {
-    let mut router = Router::new().route("/lmstudio-greeting", get(greeting));
-    for namespace in NAMESPACES {
-        router = router.route(&format!("/{namespace}"), get(upgrade));
-    }
-    router
-}
-
-/// Whether `path` is one the SDK reaches without an `Authorization` header (it authenticates
-/// inside the websocket).
-pub fn authenticates_itself(path: &str) -> bool {
-    path == "/lmstudio-greeting"
-        || path
-            .strip_prefix('/')
-            .is_some_and(|rest| NAMESPACES.contains(&rest))
-}
-
-async fn greeting() -> Json<Value> {
-    Json(json!({"lmstudio": true}))
-}
-
-async fn upgrade(State(state): State<AppState>, uri: Uri, ws: WebSocketUpgrade) -> Response {
-    let namespace = uri.path().trim_start_matches('/').to_owned();
-    ws.max_message_size(MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| session(state, namespace, socket))
-        .into_response()
-}
-
 /// LM Studio's error details (`SerializedLMSExtendedError`).
-fn error(title: impl Into<String>, code: Option<&str>) -> Value {
+pub fn error(title: impl Into<String>, code: Option<&str>) -> Value {
     let mut error = json!({"title": title.into()});
     if let Some(code) = code {
         error["displayData"] = json!({"code": code});
@@ -95,147 +44,17 @@ fn api_error(e: &ApiError) -> Value {
     error(e.to_string(), code)
 }
 
-/// One socket: authenticate, then serve calls and channels until the client goes.
-async fn session(state: AppState, namespace: String, socket: WebSocket) {
-    let (mut sink, mut stream) = socket.split();
-    let (out, mut outbox) = mpsc::channel::<Value>(OUTBOX);
-    let writer = tokio::spawn(async move {
-        while let Some(message) = outbox.recv().await {
-            if sink
-                .send(Message::Text(message.to_string().into()))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-        let _ = sink.close().await;
-    });
-    let mut authenticated = false;
-    let mut channels: HashMap<u64, JoinHandle<()>> = HashMap::new();
-    while let Some(Ok(message)) = stream.next().await {
-        let text = match message {
-            Message::Text(text) => text.to_string(),
-            Message::Binary(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-            Message::Close(_) => break,
-            _ => continue,
-        };
-        let Ok(message) = serde_json::from_str::<Value>(&text) else {
-            let warning =
-                json!({"type": "communicationWarning", "warning": "a message that is not JSON"});
-            let _ = out.send(warning).await;
-            continue;
-        };
-        if !authenticated {
-            match check_auth(&state, &message) {
-                Ok(()) => {
-                    authenticated = true;
-                    let _ = out.send(json!({"success": true})).await;
-                    continue;
-                }
-                Err(reason) => {
-                    let _ = out
-                        .send(json!({"success": false, "error": error(reason, None)}))
-                        .await;
-                    break;
-                }
-            }
-        }
-        channels.retain(|_, task| !task.is_finished());
-        match message["type"].as_str() {
-            Some("rpcCall") => {
-                let (state, out, namespace) = (state.clone(), out.clone(), namespace.clone());
-                tokio::spawn(async move {
-                    let call_id = message["callId"].clone();
-                    let endpoint = message["endpoint"].as_str().unwrap_or_default();
-                    let parameter = message.get("parameter").cloned().unwrap_or(Value::Null);
-                    let reply = match rpc(&state, &namespace, endpoint, &parameter).await {
-                        Ok(Value::Null) => json!({"type": "rpcResult", "callId": call_id}),
-                        Ok(result) => {
-                            json!({"type": "rpcResult", "callId": call_id, "result": result})
-                        }
-                        Err(error) => {
-                            json!({"type": "rpcError", "callId": call_id, "error": error})
-                        }
-                    };
-                    let _ = out.send(reply).await;
-                });
-            }
-            Some("channelCreate") => {
-                let Some(id) = message["channelId"].as_u64() else {
-                    continue;
-                };
-                let endpoint = message["endpoint"].as_str().unwrap_or_default().to_owned();
-                let parameter = message
-                    .get("creationParameter")
-                    .cloned()
-                    .unwrap_or(Value::Null);
-                let channel = Channel {
-                    id,
-                    out: out.clone(),
-                };
-                let task = tokio::spawn(run_channel(
-                    state.clone(),
-                    namespace.clone(),
-                    endpoint,
-                    parameter,
-                    channel,
-                ));
-                channels.insert(id, task);
-            }
-            Some("channelSend") => {
-                // The only message a client sends on a channel is `cancel`: stopping the task
-                // drops its receivers, which cancels the generation.
-                let id = message["channelId"].as_u64().unwrap_or_default();
-                if message["message"]["type"] == "cancel" {
-                    if let Some(task) = channels.remove(&id) {
-                        task.abort();
-                        let _ = out
-                            .send(json!({"type": "channelClose", "channelId": id}))
-                            .await;
-                    }
-                }
-            }
-            _ => {
-                let warning = json!({"type": "communicationWarning",
-                                     "warning": format!("unknown message type {}", message["type"])});
-                let _ = out.send(warning).await;
-            }
-        }
-    }
-    // The client is gone: its channels (and their generations) end with it.
-    for task in channels.into_values() {
-        task.abort();
-    }
-    drop(out);
-    let _ = writer.await;
-}
-
-/// The first message: `{authVersion, clientIdentifier, clientPasskey}`; with keys set, the passkey
-/// must be one of them.
-fn check_auth(state: &AppState, message: &Value) -> Result<(), String> {
-    let identifier = message["clientIdentifier"].as_str();
-    let passkey = message["clientPasskey"].as_str();
-    let (Some(_), Some(passkey)) = (identifier, passkey) else {
-        return Err(
-            "the first message must authenticate: {clientIdentifier, clientPasskey}".into(),
-        );
-    };
-    let keys = &state.config().api_keys;
-    if keys.is_empty() || super::super::auth::find_key(keys, passkey).is_some() {
-        Ok(())
-    } else {
-        Err("Incorrect API key provided (pass it as the client passkey)".into())
-    }
-}
-
 /// A channel's outgoing side.
-struct Channel {
+pub struct Channel {
     id: u64,
     out: mpsc::Sender<Value>,
 }
 
 impl Channel {
+    pub fn new(id: u64, out: mpsc::Sender<Value>) -> Self {
+        Self { id, out }
+    }
+
     async fn send(&self, message: Value) -> bool {
         self.out
             .send(json!({"type": "channelSend", "channelId": self.id, "message": message}))
@@ -250,7 +69,7 @@ impl Channel {
             .await;
     }
 
-    async fn fail(&self, error: Value) {
+    pub async fn fail(&self, error: Value) {
         let _ = self
             .out
             .send(json!({"type": "channelError", "channelId": self.id, "error": error}))
@@ -258,13 +77,24 @@ impl Channel {
     }
 }
 
-async fn run_channel(
+/// A channel, from `channelCreate` to its last message. Loading by name (`loadModel`) needs the
+/// `models` scope; everything else `inference`.
+pub async fn run_channel(
     state: AppState,
+    caller: Authenticated,
     namespace: String,
     endpoint: String,
     parameter: Value,
     channel: Channel,
 ) {
+    let scope = match endpoint.as_str() {
+        "loadModel" => Scope::Models,
+        _ => Scope::Inference,
+    };
+    if let Err(e) = caller.require(scope) {
+        channel.fail(api_error(&e)).await;
+        return;
+    }
     let result = match endpoint.as_str() {
         "getOrLoad" | "loadModel" => {
             load(&state, &namespace, &endpoint, &parameter, &channel).await
@@ -714,13 +544,20 @@ fn fragments(deltas: &[Value]) -> Vec<(String, &'static str)> {
     out
 }
 
-/// One RPC; `Value::Null` is a void result.
-async fn rpc(
+/// One RPC; `Value::Null` is a void result. `unloadModel` needs the `models` scope, the rest
+/// `inference`.
+pub async fn rpc(
     state: &AppState,
+    caller: &Authenticated,
     namespace: &str,
     endpoint: &str,
     parameter: &Value,
 ) -> Result<Value, Value> {
+    let scope = match endpoint {
+        "unloadModel" => Scope::Models,
+        _ => Scope::Inference,
+    };
+    caller.require(scope).map_err(|e| api_error(&e))?;
     match (namespace, endpoint) {
         ("system", "listDownloadedModels") => {
             let mut models = Vec::new();
@@ -786,6 +623,7 @@ async fn rpc(
         }
         ("llm" | "embedding", "unloadModel") => {
             let name = parameter["identifier"].as_str().unwrap_or_default();
+            tracing::info!(key = %caller.key_id, model = name, "unload (LM Studio SDK)");
             state
                 .registry()
                 .unload(name)

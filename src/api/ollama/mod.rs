@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use super::auth::{Authenticated, RequestId};
 use super::error::ApiError;
 use super::extract::JsonObject;
+use super::keys::Scope;
 use super::AppState;
 
 /// The Ollama API version this server answers as (`GET /api/version`): the API surface it
@@ -100,12 +101,16 @@ async fn chat(
     authenticated: Option<Extension<Authenticated>>,
     JsonObject(body): JsonObject,
 ) -> Result<Response, OllamaError> {
+    let caller = authenticated
+        .as_ref()
+        .map_or_else(Authenticated::keyless, |Extension(a)| a.clone());
     let (name, keep) = translate::target(&body)?;
     if translate::unload_only(&body, "messages") {
-        return unload(&state, &name, "chat").await;
+        return unload(&state, &caller, &name, "chat").await;
     }
     let at = std::time::Instant::now();
-    let served = with_context(&state, &name, keep, translate::num_ctx(&body)?).await?;
+    let num_ctx = translate::num_ctx(&body)?;
+    let served = with_context(&state, &caller, &name, keep, num_ctx).await?;
     let started = stream::Began::new(at, std::time::Instant::now());
     let request = translate::chat(&served, &body)?;
     if let Some(done) = request.load_only {
@@ -133,14 +138,17 @@ async fn chat(
 async fn generate(
     State(state): State<AppState>,
     Extension(RequestId(request_id)): Extension<RequestId>,
+    authenticated: Option<Extension<Authenticated>>,
     JsonObject(body): JsonObject,
 ) -> Result<Response, OllamaError> {
+    let caller = authenticated.map_or_else(Authenticated::keyless, |Extension(a)| a);
     let (name, keep) = translate::target(&body)?;
     if translate::unload_only(&body, "prompt") {
-        return unload(&state, &name, "generate").await;
+        return unload(&state, &caller, &name, "generate").await;
     }
     let at = std::time::Instant::now();
-    let served = with_context(&state, &name, keep, translate::num_ctx(&body)?).await?;
+    let num_ctx = translate::num_ctx(&body)?;
+    let served = with_context(&state, &caller, &name, keep, num_ctx).await?;
     let started = stream::Began::new(at, std::time::Instant::now());
     let request = translate::generate(&served, &body)?;
     if let Some(done) = request.load_only {
@@ -158,9 +166,11 @@ async fn generate(
 }
 
 /// The model, loaded with at least `num_ctx` tokens per sequence (up to its trained context):
-/// reloaded with a larger context when it has less, as Ollama does.
+/// reloaded with a larger context when it has less, as Ollama does. A reload takes the `models`
+/// scope (it stops every other client's requests on that model).
 async fn with_context(
     state: &AppState,
+    caller: &Authenticated,
     name: &str,
     keep: Option<crate::registry::KeepAlive>,
     num_ctx: Option<u32>,
@@ -174,7 +184,15 @@ async fn with_context(
     if want <= info.n_ctx_seq {
         return Ok(served);
     }
+    if !caller.may(Scope::Models) {
+        return Err(ApiError::Forbidden(format!(
+            "`options.num_ctx` {asked} would reload the model (it serves {} tokens per sequence): \
+             this API key lacks the `models` scope",
+            info.n_ctx_seq
+        )));
+    }
     tracing::info!(
+        key = %caller.key_id,
         model = served.id(),
         num_ctx = asked,
         n_ctx_seq = info.n_ctx_seq,
@@ -187,8 +205,16 @@ async fn with_context(
     state.model_keep(name, keep).await
 }
 
-/// `keep_alive: 0` with nothing to generate: the model is unloaded (Ollama's way to free it).
-async fn unload(state: &AppState, name: &str, kind: &str) -> Result<Response, OllamaError> {
+/// `keep_alive: 0` with nothing to generate: the model is unloaded (Ollama's way to free it),
+/// with the `models` scope.
+async fn unload(
+    state: &AppState,
+    caller: &Authenticated,
+    name: &str,
+    kind: &str,
+) -> Result<Response, OllamaError> {
+    caller.require(Scope::Models)?;
+    tracing::info!(key = %caller.key_id, model = name, "unload (Ollama keep_alive 0)");
     state
         .registry()
         .unload(name)
