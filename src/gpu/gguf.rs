@@ -83,6 +83,13 @@ const MAX_STRING: u64 = 1 << 24;
 /// Total bytes of metadata strings kept (chat templates are kilobytes; the vocabulary is skipped).
 const MAX_KEPT_STRINGS: usize = 64 << 20;
 const MAX_LAYERS: u64 = 1 << 16;
+/// Tensors, metadata entries and array elements a header may declare. A file's size alone does
+/// not bound them: a sparse file claims terabytes that cost nothing on disk, and its zeros read
+/// as endless 24-byte tensor entries with empty names. Real models have a few thousand tensors,
+/// a few dozen keys and vocabularies of a few hundred thousand tokens.
+const MAX_TENSORS: u64 = 1 << 18;
+const MAX_KV: u64 = 1 << 16;
+const MAX_ARRAY: u64 = 1 << 24;
 const MAX_DIMS: u32 = 8;
 /// Embedding width, head counts, head lengths, vocabulary and context: far above any real model,
 /// far below an overflow when the planner multiplies them.
@@ -118,8 +125,21 @@ impl<R: Read> Reader<R> {
     fn u64(&mut self) -> Result<u64, GgufError> {
         Ok(u64::from_le_bytes(self.bytes()?))
     }
-    /// Refuses a count of `count` items of at least `min_bytes` each that the file cannot hold.
-    fn check_count(&self, what: &str, count: u64, min_bytes: u64) -> Result<(), GgufError> {
+    /// Refuses a count of `count` items of at least `min_bytes` each that the file cannot hold,
+    /// or of more than `max`.
+    fn check_count(
+        &self,
+        what: &str,
+        count: u64,
+        min_bytes: u64,
+        max: u64,
+    ) -> Result<(), GgufError> {
+        let fits = count.saturating_mul(min_bytes) <= self.len;
+        if fits && count > max {
+            return Err(malformed(format!(
+                "{what}: {count} entries is more than the limit of {max}"
+            )));
+        }
         if count.saturating_mul(min_bytes) > self.len {
             return Err(malformed(format!(
                 "{what}: {count} entries cannot fit in a file of {} bytes",
@@ -184,7 +204,7 @@ impl<R: Read> Reader<R> {
         }
         let item = self.u32()?;
         let len = self.u64()?;
-        self.check_count("array", len, 1)?;
+        self.check_count("array", len, 1, MAX_ARRAY)?;
         let fixed = match item {
             0 | 1 | 7 => Some(1),
             2 | 3 => Some(2),
@@ -205,7 +225,7 @@ impl<R: Read> Reader<R> {
             }
             (_, Some(size)) => self.skip(len.saturating_mul(size))?,
             (8, None) if self.keep_arrays => {
-                self.check_count("string array", len, 8)?;
+                self.check_count("string array", len, 8, MAX_ARRAY)?;
                 // Each string is checked against the file and the kept-strings budget.
                 let strings = (0..len)
                     .map(|_| self.string())
@@ -214,7 +234,7 @@ impl<R: Read> Reader<R> {
             }
             // Strings (the vocabulary): skip each.
             (8, None) => {
-                self.check_count("string array", len, 8)?;
+                self.check_count("string array", len, 8, MAX_ARRAY)?;
                 for _ in 0..len {
                     let n = self.u64()?;
                     if n > MAX_STRING {
@@ -341,8 +361,8 @@ fn read(
     let n_tensors = r.u64()?;
     let n_kv = r.u64()?;
     // A tensor entry is at least 24 bytes, a key/value at least 13.
-    r.check_count("tensor table", n_tensors, 24)?;
-    r.check_count("metadata", n_kv, 13)?;
+    r.check_count("tensor table", n_tensors, 24, MAX_TENSORS)?;
+    r.check_count("metadata", n_kv, 13, MAX_KV)?;
     let mut metadata = HashMap::new();
     for _ in 0..n_kv {
         let key = r.string()?;
@@ -540,231 +560,4 @@ pub fn model_facts(path: &Path) -> Result<ModelFacts, GgufError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Writes a small synthetic GGUF: `layers` blocks of two tensors, an output and an embedding.
-    fn synthetic(layers: u32, with_output: bool) -> (tempfile_path::TempPath, Vec<u64>) {
-        let mut meta: Vec<u8> = Vec::new();
-        let s = |out: &mut Vec<u8>, text: &str| {
-            out.extend((text.len() as u64).to_le_bytes());
-            out.extend(text.as_bytes());
-        };
-        let kv_u32 = |out: &mut Vec<u8>, key: &str, v: u32| {
-            s(out, key);
-            out.extend(4u32.to_le_bytes());
-            out.extend(v.to_le_bytes());
-        };
-        s(&mut meta, "general.architecture");
-        meta.extend(8u32.to_le_bytes());
-        s(&mut meta, "llama");
-        kv_u32(&mut meta, "llama.block_count", layers);
-        kv_u32(&mut meta, "llama.context_length", 4096);
-        kv_u32(&mut meta, "llama.embedding_length", 256);
-        kv_u32(&mut meta, "llama.attention.head_count", 8);
-        kv_u32(&mut meta, "llama.attention.head_count_kv", 2);
-        // A vocabulary of 3 strings, skipped but counted.
-        s(&mut meta, "tokenizer.ggml.tokens");
-        meta.extend(9u32.to_le_bytes());
-        meta.extend(8u32.to_le_bytes());
-        meta.extend(3u64.to_le_bytes());
-        for t in ["a", "bb", "ccc"] {
-            s(&mut meta, t);
-        }
-        let n_kv = 7u64;
-        let mut tensors: Vec<(String, u64)> = Vec::new();
-        let mut sizes = Vec::new();
-        for l in 0..layers {
-            let a = 1000 + u64::from(l) * 64;
-            tensors.push((format!("blk.{l}.attn_q.weight"), a));
-            tensors.push((format!("blk.{l}.ffn_up.weight"), 2 * a));
-            sizes.push(3 * a);
-        }
-        tensors.push(("token_embd.weight".into(), 5000));
-        if with_output {
-            tensors.push(("output.weight".into(), 6000));
-        }
-        tensors.push(("output_norm.weight".into(), 64));
-        let mut table = Vec::new();
-        let mut offset = 0u64;
-        for (name, size) in &tensors {
-            s(&mut table, name);
-            table.extend(1u32.to_le_bytes()); // dims
-            table.extend(size.to_le_bytes());
-            table.extend(0u32.to_le_bytes()); // type
-            table.extend(offset.to_le_bytes());
-            offset += size.div_ceil(32) * 32;
-        }
-        let mut file = Vec::new();
-        file.extend(b"GGUF");
-        file.extend(3u32.to_le_bytes());
-        file.extend((tensors.len() as u64).to_le_bytes());
-        file.extend(n_kv.to_le_bytes());
-        file.extend(meta);
-        file.extend(table);
-        while file.len() % 32 != 0 {
-            file.push(0);
-        }
-        file.resize(file.len() + offset as usize, 0);
-        let path = tempfile_path::TempPath::new("gguf");
-        std::fs::write(&path.0, file).unwrap();
-        (path, sizes)
-    }
-
-    /// A file removed on drop, without a tempfile dependency.
-    mod tempfile_path {
-        pub struct TempPath(pub std::path::PathBuf);
-        impl TempPath {
-            pub fn new(tag: &str) -> Self {
-                use std::sync::atomic::{AtomicU32, Ordering};
-                static N: AtomicU32 = AtomicU32::new(0);
-                let n = N.fetch_add(1, Ordering::Relaxed);
-                Self(
-                    std::env::temp_dir()
-                        .join(format!("lm-sandbox-{tag}-{}-{n}", std::process::id())),
-                )
-            }
-        }
-        impl Drop for TempPath {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(&self.0);
-            }
-        }
-    }
-
-    #[test]
-    fn a_synthetic_file_yields_its_layers_and_output() {
-        let (path, sizes) = synthetic(4, true);
-        let facts = model_facts(&path.0).unwrap();
-        assert_eq!(facts.n_layer, 4);
-        assert_eq!(facts.n_head_kv, vec![2; 4]);
-        assert_eq!((facts.key_length, facts.value_length), (32, 32));
-        assert_eq!(facts.n_vocab, 3);
-        // Sizes are offset gaps, so include padding to 32 bytes.
-        for (got, want) in facts.layer_bytes.iter().zip(&sizes) {
-            assert!(*got >= *want && *got < *want + 64, "{got} vs {want}");
-        }
-        assert!(facts.output_bytes >= 6064 && facts.output_bytes < 6064 + 64);
-        assert_eq!(facts.embedding_bytes, 5024);
-    }
-
-    #[test]
-    fn tied_embeddings_count_toward_the_output_device() {
-        let (path, _) = synthetic(2, false);
-        let facts = model_facts(&path.0).unwrap();
-        assert_eq!(facts.output_bytes, 64 + facts.embedding_bytes);
-    }
-
-    #[test]
-    fn a_non_gguf_file_is_refused() {
-        let path = tempfile_path::TempPath::new("notgguf");
-        std::fs::write(&path.0, b"PK\x03\x04 definitely not").unwrap();
-        assert!(matches!(model_facts(&path.0), Err(GgufError::Magic(_))));
-    }
-
-    /// Every way a header can be cut short or mutated is an error, never a panic, an overflow or
-    /// a huge allocation: truncations at every byte of the first 4 KiB and at 3000 points over
-    /// the rest of the header, and 3000 seeded random byte flips.
-    fn fuzz(bytes: &[u8], header_end: usize) {
-        use rand::{Rng, SeedableRng};
-        let parse = |data: &[u8]| {
-            let header = parse_header(std::io::Cursor::new(data), data.len() as u64)?;
-            header.facts()
-        };
-        parse(bytes).expect("the unmutated file parses");
-        let header_end = header_end.min(bytes.len());
-        let mut cuts: Vec<usize> = (0..header_end.min(4096)).collect();
-        cuts.extend((0..3000).map(|i| i * header_end / 3000));
-        for cut in cuts {
-            assert!(parse(&bytes[..cut]).is_err(), "a file cut at {cut} parsed");
-        }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let mut mutated = bytes.to_vec();
-        for _ in 0..3000 {
-            let at = rng.gen_range(0..header_end);
-            let old = mutated[at];
-            mutated[at] = match rng.gen_range(0..3) {
-                0 => rng.gen(),
-                1 => 0xff,
-                _ => old ^ (1 << rng.gen_range(0..8)),
-            };
-            // Ok or Err are both fine; the test is that it returns.
-            let _ = parse(&mutated);
-            mutated[at] = old;
-        }
-    }
-
-    #[test]
-    fn a_mutated_synthetic_file_is_an_error_never_a_panic() {
-        let (path, _) = synthetic(4, true);
-        let bytes = std::fs::read(&path.0).unwrap();
-        let header = read_header(&path.0).unwrap();
-        fuzz(&bytes, header.data_start as usize);
-    }
-
-    #[test]
-    fn absurd_counts_are_refused_before_allocating() {
-        let mut bytes = b"GGUF".to_vec();
-        bytes.extend(3u32.to_le_bytes());
-        bytes.extend(u64::MAX.to_le_bytes()); // tensors
-        bytes.extend(0u64.to_le_bytes());
-        let Err(err) = parse_header(std::io::Cursor::new(&bytes), bytes.len() as u64) else {
-            panic!("parsed");
-        };
-        assert!(err.to_string().contains("cannot fit"), "{err}");
-    }
-
-    #[cfg(feature = "real-model")]
-    #[test]
-    fn the_default_models_header_survives_truncation_and_byte_flips() {
-        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        let header = read_header(&path).unwrap();
-        // The header and tensor table, plus a little of the data (offsets point there).
-        let end = header.data_start as usize + 4096;
-        let mut file = File::open(&path).unwrap();
-        let mut bytes = vec![0u8; end];
-        file.read_exact(&mut bytes).unwrap();
-        // Parse as if the file were whole: the size only bounds counts and the last tensor.
-        let total = header.file_bytes;
-        let parse = |data: &[u8], len: u64| {
-            parse_header(std::io::Cursor::new(data), len).and_then(|h| h.facts())
-        };
-        parse(&bytes, total).unwrap();
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        for i in 0..200 {
-            let cut = if i < 100 {
-                rng.gen_range(0..header.data_start as usize)
-            } else {
-                i - 100
-            };
-            assert!(parse(&bytes[..cut], cut as u64).is_err(), "cut at {cut}");
-        }
-        let mut mutated = bytes.clone();
-        for _ in 0..200 {
-            let at = rng.gen_range(0..header.data_start as usize);
-            let old = mutated[at];
-            mutated[at] ^= 1 << rng.gen_range(0..8);
-            let _ = parse(&mutated, total);
-            mutated[at] = old;
-        }
-    }
-
-    #[cfg(feature = "real-model")]
-    #[test]
-    fn the_default_model_has_30_layers() {
-        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        let facts = model_facts(&path).unwrap();
-        assert_eq!(facts.architecture, "llama");
-        assert_eq!(facts.n_layer, 30);
-        assert_eq!(facts.n_head_kv, vec![3; 30]);
-        assert_eq!(facts.n_ctx_train, 8192);
-        let weights: u64 = facts.layer_bytes.iter().sum::<u64>() + facts.embedding_bytes;
-        assert!(
-            weights > 80_000_000 && weights < facts.file_bytes,
-            "{weights}"
-        );
-    }
-}
+mod tests;

@@ -31,8 +31,16 @@ pub fn default_dir() -> PathBuf {
         })
 }
 
-fn blob(root: &Path, digest: &str) -> PathBuf {
-    root.join("blobs").join(digest.replacen(':', "-", 1))
+/// The blob file of `digest`, only for a digest of Ollama's form (`sha256:` or `sha256-` and 64
+/// lower-case hex digits): a manifest is a file anyone who can write the store may edit, and a
+/// digest such as `../../etc/hostname` must never become a path (the class of Ollama's
+/// CVE-2024-37032).
+fn blob(root: &Path, digest: &str) -> Option<PathBuf> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .or_else(|| digest.strip_prefix("sha256-"))?;
+    let valid = hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    valid.then(|| root.join("blobs").join(format!("sha256-{hex}")))
 }
 
 /// Ollama's name for a manifest at `HOST/NAMESPACE/MODEL/TAG`.
@@ -49,7 +57,13 @@ fn name(components: &[String]) -> Option<String> {
 
 fn small_layer(root: &Path, layer: &Value) -> Option<String> {
     let digest = layer["digest"].as_str()?;
-    let path = blob(root, digest);
+    let Some(path) = blob(root, digest) else {
+        tracing::warn!(
+            digest,
+            "an Ollama layer's digest is not sha256:HEX; ignored"
+        );
+        return None;
+    };
     let len = std::fs::metadata(&path).ok()?.len();
     if len > MAX_SMALL_LAYER {
         tracing::warn!(path = %path.display(), len, "an Ollama layer is too large to read; ignored");
@@ -105,7 +119,10 @@ pub fn scan_ollama(root: &Path) -> Result<Vec<FoundModel>, StoreError> {
             tracing::warn!(manifest = %file.display(), "an Ollama manifest without a model layer; skipped");
             continue;
         };
-        let path = blob(root, digest);
+        let Some(path) = blob(root, digest) else {
+            tracing::warn!(manifest = %file.display(), digest, "an Ollama manifest's model digest is not sha256:HEX; skipped");
+            continue;
+        };
         if !path.is_file() {
             tracing::warn!(manifest = %file.display(), blob = %path.display(), "an Ollama manifest names a missing blob; skipped");
             continue;

@@ -131,7 +131,33 @@ fn ollama_manifests_name_blobs_params_and_system() {
     // Dangling (no blob) and unreadable manifests are skipped.
     t.file(
         "manifests/registry.ollama.ai/library/gone/latest",
-        manifest("sha256:ffff", None, None).to_string().as_bytes(),
+        manifest(&format!("sha256:{}", "f".repeat(64)), None, None)
+            .to_string()
+            .as_bytes(),
+    );
+    // A digest that is a path never reaches the file system: not as the model, not as a layer.
+    t.file("secret", b"GGUF host file");
+    for (n, evil) in [
+        "../secret",
+        "sha256:../../secret",
+        "sha256-../secret",
+        "/etc/hostname",
+        &format!("sha256:{}", "A".repeat(64)),
+        &format!("sha256:{}/..", "a".repeat(61)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        t.file(
+            &format!("manifests/registry.ollama.ai/library/evil{n}/latest"),
+            manifest(evil, None, None).to_string().as_bytes(),
+        );
+    }
+    t.file(
+        "manifests/registry.ollama.ai/library/leaky/latest",
+        manifest(&gguf, Some("sha256:../secret"), Some("../secret"))
+            .to_string()
+            .as_bytes(),
     );
     t.file(
         "manifests/registry.ollama.ai/library/junk/latest",
@@ -142,12 +168,18 @@ fn ollama_manifests_name_blobs_params_and_system() {
         ids(&models),
         [
             "hf.co/bartowski/Qwen3-GGUF:Q4_K_M",
+            "leaky:latest",
             "llama3.2:3b",
             "llama3.2:latest",
             "someone/tiny:q4",
         ]
     );
-    let llama = &models[1];
+    let leaky = &models[1];
+    assert!(
+        leaky.system.is_none() && leaky.params.is_empty(),
+        "{leaky:?}"
+    );
+    let llama = &models[2];
     assert_eq!(llama.digest.as_deref(), Some(gguf.as_str()));
     assert_eq!(llama.params["temperature"], json!(0.6));
     assert_eq!(llama.params["stop"], json!(["<|eot_id|>"]));
@@ -166,7 +198,7 @@ fn ollama_manifests_name_blobs_params_and_system() {
     let mut twice = models.clone();
     twice.push(FoundModel {
         source: Source::File,
-        ..models[1].clone()
+        ..models[2].clone()
     });
     let err = resolve(&twice, "llama3.2:3b").unwrap_err();
     assert!(err.contains("several"), "{err}");
