@@ -53,6 +53,11 @@ pub const RESERVED_VARIABLES: [&str; 5] = [
     "eos_token",
 ];
 
+/// Steps (minijinja's fuel: about one per instruction) one render may take. A real template
+/// renders a long conversation with tools in well under a million; a template that loops without
+/// end (or for a crafted message) stops here, in about a second, instead of pinning a thread.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -75,12 +80,41 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template_owned(NAME, rewrite_appends(source))
             .map_err(|e| TemplateError::Syntax(describe(&e)))?;
-        Ok(Self {
+        let template = Self {
             env,
             source: source.to_owned(),
-        })
+        };
+        template.check_it_finishes()?;
+        Ok(template)
+    }
+
+    /// Renders a short conversation once: a template that cannot finish it within its fuel is
+    /// refused now (a clear load error), not at every request. Other render errors (a template
+    /// that wants other roles) are left to the requests that cause them.
+    fn check_it_finishes(&self) -> Result<(), TemplateError> {
+        let messages = serde_json::json!([
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi! How can I help?"},
+            {"role": "user", "content": "Tell me a joke."},
+        ]);
+        let context = RenderContext {
+            messages,
+            tools: None::<()>,
+            add_generation_prompt: true,
+            bos_token: String::new(),
+            eos_token: String::new(),
+            extra: serde_json::Map::new(),
+        };
+        match self.render(&context) {
+            Err(TemplateError::Render(message)) if message.contains(OUT_OF_FUEL) => {
+                Err(TemplateError::Syntax(message))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The template's Jinja source.
@@ -108,9 +142,15 @@ impl ChatTemplate {
     }
 }
 
+/// How a render that ran out of fuel is described.
+const OUT_OF_FUEL: &str = "the chat template did not finish within its step limit";
+
 /// minijinja's message plus the template line, without the debug dump.
 fn describe(err: &Error) -> String {
     let mut text = match err.detail() {
+        _ if err.kind() == ErrorKind::OutOfFuel => {
+            format!("{OUT_OF_FUEL} ({TEMPLATE_FUEL} steps): it loops too long for this input")
+        }
         Some(detail) if err.kind() == ErrorKind::InvalidOperation => detail.to_owned(),
         _ => err.to_string(),
     };
@@ -412,6 +452,29 @@ mod tests {
         let out = render("{{ bos_token }}{{ strftime_now('%Y') }}", json!([])).unwrap();
         assert!(out.starts_with("<s>20"), "{out}");
         assert!(render("{{ strftime_now('%Q') }}", json!([])).is_err());
+    }
+
+    #[test]
+    fn a_template_that_loops_is_stopped_at_load_or_for_the_request() {
+        let forever = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let started = std::time::Instant::now();
+        match ChatTemplate::new(forever) {
+            Err(TemplateError::Syntax(message)) => {
+                assert!(message.contains("step limit"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Loops only for one message: compiles, and that request is refused.
+        let crafted = "{% for m in messages %}{% if m.content == 'spin' %}{% for i in range(100000) %}\
+                       {% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}{{ m.content }}{% endfor %}";
+        assert_eq!(render(crafted, json!([{"content": "hi"}])).unwrap(), "hi");
+        match render(crafted, json!([{"content": "spin"}])) {
+            Err(TemplateError::Render(message)) => {
+                assert!(message.contains("step limit"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
     }
 
     #[test]
