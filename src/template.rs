@@ -456,7 +456,8 @@ mod tests {
 
     #[test]
     fn a_template_that_loops_is_stopped_at_load_or_for_the_request() {
-        let forever = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let forever =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
         let started = std::time::Instant::now();
         match ChatTemplate::new(forever) {
             Err(TemplateError::Syntax(message)) => {

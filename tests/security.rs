@@ -46,6 +46,25 @@ struct Server {
     _stop: watch::Sender<bool>,
 }
 
+/// A minimal GGUF v3 header (no tensors) for `/api/show` to read.
+fn tiny_gguf(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend(3u32.to_le_bytes());
+    bytes.extend(0u64.to_le_bytes());
+    bytes.extend(1u64.to_le_bytes());
+    let key = "general.architecture";
+    bytes.extend((key.len() as u64).to_le_bytes());
+    bytes.extend(key.as_bytes());
+    bytes.extend(8u32.to_le_bytes());
+    bytes.extend(5u64.to_le_bytes());
+    bytes.extend(b"llama");
+    bytes.resize(bytes.len().div_ceil(32) * 32, 0);
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("tiny.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
 async fn serve(api: ApiConfig) -> Server {
     let engine = FakeRunner::new(Duration::ZERO).spawn(WorkerConfig {
         n_seq: 2,
@@ -650,4 +669,38 @@ async fn metric_labels_come_from_a_fixed_set() {
     for method in ["FOO", "BAR", "PROPFIND"] {
         assert!(!text.contains(method), "{method} became a label");
     }
+}
+
+#[tokio::test]
+async fn clients_without_the_models_scope_never_see_host_paths() {
+    let dir = std::env::temp_dir().join(format!("lmsbx-secret-dir-{}", std::process::id()));
+    let server = serve(ApiConfig {
+        model_path: Some(tiny_gguf(&dir)),
+        ..keyed()
+    })
+    .await;
+    let show = json!({"model": MODEL});
+    let secret = dir.display().to_string();
+    let (status, chat) = request(
+        &server,
+        reqwest::Method::POST,
+        "/api/show",
+        Some("sk-chat"),
+        Some(show.clone()),
+    )
+    .await;
+    assert_eq!(status, 200, "{chat}");
+    let modelfile = chat["modelfile"].as_str().unwrap();
+    assert!(modelfile.contains("FROM tiny.gguf"), "{modelfile}");
+    assert!(!chat.to_string().contains(&secret), "{chat}");
+    let (_, admin) = request(
+        &server,
+        reqwest::Method::POST,
+        "/api/show",
+        Some("sk-admin"),
+        Some(show),
+    )
+    .await;
+    assert!(admin["modelfile"].as_str().unwrap().contains(&secret));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

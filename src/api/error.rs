@@ -184,8 +184,9 @@ impl From<crate::registry::RegistryError> for ApiError {
             E::NotFound(name) => Self::ModelNotFound(name),
             E::Ambiguous(message) => Self::invalid("model", message),
             e @ E::NotLoaded { .. } => Self::ModelNotLoaded(e.to_string()),
+            // Any client may be told a load failed; only the logs say where the file is.
             e @ (E::LoadFailed { .. } | E::LoadTimeout { .. }) => {
-                Self::ModelLoadFailed(e.to_string())
+                Self::ModelLoadFailed(super::redact::paths(&e.to_string()))
             }
             E::Closed => Self::Unavailable("the server is shutting down".into()),
         }

@@ -24,6 +24,7 @@ mod ollama;
 pub mod origin;
 mod params;
 mod prompt;
+mod redact;
 mod sandbox;
 mod shell_loop;
 mod sse;

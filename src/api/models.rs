@@ -11,6 +11,7 @@ use std::sync::Arc;
 use super::auth::Authenticated;
 use super::error::ApiError;
 use super::extract::{parse, JsonObject};
+use super::keys::Scope;
 use super::AppState;
 use crate::build_info;
 use crate::engine::{EngineHandle, EngineState};
@@ -18,7 +19,8 @@ use crate::registry::{ModelStatus, State as ModelState};
 
 /// One model object: OpenAI's four fields, then the registry's `state` (and why it failed),
 /// `aliases`, `source`, and the loaded engine's `meta`.
-fn model_object(status: &ModelStatus, name: &str) -> Value {
+/// A failure's reason keeps host paths only for a caller with the `models` scope (`reveal`).
+fn model_object(status: &ModelStatus, name: &str, reveal: bool) -> Value {
     let card = &status.card;
     let mut object = json!({
         "id": name,
@@ -33,7 +35,11 @@ fn model_object(status: &ModelStatus, name: &str) -> Value {
         object["alias_of"] = json!(card.id());
     }
     if let Some(reason) = &status.reason {
-        object["failure"] = json!(reason);
+        object["failure"] = json!(if reveal {
+            reason.clone()
+        } else {
+            super::redact::paths(reason)
+        });
     }
     if let Some(running) = &status.running {
         object["load_ms"] = json!(running.load_ms);
@@ -52,7 +58,11 @@ fn model_object(status: &ModelStatus, name: &str) -> Value {
 }
 
 /// Every model the registry knows, whatever its state; an alias is listed as a model too.
-pub async fn list(State(state): State<AppState>) -> Json<Value> {
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Authenticated>,
+) -> Json<Value> {
+    let reveal = caller.may(Scope::Models);
     let data: Vec<Value> = state
         .registry()
         .list()
@@ -60,7 +70,7 @@ pub async fn list(State(state): State<AppState>) -> Json<Value> {
         .flat_map(|status| {
             std::iter::once(status.card.id())
                 .chain(status.card.aliases.iter().map(String::as_str))
-                .map(|name| model_object(status, name))
+                .map(|name| model_object(status, name, reveal))
                 .collect::<Vec<_>>()
         })
         .collect();
@@ -69,10 +79,11 @@ pub async fn list(State(state): State<AppState>) -> Json<Value> {
 
 pub async fn get(
     State(state): State<AppState>,
+    Extension(caller): Extension<Authenticated>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let status = state.registry().status(&id)?;
-    Ok(Json(model_object(&status, &id)))
+    Ok(Json(model_object(&status, &id, caller.may(Scope::Models))))
 }
 
 #[derive(serde::Deserialize)]
@@ -216,6 +227,8 @@ pub async fn health(State(state): State<AppState>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, body)
         }
         EngineState::Failed(reason) => {
+            // `/health` needs no key: never a host path.
+            let reason = super::redact::paths(&reason);
             let mut body = serde_json::to_value(ApiError::Unavailable(reason.clone()).body())
                 .unwrap_or_default();
             body["status"] = json!("failed");

@@ -172,7 +172,7 @@ async fn model_info(state: &AppState, status: &ModelStatus, loaded: bool) -> Res
         "modelKey": card.id(),
         "format": "gguf",
         "displayName": card.id(),
-        "path": card.found.path.display().to_string(),
+        "path": super::super::redact::file_name(&card.found.path),
         "sizeBytes": facts.size,
         "architecture": facts.arch,
         "maxContextLength": trained,

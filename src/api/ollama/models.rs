@@ -3,11 +3,13 @@
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde_json::{json, Value};
 
+use super::super::auth::Authenticated;
 use super::super::error::ApiError;
 use super::super::extract::JsonObject;
+use super::super::keys::Scope;
 use super::super::model_facts::model_facts;
 use super::super::AppState;
 use super::OllamaError;
@@ -62,6 +64,7 @@ fn parameters(params: &serde_json::Map<String, Value>) -> String {
 
 pub async fn show(
     State(state): State<AppState>,
+    Extension(caller): Extension<Authenticated>,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, OllamaError> {
     let name = body
@@ -93,7 +96,12 @@ pub async fn show(
         "modelfile": format!(
             "# served by lm-sandbox from its GGUF file; the template is the GGUF's own Jinja \
              template (an Ollama Go template layer is not executed)\nFROM {}\n",
-            card.found.path.display()
+            // The host path only for the operator's keys.
+            if caller.may(Scope::Models) {
+                card.found.path.display().to_string()
+            } else {
+                super::super::redact::file_name(&card.found.path)
+            }
         ),
         "parameters": parameters(&card.found.params),
         "template": template,
