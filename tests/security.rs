@@ -66,10 +66,14 @@ fn tiny_gguf(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 async fn serve(api: ApiConfig) -> Server {
+    serve_with(api, 512).await
+}
+
+async fn serve_with(api: ApiConfig, n_ctx_seq: u32) -> Server {
     let engine = FakeRunner::new(Duration::ZERO).spawn(WorkerConfig {
         n_seq: 2,
         n_batch: 256,
-        n_ctx_seq: 512,
+        n_ctx_seq,
         max_queue: 8,
     });
     let app = router(AppState::new(
@@ -703,4 +707,81 @@ async fn clients_without_the_models_scope_never_see_host_paths() {
     .await;
     assert!(admin["modelfile"].as_str().unwrap().contains(&secret));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn answers_whose_size_the_client_controls_have_budgets() {
+    let server = serve_with(ApiConfig::default(), 16384).await;
+    use reqwest::Method;
+    // Token pieces: one object per token.
+    let content = "字".repeat(100_000); // 300,000 bytes: a token per byte for the fake model
+    let (status, answer) = request(
+        &server,
+        Method::POST,
+        "/tokenize",
+        None,
+        Some(json!({"content": content, "with_pieces": true})),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["param"], "with_pieces");
+    assert!(answer.to_string().contains("262144"), "{answer}");
+    let (status, answer) = request(
+        &server,
+        Method::POST,
+        "/tokenize",
+        None,
+        Some(json!({"content": content})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["tokens"].as_array().unwrap().len(), 300_000);
+    // Log-probabilities × choices × tokens.
+    let mut body = chat("hi");
+    body["n"] = json!(8);
+    body["max_tokens"] = json!(16000);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(20);
+    let (status, answer) = request(
+        &server,
+        Method::POST,
+        "/v1/chat/completions",
+        None,
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["param"], "logprobs");
+    body["max_tokens"] = json!(4);
+    let (status, answer) = request(
+        &server,
+        Method::POST,
+        "/v1/chat/completions",
+        None,
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    // Bodies that would parse into values many times their size.
+    let deep = format!("{{\"model\": {}{}}}", "[".repeat(1000), "]".repeat(1000));
+    let wide = format!(
+        "{{\"model\": \"{MODEL}\", \"input\": [{}0]}}",
+        "0,".repeat(2_000_000)
+    );
+    for (path, body) in [("/v1/chat/completions", deep), ("/v1/embeddings", wide)] {
+        let response = reqwest::Client::new()
+            .post(format!("{}{path}", server.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{path}");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["error"]["param"], "body", "{answer}");
+        assert!(answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit"));
+    }
 }

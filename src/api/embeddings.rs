@@ -20,12 +20,33 @@ use crate::engine::SubmitError;
 /// OpenAI's limit on inputs per request.
 pub const MAX_INPUTS: usize = 2048;
 
+/// Most numbers one answer may carry (inputs × dimensions): 2,048 inputs of a 1,024-wide model,
+/// 512 of a 4,096-wide one. Each is ~20 bytes of JSON, so one small request cannot ask for
+/// gigabytes.
+pub const MAX_EMBEDDING_VALUES: usize = 1 << 21;
+
 #[derive(Debug, Deserialize)]
 struct EmbeddingFields {
     model: String,
     input: Value,
     encoding_format: Option<String>,
     dimensions: Option<i64>,
+}
+
+/// A 400 naming `input` when `inputs` vectors of `width` numbers exceed [`MAX_EMBEDDING_VALUES`].
+fn check_answer_size(inputs: usize, width: usize) -> Result<(), ApiError> {
+    if inputs.saturating_mul(width) <= MAX_EMBEDDING_VALUES {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        "input",
+        format!(
+            "{inputs} inputs of {width} dimensions is more than the limit of \
+             {MAX_EMBEDDING_VALUES} numbers per request: send at most {} inputs, or fewer \
+             `dimensions`",
+            MAX_EMBEDDING_VALUES / width.max(1)
+        ),
+    ))
 }
 
 /// Truncates to `dimensions` (when given) and scales to unit L2 length (a zero vector stays zero).
@@ -121,6 +142,7 @@ pub(super) async fn run(state: &AppState, body: &Value) -> Result<Embedded, ApiE
         }
     };
     let given = text_or_tokens(&fields.input, "input", info.n_vocab, Some(MAX_INPUTS))?;
+    check_answer_size(given.len(), dimensions.unwrap_or(info.n_embd as usize))?;
     let texts: Vec<Option<String>> = given
         .iter()
         .map(|i| match i {
@@ -191,6 +213,15 @@ pub(super) async fn run(state: &AppState, body: &Value) -> Result<Embedded, ApiE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inputs_times_width_is_bounded() {
+        assert!(check_answer_size(MAX_INPUTS, 1024).is_ok());
+        assert!(check_answer_size(512, 4096).is_ok());
+        let err = check_answer_size(MAX_INPUTS, 4096).unwrap_err();
+        assert!(err.to_string().contains("at most 512 inputs"), "{err}");
+        assert!(matches!(err, ApiError::InvalidRequest { param: Some(p), .. } if p == "input"));
+    }
 
     #[test]
     fn vectors_are_truncated_then_unit_length() {

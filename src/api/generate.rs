@@ -141,6 +141,10 @@ pub async fn respond<S: ChunkShape>(
     Ok(axum::Json(out).into_response())
 }
 
+/// Most log-probability entries (each sampled token and each alternative, over every choice) one
+/// answer may carry: ~100 bytes of JSON each.
+pub const MAX_LOGPROB_ENTRIES: u64 = 1 << 19;
+
 /// One prompt, tokenized, with its token budget.
 pub struct PromptJob {
     pub tokens: Vec<Token>,
@@ -168,6 +172,22 @@ pub fn submit(
                 options.n
             ),
         ));
+    }
+    if let Some(top) = options.logprobs {
+        let entries: u64 = jobs
+            .iter()
+            .map(|j| u64::from(j.max_new_tokens) * u64::from(options.n) * (u64::from(top) + 1))
+            .sum();
+        if entries > MAX_LOGPROB_ENTRIES {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!(
+                    "log-probabilities for up to {entries} tokens and alternatives (choices × \
+                     max_tokens × (top_logprobs + 1)) is more than the limit of \
+                     {MAX_LOGPROB_ENTRIES} per request; lower `n`, `max_tokens` or `top_logprobs`"
+                ),
+            ));
+        }
     }
     let mut receivers = Vec::with_capacity(total);
     for job in jobs {

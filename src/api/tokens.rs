@@ -13,6 +13,13 @@ use super::prompt::tokenize_off_runtime;
 use super::AppState;
 use crate::engine::Token;
 
+/// Most tokens `/tokenize` returns with their pieces (each piece is an object of its own); token
+/// ids alone are 4 bytes each and bounded by the body.
+pub const MAX_PIECES: usize = 1 << 18;
+
+/// Most token ids `/detokenize` takes (a piece can be far longer than its id).
+pub const MAX_DETOKENIZE: usize = 1 << 20;
+
 #[derive(Debug, Deserialize)]
 struct TokenizeBody {
     content: String,
@@ -41,6 +48,16 @@ pub async fn tokenize(
     if !body.with_pieces {
         return Ok(Json(json!({ "tokens": tokens })));
     }
+    if tokens.len() > MAX_PIECES {
+        return Err(ApiError::invalid(
+            "with_pieces",
+            format!(
+                "{} tokens is more than the limit of {MAX_PIECES} with `with_pieces`; \
+                 tokenize less text at a time",
+                tokens.len()
+            ),
+        ));
+    }
     let pieces = tokio::task::spawn_blocking(move || {
         tokens
             .iter()
@@ -63,6 +80,13 @@ pub async fn detokenize(
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
     let body: DetokenizeBody = parse(&body)?;
+    if body.tokens.len() > MAX_DETOKENIZE {
+        return Err(ApiError::out_of_range(
+            "tokens",
+            &format!("at most {MAX_DETOKENIZE} token ids"),
+            body.tokens.len(),
+        ));
+    }
     let loaded = state.model_or_default(body.model.as_deref()).await?.loaded;
     let n_vocab = i64::from(loaded.info.n_vocab);
     let tokens: Vec<Token> = body

@@ -40,6 +40,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::super::auth::Authenticated;
 use super::super::error::ApiError;
+use super::super::extract::check_json_shape;
 use super::super::AppState;
 use super::sdk::{error, rpc, run_channel, Channel};
 
@@ -347,6 +348,11 @@ where
             },
             _ => break,
         };
+        if let Err(e) = check_json_shape(text.as_bytes()) {
+            let warning = json!({"type": "communicationWarning", "warning": e.to_string()});
+            let _ = out.send(warning).await;
+            continue;
+        }
         let Ok(message) = serde_json::from_str::<Value>(&text) else {
             let warning =
                 json!({"type": "communicationWarning", "warning": "a message that is not JSON"});
