@@ -553,6 +553,13 @@ pub struct ServeSandboxArgs {
     /// One JSON line per command (default: STATE_DIR/NAME/audit.jsonl).
     #[arg(long = "sandbox-audit-log", env = "LM_SANDBOX_SANDBOX_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
+    /// Size at which the audit log is rotated (to FILE.1 … FILE.4; the oldest is dropped).
+    #[arg(
+        long = "sandbox-audit-max",
+        env = "LM_SANDBOX_SANDBOX_AUDIT_MAX",
+        default_value = "64m"
+    )]
+    pub audit_max: String,
     /// Seconds a command gets when the request names no `timeout_s`.
     #[arg(
         long = "sandbox-timeout",
@@ -583,6 +590,14 @@ pub struct ServeSandboxArgs {
         default_value_t = 16
     )]
     pub max_tenants: usize,
+    /// Sandbox sessions (tenant containers) one key may hold at once, unless its keys-file entry
+    /// says `sandbox_sessions`.
+    #[arg(
+        long = "sandbox-max-sessions",
+        env = "LM_SANDBOX_SANDBOX_MAX_SESSIONS",
+        default_value_t = 4
+    )]
+    pub max_sessions: usize,
     /// Seconds without a command after which a tenant's container is paused.
     #[arg(
         long = "sandbox-idle-stop",

@@ -217,6 +217,8 @@ pub struct SandboxConfig {
     /// STATE_DIR/NAME: the keys and `sandbox.json`.
     pub dir: PathBuf,
     pub audit_log: PathBuf,
+    /// Size at which the audit log rotates (`--sandbox-audit-max`).
+    pub audit_max: u64,
     pub limits: SandboxLimits,
     pub concurrency: usize,
     pub output_limit: usize,
@@ -225,6 +227,8 @@ pub struct SandboxConfig {
     /// Bytes of each tenant's /workspace.
     pub disk_bytes: u64,
     pub max_tenants: usize,
+    /// Tenants one key may hold unless its key says otherwise (`--sandbox-max-sessions`).
+    pub max_sessions: usize,
     pub idle_stop: Duration,
     pub idle_remove: Duration,
 }
@@ -304,6 +308,7 @@ impl SandboxConfig {
             &args.target.name,
         );
         Ok(Some(Self {
+            audit_max: bytes("--sandbox-audit-max", &args.audit_max)?,
             audit_log: args
                 .audit_log
                 .clone()
@@ -320,6 +325,10 @@ impl SandboxConfig {
             disk_bytes: bytes("--sandbox-disk", &args.disk)?,
             max_tenants: match args.max_tenants {
                 0 => return Err(invalid("--sandbox-max-tenants", "must be at least 1")),
+                n => n,
+            },
+            max_sessions: match args.max_sessions {
+                0 => return Err(invalid("--sandbox-max-sessions", "must be at least 1")),
                 n => n,
             },
             idle_stop: seconds("--sandbox-idle-stop", args.idle_stop)?,

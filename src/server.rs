@@ -64,12 +64,14 @@ async fn open_sandbox(config: &SandboxConfig) -> Result<Sandbox, ServeError> {
         )
         .map_err(|e| ServeError::Sandbox(e.to_string()))?;
     ssh.queue_timeout = config.queue_timeout;
-    let audit = AuditLog::open(&config.audit_log).await.map_err(|e| {
-        ServeError::Sandbox(format!(
-            "cannot open the audit log {}: {e}",
-            config.audit_log.display()
-        ))
-    })?;
+    let audit = AuditLog::open_with_limit(&config.audit_log, config.audit_max)
+        .await
+        .map_err(|e| {
+            ServeError::Sandbox(format!(
+                "cannot open the audit log {}: {e}",
+                config.audit_log.display()
+            ))
+        })?;
     let executor = SshExecutor::new(ssh.clone());
     // The container `up` started answers for the sandbox as a whole: reachable means Docker and
     // the image work, and tenants start from the same image.
@@ -90,6 +92,7 @@ async fn open_sandbox(config: &SandboxConfig) -> Result<Sandbox, ServeError> {
         ssh,
         disk_bytes: config.disk_bytes,
         max_tenants: config.max_tenants,
+        max_sessions: config.max_sessions,
         idle_stop: config.idle_stop,
         idle_remove: config.idle_remove,
         record: config.dir.join("tenants.json"),

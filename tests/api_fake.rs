@@ -908,10 +908,18 @@ struct ScriptedExecutor;
 impl lm_sandbox::sandbox::Executor for ScriptedExecutor {
     fn exec(
         &self,
-        _tenant: &str,
+        _caller: &lm_sandbox::sandbox::Caller,
         request: lm_sandbox::sandbox::ExecRequest,
+        start: lm_sandbox::sandbox::StartHook,
     ) -> lm_sandbox::sandbox::ExecFuture<'_> {
         Box::pin(async move {
+            if request.command == "busy" {
+                // Refused before it holds a slot: no `start` line.
+                return Err(lm_sandbox::sandbox::SandboxError::Busy(
+                    "all slots stayed taken".into(),
+                ));
+            }
+            start().await?;
             match request.command.as_str() {
                 "down" => Err(lm_sandbox::sandbox::SandboxError::Unavailable(
                     "no route to the sandbox".into(),
@@ -963,6 +971,7 @@ async fn the_sandbox_route_exists_only_with_a_sandbox_and_maps_its_errors() {
     let mut config = api_config(&[]);
     config.api_keys = ApiKey::list(&["plain".into()], &["runner".into()]);
     config.metrics = true;
+    let direct = sandbox.clone();
     let app = router(AppState::from_parts(engine, config, None, Some(sandbox)));
     let with_key = |key: &str, body: Value| {
         let mut request = post("/sandbox/exec", body);
@@ -995,22 +1004,44 @@ async fn the_sandbox_route_exists_only_with_a_sandbox_and_maps_its_errors() {
     let (status, body) = send_json(&app, with_key("runner", bad_session)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error_of(&body)["param"], "session");
+    // A command the shell loop would send unchecked is refused before the log is touched.
+    let caller = lm_sandbox::sandbox::Caller {
+        request_id: "req_direct".into(),
+        key_id: Some("key-x".into()),
+        session: None,
+        max_sessions: None,
+    };
+    let long = lm_sandbox::sandbox::ExecRequest {
+        command: "x".repeat(lm_sandbox::sandbox::MAX_COMMAND_BYTES + 1),
+        timeout: Duration::from_secs(1),
+        stdin: None,
+    };
+    assert!(matches!(
+        direct.run(long, &caller).await,
+        Err(lm_sandbox::sandbox::SandboxError::InvalidCommand(_))
+    ));
     let lines = std::fs::read_to_string(&audit).unwrap();
-    let events: Vec<String> = lines
+    let events: Vec<(String, String)> = lines
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["event"].to_string())
+        .map(|l| {
+            let line: Value = serde_json::from_str(l).unwrap();
+            (
+                line["event"].as_str().unwrap().to_owned(),
+                line["command"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
+    let expected = [
+        ("start", "id"),
+        ("end", "id"),
+        ("start", "down"),
+        ("end", "down"),
+    ];
     assert_eq!(
         events,
-        [
-            "\"start\"",
-            "\"end\"",
-            "\"start\"",
-            "\"end\"",
-            "\"start\"",
-            "\"end\""
-        ],
-        "a start and an end line for each of the three commands that were run: {lines}"
+        expected.map(|(e, c)| (e.to_owned(), c.to_owned())),
+        "a start and an end line for each command that was sent; none for one refused as busy \
+         (no slot) or invalid: {lines}"
     );
     std::fs::remove_file(&audit).unwrap();
     // The metrics count each command by outcome, from the same end-of-command task.
@@ -1020,7 +1051,7 @@ async fn the_sandbox_route_exists_only_with_a_sandbox_and_maps_its_errors() {
         .insert(header::AUTHORIZATION, "Bearer plain".parse().unwrap());
     let (status, _, text) = send(&app, scrape).await;
     assert_eq!(status, StatusCode::OK, "{text}");
-    for (outcome, count) in [("ok", 1.0), ("error", 2.0)] {
+    for (outcome, count) in [("ok", 1.0), ("error", 1.0), ("busy", 1.0)] {
         let labels = [("outcome", outcome)];
         assert_eq!(
             sample(&text, "lmsandbox_sandbox_commands_total", &labels),

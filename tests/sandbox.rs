@@ -907,6 +907,7 @@ fn tenants_for(fixture: &Fixture, tune: impl FnOnce(&mut TenantConfig)) -> Arc<T
         disk_bytes: 16 << 20,
         // Room for the tenants other tests make of the shared sandbox: a new pool adopts them.
         max_tenants: 32,
+        max_sessions: 4,
         idle_stop: Duration::from_secs(600),
         idle_remove: Duration::from_secs(3600),
         record: fixture.dir.join("tenants.json"),
@@ -920,6 +921,7 @@ fn caller(key: &str, session: Option<&str>) -> Caller {
         request_id: format!("req-{key}"),
         key_id: Some(key.into()),
         session: session.map(str::to_owned),
+        max_sessions: None,
     }
 }
 
@@ -1055,12 +1057,25 @@ async fn tenants_are_capped_paused_when_idle_and_woken_on_use() {
         tenant_run(&sandbox, &a, "echo awake").await.stdout,
         "awake\n"
     );
-    // Over the cap, a paused tenant makes room.
+    // Over the cap, only the key's own paused tenant makes room: another key's never does (its
+    // workspace would go with it).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(tenant_run(&sandbox, &c, "echo c").await.stdout, "c\n");
-    // A new pool (a restarted server) adopts the existing tenants: they count against the cap.
-    // The old pool goes first, as with a real restart: its reaper (1 s idle) would otherwise pause
-    // a tenant the new pool is using.
+    let refused = sandbox.run(request("echo c", 5.0), &c).await;
+    assert!(
+        matches!(&refused, Err(SandboxError::Busy(m)) if m.contains("other keys")),
+        "{refused:?}"
+    );
+    let a2 = caller("a", Some("second"));
+    assert_eq!(tenant_run(&sandbox, &a2, "echo a2").await.stdout, "a2\n");
+    let left = container::tenants(&docker(), &fixture.name).unwrap();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(
+        left.iter().all(|t| t.owner == "a" || t.owner == "b"),
+        "{left:?}"
+    );
+    // A new pool (a restarted server) adopts the existing tenants with their owners: they count
+    // against the cap and stay theirs. The old pool goes first, as with a real restart: its
+    // reaper (1 s idle) would otherwise pause a tenant the new pool is using.
     drop(sandbox);
     let restarted = Sandbox::new(
         tenants_for(&fixture, |c| c.max_tenants = 2),
@@ -1068,17 +1083,28 @@ async fn tenants_are_capped_paused_when_idle_and_woken_on_use() {
         SandboxLimits::default(),
     );
     let d = caller("d", None);
-    assert_eq!(tenant_run(&restarted, &d, "echo d").await.stdout, "d\n");
-    let left = container::tenants(&docker(), &fixture.name).unwrap();
+    let refused = restarted.run(request("echo d", 5.0), &d).await;
+    assert!(matches!(refused, Err(SandboxError::Busy(_))), "{refused:?}");
     assert_eq!(
-        left.len(),
-        2,
-        "the adopted tenants count: a paused one made room for the new one: {left:?}"
-    );
-    assert_eq!(
-        tenant_run(&restarted, &c, "echo again").await.stdout,
+        tenant_run(&restarted, &b, "echo again").await.stdout,
         "again\n"
     );
+    // A key's own cap on sessions: one at a time for this caller; its idle one makes room.
+    let mut one = caller("b", Some("other"));
+    one.max_sessions = Some(1);
+    let mut held = caller("b", None);
+    held.max_sessions = Some(1);
+    let hold = {
+        let restarted = restarted.clone();
+        tokio::spawn(async move { tenant_run(&restarted, &held, "sleep 3").await })
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let refused = restarted.run(request("true", 5.0), &one).await;
+    assert!(
+        matches!(&refused, Err(SandboxError::Busy(m)) if m.contains("--sandbox-max-sessions")),
+        "{refused:?}"
+    );
+    hold.await.unwrap();
     container::down(&docker(), &fixture.name, true).unwrap();
     assert!(container::tenants(&docker(), &fixture.name)
         .unwrap()

@@ -239,7 +239,8 @@ async fn a_slow_body_flood_without_a_key_never_holds_a_permit() {
         "slow-body flood: {refused} refused; keyed GET /v1/models median {median:?}, p99 {p99:?}"
     );
     assert!(refused >= 300, "the flood ran ({refused})");
-    assert!(p99 < Duration::from_secs(2), "p99 {p99:?}");
+    // Before, the flood held every permit until its 30 s body deadline.
+    assert!(p99 < Duration::from_secs(5), "p99 {p99:?}");
     // Nothing was shed: no permit was ever taken by the flood.
     let (_, metrics) = request(
         &server,

@@ -80,6 +80,7 @@ pub async fn exec(
         request_id,
         key_id: Some(key.key_id),
         session: body.session,
+        max_sessions: key.sandbox_sessions,
     };
     match sandbox.run(request, &caller).await {
         Ok(out) => Ok(Json(out)),

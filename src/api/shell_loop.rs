@@ -116,6 +116,7 @@ pub fn wanted(
                 }
                 None => None,
             },
+            max_sessions: key.sandbox_sessions,
         },
         sandbox: sandbox.clone(),
     }))

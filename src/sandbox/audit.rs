@@ -24,16 +24,20 @@ pub struct Caller {
     pub key_id: Option<String>,
     /// A session the request named within its key: a tenant of its own.
     pub session: Option<String>,
+    /// Sessions (tenants) this caller's key may hold at once; `None`: the server's
+    /// `--sandbox-max-sessions`.
+    pub max_sessions: Option<usize>,
 }
 
 impl Caller {
     /// The tenant whose container runs this caller's commands: its key, and its session.
     pub fn tenant(&self) -> String {
-        format!(
-            "{}/{}",
-            self.key_id.as_deref().unwrap_or("local"),
-            self.session.as_deref().unwrap_or("")
-        )
+        format!("{}/{}", self.owner(), self.session.as_deref().unwrap_or(""))
+    }
+
+    /// The key whose tenants this caller's count against (`local` for the CLI).
+    pub fn owner(&self) -> &str {
+        self.key_id.as_deref().unwrap_or("local")
     }
 }
 
@@ -79,11 +83,45 @@ pub struct AuditError {
     pub source: std::io::Error,
 }
 
+/// What the `start` line records of a command, taken before it is queued (so the stdin itself
+/// need not be kept).
+#[derive(Debug, Clone)]
+pub struct Intent {
+    command: String,
+    stdin_bytes: usize,
+    stdin_sha256: Option<String>,
+}
+
+impl Intent {
+    pub fn of(request: &ExecRequest) -> Self {
+        let stdin = request.stdin.as_deref();
+        Self {
+            command: request.command.clone(),
+            stdin_bytes: stdin.map_or(0, <[u8]>::len),
+            stdin_sha256: stdin.map(|s| crate::sandbox::image::hex(&Sha256::digest(s))),
+        }
+    }
+}
+
+/// Size at which the log is rotated by default (`--sandbox-audit-max`).
+pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
+
+/// Rotated files kept beside the log (`audit.jsonl.1` the newest … `.4` the oldest).
+pub const KEPT_ROTATIONS: u32 = 4;
+
 pub struct AuditLog {
     path: PathBuf,
+    /// The log is rotated before a line would take it past this size.
+    max_bytes: u64,
     // A tokio mutex: a line is written while it is held, across an await; one writer at a time
-    // keeps lines whole.
-    file: tokio::sync::Mutex<tokio::fs::File>,
+    // keeps lines whole, and a rotation happens between lines.
+    file: tokio::sync::Mutex<Open>,
+}
+
+/// The file being written and its size.
+struct Open {
+    file: tokio::fs::File,
+    bytes: u64,
 }
 
 fn now() -> String {
@@ -91,11 +129,29 @@ fn now() -> String {
 }
 
 impl AuditLog {
-    /// Opens `path` for appending, created or narrowed to 0600.
+    /// Opens `path` for appending, created or narrowed to 0600, rotated at
+    /// [`DEFAULT_MAX_BYTES`].
     pub async fn open(path: &Path) -> std::io::Result<Self> {
+        Self::open_with_limit(path, DEFAULT_MAX_BYTES).await
+    }
+
+    /// As [`AuditLog::open`], rotated before a line would take it past `max_bytes`; the last
+    /// [`KEPT_ROTATIONS`] files are kept, so the log never holds more than about
+    /// `(KEPT_ROTATIONS + 1) × max_bytes`.
+    pub async fn open_with_limit(path: &Path, max_bytes: u64) -> std::io::Result<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(parent).await?;
         }
+        let file = Self::open_file(path).await?;
+        let bytes = file.metadata().await?.len();
+        Ok(Self {
+            path: path.to_owned(),
+            max_bytes,
+            file: tokio::sync::Mutex::new(Open { file, bytes }),
+        })
+    }
+
+    async fn open_file(path: &Path) -> std::io::Result<tokio::fs::File> {
         let file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -109,10 +165,26 @@ impl AuditLog {
             file.set_permissions(std::fs::Permissions::from_mode(0o600))
                 .await?;
         }
-        Ok(Self {
-            path: path.to_owned(),
-            file: tokio::sync::Mutex::new(file),
-        })
+        Ok(file)
+    }
+
+    /// `audit.jsonl` → `audit.jsonl.1`, shifting older ones up and dropping the oldest.
+    async fn rotate(&self, open: &mut Open) -> std::io::Result<()> {
+        let numbered = |n: u32| {
+            let mut name = self.path.clone().into_os_string();
+            name.push(format!(".{n}"));
+            PathBuf::from(name)
+        };
+        // Ignored errors: an older file that is not there is fine.
+        let _ = tokio::fs::remove_file(numbered(KEPT_ROTATIONS)).await;
+        for n in (1..KEPT_ROTATIONS).rev() {
+            let _ = tokio::fs::rename(numbered(n), numbered(n + 1)).await;
+        }
+        tokio::fs::rename(&self.path, numbered(1)).await?;
+        open.file = Self::open_file(&self.path).await?;
+        open.bytes = 0;
+        tracing::info!(path = %self.path.display(), "rotated the audit log");
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -126,22 +198,30 @@ impl AuditLog {
         };
         let mut text = serde_json::to_string(line).map_err(|e| fail(e.into()))?;
         text.push('\n');
-        let mut file = self.file.lock().await;
-        file.write_all(text.as_bytes()).await.map_err(fail)?;
-        file.flush().await.map_err(fail)?;
-        // Durable before the command runs: a crash right after still leaves the intent.
-        file.sync_data().await.map_err(fail)
+        let mut open = self.file.lock().await;
+        if open.bytes > 0 && open.bytes + text.len() as u64 > self.max_bytes {
+            self.rotate(&mut open).await.map_err(fail)?;
+        }
+        let written = async {
+            open.file.write_all(text.as_bytes()).await?;
+            open.file.flush().await?;
+            // Durable before the command runs: a crash right after still leaves the intent.
+            open.file.sync_data().await
+        };
+        let result = written.await;
+        // Counted even when partly written (a full disk): rotation then comes sooner.
+        open.bytes += text.len() as u64;
+        result.map_err(fail)
     }
 
-    /// Writes the `start` line for `request` under `exec_id`. An error means the command must
+    /// Writes the `start` line for `intent` under `exec_id`. An error means the command must
     /// not run.
     pub async fn start(
         &self,
         exec_id: &str,
         caller: &Caller,
-        request: &ExecRequest,
+        intent: &Intent,
     ) -> Result<(), AuditError> {
-        let stdin = request.stdin.as_deref();
         self.write(&StartLine {
             event: "start",
             time: now(),
@@ -149,9 +229,9 @@ impl AuditLog {
             request_id: &caller.request_id,
             key_id: caller.key_id.as_deref(),
             session: caller.session.as_deref(),
-            command: &request.command,
-            stdin_bytes: stdin.map_or(0, <[u8]>::len),
-            stdin_sha256: stdin.map(|s| crate::sandbox::image::hex(&Sha256::digest(s))),
+            command: &intent.command,
+            stdin_bytes: intent.stdin_bytes,
+            stdin_sha256: intent.stdin_sha256.clone(),
         })
         .await
     }
@@ -248,6 +328,7 @@ mod tests {
             request_id: "req_1".into(),
             key_id: Some("key-abc".into()),
             session: None,
+            max_sessions: None,
         };
         let out = ExecOutput {
             stdout: "hi\n".into(),
@@ -260,14 +341,18 @@ mod tests {
             stdout_bytes: 3,
             stderr_bytes: 0,
         };
-        log.start("x1", &caller, &request("cat", Some(b"abc")))
+        log.start("x1", &caller, &Intent::of(&request("cat", Some(b"abc"))))
             .await
             .unwrap();
         log.end("x1", &caller, "cat", &Ok(out), Duration::from_millis(8))
             .await;
-        log.start("x2", &caller, &request("echo 'two\nlines'", None))
-            .await
-            .unwrap();
+        log.start(
+            "x2",
+            &caller,
+            &Intent::of(&request("echo 'two\nlines'", None)),
+        )
+        .await
+        .unwrap();
         log.end(
             "x2",
             &caller,
@@ -301,5 +386,48 @@ mod tests {
         assert_eq!(lines[3]["command"], "echo 'two\nlines'");
         assert!(lines[3]["error"].as_str().unwrap().contains("unreachable"));
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_log_rotates_at_its_size_and_keeps_four_old_files() {
+        let dir = std::env::temp_dir().join(format!("lm-sandbox-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("audit.jsonl");
+        let log = AuditLog::open_with_limit(&path, 4096).await.unwrap();
+        let caller = Caller {
+            request_id: "req_1".into(),
+            key_id: None,
+            session: None,
+            max_sessions: None,
+        };
+        let intent = Intent::of(&request(&"x".repeat(1000), None));
+        for i in 0..40 {
+            log.start(&format!("x{i}"), &caller, &intent).await.unwrap();
+        }
+        let mut sizes = Vec::new();
+        for name in [
+            "audit.jsonl",
+            "audit.jsonl.1",
+            "audit.jsonl.2",
+            "audit.jsonl.3",
+            "audit.jsonl.4",
+        ] {
+            let size = std::fs::metadata(dir.join(name)).unwrap().len();
+            assert!(size <= 4096, "{name}: {size}");
+            sizes.push(size);
+        }
+        assert!(!dir.join("audit.jsonl.5").exists());
+        // The newest lines are in the live file, whole.
+        let live = std::fs::read_to_string(&path).unwrap();
+        let last: serde_json::Value = serde_json::from_str(live.lines().last().unwrap()).unwrap();
+        assert_eq!(last["exec_id"], "x39");
+        // A reopened log continues at its size and rotates on time.
+        drop(log);
+        let log = AuditLog::open_with_limit(&path, 4096).await.unwrap();
+        for i in 40..44 {
+            log.start(&format!("x{i}"), &caller, &intent).await.unwrap();
+        }
+        assert!(std::fs::metadata(&path).unwrap().len() <= 4096);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -119,6 +119,7 @@ pub fn run(args: &SandboxArgs) -> anyhow::Result<i32> {
                     request_id: format!("cli-{}", std::process::id()),
                     key_id: None,
                     session: None,
+                    max_sessions: None,
                 };
                 let request = ExecRequest {
                     command: exec.command.join(" "),

@@ -117,6 +117,8 @@ pub struct SandboxState {
 
 /// Label that marks a tenant container and names the sandbox it belongs to.
 pub const TENANT_LABEL: &str = "lm-sandbox.tenant-of";
+/// The label naming the key (its id) a tenant container belongs to.
+pub const OWNER_LABEL: &str = "lm-sandbox.owner";
 
 /// Where a container's /workspace lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -452,6 +454,7 @@ pub fn start_tenant(
     docker: &Docker,
     state: &SandboxState,
     tenant: &str,
+    owner: &str,
     disk_bytes: u64,
 ) -> Result<(), ContainerError> {
     match docker
@@ -477,6 +480,7 @@ pub fn start_tenant(
     }
     let mut labels = state.labels.clone();
     labels.push(format!("{TENANT_LABEL}={}", state.name));
+    labels.push(format!("{OWNER_LABEL}={owner}"));
     // The workspace is a tmpfs, whose pages count against the container's memory: the tenant gets
     // its processes' limit plus the workspace, so a full workspace is ENOSPC, not an OOM kill.
     let mut profile = state.profile.clone();
@@ -508,6 +512,8 @@ pub struct TenantContainer {
     pub name: String,
     pub status: String,
     pub created: String,
+    /// The key id of its owner (empty for a container of a version that did not record it).
+    pub owner: String,
 }
 
 /// The tenant containers of sandbox `name`.
@@ -518,15 +524,18 @@ pub fn tenants(docker: &Docker, name: &str) -> Result<Vec<TenantContainer>, Cont
         "--filter",
         &format!("label={TENANT_LABEL}={name}"),
         "--format",
-        "{{.Names}}\t{{.State}}\t{{.CreatedAt}}",
+        &format!(
+            "{{{{.Names}}}}\t{{{{.State}}}}\t{{{{.Label \"{OWNER_LABEL}\"}}}}\t{{{{.CreatedAt}}}}"
+        ),
     ])?;
     Ok(out
         .lines()
         .filter_map(|line| {
-            let mut parts = line.splitn(3, '\t');
+            let mut parts = line.splitn(4, '\t');
             Some(TenantContainer {
                 name: parts.next()?.to_owned(),
                 status: parts.next()?.to_owned(),
+                owner: parts.next().unwrap_or("").to_owned(),
                 created: parts.next().unwrap_or("").to_owned(),
             })
         })

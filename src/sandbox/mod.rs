@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use audit::{AuditError, AuditLog, Caller};
+pub use audit::{AuditError, AuditLog, Caller, Intent};
 
 /// Longest command accepted, in bytes (it travels base64-encoded as one argument).
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -91,11 +91,23 @@ pub enum SandboxError {
 pub type ExecFuture<'a> =
     Pin<Box<dyn Future<Output = Result<ExecOutput, SandboxError>> + Send + 'a>>;
 
+/// Called by an executor once it holds what the command needs (a slot, the tenant's container)
+/// and before it sends the command: [`Sandbox`] writes the audit `start` line here, so a command
+/// refused for being busy never fills the log. An error means the command must not be sent.
+pub type StartHook =
+    Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = Result<(), SandboxError>> + Send>> + Send>;
+
+/// A [`StartHook`] that does nothing (the CLI's executor tests).
+pub fn no_hook() -> StartHook {
+    Box::new(|| Box::pin(async { Ok(()) }))
+}
+
 /// Runs commands somewhere isolated: [`tenants::Tenants`] (a container per tenant, what `serve`
 /// uses), [`ssh::SshExecutor`] (one container, for the CLI); tests of the HTTP layer use a fake.
 pub trait Executor: Send + Sync {
-    /// Runs `request` for `tenant` ([`Caller::tenant`]); an executor of one container ignores it.
-    fn exec(&self, tenant: &str, request: ExecRequest) -> ExecFuture<'_>;
+    /// Runs `request` for `caller`'s tenant ([`Caller::tenant`]; an executor of one container
+    /// ignores who asks), calling `start` after taking its slot and before sending the command.
+    fn exec(&self, caller: &Caller, request: ExecRequest, start: StartHook) -> ExecFuture<'_>;
 }
 
 /// Limits on what a caller may ask for.
@@ -145,30 +157,52 @@ impl Sandbox {
         &self.limits
     }
 
-    /// Runs `request`, recorded in the audit log: the `start` line is written before the command
-    /// is sent (if it cannot be, the command is refused), and the command runs in a task of its
-    /// own that writes the `end` line when it finishes, even if the caller has gone away.
+    /// Runs `request`, recorded in the audit log. The command is checked first (an invalid one
+    /// writes nothing); the `start` line is written once the executor holds a slot and the
+    /// tenant's container, before the command is sent (if it cannot be written, the command is
+    /// refused and counted as `audit_failed`); the command runs in a task of its own that writes
+    /// the `end` line when it finishes, even if the caller has gone away.
     pub async fn run(
         &self,
         request: ExecRequest,
         caller: &Caller,
     ) -> Result<ExecOutput, SandboxError> {
+        validate_command(&request.command)?;
         let exec_id = exec_id();
-        self.audit
-            .start(&exec_id, caller, &request)
-            .await
-            .map_err(|e| SandboxError::AuditFailed(e.to_string()))?;
         let executor = Arc::clone(&self.executor);
         let audit = Arc::clone(&self.audit);
         let caller = caller.clone();
         let metrics = self.metrics.clone();
+        let intent = Intent::of(&request);
         let task = tokio::spawn(async move {
             let started = std::time::Instant::now();
+            let wrote = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let hook: StartHook = {
+                let (audit, exec_id, caller, wrote) = (
+                    Arc::clone(&audit),
+                    exec_id.clone(),
+                    caller.clone(),
+                    Arc::clone(&wrote),
+                );
+                Box::new(move || {
+                    Box::pin(async move {
+                        audit
+                            .start(&exec_id, &caller, &intent)
+                            .await
+                            .map_err(|e| SandboxError::AuditFailed(e.to_string()))?;
+                        wrote.store(true, std::sync::atomic::Ordering::Release);
+                        Ok(())
+                    })
+                })
+            };
             let command = request.command.clone();
-            let result = executor.exec(&caller.tenant(), request).await;
-            audit
-                .end(&exec_id, &caller, &command, &result, started.elapsed())
-                .await;
+            let result = executor.exec(&caller, request, hook).await;
+            // An `end` line only for a command whose `start` line was written.
+            if wrote.load(std::sync::atomic::Ordering::Acquire) {
+                audit
+                    .end(&exec_id, &caller, &command, &result, started.elapsed())
+                    .await;
+            }
             if let Some(metrics) = metrics {
                 metrics.observe_sandbox(outcome(&result), started.elapsed());
             }
@@ -183,6 +217,8 @@ impl Sandbox {
 /// A command's outcome in one word, for the metrics.
 fn outcome(result: &Result<ExecOutput, SandboxError>) -> &'static str {
     match result {
+        Err(SandboxError::AuditFailed(_)) => "audit_failed",
+        Err(SandboxError::Busy(_)) => "busy",
         Err(_) => "error",
         Ok(out) if out.timed_out => "timed_out",
         Ok(out) if out.signal.is_some() => "signal",

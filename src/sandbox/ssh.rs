@@ -268,8 +268,18 @@ impl SshExecutor {
 
     /// Runs one command (see [`ExecRequest`]).
     pub async fn run(&self, request: ExecRequest) -> Result<ExecOutput, SandboxError> {
+        self.run_started(request, super::no_hook()).await
+    }
+
+    /// Runs one command, calling `start` once it holds a slot (see [`super::StartHook`]).
+    pub async fn run_started(
+        &self,
+        request: ExecRequest,
+        start: super::StartHook,
+    ) -> Result<ExecOutput, SandboxError> {
         validate_command(&request.command)?;
         let _permit = acquire_slot(&self.permits, &self.config).await?;
+        start().await?;
         let started = Instant::now();
         let conn = self.connection().await?;
         let (conn, channel) = match conn.handle.channel_open_session().await {
@@ -363,8 +373,13 @@ pub(super) async fn acquire_slot<'s>(
 }
 
 impl Executor for SshExecutor {
-    fn exec(&self, _tenant: &str, request: ExecRequest) -> ExecFuture<'_> {
-        Box::pin(self.run(request))
+    fn exec(
+        &self,
+        _caller: &super::Caller,
+        request: ExecRequest,
+        start: super::StartHook,
+    ) -> ExecFuture<'_> {
+        Box::pin(self.run_started(request, start))
     }
 }
 

@@ -5,9 +5,13 @@
 //! started (same pinned host key), has no network, and keeps its /workspace in a tmpfs of
 //! `--sandbox-disk` bytes: filling it is ENOSPC inside the container, never the host's disk. A
 //! tenant is created on first use, paused (`docker pause`: no CPU, memory kept) after
-//! `--sandbox-idle-stop`, removed after `--sandbox-idle-remove`, and there are at most
-//! `--sandbox-max-tenants`: a new one over the cap first evicts the longest-idle paused tenant, and
-//! when none is evictable the command is refused as busy (never an unbounded wait).
+//! `--sandbox-idle-stop`, removed after `--sandbox-idle-remove`. Each belongs to its key (recorded
+//! as a container label, so a restarted server knows it too); a key holds at most
+//! `--sandbox-max-sessions` tenants (or its keys-file `sandbox_sessions`) and the server at most
+//! `--sandbox-max-tenants`. A new tenant over either cap first evicts its own key's longest-idle
+//! paused tenant (or one no key owns, left by an older version), never another key's: that would
+//! destroy another key's workspace. When none is evictable the command is refused as busy (never
+//! an unbounded wait).
 //!
 //! Must not: let two tenants share a container, or wait without a deadline.
 
@@ -23,7 +27,7 @@ use tokio::sync::Semaphore;
 use super::container::{self, SandboxState};
 use super::image::{hex, Docker};
 use super::ssh::{SshConfig, SshExecutor, Transport};
-use super::{ExecFuture, ExecOutput, ExecRequest, Executor, SandboxError};
+use super::{Caller, ExecFuture, ExecOutput, ExecRequest, Executor, SandboxError, StartHook};
 
 /// How tenants are made and bounded.
 #[derive(Debug, Clone)]
@@ -36,6 +40,8 @@ pub struct TenantConfig {
     /// Size of each tenant's /workspace tmpfs.
     pub disk_bytes: u64,
     pub max_tenants: usize,
+    /// Tenants one key may hold when its caller names no cap of its own.
+    pub max_sessions: usize,
     /// Idle time after which a tenant is paused.
     pub idle_stop: Duration,
     /// Idle time after which a tenant (and its workspace) is removed.
@@ -46,6 +52,8 @@ pub struct TenantConfig {
 
 struct Tenant {
     executor: Arc<SshExecutor>,
+    /// The key id it belongs to; `None` for a container an older version left unlabelled.
+    owner: Option<String>,
     created: SystemTime,
     last_used: Instant,
     /// Commands running now: an active tenant is never paused or removed.
@@ -106,6 +114,7 @@ impl Tenants {
                         found.name.clone(),
                         Tenant {
                             executor: Arc::new(executor_for(&config, &found.name)),
+                            owner: Some(found.owner.clone()).filter(|o| !o.is_empty()),
                             created: SystemTime::now(),
                             last_used: Instant::now(),
                             active: 0,
@@ -161,27 +170,58 @@ impl Tenants {
             .map_err(|e| SandboxError::Unavailable(e.to_string()))
     }
 
-    /// The executor of tenant `key`, creating or waking its container; marks it active.
-    async fn checkout(&self, key: &str) -> Result<(String, Arc<SshExecutor>), SandboxError> {
-        let name = container_name(&self.config.state.name, key);
+    /// Removes the longest-idle paused tenant that `may_evict` allows; whether one was.
+    async fn evict(
+        &self,
+        table: &mut HashMap<String, Tenant>,
+        may_evict: impl Fn(&Tenant) -> bool,
+    ) -> Result<bool, SandboxError> {
+        let evictable = table
+            .iter()
+            .filter(|(_, t)| t.active == 0 && t.paused && may_evict(t))
+            .min_by_key(|(_, t)| t.last_used)
+            .map(|(n, _)| n.clone());
+        let Some(evict) = evictable else {
+            return Ok(false);
+        };
+        tracing::info!(tenant = %evict, "removing the longest-idle tenant to make room");
+        table.remove(&evict);
+        let gone = evict.clone();
+        self.docker(move |docker, _| container::remove_tenant(&docker, &gone))
+            .await?;
+        Ok(true)
+    }
+
+    /// The executor of `caller`'s tenant, creating or waking its container; marks it active.
+    async fn checkout(&self, caller: &Caller) -> Result<(String, Arc<SshExecutor>), SandboxError> {
+        let name = container_name(&self.config.state.name, &caller.tenant());
+        let owner = caller.owner().to_owned();
         let mut table = self.table.lock().await;
-        if !table.contains_key(&name) && table.len() >= self.config.max_tenants {
-            let evictable = table
-                .iter()
-                .filter(|(_, t)| t.active == 0 && t.paused)
-                .min_by_key(|(_, t)| t.last_used)
-                .map(|(n, _)| n.clone());
-            let Some(evict) = evictable else {
+        if !table.contains_key(&name) {
+            let cap = caller.max_sessions.unwrap_or(self.config.max_sessions);
+            let held = table
+                .values()
+                .filter(|t| t.owner.as_deref() == Some(&owner))
+                .count();
+            let own = |t: &Tenant| t.owner.as_deref() == Some(&owner);
+            if held >= cap {
+                if !self.evict(&mut table, own).await? {
+                    return Err(SandboxError::Busy(format!(
+                        "this key holds {held} sandbox sessions, its cap \
+                         (--sandbox-max-sessions), and all are in use"
+                    )));
+                }
+            } else if table.len() >= self.config.max_tenants
+                && !self
+                    .evict(&mut table, |t| own(t) || t.owner.is_none())
+                    .await?
+            {
                 return Err(SandboxError::Busy(format!(
-                    "all {} tenant containers are in use (--sandbox-max-tenants)",
+                    "all {} tenant containers are in use or belong to other keys \
+                     (--sandbox-max-tenants)",
                     self.config.max_tenants
                 )));
-            };
-            tracing::info!(tenant = %evict, "removing the longest-idle tenant to make room");
-            table.remove(&evict);
-            let gone = evict.clone();
-            self.docker(move |docker, _| container::remove_tenant(&docker, &gone))
-                .await?;
+            }
         }
         let disk = self.config.disk_bytes;
         let wake = match table.get(&name) {
@@ -189,15 +229,16 @@ impl Tenants {
             Some(t) => t.paused,
         };
         if wake {
-            let tenant = name.clone();
+            let (tenant, owner) = (name.clone(), owner.clone());
             self.docker(move |docker, state| {
-                container::start_tenant(&docker, &state, &tenant, disk)
+                container::start_tenant(&docker, &state, &tenant, &owner, disk)
             })
             .await?;
         }
         let executor = self.executor_for(&name);
         let entry = table.entry(name.clone()).or_insert_with(|| Tenant {
             executor: Arc::new(executor),
+            owner: Some(owner),
             created: SystemTime::now(),
             last_used: Instant::now(),
             active: 0,
@@ -289,19 +330,27 @@ impl Tenants {
         let _ = std::fs::write(&self.config.record, text);
     }
 
-    async fn run(&self, key: &str, request: ExecRequest) -> Result<ExecOutput, SandboxError> {
+    async fn run(
+        &self,
+        caller: &Caller,
+        request: ExecRequest,
+        start: StartHook,
+    ) -> Result<ExecOutput, SandboxError> {
         let _slot = super::ssh::acquire_slot(&self.slots, &self.config.ssh).await?;
-        let (name, executor) = self.checkout(key).await?;
-        let result = executor.run(request).await;
+        let (name, executor) = self.checkout(caller).await?;
+        let result = match start().await {
+            Ok(()) => executor.run(request).await,
+            Err(e) => Err(e),
+        };
         self.checkin(&name).await;
         result
     }
 }
 
 impl Executor for Tenants {
-    fn exec(&self, tenant: &str, request: ExecRequest) -> ExecFuture<'_> {
-        let tenant = tenant.to_owned();
-        Box::pin(async move { self.run(&tenant, request).await })
+    fn exec(&self, caller: &Caller, request: ExecRequest, start: StartHook) -> ExecFuture<'_> {
+        let caller = caller.clone();
+        Box::pin(async move { self.run(&caller, request, start).await })
     }
 }
 

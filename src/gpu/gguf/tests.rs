@@ -190,7 +190,7 @@ fn a_sparse_file_cannot_claim_endless_tensors() {
     std::fs::remove_file(&path).unwrap();
     let Err(err) = result else { panic!("parsed") };
     assert!(err.to_string().contains("more than the limit"), "{err}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
     // The same for metadata entries and the arrays in them.
     let mut bytes = b"GGUF".to_vec();
     bytes.extend(3u32.to_le_bytes());
