@@ -672,6 +672,14 @@ pub struct PlacementArgs {
     /// as HOST:PORT. Repeatable.
     #[arg(long = "rpc", env = "LM_SANDBOX_RPC", value_delimiter = ',')]
     pub rpc: Vec<String>,
+    /// Seconds an RPC worker may take to accept or answer any one read or write; past it the
+    /// worker is lost and its models' requests fail.
+    #[arg(
+        long = "rpc-timeout",
+        env = "LM_SANDBOX_RPC_TIMEOUT",
+        default_value_t = 120.0
+    )]
+    pub rpc_timeout: f64,
 }
 
 /// `--n-gpu-layers`: a count, or llama-server's `all` (any count above the model's layers

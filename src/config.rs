@@ -163,6 +163,8 @@ pub struct ServeConfig {
     pub http: HttpLimits,
     /// `--rpc`: the RPC workers whose devices join the placement (`HOST:PORT`).
     pub rpc: Vec<String>,
+    /// `--rpc-timeout`: the deadline of each read and write on a worker's connection.
+    pub rpc_timeout: Duration,
 }
 
 /// The `--rpc` endpoints, checked.
@@ -554,6 +556,7 @@ impl ServeConfig {
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
             placement: plan_config(&args.placement),
             rpc: rpc_endpoints(&args.placement)?,
+            rpc_timeout: seconds("--rpc-timeout", args.placement.rpc_timeout)?,
             sandbox,
             http: HttpLimits { header_timeout },
         })

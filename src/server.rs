@@ -178,11 +178,12 @@ pub async fn start(config: &ServeConfig) -> Result<RunningServer, ServeError> {
     };
     // RPC workers first: an unreachable one is an error naming it, and their devices are part of
     // every inventory reading from here on.
-    let endpoints = config.rpc.clone();
-    let links = tokio::task::spawn_blocking(move || crate::engine::link_workers(&endpoints))
-        .await
-        .map_err(|e| ServeError::Rpc(format!("linking task: {e}")))?
-        .map_err(|e| ServeError::Rpc(e.to_string()))?;
+    let (endpoints, deadline) = (config.rpc.clone(), config.rpc_timeout);
+    let links =
+        tokio::task::spawn_blocking(move || crate::engine::link_workers(&endpoints, deadline))
+            .await
+            .map_err(|e| ServeError::Rpc(format!("linking task: {e}")))?
+            .map_err(|e| ServeError::Rpc(e.to_string()))?;
     // Plans ask the workers for their memory; the 2-second poller only re-reads what this process
     // allocated on them (asking would open a connection to every idle worker each time).
     let polled = links.clone();

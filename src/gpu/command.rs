@@ -30,7 +30,8 @@ pub fn plan_command(args: &PlanArgs) -> anyhow::Result<()> {
     let endpoints = crate::config::rpc_endpoints(&args.placement)?;
     if !endpoints.is_empty() {
         // The workers' devices as they report them now; nothing is loaded on them.
-        let links = crate::engine::link_workers(&endpoints)?;
+        let deadline = std::time::Duration::from_secs_f64(args.placement.rpc_timeout);
+        let links = crate::engine::link_workers(&endpoints, deadline)?;
         inventory
             .gpus
             .extend(crate::engine::remote_gpus(&links, true));

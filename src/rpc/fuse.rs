@@ -6,9 +6,16 @@
 //! the few it must: allocations and frees (the link's measured use), and the size of each answer
 //! (so it can stand in for one). When the worker's side fails — connection refused, reset, closed
 //! — the link is marked lost and the relay keeps serving llama.cpp from [`wire::stand_in`]:
-//! draining what it sends, answering what it waits for, until llama.cpp hangs up. Plain threads and
-//! blocking sockets: the protocol is strictly request–answer, and the runtime never carries model
-//! weights.
+//! draining what it sends, answering what it waits for, until llama.cpp hangs up. A worker also
+//! counts as lost when one read or write takes longer than the link's deadline (`--rpc-timeout`: a
+//! hung worker fails its model's requests instead of holding the engine thread, and the registry's
+//! lock behind it, forever), or when it answers something that would reach a ggml assertion
+//! ([`wire::check_answer`]). Plain threads and blocking sockets: the protocol is strictly
+//! request–answer, and the runtime never carries model weights.
+//!
+//! The relay's port is on loopback, where any local user could connect to it (and so to the
+//! worker, through this process). It serves only connections opened by this process (llama.cpp's):
+//! on Linux the peer's socket must be one of this process's file descriptors.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -24,8 +31,9 @@ const INSPECT_LIMIT: u64 = 4096;
 /// Buffer sizes for streaming tensor data.
 const CHUNK: usize = 1 << 20;
 
-/// Opens the relay for `worker` on an ephemeral loopback port.
-pub fn start(worker: &str) -> Result<Arc<Link>, RpcError> {
+/// Opens the relay for `worker` on an ephemeral loopback port; `deadline` bounds each read and
+/// write on the worker's side.
+pub fn start(worker: &str, deadline: std::time::Duration) -> Result<Arc<Link>, RpcError> {
     let relay_error = |e: io::Error| RpcError::Relay {
         endpoint: worker.to_owned(),
         reason: e.to_string(),
@@ -34,6 +42,7 @@ pub fn start(worker: &str) -> Result<Arc<Link>, RpcError> {
     let link = Arc::new(Link {
         worker: worker.to_owned(),
         relay: listener.local_addr().map_err(relay_error)?,
+        deadline,
         lost: AtomicBool::new(false),
         state: Mutex::new(LinkState::default()),
     });
@@ -43,6 +52,13 @@ pub fn start(worker: &str) -> Result<Arc<Link>, RpcError> {
         .spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
+                if !from_this_process(&client) {
+                    tracing::warn!(
+                        peer = ?client.peer_addr().ok(),
+                        "refused a connection to the RPC relay from another process"
+                    );
+                    continue;
+                }
                 let link = Arc::clone(&accepting);
                 let spawned = std::thread::Builder::new()
                     .name("rpc-relay-conn".to_owned())
@@ -66,7 +82,17 @@ struct Upstream {
 fn relay(client: TcpStream, link: &Link) {
     link.lock().connections += 1;
     let _ = client.set_nodelay(true);
-    let mut upstream = match super::connect(&link.worker) {
+    let mut upstream = match super::connect(&link.worker).and_then(|stream| {
+        let deadline = Some(link.deadline);
+        stream
+            .set_read_timeout(deadline)
+            .and_then(|()| stream.set_write_timeout(deadline))
+            .map_err(|e| super::RpcError::Unreachable {
+                endpoint: link.worker.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(stream)
+    }) {
         Ok(stream) => stream.try_clone().ok().map(|read| Upstream {
             reader: BufReader::with_capacity(CHUNK, read),
             writer: BufWriter::with_capacity(CHUNK, stream),
@@ -120,10 +146,21 @@ fn serve(
                 .and_then(|h| le_u64(h, h.len().saturating_sub(8)))
                 .unwrap_or(0) as usize,
         };
-        let reply = match upstream.as_mut().map(|u| receive(&mut u.reader, expected)) {
+        let received = upstream.as_mut().map(|u| {
+            receive(&mut u.reader, expected)
+                .map_err(|err| match err.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!(
+                        "it did not answer within {} s (--rpc-timeout)",
+                        link.deadline.as_secs_f64()
+                    ),
+                    _ => format!("it stopped answering: {err}"),
+                })
+                .and_then(|reply| wire::check_answer(cmd, head.as_deref(), &reply).map(|()| reply))
+        });
+        let reply = match received {
             Some(Ok(reply)) => reply,
-            Some(Err(err)) => {
-                link.lose(format!("it stopped answering: {err}"));
+            Some(Err(reason)) => {
+                link.lose(reason);
                 *upstream = None;
                 wire::stand_in(cmd, expected, head.as_deref())
             }
@@ -213,4 +250,56 @@ fn le_u64(bytes: &[u8], at: usize) -> Option<u64> {
 
 fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Whether `client`'s other end is a socket of this process (llama.cpp's RPC client): its address
+/// is looked up in `/proc/net/tcp{,6}` for the socket's inode, which must be one of this process's
+/// descriptors. Elsewhere than Linux, every connection is taken.
+fn from_this_process(client: &TcpStream) -> bool {
+    if !cfg!(target_os = "linux") {
+        return true;
+    }
+    let Ok(peer) = client.peer_addr() else {
+        return false;
+    };
+    let Some(inode) = socket_inode(peer) else {
+        return false;
+    };
+    let wanted = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc/self/fd").is_ok_and(|fds| {
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == wanted.as_str())
+        })
+    })
+}
+
+/// The inode of the TCP socket whose local address is `addr`, from `/proc/net/tcp` (IPv4) or
+/// `/proc/net/tcp6`.
+fn socket_inode(addr: std::net::SocketAddr) -> Option<u64> {
+    let (table, local) = match addr {
+        std::net::SocketAddr::V4(v4) => (
+            "/proc/net/tcp",
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(v4.ip().octets()),
+                v4.port()
+            ),
+        ),
+        std::net::SocketAddr::V6(v6) => {
+            let words: String = v6
+                .ip()
+                .octets()
+                .chunks(4)
+                .map(|w| format!("{:08X}", u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
+                .collect();
+            ("/proc/net/tcp6", format!("{words}:{:04X}", v6.port()))
+        }
+    };
+    let text = std::fs::read_to_string(table).ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&local.as_str()))
+            .then(|| fields.get(9)?.parse().ok())
+            .flatten()
+    })
 }

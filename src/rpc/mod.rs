@@ -117,6 +117,8 @@ pub struct Link {
     pub worker: String,
     /// The relay's loopback address: the endpoint llama.cpp is told.
     pub relay: SocketAddr,
+    /// The deadline of each read and write on the worker's side (`--rpc-timeout`).
+    pub deadline: Duration,
     lost: AtomicBool,
     state: Mutex<LinkState>,
 }
@@ -195,15 +197,16 @@ fn links() -> &'static Mutex<Vec<Arc<Link>>> {
     LINKS.get_or_init(Mutex::default)
 }
 
-/// The link to `worker`: probed and relayed the first time it is named.
-pub fn open(worker: &str) -> Result<Arc<Link>, RpcError> {
+/// The link to `worker`: probed and relayed the first time it is named, each read and write on
+/// its connections bounded by `deadline` (a link opened earlier keeps its own).
+pub fn open(worker: &str, deadline: Duration) -> Result<Arc<Link>, RpcError> {
     let worker = parse_endpoint(worker)?;
     let mut all = links().lock().unwrap_or_else(|e| e.into_inner());
     if let Some(link) = all.iter().find(|l| l.worker == worker) {
         return Ok(Arc::clone(link));
     }
     probe(&worker)?;
-    let link = fuse::start(&worker)?;
+    let link = fuse::start(&worker, deadline)?;
     all.push(Arc::clone(&link));
     Ok(link)
 }

@@ -76,6 +76,56 @@ pub fn stand_in(cmd: u8, size: usize, request: Option<&[u8]>) -> Vec<u8> {
     out
 }
 
+/// Whether a worker's answer to `cmd` is one llama.cpp can take: a null buffer or base, an
+/// alignment that is not a power of two or an absurd device count would reach a ggml assertion
+/// (which aborts the process). `Err` says what was wrong; the relay then treats the worker as
+/// lost and answers with [`stand_in`].
+pub fn check_answer(cmd: u8, request: Option<&[u8]>, reply: &[u8]) -> Result<(), String> {
+    let word = |at: usize| {
+        reply
+            .get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    match cmd {
+        BUFFER_GET_BASE if word(0) == Some(0) => Err("it answered a null buffer base".into()),
+        ALLOC_BUFFER => {
+            let asked = request
+                .and_then(|r| r.get(4..12))
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_le_bytes);
+            match (word(0), word(8)) {
+                (Some(0), _) if asked > 0 => {
+                    Err(format!("it answered a null buffer for {asked} bytes"))
+                }
+                (Some(_), Some(size)) if size < asked => Err(format!(
+                    "it allocated {size} bytes where {asked} were asked for"
+                )),
+                _ => Ok(()),
+            }
+        }
+        GET_ALIGNMENT => match word(0) {
+            Some(a) if a.is_power_of_two() && a <= 1 << 30 => Ok(()),
+            other => Err(format!("it answered an alignment of {other:?}")),
+        },
+        DEVICE_COUNT => {
+            let count = reply
+                .get(..4)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u32::from_le_bytes);
+            if (1..=MAX_DEVICES).contains(&count) {
+                Ok(())
+            } else {
+                Err(format!("it answered {count} devices"))
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Most devices one worker may say it has.
+pub const MAX_DEVICES: u32 = 64;
+
 pub fn read_u64(reader: &mut impl Read) -> io::Result<u64> {
     let mut bytes = [0u8; 8];
     reader.read_exact(&mut bytes)?;

@@ -359,12 +359,17 @@ pub fn remote_gpus(links: &[Arc<Link>], ask: bool) -> Vec<Gpu> {
 }
 
 /// Links every `--rpc` worker (probing it: an unreachable one is an error naming it) and
-/// registers its devices with llama.cpp.
-pub fn link_workers(endpoints: &[String]) -> Result<Vec<Arc<Link>>, LoadError> {
+/// registers its devices with llama.cpp; `deadline` bounds each read and write on its
+/// connections (`--rpc-timeout`).
+pub fn link_workers(
+    endpoints: &[String],
+    deadline: std::time::Duration,
+) -> Result<Vec<Arc<Link>>, LoadError> {
     endpoints
         .iter()
         .map(|endpoint| {
-            let link = crate::rpc::open(endpoint).map_err(|e| LoadError::Backend(e.to_string()))?;
+            let link = crate::rpc::open(endpoint, deadline)
+                .map_err(|e| LoadError::Backend(e.to_string()))?;
             register(&link)?;
             Ok(link)
         })
