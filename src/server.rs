@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::api::unproven::{Proof, Unproven};
 use crate::api::{self, AppState, PlacementView};
 use crate::config::{ModelsConfig, SandboxConfig, ServeConfig};
 use crate::gpu::inventory::{Inventory, InventorySource, NvmlSource, Shared, WithRemote};
@@ -328,12 +329,18 @@ fn spawn_rescan_on_hangup(registry: Arc<Registry>, state: AppState) -> JoinHandl
 /// Most connections open at once; more are closed as soon as they are accepted.
 pub const MAX_CONNECTIONS: usize = 4096;
 
+/// Most connections open at once that have not sent a request yet; a new one beyond it closes
+/// the oldest of them (see `api::unproven`).
+pub const MAX_UNPROVEN_CONNECTIONS: usize = 256;
+
 /// The accept loop: each connection served by hyper (HTTP/1.1 with a deadline for the request
 /// headers, so a client that trickles them cannot hold a connection)
 /// until `stopped`, then no new connections and the open ones finish (graceful shutdown). A
 /// connection that sends nothing within the header deadline is closed (hyper's own deadline starts
 /// at the first byte), and at most [`MAX_CONNECTIONS`] are open at once, so idle sockets cannot
-/// exhaust file descriptors.
+/// exhaust file descriptors. Of those, at most [`MAX_UNPROVEN_CONNECTIONS`] may be silent (no
+/// request yet): a client without a key cannot fill the server's connections and keep a keyed
+/// client out.
 pub async fn serve_connections(
     listener: TcpListener,
     app: axum::Router,
@@ -342,6 +349,7 @@ pub async fn serve_connections(
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
+    use tower_http::add_extension::AddExtension;
 
     // HTTP/1.1 only: every client of this server speaks it, and hyper's version-sniffing
     // connection (`auto`) is cancelled outright by a graceful shutdown before it has read enough
@@ -352,6 +360,7 @@ pub async fn serve_connections(
         .header_read_timeout(header_timeout);
     let builder = Arc::new(builder);
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let unproven = Unproven::new(MAX_UNPROVEN_CONNECTIONS);
     loop {
         let (socket, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -373,16 +382,28 @@ pub async fn serve_connections(
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let (ticket, evicted) = unproven.enter();
+        let service = TowerToHyperService::new(AddExtension::new(app.clone(), Proof::new(ticket)));
         let builder = Arc::clone(&builder);
         let mut stop = stopped.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            // Closed to make room for a newer silent connection; `Err` only means this one sent a
+            // request (its ticket left the queue).
+            let evicted = async {
+                if evicted.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::pin!(evicted);
             // Silent connections are closed at the header deadline.
             let mut first = [0u8; 1];
-            match tokio::time::timeout(header_timeout, socket.peek(&mut first)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return,
+            tokio::select! {
+                peeked = tokio::time::timeout(header_timeout, socket.peek(&mut first)) => match peeked {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
+                },
+                _ = &mut evicted => return,
             }
             // Upgrades: LM Studio's SDK speaks over websockets (an upgraded socket lives on in
             // its own task; shutdown waits for HTTP connections only).
@@ -393,6 +414,7 @@ pub async fn serve_connections(
             // A client's broken connection is its own business; nothing to report.
             tokio::select! {
                 _ = connection.as_mut() => {}
+                _ = &mut evicted => {}
                 _ = stop_requested(&mut stop) => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;

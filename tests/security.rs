@@ -70,6 +70,10 @@ async fn serve(api: ApiConfig) -> Server {
 }
 
 async fn serve_with(api: ApiConfig, n_ctx_seq: u32) -> Server {
+    serve_full(api, n_ctx_seq, Duration::from_secs(2)).await
+}
+
+async fn serve_full(api: ApiConfig, n_ctx_seq: u32, header_timeout: Duration) -> Server {
     let engine = FakeRunner::new(Duration::ZERO).spawn(WorkerConfig {
         n_seq: 2,
         n_batch: 256,
@@ -89,7 +93,7 @@ async fn serve_with(api: ApiConfig, n_ctx_seq: u32) -> Server {
     tokio::spawn(lm_sandbox::server::serve_connections(
         listener,
         app,
-        Duration::from_secs(2),
+        header_timeout,
         stopped,
     ));
     Server {
@@ -785,4 +789,56 @@ async fn answers_whose_size_the_client_controls_have_budgets() {
             .unwrap()
             .contains("limit"));
     }
+}
+
+#[tokio::test]
+async fn connections_without_a_key_have_a_cap_of_their_own() {
+    use lm_sandbox::server::MAX_UNPROVEN_CONNECTIONS;
+    // A long header deadline: only the cap can close these.
+    let server = serve_full(keyed(), 512, Duration::from_secs(60)).await;
+    let extra = 100;
+    let mut silent = Vec::new();
+    for _ in 0..MAX_UNPROVEN_CONNECTIONS + extra {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    // A keyed client still gets in (its connection pushes out the oldest silent one).
+    let (status, _) = request(
+        &server,
+        reqwest::Method::GET,
+        "/v1/models",
+        Some("sk-chat"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    // The oldest `extra` (and one more, for the keyed client) were closed long before their
+    // header deadline; the newest are still open.
+    for (i, socket) in silent.iter_mut().enumerate().take(extra + 1) {
+        assert_eq!(
+            read_until_closed(socket, Duration::from_secs(10))
+                .await
+                .as_deref(),
+            Some(""),
+            "silent connection {i} is still open"
+        );
+    }
+    // A keyless request on a keyed server (here /health) gets its answer and the connection
+    // closes: it cannot sit idle outside the cap.
+    let health = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let answer = raw(server.addr, health.as_bytes(), Duration::from_secs(10))
+        .await
+        .expect("closed after one answer");
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    let newest = silent.last_mut().unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), newest.read(&mut byte))
+            .await
+            .is_err(),
+        "the newest silent connection was closed"
+    );
 }

@@ -179,6 +179,9 @@ pub async fn require_key(
         .and_then(|a| a.admit(Instant::now()).map(|()| a));
     match authenticated {
         Ok(authenticated) => {
+            if let Some(proof) = request.extensions().get::<super::unproven::Proof>() {
+                proof.prove();
+            }
             request.extensions_mut().insert(authenticated);
             next.run(request).await
         }
@@ -215,6 +218,30 @@ pub async fn require_scope(State(scope): State<Scope>, request: Request, next: N
         Ok(()) => next.run(request).await,
         Err(err) => err.into_response(),
     }
+}
+
+/// The connection under a request: a request takes it out of the silent ones (`unproven`), and on
+/// a keyed server an answer on a connection that never showed a key closes it (an upgrade
+/// excepted: the socket authenticates itself).
+pub async fn connection(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let proof = request
+        .extensions()
+        .get::<super::unproven::Proof>()
+        .cloned();
+    if let Some(proof) = &proof {
+        proof.begin();
+    }
+    let mut response = next.run(request).await;
+    let unproven = proof.is_some_and(|p| !p.proven());
+    if unproven
+        && !state.keys().is_empty()
+        && response.status() != axum::http::StatusCode::SWITCHING_PROTOCOLS
+    {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// This request's id (`req_` and 24 hex digits), also sent back as `x-request-id`.

@@ -29,6 +29,7 @@ mod sandbox;
 mod shell_loop;
 mod sse;
 mod tokens;
+pub mod unproven;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -151,7 +152,7 @@ struct Shared {
     /// `--max-websockets` permits, held by each SDK socket for its life; see `lmstudio::socket`.
     websockets: Arc<Semaphore>,
     /// SDK sockets that have not sent their passkey yet.
-    waiting_sockets: Arc<lmstudio::Waiting>,
+    waiting_sockets: Arc<unproven::Unproven>,
     /// Per model id, the facts of its engine's current load and its compiled template. A std
     /// Mutex: held only to compare a load id and clone an `Arc`, never across an await.
     loaded: Mutex<HashMap<String, Arc<Loaded>>>,
@@ -277,7 +278,7 @@ impl AppState {
                 in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
                 keys: auth::Keys::new(&config.api_keys),
                 websockets: Arc::new(Semaphore::new(config.max_websockets)),
-                waiting_sockets: Arc::default(),
+                waiting_sockets: unproven::Unproven::new(lmstudio::MAX_UNAUTHENTICATED),
                 shed: AtomicU64::new(0),
                 metrics,
                 facts: Mutex::default(),
@@ -317,7 +318,7 @@ impl AppState {
     }
 
     /// SDK sockets waiting for their first message.
-    fn waiting_sockets(&self) -> &Arc<lmstudio::Waiting> {
+    fn waiting_sockets(&self) -> &Arc<unproven::Unproven> {
         &self.shared.waiting_sockets
     }
 
@@ -576,6 +577,10 @@ pub fn router(state: AppState) -> Router {
             origin::guard,
         ))
         .layer(axum::middleware::from_fn(auth::request_id))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::connection,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             models::track,

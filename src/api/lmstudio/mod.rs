@@ -208,7 +208,7 @@ async fn no_downloads() -> ApiError {
 
 /// One model as LM Studio lists it.
 pub use chat::Threads;
-pub use socket::Waiting;
+pub use socket::MAX_UNAUTHENTICATED;
 
 async fn model_object(
     state: &AppState,

@@ -16,10 +16,10 @@
 //! - Every call and channel is a task of the socket's `JoinSet`s: the socket closing aborts them,
 //!   which drops their event receivers and so cancels their generations (invariant 6).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,7 +32,7 @@ use futures::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
@@ -88,51 +88,6 @@ pub fn routes() -> Router<AppState> {
 
 async fn greeting() -> Json<Value> {
     Json(json!({"lmstudio": true}))
-}
-
-/// Sockets waiting for their first message, oldest first, each with the means to close it.
-#[derive(Default)]
-pub struct Waiting {
-    next: AtomicU64,
-    /// A std Mutex: held to push or remove one entry, never across an await.
-    queue: Mutex<VecDeque<(u64, oneshot::Sender<()>)>>,
-}
-
-impl Waiting {
-    /// Registers a waiting socket (closing the oldest beyond [`MAX_UNAUTHENTICATED`]); the
-    /// receiver fires when this one is closed to make room.
-    fn enter(self: &Arc<Self>) -> (WaitTicket, oneshot::Receiver<()>) {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (evict, evicted) = oneshot::channel();
-        let mut queue = self.queue.lock().expect("waiting sockets");
-        while queue.len() >= MAX_UNAUTHENTICATED {
-            if let Some((_, oldest)) = queue.pop_front() {
-                // Ignored error: that socket has just ended on its own.
-                let _ = oldest.send(());
-            }
-        }
-        queue.push_back((id, evict));
-        (
-            WaitTicket {
-                id,
-                waiting: Arc::clone(self),
-            },
-            evicted,
-        )
-    }
-}
-
-/// A socket's place among the waiting; dropping it (authenticated or gone) leaves.
-struct WaitTicket {
-    id: u64,
-    waiting: Arc<Waiting>,
-}
-
-impl Drop for WaitTicket {
-    fn drop(&mut self) {
-        let mut queue = self.waiting.queue.lock().expect("waiting sockets");
-        queue.retain(|(id, _)| *id != self.id);
-    }
 }
 
 /// The websocket handshake (RFC 6455), by hand so that the stream under the parser can be
@@ -288,6 +243,12 @@ where
 
     // The first message, within its deadline and size, unless a newer socket needs the room.
     let (ticket, evicted) = state.waiting_sockets().enter();
+    let evicted = async {
+        // `Err`: the ticket left the queue, which only happens below.
+        if evicted.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     let first = async {
         loop {
             match stream.next().await {
