@@ -62,6 +62,7 @@ async fn generate(engine: &EngineHandle, prompt: Vec<i32>) -> u32 {
             stop: Vec::new(),
             special_tokens: false,
             logprobs: None,
+            usage: None,
         })
         .expect("queue has room");
     while let Some(event) = events.recv().await {

@@ -38,6 +38,16 @@ scopes = ["metrics"]
 key = "sk-slow"
 scopes = ["inference"]
 requests_per_minute = 2
+
+[[key]]
+key = "sk-narrow"
+scopes = ["inference"]
+models = ["other-*"]
+
+[[key]]
+key = "sk-thrifty"
+scopes = ["inference"]
+tokens_per_minute = 10
 "#;
 
 struct Server {
@@ -841,4 +851,49 @@ async fn connections_without_a_key_have_a_cap_of_their_own() {
             .is_err(),
         "the newest silent connection was closed"
     );
+}
+
+#[tokio::test]
+async fn a_key_uses_only_its_models_and_its_tokens() {
+    let server = serve(keyed()).await;
+    use reqwest::Method;
+    let (status, answer) = request(
+        &server,
+        Method::POST,
+        "/v1/chat/completions",
+        Some("sk-narrow"),
+        Some(chat("hi")),
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer.to_string().contains("may not use the model"),
+        "{answer}"
+    );
+    // The token rate is charged as each answer ends: the first (~25 tokens) overspends 10 a
+    // minute, so the next request waits.
+    let (status, answer) = request(
+        &server,
+        Method::POST,
+        "/v1/chat/completions",
+        Some("sk-thrifty"),
+        Some(chat("hi")),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/models", server.url))
+        .bearer_auth("sk-thrifty")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let wait: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(wait >= 60, "{wait}");
+    let body: Value = response.json().await.unwrap();
+    assert!(body.to_string().contains("tokens per minute"), "{body}");
 }

@@ -30,6 +30,8 @@ pub struct KeyEntry {
     pub key: ApiKey,
     pub id: String,
     requests: Option<Bucket>,
+    /// Shared with the engine's usage sinks, which spend from it as sequences end.
+    tokens: Option<Arc<Bucket>>,
 }
 
 /// The server's keys; empty: no key needed.
@@ -43,6 +45,10 @@ impl Keys {
                     Arc::new(KeyEntry {
                         id: key.id(),
                         requests: key.limits.requests_per_minute.map(Bucket::new),
+                        tokens: key
+                            .limits
+                            .tokens_per_minute
+                            .map(|n| Arc::new(Bucket::new(n))),
                         key: key.clone(),
                     })
                 })
@@ -141,16 +147,61 @@ impl Authenticated {
         }))
     }
 
-    /// Counts one request against the key's rate; a 429 with the wait when it is spent.
+    /// Counts one request against the key's rate, and refuses it while the key's tokens are
+    /// overspent; a 429 with the wait.
     fn admit(&self, now: Instant) -> Result<(), ApiError> {
-        let Some(bucket) = self.entry.as_ref().and_then(|e| e.requests.as_ref()) else {
+        let Some(entry) = &self.entry else {
             return Ok(());
         };
-        bucket.take(now).map_err(|wait| ApiError::RateLimited {
-            retry_after: wait.as_secs().max(1),
-            what: "requests per minute",
-        })
+        let limited = |what| {
+            move |wait: std::time::Duration| ApiError::RateLimited {
+                retry_after: wait.as_secs().max(1),
+                what,
+            }
+        };
+        if let Some(tokens) = &entry.tokens {
+            tokens.check(now).map_err(limited("tokens per minute"))?;
+        }
+        if let Some(requests) = &entry.requests {
+            requests.take(now).map_err(limited("requests per minute"))?;
+        }
+        Ok(())
     }
+
+    /// A 403 unless the key may use the model asked for as `requested` (id `id`).
+    pub fn require_model(&self, requested: &str, id: &str) -> Result<(), ApiError> {
+        match &self.entry {
+            Some(entry) if !entry.key.may_use(&[requested, id]) => Err(ApiError::Forbidden(
+                format!("This API key may not use the model `{requested}` (see --keys-file)"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Where the engine reports the tokens a sequence took, for a key with a token rate.
+    pub fn usage_sink(&self) -> Option<crate::engine::UsageSink> {
+        let tokens = Arc::clone(self.entry.as_ref()?.tokens.as_ref()?);
+        Some(crate::engine::UsageSink(Arc::new(move |n| {
+            tokens.spend(n, Instant::now());
+        })))
+    }
+}
+
+tokio::task_local! {
+    /// The caller of the request being handled: set by [`require_key`] around the handler (and
+    /// by the SDK socket around each call), read where a model is acquired and work is submitted.
+    static CALLER: Authenticated;
+}
+
+/// The caller whose request is being handled, if any (`None` outside a request: the server's own
+/// work, tests).
+pub fn current_caller() -> Option<Authenticated> {
+    CALLER.try_with(Clone::clone).ok()
+}
+
+/// Runs `work` as `caller`'s.
+pub async fn as_caller<F: std::future::Future>(caller: Authenticated, work: F) -> F::Output {
+    CALLER.scope(caller, work).await
 }
 
 /// The bearer token of `headers`, if any.
@@ -182,8 +233,8 @@ pub async fn require_key(
             if let Some(proof) = request.extensions().get::<super::unproven::Proof>() {
                 proof.prove();
             }
-            request.extensions_mut().insert(authenticated);
-            next.run(request).await
+            request.extensions_mut().insert(authenticated.clone());
+            as_caller(authenticated, next.run(request)).await
         }
         Err(err) => {
             if let Some(metrics) = state.metrics() {
@@ -286,6 +337,32 @@ mod tests {
         let err = chat.require(Scope::Models).unwrap_err();
         assert_eq!(err.status(), 403);
         assert!(err.to_string().contains("`models` scope"), "{err}");
+    }
+
+    #[test]
+    fn a_key_over_its_tokens_waits_and_may_use_only_its_models() {
+        let mut key = ApiKey::scoped("k", Scopes::PLAIN);
+        key.limits.tokens_per_minute = Some(100);
+        key.limits.models = Some(vec!["small-*".into()]);
+        let keys = Keys::new(&[key]);
+        let caller = keys.authenticate(Some("k")).unwrap();
+        assert!(caller.require_model("small-1", "small-1").is_ok());
+        assert!(caller.require_model("alias", "small-2").is_ok());
+        assert_eq!(
+            caller.require_model("big", "big").unwrap_err().status(),
+            403
+        );
+        let now = Instant::now();
+        assert!(caller.admit(now).is_ok());
+        (caller.usage_sink().unwrap().0)(250);
+        match caller.admit(now).unwrap_err() {
+            ApiError::RateLimited { retry_after, what } => {
+                assert_eq!(what, "tokens per minute");
+                assert!((89..=91).contains(&retry_after), "{retry_after}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Authenticated::keyless().usage_sink().is_none());
     }
 
     #[test]

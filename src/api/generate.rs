@@ -189,6 +189,8 @@ pub fn submit(
             ));
         }
     }
+    // The caller's token rate, if any, is charged as each sequence ends.
+    let usage = super::auth::current_caller().and_then(|caller| caller.usage_sink());
     let mut receivers = Vec::with_capacity(total);
     for job in jobs {
         for j in 0..options.n {
@@ -202,6 +204,7 @@ pub fn submit(
                 stop: options.stop.clone(),
                 special_tokens: options.special_tokens,
                 logprobs: options.logprobs,
+                usage: usage.clone(),
             };
             let rx = engine.submit(request).map_err(|err| match err {
                 SubmitError::QueueFull => ApiError::QueueFull,

@@ -1,4 +1,5 @@
-//! API keys: what each may do (its scopes), how fast it may ask, and its id in logs. Read from
+//! API keys: what each may do (its scopes), which models it may use, how fast it may ask (requests
+//! and tokens per minute), its sandbox sessions, and its id in logs. Read from
 //! `--api-key` / `--sandbox-api-key` flags or a `--keys-file`; nothing here knows HTTP.
 //!
 //! Scopes: `inference` (chat, completions, embeddings, tokenize, model lists), `models` (load,
@@ -137,6 +138,10 @@ pub fn keyed_id(secret: &[u8], key: &str) -> String {
 /// Per-key limits beyond its scopes (a keys file's optional fields).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KeyLimits {
+    /// Model ids or names the key may use (`*` wildcards); `None`: every model.
+    pub models: Option<Vec<String>>,
+    /// Prompt plus generated tokens per minute, charged as each sequence ends; `None`: unlimited.
+    pub tokens_per_minute: Option<u32>,
     /// Requests per minute (a token bucket with a minute's burst); `None`: unlimited.
     pub requests_per_minute: Option<u32>,
     /// Sandbox sessions (tenants) the key may hold at once; `None`: the server's default.
@@ -185,6 +190,16 @@ impl ApiKey {
             scopes,
             auto_shell: false,
             limits: KeyLimits::default(),
+        }
+    }
+
+    /// Whether the key may use a model known by any of `names` (the name asked for, its id).
+    pub fn may_use(&self, names: &[&str]) -> bool {
+        match &self.limits.models {
+            None => true,
+            Some(patterns) => patterns
+                .iter()
+                .any(|p| names.iter().any(|name| glob(p, name))),
         }
     }
 
@@ -274,7 +289,11 @@ struct FileKey {
     key: String,
     scopes: Vec<String>,
     #[serde(default)]
+    models: Option<Vec<String>>,
+    #[serde(default)]
     requests_per_minute: Option<u32>,
+    #[serde(default)]
+    tokens_per_minute: Option<u32>,
     #[serde(default)]
     sandbox_sessions: Option<usize>,
     #[serde(default)]
@@ -288,8 +307,8 @@ struct FileKeys {
     keys: Vec<FileKey>,
 }
 
-/// Parses a keys file: TOML (`[[key]]` tables with `key`, `scopes` and optional
-/// `requests_per_minute`, `sandbox_sessions`, `auto_shell`), or one key per
+/// Parses a keys file: TOML (`[[key]]` tables with `key`, `scopes` and optional `models`,
+/// `requests_per_minute`, `tokens_per_minute`, `sandbox_sessions`, `auto_shell`), or one key per
 /// line followed by its comma-separated scopes (`sk-abc inference,models`; blank lines and `#`
 /// comments skipped). An error names the line or field.
 pub fn parse_keys_file(text: &str) -> Result<Vec<ApiKey>, String> {
@@ -318,9 +337,17 @@ pub fn parse_keys_file(text: &str) -> Result<Vec<ApiKey>, String> {
                         i + 1
                     ));
                 }
-                if k.requests_per_minute == Some(0) {
+                for (field, value) in [
+                    ("requests_per_minute", k.requests_per_minute),
+                    ("tokens_per_minute", k.tokens_per_minute),
+                ] {
+                    if value == Some(0) {
+                        return Err(format!("key {}: `{field}` must be at least 1", i + 1));
+                    }
+                }
+                if k.models.as_ref().is_some_and(Vec::is_empty) {
                     return Err(format!(
-                        "key {}: `requests_per_minute` must be at least 1",
+                        "key {}: `models` must name at least one model (leave it out for all)",
                         i + 1
                     ));
                 }
@@ -335,7 +362,9 @@ pub fn parse_keys_file(text: &str) -> Result<Vec<ApiKey>, String> {
                     scopes: Scopes::of(&scopes),
                     auto_shell: k.auto_shell,
                     limits: KeyLimits {
+                        models: k.models,
                         requests_per_minute: k.requests_per_minute,
+                        tokens_per_minute: k.tokens_per_minute,
                         sandbox_sessions: k.sandbox_sessions,
                     },
                 })
@@ -405,6 +434,25 @@ impl Bucket {
         } else {
             Err(self.wait(state.0))
         }
+    }
+
+    /// Whether the bucket holds anything (a spender may overdraw it), else how long until it does.
+    pub fn check(&self, now: Instant) -> Result<(), Duration> {
+        let mut state = self.state.lock().expect("token bucket");
+        self.refill(&mut state, now);
+        if state.0 > 0.0 {
+            Ok(())
+        } else {
+            Err(self.wait(state.0))
+        }
+    }
+
+    /// Spends `units` after the fact (the tokens a sequence took); the bucket may go negative, so
+    /// the next request waits until the overdraft is paid back.
+    pub fn spend(&self, units: u64, now: Instant) {
+        let mut state = self.state.lock().expect("token bucket");
+        self.refill(&mut state, now);
+        state.0 -= units as f64;
     }
 
     fn wait(&self, level: f64) -> Duration {
@@ -478,7 +526,9 @@ mod tests {
 [[key]]
 key = "sk-one"
 scopes = ["inference", "sandbox"]
+models = ["smollm*"]
 requests_per_minute = 30
+tokens_per_minute = 1000
 sandbox_sessions = 2
 auto_shell = true
 
@@ -491,6 +541,9 @@ scopes = ["metrics"]
         assert_eq!(keys[0].limits.requests_per_minute, Some(30));
         assert_eq!(keys[0].limits.sandbox_sessions, Some(2));
         assert!(keys[0].auto_shell);
+        assert_eq!(keys[0].limits.tokens_per_minute, Some(1000));
+        assert!(keys[0].may_use(&["smollm2-135m"]) && !keys[0].may_use(&["gemma"]));
+        assert!(keys[1].may_use(&["anything"]));
         for (text, says) in [
             ("sk-a inference,root\n", "unknown scope \"root\""),
             ("sk-a\n", "line 1"),
@@ -530,5 +583,10 @@ scopes = ["metrics"]
         let wait = bucket.take(start).unwrap_err();
         assert!((29.0..=30.5).contains(&wait.as_secs_f64()), "{wait:?}");
         assert!(bucket.take(start + Duration::from_secs(31)).is_ok());
+        let tokens = Bucket::new(60);
+        tokens.spend(120, start);
+        let wait = tokens.check(start).unwrap_err();
+        assert!((60.0..=62.0).contains(&wait.as_secs_f64()), "{wait:?}");
+        assert!(tokens.check(start + Duration::from_secs(62)).is_ok());
     }
 }

@@ -367,6 +367,11 @@ impl AppState {
         requested: &str,
         keep: Option<KeepAlive>,
     ) -> Result<Served, ApiError> {
+        // A key limited to some models is refused before anything is loaded for it.
+        if let Some(caller) = auth::current_caller() {
+            let id = self.shared.registry.resolve(requested)?;
+            caller.require_model(requested, &id)?;
+        }
         let acquired = self.shared.registry.acquire(requested, keep).await?;
         let loaded = self.loaded(&acquired.card, &acquired.engine)?;
         Ok(Served {

@@ -55,6 +55,19 @@ pub struct GenerationRequest {
     /// Report each generated token's log-probability with this many alternatives (at most
     /// [`MAX_TOP_LOGPROBS`]); `None` computes nothing.
     pub logprobs: Option<u8>,
+    /// Told the tokens the sequence took (its prompt and what it generated) when it ends, however
+    /// it ends (a key's token rate is charged this way).
+    pub usage: Option<UsageSink>,
+}
+
+/// Receives a finished sequence's token count, on the engine thread: it must return at once.
+#[derive(Clone)]
+pub struct UsageSink(pub Arc<dyn Fn(u64) + Send + Sync>);
+
+impl std::fmt::Debug for UsageSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UsageSink")
+    }
 }
 
 /// Why generation ended, in engine terms.

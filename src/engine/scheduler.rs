@@ -60,6 +60,13 @@ impl Slot {
         &self.submission.request.prompt
     }
 
+    /// Tells the request's usage sink (once) the tokens the sequence took.
+    fn charge_usage(&mut self) {
+        if let Some(usage) = self.submission.request.usage.take() {
+            (usage.0)(self.prompt().len() as u64 + u64::from(self.generated));
+        }
+    }
+
     fn in_prefill(&self) -> bool {
         self.pending.is_none() && self.n_prefilled < self.prompt().len()
     }
@@ -754,7 +761,9 @@ impl<R: ModelRunner> Scheduler<R> {
     }
 
     fn send_done(&mut self, index: usize, reason: FinishReason, report: &mut StepReport) {
-        if let Some(slot) = self.slots[index].as_ref() {
+        if let Some(slot) = self.slots[index].as_mut() {
+            // Charged before the client hears it is done, so its next request sees the charge.
+            slot.charge_usage();
             let stats = slot.stats();
             report.finished.push(stats);
             // Ignored result: the slot is released either way.
@@ -783,7 +792,8 @@ impl<R: ModelRunner> Scheduler<R> {
 
     /// Frees the slot for the next request. Its KV cells stay as a prefix cache.
     fn release(&mut self, index: usize, report: &mut StepReport) {
-        if self.slots[index].take().is_some() {
+        if let Some(mut slot) = self.slots[index].take() {
+            slot.charge_usage();
             self.runner.end_sequence(index as SeqId);
             self.kv[index].last_used = self.next_order;
             self.next_order += 1;

@@ -451,6 +451,7 @@ async fn an_unload_waits_for_the_requests_of_its_model() {
         stop: Vec::new(),
         special_tokens: false,
         logprobs: None,
+        usage: None,
     };
     let mut events = a.engine.submit(request).unwrap();
     drop(a);

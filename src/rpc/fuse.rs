@@ -262,20 +262,23 @@ fn from_this_process(client: &TcpStream) -> bool {
     let Ok(peer) = client.peer_addr() else {
         return false;
     };
-    let Some(inode) = socket_inode(peer) else {
-        return false;
-    };
-    let wanted = format!("socket:[{inode}]");
-    std::fs::read_dir("/proc/self/fd").is_ok_and(|fds| {
-        fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == wanted.as_str())
+    let wanted: Vec<String> = socket_inodes(peer)
+        .into_iter()
+        .map(|inode| format!("socket:[{inode}]"))
+        .collect();
+    !wanted.is_empty()
+        && std::fs::read_dir("/proc/self/fd").is_ok_and(|fds| {
+            fds.flatten().any(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|target| wanted.iter().any(|w| target.as_os_str() == w.as_str()))
+            })
         })
-    })
 }
 
-/// The inode of the TCP socket whose local address is `addr`, from `/proc/net/tcp` (IPv4) or
-/// `/proc/net/tcp6`.
-fn socket_inode(addr: std::net::SocketAddr) -> Option<u64> {
+/// The inodes of the TCP sockets whose local address is `addr`, from `/proc/net/tcp` (IPv4) or
+/// `/proc/net/tcp6`. An earlier connection from the same port may linger in TIME_WAIT (inode 0)
+/// beside the live one, so every match counts.
+fn socket_inodes(addr: std::net::SocketAddr) -> Vec<u64> {
     let (table, local) = match addr {
         std::net::SocketAddr::V4(v4) => (
             "/proc/net/tcp",
@@ -295,11 +298,17 @@ fn socket_inode(addr: std::net::SocketAddr) -> Option<u64> {
             ("/proc/net/tcp6", format!("{words}:{:04X}", v6.port()))
         }
     };
-    let text = std::fs::read_to_string(table).ok()?;
-    text.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        (fields.get(1) == Some(&local.as_str()))
-            .then(|| fields.get(9)?.parse().ok())
-            .flatten()
-    })
+    let Ok(text) = std::fs::read_to_string(table) else {
+        return Vec::new();
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(1) == Some(&local.as_str()))
+                .then(|| fields.get(9)?.parse().ok())
+                .flatten()
+        })
+        .filter(|inode| *inode != 0)
+        .collect()
 }

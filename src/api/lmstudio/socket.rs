@@ -339,7 +339,8 @@ where
                     namespace.clone(),
                     caller.clone(),
                 );
-                calls.spawn(async move {
+                let scope = caller.clone();
+                calls.spawn(super::super::auth::as_caller(scope, async move {
                     let endpoint = message["endpoint"].as_str().unwrap_or_default();
                     let parameter = message.get("parameter").unwrap_or(&Value::Null);
                     let reply = match rpc(&state, &caller, &namespace, endpoint, parameter).await {
@@ -352,7 +353,7 @@ where
                         }
                     };
                     let _ = out.send(reply).await;
-                });
+                }));
             }
             Some("channelCreate") => {
                 let Some(id) = message["channelId"].as_u64() else {
@@ -377,13 +378,16 @@ where
                     .get("creationParameter")
                     .cloned()
                     .unwrap_or(Value::Null);
-                let task = channels.spawn(run_channel(
-                    state.clone(),
+                let task = channels.spawn(super::super::auth::as_caller(
                     caller.clone(),
-                    namespace.clone(),
-                    endpoint,
-                    parameter,
-                    channel,
+                    run_channel(
+                        state.clone(),
+                        caller.clone(),
+                        namespace.clone(),
+                        endpoint,
+                        parameter,
+                        channel,
+                    ),
                 ));
                 open.insert(id, task);
             }

@@ -21,6 +21,7 @@ fn submission(
         stop: stop.iter().map(|s| s.to_string()).collect(),
         special_tokens: false,
         logprobs: None,
+        usage: None,
     };
     (
         Submission {
