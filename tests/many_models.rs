@@ -2,7 +2,9 @@
 //! store, a synthetic LM Studio folder) plus a folder with a truncated GGUF: two loaded at once
 //! with `--models-max 2`, a third request unloads the least recently used, explicit load and
 //! unload, idle unload, a load failure answered with its reason while the others keep serving,
-//! two models streaming at once, Ollama's `keep_alive: 0`, and a rescan.
+//! two models streaming at once, Ollama's `keep_alive: 0`, and a rescan. And on a keyed server: a
+//! reload for a larger `num_ctx` needs the `models` scope, and a sparse file in the models folder
+//! that claims 1 TiB of tensor entries costs nothing to list.
 
 #![cfg(feature = "real-model")]
 
@@ -386,4 +388,118 @@ async fn models_from_three_stores_load_on_demand_unload_and_fail_alone() {
 
     assert!(server.shutdown(Duration::from_secs(10)).await);
     std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// A keyed server over the default model and a folder holding a sparse file that claims 1 TiB of
+/// tensor entries.
+async fn start_keyed(root: &Path) -> lm_sandbox::server::RunningServer {
+    let _ = std::fs::remove_dir_all(root);
+    std::fs::create_dir_all(root.join("dir")).unwrap();
+    let sparse = root.join("dir/sparse.gguf");
+    let mut header = b"GGUF".to_vec();
+    header.extend(3u32.to_le_bytes());
+    header.extend((40u64 << 30).to_le_bytes());
+    header.extend(0u64.to_le_bytes());
+    std::fs::write(&sparse, header).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&sparse)
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
+    std::fs::write(
+        root.join("keys.txt"),
+        "sk-chat inference\nsk-admin inference,models\n",
+    )
+    .unwrap();
+    let model = common::model_path();
+    let argv: Vec<String> = [
+        "lm-sandbox",
+        "serve",
+        "--port",
+        "0",
+        "-t",
+        "2",
+        "--ctx-size",
+        "1024",
+        "--parallel",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "-m".into(),
+        model.to_string_lossy().into_owned(),
+        "--models-dir".into(),
+        root.join("dir").to_string_lossy().into_owned(),
+        "--keys-file".into(),
+        root.join("keys.txt").to_string_lossy().into_owned(),
+    ])
+    .collect();
+    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+        panic!("not serve")
+    };
+    let config = ServeConfig::from_args(*args).unwrap();
+    let server = lm_sandbox::server::start(&config).await.unwrap();
+    server.ready().await.unwrap();
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_for_more_context_needs_the_models_scope_and_a_sparse_file_costs_nothing() {
+    let root = std::env::temp_dir().join(format!("lmsbx-keyed-{}", std::process::id()));
+    let server = start_keyed(&root).await;
+    let base = format!("http://{}", server.addr);
+    let http = reqwest::Client::new();
+    let n_ctx_seq = |models: &Value| {
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == MODEL_ID)
+            .and_then(|m| m["meta"]["n_ctx_seq"].as_u64())
+    };
+    let list = |key: &'static str| {
+        http.get(format!("{base}/v1/models"))
+            .bearer_auth(key)
+            .send()
+    };
+    let before: Value = list("sk-chat").await.unwrap().json().await.unwrap();
+    assert_eq!(n_ctx_seq(&before), Some(512), "{before}");
+    // The sparse file is listed as a model without its 1 TiB claim costing anything.
+    let started = Instant::now();
+    let tags = http
+        .get(format!("{base}/api/tags"))
+        .bearer_auth("sk-chat")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tags.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let grow = json!({"model": MODEL_ID, "prompt": "Hi", "stream": false,
+                      "options": {"num_ctx": 1024, "num_predict": 2}});
+    let refused = http
+        .post(format!("{base}/api/generate"))
+        .bearer_auth("sk-chat")
+        .json(&grow)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    let body: Value = refused.json().await.unwrap();
+    assert!(body.to_string().contains("num_ctx"), "{body}");
+    let after: Value = list("sk-chat").await.unwrap().json().await.unwrap();
+    assert_eq!(n_ctx_seq(&after), Some(512), "not reloaded");
+    let grown = http
+        .post(format!("{base}/api/generate"))
+        .bearer_auth("sk-admin")
+        .json(&grow)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(grown.status(), 200);
+    let after: Value = list("sk-admin").await.unwrap().json().await.unwrap();
+    assert_eq!(n_ctx_seq(&after), Some(1024), "{after}");
+    server.shutdown(Duration::from_secs(10)).await;
+    let _ = std::fs::remove_dir_all(&root);
 }
