@@ -8,8 +8,8 @@
 //! - [`template`]: chat templates rendered with Hugging Face's Jinja semantics.
 //! - [`tools`]: tool calls and structured output: request checks, the generic tool prompt,
 //!   JSON-schema grammars, and parsing model output into `tool_calls`.
-//! - [`api`]: the axum router: OpenAI and Ollama routes, validation, errors, SSE and NDJSON, API
-//!   keys, embeddings, `/metrics`.
+//! - [`api`]: the axum router: OpenAI, Ollama and LM Studio routes, validation, errors, SSE and
+//!   NDJSON, scoped API keys, the browser guard, embeddings, `/metrics`.
 //! - [`gpu`]: the NVML inventory, model facts from GGUF headers, and the placement planner.
 //! - [`sandbox`]: the hardened container commands run in, reached over SSH (russh); its image,
 //!   profile, keys, executor and audit log.
