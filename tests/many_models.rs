@@ -75,8 +75,30 @@ fn stores(root: &Path) {
 }
 
 async fn start(root: &Path) -> lm_sandbox::server::RunningServer {
-    let model = common::model_path();
     let path = |p: &str| root.join(p).to_string_lossy().into_owned();
+    serve(&[
+        "--ctx-size",
+        "2048",
+        "--models-max",
+        "2",
+        "--idle-unload",
+        "3s",
+        "--models-dir",
+        &path("dir"),
+        "--ollama-models",
+        &path("ollama"),
+        "--lmstudio-models",
+        &path("lms"),
+        "--models-preset",
+        &path("presets.toml"),
+    ])
+    .await
+}
+
+/// `serve` of the default model on a free port, 2 threads, 2 sequences, and `flags`, once it is
+/// ready.
+async fn serve(flags: &[&str]) -> lm_sandbox::server::RunningServer {
+    let model = common::model_path();
     let argv: Vec<String> = [
         "lm-sandbox",
         "serve",
@@ -84,29 +106,13 @@ async fn start(root: &Path) -> lm_sandbox::server::RunningServer {
         "0",
         "-t",
         "2",
-        "--ctx-size",
-        "2048",
         "--parallel",
         "2",
-        "--models-max",
-        "2",
-        "--idle-unload",
-        "3s",
     ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([
-        "-m".into(),
-        model.to_string_lossy().into_owned(),
-        "--models-dir".into(),
-        path("dir"),
-        "--ollama-models".into(),
-        path("ollama"),
-        "--lmstudio-models".into(),
-        path("lms"),
-        "--models-preset".into(),
-        path("presets.toml"),
-    ])
+    .into_iter()
+    .chain(["-m", model.to_str().unwrap()])
+    .chain(flags.iter().copied())
+    .map(str::to_owned)
     .collect();
     let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
         panic!("not serve")
@@ -412,37 +418,16 @@ async fn start_keyed(root: &Path) -> lm_sandbox::server::RunningServer {
         "sk-chat inference\nsk-admin inference,models\n",
     )
     .unwrap();
-    let model = common::model_path();
-    let argv: Vec<String> = [
-        "lm-sandbox",
-        "serve",
-        "--port",
-        "0",
-        "-t",
-        "2",
+    let path = |p: &str| root.join(p).to_string_lossy().into_owned();
+    serve(&[
         "--ctx-size",
         "1024",
-        "--parallel",
-        "2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([
-        "-m".into(),
-        model.to_string_lossy().into_owned(),
-        "--models-dir".into(),
-        root.join("dir").to_string_lossy().into_owned(),
-        "--keys-file".into(),
-        root.join("keys.txt").to_string_lossy().into_owned(),
+        "--models-dir",
+        &path("dir"),
+        "--keys-file",
+        &path("keys.txt"),
     ])
-    .collect();
-    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
-        panic!("not serve")
-    };
-    let config = ServeConfig::from_args(*args).unwrap();
-    let server = lm_sandbox::server::start(&config).await.unwrap();
-    server.ready().await.unwrap();
-    server
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

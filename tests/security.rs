@@ -626,6 +626,23 @@ async fn the_scope_matrix() {
     assert_eq!(status, 404);
 }
 
+/// `GET /v1/models` with `key`, which must be a 429: its `Retry-After` and body.
+async fn rate_limited(server: &Server, key: &str) -> (u64, Value) {
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/models", server.url))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let wait = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (wait, response.json().await.unwrap())
+}
+
 #[tokio::test]
 async fn a_key_over_its_rate_gets_429_with_retry_after() {
     let server = serve(keyed()).await;
@@ -640,20 +657,8 @@ async fn a_key_over_its_rate_gets_429_with_retry_after() {
         .await;
         assert_eq!(status, 200);
     }
-    let response = reqwest::Client::new()
-        .get(format!("{}/v1/models", server.url))
-        .bearer_auth("sk-slow")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 429);
-    let wait: u64 = response.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (wait, body) = rate_limited(&server, "sk-slow").await;
     assert!((20..=31).contains(&wait), "{wait}");
-    let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
     // Other keys are not affected.
     let (status, _) = request(
@@ -881,19 +886,7 @@ async fn a_key_uses_only_its_models_and_its_tokens() {
     )
     .await;
     assert_eq!(status, 200, "{answer}");
-    let response = reqwest::Client::new()
-        .get(format!("{}/v1/models", server.url))
-        .bearer_auth("sk-thrifty")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 429);
-    let wait: u64 = response.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (wait, body) = rate_limited(&server, "sk-thrifty").await;
     assert!(wait >= 60, "{wait}");
-    let body: Value = response.json().await.unwrap();
     assert!(body.to_string().contains("tokens per minute"), "{body}");
 }

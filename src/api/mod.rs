@@ -455,36 +455,42 @@ impl AppState {
     }
 }
 
-/// 404, or 401 first on a keyed server when the key is wrong: no route probing without a key.
+/// `err`, or 401 first on a keyed server when the key is wrong: no route probing without a key.
+fn unless_unauthorized(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    err: ApiError,
+) -> ApiError {
+    match state.keys().authenticate(auth::bearer(headers)) {
+        Ok(_) => err,
+        Err(unauthorized) => unauthorized,
+    }
+}
+
 async fn route_not_found(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
     method: Method,
     uri: Uri,
 ) -> ApiError {
-    if let Err(err) = state.keys().authenticate(auth::bearer(&headers)) {
-        return err;
-    }
-    ApiError::RouteNotFound {
-        method: method.to_string(),
-        path: uri.path().to_owned(),
-    }
+    let path = uri.path().to_owned();
+    let method = method.to_string();
+    unless_unauthorized(&state, &headers, ApiError::RouteNotFound { method, path })
 }
 
-/// 405, or 401 first as for [`route_not_found`].
 async fn method_not_allowed(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
     method: Method,
     uri: Uri,
 ) -> ApiError {
-    if let Err(err) = state.keys().authenticate(auth::bearer(&headers)) {
-        return err;
-    }
-    ApiError::MethodNotAllowed {
-        method: method.to_string(),
-        path: uri.path().to_owned(),
-    }
+    let path = uri.path().to_owned();
+    let method = method.to_string();
+    unless_unauthorized(
+        &state,
+        &headers,
+        ApiError::MethodNotAllowed { method, path },
+    )
 }
 
 /// Routes that need a key with `scope` (when the server has keys): the key and scope are checked
