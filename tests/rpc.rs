@@ -3,7 +3,8 @@
 //! two-device split. The split must be the plan's (read back from llama.cpp's load), the output
 //! token-for-token the single-device run's, the measured use within 5 % of the plan; a worker
 //! killed mid-generation fails that model's request and leaves the server (and its other models)
-//! serving.
+//! serving; a worker that hangs (behind a proxy that stops passing its answers) fails its model's
+//! request within `--rpc-timeout`, naming it.
 
 use std::net::TcpListener;
 use std::process::Command;
@@ -319,5 +320,120 @@ mod real {
         assert!(!text(&reply).is_empty());
         server.shutdown(Duration::from_secs(5)).await;
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A TCP proxy in front of `worker` that forwards both ways until `hang` is set; then it keeps
+    /// every connection open and passes nothing back: a worker that hangs. Returns its endpoint.
+    fn hanging_proxy(worker: &str, hang: std::sync::Arc<std::sync::atomic::AtomicBool>) -> String {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = listener.local_addr().unwrap().to_string();
+        let worker = worker.to_owned();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(upstream) = std::net::TcpStream::connect(&worker) else {
+                    continue;
+                };
+                let pipe = |mut from: std::net::TcpStream,
+                            mut to: std::net::TcpStream,
+                            hang: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>| {
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 1 << 16];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => {
+                                    // One side hung up: so does the other (a worker serves one
+                                    // client at a time).
+                                    let _ = to.shutdown(std::net::Shutdown::Both);
+                                    return;
+                                }
+                                Ok(n) => n,
+                            };
+                            while hang.as_ref().is_some_and(|h| h.load(Ordering::SeqCst)) {
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                };
+                pipe(
+                    client.try_clone().unwrap(),
+                    upstream.try_clone().unwrap(),
+                    None,
+                );
+                pipe(upstream, client, Some(std::sync::Arc::clone(&hang)));
+            }
+        });
+        endpoint
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_worker_fails_its_model_within_the_rpc_timeout() {
+        let _turn = ONE_AT_A_TIME.lock().await;
+        let a = Worker::start(MEM_A);
+        let b = Worker::start(MEM_B);
+        let hang = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hung = hanging_proxy(&b.endpoint, std::sync::Arc::clone(&hang));
+        let mut flags = vec!["--rpc", &a.endpoint, "--rpc", &hung, "--rpc-timeout", "3"];
+        flags.extend(FLAGS);
+        let server = common::start(&flags).await;
+        let base = format!("http://{}", server.addr);
+        let response = reqwest::Client::new()
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&json!({"model": common::MODEL_ID, "max_tokens": 900, "temperature": 0,
+                          "stream": true,
+                          "messages": [{"role": "user", "content": "Write a long story about a dragon."}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let mut body = response.bytes_stream();
+        let mut seen = String::new();
+        let mut hung_at = None;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while let Some(chunk) = tokio::time::timeout_at(deadline.into(), body.next())
+            .await
+            .expect("the stream ends: a hung worker does not hold it")
+        {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if hung_at.is_none() && seen.contains("\"content\"") {
+                hang.store(true, std::sync::atomic::Ordering::SeqCst);
+                hung_at = Some(Instant::now());
+            }
+        }
+        let waited = hung_at
+            .expect("the stream ended before any content")
+            .elapsed();
+        assert!(
+            seen.contains("\"error\"") && seen.contains(&hung) && seen.contains("--rpc-timeout"),
+            "the stream ends with an error naming the worker and the deadline: {}",
+            &seen[seen.len().saturating_sub(800)..]
+        );
+        // Within the deadline and a step or two of slack, not forever.
+        assert!(waited < Duration::from_secs(60), "{waited:?}");
+        // The server is up and says which worker.
+        let started = Instant::now();
+        let health = loop {
+            let response = reqwest::get(format!("{base}/health")).await.unwrap();
+            let status = response.status().as_u16();
+            let health: Value = response.json().await.unwrap();
+            if status == 503 || started.elapsed() > Duration::from_secs(5) {
+                assert_eq!(status, 503, "{health}");
+                break health;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            health["reason"].as_str().unwrap().contains(&hung),
+            "{health}"
+        );
+        let models = get(&base, "/v1/models").await;
+        assert!(models["data"].is_array(), "{models}");
+        drop(a);
+        server.shutdown(Duration::from_secs(5)).await;
     }
 }
