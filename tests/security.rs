@@ -890,3 +890,99 @@ async fn a_key_uses_only_its_models_and_its_tokens() {
     assert!(wait >= 60, "{wait}");
     assert!(body.to_string().contains("tokens per minute"), "{body}");
 }
+
+/// A sandbox executor that runs nothing: it takes its "slot", calls the start hook, and answers.
+struct NoopExecutor;
+
+impl lm_sandbox::sandbox::Executor for NoopExecutor {
+    fn exec(
+        &self,
+        _caller: &lm_sandbox::sandbox::Caller,
+        _request: lm_sandbox::sandbox::ExecRequest,
+        start: lm_sandbox::sandbox::StartHook,
+    ) -> lm_sandbox::sandbox::ExecFuture<'_> {
+        Box::pin(async move {
+            start().await?;
+            Ok(lm_sandbox::sandbox::ExecOutput {
+                stdout: String::new(),
+                stderr: String::new(),
+                exit_code: Some(0),
+                signal: None,
+                timed_out: false,
+                truncated: false,
+                duration_ms: 0,
+                stdout_bytes: 0,
+                stderr_bytes: 0,
+            })
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_commands_and_counts_them() {
+    // /dev/full: every write is "No space left on device".
+    let sandbox = lm_sandbox::sandbox::Sandbox::new(
+        Arc::new(NoopExecutor),
+        lm_sandbox::sandbox::AuditLog::open(std::path::Path::new("/dev/full"))
+            .await
+            .unwrap(),
+        lm_sandbox::sandbox::SandboxLimits::default(),
+    );
+    let engine = FakeRunner::new(Duration::ZERO).spawn(WorkerConfig {
+        n_seq: 1,
+        n_batch: 64,
+        n_ctx_seq: 256,
+        max_queue: 1,
+    });
+    let app = router(AppState::from_parts(
+        engine,
+        ApiConfig {
+            model_ids: vec![MODEL.into()],
+            api_keys: parse_keys_file("sk-run inference,sandbox,metrics\n").unwrap(),
+            metrics: true,
+            ..ApiConfig::default()
+        },
+        None,
+        Some(sandbox),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = watch::channel(false);
+    tokio::spawn(lm_sandbox::server::serve_connections(
+        listener,
+        app,
+        Duration::from_secs(2),
+        stopped,
+    ));
+    let server = Server {
+        url: format!("http://{addr}"),
+        addr,
+        _stop,
+    };
+    let (status, answer) = request(
+        &server,
+        reqwest::Method::POST,
+        "/v1/sandbox/exec",
+        Some("sk-run"),
+        Some(json!({"command": "true"})),
+    )
+    .await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "audit_unavailable");
+    let (_, metrics) = request(
+        &server,
+        reqwest::Method::GET,
+        "/metrics",
+        Some("sk-run"),
+        None,
+    )
+    .await;
+    let text = metrics.as_str().unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("lmsandbox_sandbox_commands_total")
+                && l.contains("outcome=\"audit_failed\"")
+                && l.ends_with(" 1")),
+        "{text}"
+    );
+}
