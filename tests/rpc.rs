@@ -172,6 +172,51 @@ mod real {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Streams a long story from the default model, calling `at_first_content` once the first
+    /// content arrives; the whole stream's text, which must end within 120 s.
+    async fn long_story(base: &str, mut at_first_content: impl FnMut()) -> String {
+        let response = reqwest::Client::new()
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&json!({"model": common::MODEL_ID, "max_tokens": 900, "temperature": 0,
+                          "stream": true,
+                          "messages": [{"role": "user", "content": "Write a long story about a dragon."}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let mut body = response.bytes_stream();
+        let mut seen = String::new();
+        let mut called = false;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while let Some(chunk) = tokio::time::timeout_at(deadline.into(), body.next())
+            .await
+            .expect("the stream ends")
+        {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if !called && seen.contains("\"content\"") {
+                at_first_content();
+                called = true;
+            }
+        }
+        seen
+    }
+
+    /// `/health` once it says 503 (the engine thread marks itself failed just after it sent the
+    /// stream its error), within 5 s.
+    async fn failed_health(base: &str) -> Value {
+        let started = Instant::now();
+        loop {
+            let response = reqwest::get(format!("{base}/health")).await.unwrap();
+            let status = response.status().as_u16();
+            let health: Value = response.json().await.unwrap();
+            if status == 503 || started.elapsed() > Duration::from_secs(5) {
+                assert_eq!(status, 503, "{health}");
+                return health;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn text(reply: &Value) -> String {
         reply["choices"][0]["message"]["content"]
             .as_str()
@@ -264,29 +309,12 @@ mod real {
         let (status, _) = chat(&base, "other", "Say hi.", 4).await;
         assert_eq!(status, 200);
 
-        let response = reqwest::Client::new()
-            .post(format!("{base}/v1/chat/completions"))
-            .json(&json!({"model": common::MODEL_ID, "max_tokens": 900, "temperature": 0,
-                          "stream": true,
-                          "messages": [{"role": "user", "content": "Write a long story about a dragon."}]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), 200);
-        let mut body = response.bytes_stream();
-        let mut seen = String::new();
         let mut killed = false;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while let Some(chunk) = tokio::time::timeout_at(deadline.into(), body.next())
-            .await
-            .expect("the stream ends")
-        {
-            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-            if !killed && seen.contains("\"content\"") {
-                b.kill();
-                killed = true;
-            }
-        }
+        let seen = long_story(&base, || {
+            b.kill();
+            killed = true;
+        })
+        .await;
         assert!(killed, "the stream ended before any content: {seen}");
         assert!(
             seen.contains("\"error\"") && seen.contains(&b.endpoint) && seen.contains("gone"),
@@ -295,18 +323,7 @@ mod real {
         );
 
         // The server is up; /health reports the default (RPC) model failed, naming the worker.
-        // (The engine thread marks itself failed just after it sent the stream its error.)
-        let started = Instant::now();
-        let health = loop {
-            let response = reqwest::get(format!("{base}/health")).await.unwrap();
-            let status = response.status().as_u16();
-            let health: Value = response.json().await.unwrap();
-            if status == 503 || started.elapsed() > Duration::from_secs(5) {
-                assert_eq!(status, 503, "{health}");
-                break health;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let health = failed_health(&base).await;
         assert_eq!(health["status"], "failed", "{health}");
         assert!(
             health["reason"].as_str().unwrap().contains(&b.endpoint),
@@ -382,29 +399,12 @@ mod real {
         flags.extend(FLAGS);
         let server = common::start(&flags).await;
         let base = format!("http://{}", server.addr);
-        let response = reqwest::Client::new()
-            .post(format!("{base}/v1/chat/completions"))
-            .json(&json!({"model": common::MODEL_ID, "max_tokens": 900, "temperature": 0,
-                          "stream": true,
-                          "messages": [{"role": "user", "content": "Write a long story about a dragon."}]}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), 200);
-        let mut body = response.bytes_stream();
-        let mut seen = String::new();
         let mut hung_at = None;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while let Some(chunk) = tokio::time::timeout_at(deadline.into(), body.next())
-            .await
-            .expect("the stream ends: a hung worker does not hold it")
-        {
-            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-            if hung_at.is_none() && seen.contains("\"content\"") {
-                hang.store(true, std::sync::atomic::Ordering::SeqCst);
-                hung_at = Some(Instant::now());
-            }
-        }
+        let seen = long_story(&base, || {
+            hang.store(true, std::sync::atomic::Ordering::SeqCst);
+            hung_at = Some(Instant::now());
+        })
+        .await;
         let waited = hung_at
             .expect("the stream ended before any content")
             .elapsed();
@@ -416,17 +416,7 @@ mod real {
         // Within the deadline and a step or two of slack, not forever.
         assert!(waited < Duration::from_secs(60), "{waited:?}");
         // The server is up and says which worker.
-        let started = Instant::now();
-        let health = loop {
-            let response = reqwest::get(format!("{base}/health")).await.unwrap();
-            let status = response.status().as_u16();
-            let health: Value = response.json().await.unwrap();
-            if status == 503 || started.elapsed() > Duration::from_secs(5) {
-                assert_eq!(status, 503, "{health}");
-                break health;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let health = failed_health(&base).await;
         assert!(
             health["reason"].as_str().unwrap().contains(&hung),
             "{health}"

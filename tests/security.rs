@@ -97,6 +97,11 @@ async fn serve_full(api: ApiConfig, n_ctx_seq: u32, header_timeout: Duration) ->
             ..api
         },
     ));
+    serve_app(app, header_timeout).await
+}
+
+/// `app` on a loopback port, with the server's own connection loop.
+async fn serve_app(app: axum::Router, header_timeout: Duration) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = watch::channel(false);
@@ -256,15 +261,8 @@ async fn a_slow_body_flood_without_a_key_never_holds_a_permit() {
     // Before, the flood held every permit until its 30 s body deadline.
     assert!(p99 < Duration::from_secs(5), "p99 {p99:?}");
     // Nothing was shed: no permit was ever taken by the flood.
-    let (_, metrics) = request(
-        &server,
-        reqwest::Method::GET,
-        "/metrics",
-        Some("sk-scrape"),
-        None,
-    )
-    .await;
-    let text = metrics.as_str().unwrap();
+    let text = scrape(&server, "sk-scrape").await;
+    let text = text.as_str();
     assert!(!text.contains("reason=\"overloaded\""), "{text}");
     assert!(text.contains("reason=\"unauthenticated\""), "{text}");
 }
@@ -626,6 +624,12 @@ async fn the_scope_matrix() {
     assert_eq!(status, 404);
 }
 
+/// `GET /metrics` with `key`: the exposition text.
+async fn scrape(server: &Server, key: &str) -> String {
+    let (_, metrics) = request(server, reqwest::Method::GET, "/metrics", Some(key), None).await;
+    metrics.as_str().unwrap().to_owned()
+}
+
 /// `GET /v1/models` with `key`, which must be a 429: its `Retry-After` and body.
 async fn rate_limited(server: &Server, key: &str) -> (u64, Value) {
     let response = reqwest::Client::new()
@@ -945,20 +949,7 @@ async fn a_full_disk_refuses_commands_and_counts_them() {
         None,
         Some(sandbox),
     ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (_stop, stopped) = watch::channel(false);
-    tokio::spawn(lm_sandbox::server::serve_connections(
-        listener,
-        app,
-        Duration::from_secs(2),
-        stopped,
-    ));
-    let server = Server {
-        url: format!("http://{addr}"),
-        addr,
-        _stop,
-    };
+    let server = serve_app(app, Duration::from_secs(2)).await;
     let (status, answer) = request(
         &server,
         reqwest::Method::POST,
@@ -969,15 +960,8 @@ async fn a_full_disk_refuses_commands_and_counts_them() {
     .await;
     assert_eq!(status, 503, "{answer}");
     assert_eq!(answer["error"]["code"], "audit_unavailable");
-    let (_, metrics) = request(
-        &server,
-        reqwest::Method::GET,
-        "/metrics",
-        Some("sk-run"),
-        None,
-    )
-    .await;
-    let text = metrics.as_str().unwrap();
+    let text = scrape(&server, "sk-run").await;
+    let text = text.as_str();
     assert!(
         text.lines()
             .any(|l| l.starts_with("lmsandbox_sandbox_commands_total")
