@@ -204,6 +204,20 @@ pub async fn as_caller<F: std::future::Future>(caller: Authenticated, work: F) -
     CALLER.scope(caller, work).await
 }
 
+/// `work` as the current request's caller's, wherever it is later run (a spawned task, which
+/// does not inherit the task-local).
+pub fn keeping_caller<F: std::future::Future>(
+    work: F,
+) -> impl std::future::Future<Output = F::Output> {
+    let caller = current_caller();
+    async move {
+        match caller {
+            Some(caller) => as_caller(caller, work).await,
+            None => work.await,
+        }
+    }
+}
+
 /// The bearer token of `headers`, if any.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers

@@ -336,7 +336,11 @@ impl LoopRun {
         events: mpsc::Sender<LoopEvent>,
     ) -> T {
         if detached {
-            tokio::spawn(self.rounds.drive(self.first, events));
+            // Later rounds acquire the model and submit as the request's caller (its model
+            // allowlist, its token rate).
+            tokio::spawn(super::auth::keeping_caller(
+                self.rounds.drive(self.first, events),
+            ));
             consume.await
         } else {
             tokio::join!(self.rounds.drive(self.first, events), consume).1
