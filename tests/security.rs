@@ -879,6 +879,20 @@ async fn a_key_uses_only_its_models_and_its_tokens() {
         answer.to_string().contains("may not use the model"),
         "{answer}"
     );
+    // Listings show a key only its models.
+    for (path, key, field, count) in [
+        ("/v1/models", "sk-narrow", "data", 0),
+        ("/v1/models", "sk-chat", "data", 1),
+        ("/api/tags", "sk-narrow", "models", 0),
+    ] {
+        let (status, list) = request(&server, Method::GET, path, Some(key), None).await;
+        assert_eq!(status, 200, "{list}");
+        assert_eq!(
+            list[field].as_array().unwrap().len(),
+            count,
+            "{path} {key}: {list}"
+        );
+    }
     // The token rate is charged as each answer ends: the first (~25 tokens) overspends 10 a
     // minute, so the next request waits.
     let (status, answer) = request(

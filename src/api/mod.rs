@@ -356,6 +356,24 @@ impl AppState {
         &self.shared.config
     }
 
+    /// Every model the registry knows that the request's caller may use (all of them outside a
+    /// request, or for a key without a models allowlist): what model listings show.
+    pub fn listed_models(&self) -> Vec<crate::registry::ModelStatus> {
+        let caller = auth::current_caller();
+        self.shared
+            .registry
+            .list()
+            .into_iter()
+            .filter(|status| {
+                caller.as_ref().is_none_or(|caller| {
+                    std::iter::once(status.card.id())
+                        .chain(status.card.aliases.iter().map(String::as_str))
+                        .any(|name| caller.require_model(name, status.card.id()).is_ok())
+                })
+            })
+            .collect()
+    }
+
     /// The model `requested` names, loaded (waiting for its load if needed).
     pub async fn model(&self, requested: &str) -> Result<Served, ApiError> {
         self.model_keep(requested, None).await

@@ -64,8 +64,7 @@ pub async fn list(
 ) -> Json<Value> {
     let reveal = caller.may(Scope::Models);
     let data: Vec<Value> = state
-        .registry()
-        .list()
+        .listed_models()
         .iter()
         .flat_map(|status| {
             std::iter::once(status.card.id())

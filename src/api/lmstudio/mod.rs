@@ -93,7 +93,7 @@ fn publisher(card: &ModelCard) -> &str {
 /// `GET /api/v1/models`: every model, with its loaded instance when it has one.
 async fn v1_models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let mut models = Vec::new();
-    for status in state.registry().list() {
+    for status in state.listed_models() {
         let card = &status.card;
         let facts = model_facts(&state, card).await?;
         let id = card.id();
@@ -232,7 +232,7 @@ async fn model_object(
 
 async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let mut data = Vec::new();
-    for status in state.registry().list() {
+    for status in state.listed_models() {
         for name in
             std::iter::once(status.card.id()).chain(status.card.aliases.iter().map(String::as_str))
         {

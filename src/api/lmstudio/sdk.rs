@@ -132,7 +132,7 @@ async fn model_name(state: &AppState, namespace: &str, parameter: &Value) -> Res
     if let Some(name) = specified(parameter) {
         return Ok(name);
     }
-    for status in state.registry().list() {
+    for status in state.listed_models() {
         if status.state == ModelState::Loaded && kind_of(state, &status).await == namespace {
             return Ok(status.card.id().to_owned());
         }
@@ -561,7 +561,7 @@ pub async fn rpc(
     match (namespace, endpoint) {
         ("system", "listDownloadedModels") => {
             let mut models = Vec::new();
-            for status in state.registry().list() {
+            for status in state.listed_models() {
                 models.push(model_info(state, &status, false).await?);
             }
             Ok(Value::Array(models))
@@ -569,7 +569,7 @@ pub async fn rpc(
         ("system", "version") => Ok(json!({"version": crate::build_info::VERSION, "build": 0})),
         ("llm" | "embedding", "listLoaded") => {
             let mut models = Vec::new();
-            for status in state.registry().list() {
+            for status in state.listed_models() {
                 if status.state != ModelState::Loaded {
                     continue;
                 }

@@ -26,7 +26,7 @@ fn ollama_name(id: &str) -> String {
 /// Every model the registry knows, loaded or not.
 pub async fn tags(State(state): State<AppState>) -> Result<Json<Value>, OllamaError> {
     let mut models = Vec::new();
-    for status in state.registry().list() {
+    for status in state.listed_models() {
         let Ok(facts) = model_facts(&state, &status.card).await else {
             continue;
         };
@@ -119,7 +119,7 @@ pub async fn show(
 /// The loaded models, with when each will be unloaded.
 pub async fn ps(State(state): State<AppState>) -> Result<Json<Value>, OllamaError> {
     let mut models = Vec::new();
-    for status in state.registry().list() {
+    for status in state.listed_models() {
         let Some(running) = &status.running else {
             continue;
         };
