@@ -1089,22 +1089,15 @@ async fn tenants_are_capped_paused_when_idle_and_woken_on_use() {
         tenant_run(&restarted, &b, "echo again").await.stdout,
         "again\n"
     );
-    // A key's own cap on sessions: one at a time for this caller; its idle one makes room.
+    // A key's own cap on sessions: with a cap of one, b's second session is refused while its
+    // first is awake (it just ran; only a paused one of its own would make room).
     let mut one = caller("b", Some("other"));
     one.max_sessions = Some(1);
-    let mut held = caller("b", None);
-    held.max_sessions = Some(1);
-    let hold = {
-        let restarted = restarted.clone();
-        tokio::spawn(async move { tenant_run(&restarted, &held, "sleep 3").await })
-    };
-    tokio::time::sleep(Duration::from_millis(1000)).await;
     let refused = restarted.run(request("true", 5.0), &one).await;
     assert!(
         matches!(&refused, Err(SandboxError::Busy(m)) if m.contains("--sandbox-max-sessions")),
         "{refused:?}"
     );
-    hold.await.unwrap();
     container::down(&docker(), &fixture.name, true).unwrap();
     assert!(container::tenants(&docker(), &fixture.name)
         .unwrap()

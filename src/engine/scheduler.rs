@@ -25,105 +25,14 @@
 
 use std::time::Instant;
 
-use tokio::sync::mpsc::error::TrySendError;
-
 use super::detok::Utf8Decoder;
 use super::logprobs::{TokenLogprob, TopLogprob};
 use super::runner::{BatchEntry, Logits, ModelRunner};
 use super::stop::StopMatcher;
 use super::{FinishReason, GenerationEvent, GenerationStats, SeqId, Submission, Token};
 
-/// One active request bound to a sequence id.
-struct Slot {
-    submission: Submission,
-    /// Prompt tokens already decoded into the KV cache.
-    n_prefilled: usize,
-    /// Sampled token not yet decoded (the sequence is in its decode phase).
-    pending: Option<Token>,
-    /// Prompt tokens whose KV cells were reused from an earlier request.
-    cached: u32,
-    generated: u32,
-    decoder: Utf8Decoder,
-    stop: StopMatcher,
-    admitted_at: Instant,
-    first_token_at: Option<Instant>,
-    order: u64,
-    /// Steps in a row this prompt waited in prefill while others were prefilled.
-    passed_over: usize,
-    /// Log-probabilities of tokens whose text has not been sent yet (held back by the UTF-8
-    /// decoder or the stop matcher).
-    logprobs: Vec<TokenLogprob>,
-}
-
-impl Slot {
-    fn prompt(&self) -> &[Token] {
-        &self.submission.request.prompt
-    }
-
-    /// Tells the request's usage sink (once) the tokens the sequence took.
-    fn charge_usage(&mut self) {
-        if let Some(usage) = self.submission.request.usage.take() {
-            (usage.0)(self.prompt().len() as u64 + u64::from(self.generated));
-        }
-    }
-
-    fn in_prefill(&self) -> bool {
-        self.pending.is_none() && self.n_prefilled < self.prompt().len()
-    }
-
-    /// Whether the first token is still to be sampled (in prefill, or answered from kept logits).
-    fn before_first_token(&self) -> bool {
-        self.generated == 0 && self.pending.is_none()
-    }
-
-    /// The whole prompt was cached with the logits that follow it (`Scheduler::admit`): its first
-    /// token is sampled from the kept row, without a decode.
-    fn answered_from_kept(&self) -> bool {
-        self.before_first_token() && !self.in_prefill()
-    }
-
-    fn stats(&self) -> GenerationStats {
-        let now = Instant::now();
-        let first = self.first_token_at.unwrap_or(now);
-        GenerationStats {
-            prompt_tokens: self.prompt().len() as u32,
-            cached_tokens: self.cached,
-            generated_tokens: self.generated,
-            prompt_ms: first.duration_since(self.admitted_at).as_secs_f64() * 1e3,
-            generation_ms: now.duration_since(first).as_secs_f64() * 1e3,
-            queue_ms: self
-                .admitted_at
-                .duration_since(self.submission.submitted_at)
-                .as_secs_f64()
-                * 1e3,
-        }
-    }
-
-    /// Sends `text`, preceded by the log-probabilities of the tokens it completes; `false` means
-    /// the client is gone.
-    fn send_text(&mut self, text: String) -> bool {
-        if !self.logprobs.is_empty() {
-            let logprobs = std::mem::take(&mut self.logprobs);
-            if !self.send(GenerationEvent::Logprobs(logprobs)) {
-                return false;
-            }
-        }
-        self.send(GenerationEvent::Text(text))
-    }
-
-    /// Sends an event; `false` means the client is gone and the slot should be dropped.
-    fn send(&self, event: GenerationEvent) -> bool {
-        match self.submission.events.try_send(event) {
-            Ok(()) => true,
-            Err(TrySendError::Closed(_)) => false,
-            // Cannot happen: the channel has room for every token plus the final event.
-            Err(TrySendError::Full(_)) => {
-                tracing::error!("event channel full; cancelling the sequence");
-                false
-            }
-        }
-    }
-}
+mod slot;
+use slot::Slot;
 
 /// What one step did, for the worker loop and for tests.
 #[derive(Debug, Default, Clone, PartialEq)]
