@@ -270,18 +270,6 @@ pub fn glob(pattern: &str, text: &str) -> bool {
     text.len() >= last.len() && text.ends_with(last)
 }
 
-/// The key `presented` matches, compared against every key in time independent of where they
-/// differ.
-pub fn find_key<'a>(keys: &'a [ApiKey], presented: &str) -> Option<&'a ApiKey> {
-    keys.iter().fold(None, |found, key| {
-        if key.matches(presented) {
-            Some(key)
-        } else {
-            found
-        }
-    })
-}
-
 /// One entry of a TOML keys file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -463,6 +451,10 @@ impl Bucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn find_key<'a>(keys: &'a [ApiKey], presented: &str) -> Option<&'a ApiKey> {
+        keys.iter().find(|k| k.matches(presented))
+    }
 
     #[test]
     fn keys_match_exactly() {

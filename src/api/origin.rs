@@ -116,13 +116,12 @@ impl BrowserPolicy {
         }
         // The server's own page: same authority as `Host`, under a host a rebinding page cannot
         // name.
-        let same = host.is_some_and(|host| {
+        host.is_some_and(|host| {
             origin
                 .split_once("://")
                 .is_some_and(|(_, authority)| authority.eq_ignore_ascii_case(host))
                 && self.host_named(host, self.hosts.as_deref().unwrap_or_default())
-        });
-        same
+        })
     }
 
     /// 403 for a `Host` or `Origin` outside the rules; `Ok` otherwise.

@@ -17,9 +17,6 @@ use crate::engine::Token;
 /// ids alone are 4 bytes each and bounded by the body.
 pub const MAX_PIECES: usize = 1 << 18;
 
-/// Most token ids `/detokenize` takes (a piece can be far longer than its id).
-pub const MAX_DETOKENIZE: usize = 1 << 20;
-
 #[derive(Debug, Deserialize)]
 struct TokenizeBody {
     content: String,
@@ -80,13 +77,6 @@ pub async fn detokenize(
     JsonObject(body): JsonObject,
 ) -> Result<Json<Value>, ApiError> {
     let body: DetokenizeBody = parse(&body)?;
-    if body.tokens.len() > MAX_DETOKENIZE {
-        return Err(ApiError::out_of_range(
-            "tokens",
-            &format!("at most {MAX_DETOKENIZE} token ids"),
-            body.tokens.len(),
-        ));
-    }
     let loaded = state.model_or_default(body.model.as_deref()).await?.loaded;
     let n_vocab = i64::from(loaded.info.n_vocab);
     let tokens: Vec<Token> = body

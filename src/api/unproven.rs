@@ -52,12 +52,9 @@ impl Unproven {
     }
 
     /// Clients waiting now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.queue.lock().expect("unproven clients").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -265,15 +265,15 @@ where
         first = tokio::time::timeout(FIRST_MESSAGE_DEADLINE, first) => first.ok().flatten(),
         _ = evicted => None,
     };
+    // It has spoken (or is gone): no longer among the waiting.
+    drop(ticket);
     let caller = match first.as_deref().map(|text| check_auth(&state, text)) {
         Some(Ok(caller)) => {
             budget.store(usize::MAX, Ordering::Release);
-            drop(ticket);
             let _ = out.send(json!({"success": true})).await;
             caller
         }
         Some(Err(reason)) => {
-            drop(ticket);
             let _ = out
                 .send(json!({"success": false, "error": error(reason, None)}))
                 .await;
@@ -282,7 +282,6 @@ where
             return;
         }
         None => {
-            drop(ticket);
             drop(out);
             writer.abort();
             return;
