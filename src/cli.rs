@@ -466,6 +466,13 @@ pub struct ServeArgs {
     #[arg(long, env = "LM_SANDBOX_MAX_WEBSOCKETS", default_value_t = 64)]
     pub max_websockets: u32,
 
+    /// Responses kept (`store`) for `previous_response_id` and `GET /v1/responses/{id}`, and
+    /// their size in all (`k`, `m`, `g`); the least recently used go first.
+    #[arg(long, env = "LM_SANDBOX_RESPONSES_MAX", default_value_t = 1024)]
+    pub responses_max: u32,
+    #[arg(long, env = "LM_SANDBOX_RESPONSES_MAX_BYTES", default_value = "256m")]
+    pub responses_max_bytes: String,
+
     /// Requests handled at once; beyond that, 503 with Retry-After (`/health` is never shed).
     #[arg(long, env = "LM_SANDBOX_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: u32,

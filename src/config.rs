@@ -549,6 +549,9 @@ impl ServeConfig {
                     &args.allowed_hosts,
                 ),
                 max_websockets: args.max_websockets as usize,
+                responses_max: args.responses_max as usize,
+                responses_max_bytes: bytes("--responses-max-bytes", &args.responses_max_bytes)?
+                    as usize,
             },
             host: args.host,
             port: args.port,

@@ -218,7 +218,7 @@ pub fn keeping_caller<F: std::future::Future>(
     }
 }
 
-/// The bearer token of `headers`, if any.
+/// The key `headers` carry, if any: `Authorization: Bearer KEY`, or Anthropic's `x-api-key`.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
@@ -227,6 +227,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim)
 }
 

@@ -9,13 +9,14 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::extract::JsonObject;
-use super::generate::{self, finish_reason, prepare, Prepared, PromptJob, Timings};
+use super::generate::{self, prepare, Prepared, PromptJob};
 use super::inputs::{text_or_tokens, Input};
 use super::logprobs::CompletionLogprobs;
 use super::params::token_budget;
-use super::sse::{ChunkHeader, ChunkShape};
+use super::reply::{Replies, ReplyEvent, Timings};
+use super::sse::{self, ChunkHeader, ChunkShape};
 use super::AppState;
-use crate::engine::{FinishReason, GenerationStats, TokenLogprob};
+use crate::engine::TokenLogprob;
 
 #[derive(Debug, Deserialize)]
 struct CompletionFields {
@@ -124,8 +125,9 @@ pub(super) async fn answer(
     };
     let wants_logprobs = options.logprobs.is_some();
     let choices = receivers.len();
-    generate::respond(
-        receivers,
+    let replies = Replies::generation(receivers, None, options.n, options.grammar_param);
+    sse::respond(
+        replies,
         &options,
         header,
         "text_completion",
@@ -133,6 +135,7 @@ pub(super) async fn answer(
             header,
             echoes: echoes.clone(),
             logprobs: wants_logprobs.then(|| vec![CompletionLogprobs::default(); choices]),
+            held: vec![Vec::new(); choices],
         },
         |i, c| {
             let logprobs = if wants_logprobs {
@@ -142,9 +145,9 @@ pub(super) async fn answer(
             };
             json!({
                 "index": i,
-                "text": format!("{}{}", echoes.of(i), c.text),
+                "text": format!("{}{}", echoes.of(i), c.text()),
                 "logprobs": logprobs,
-                "finish_reason": c.reason.map(finish_reason),
+                "finish_reason": c.finish.reason.openai(),
             })
         },
     )
@@ -170,6 +173,8 @@ struct CompletionChunks {
     echoes: Echoes,
     /// Per choice, when the request asked for log-probabilities.
     logprobs: Option<Vec<CompletionLogprobs>>,
+    /// Per choice, log-probabilities whose text has not come yet.
+    held: Vec<Vec<TokenLogprob>>,
 }
 
 impl CompletionChunks {
@@ -195,31 +200,37 @@ impl ChunkShape for CompletionChunks {
         (!echo.is_empty()).then(|| self.text_chunk(index, echo))
     }
 
-    fn text(&mut self, index: u32, text: &str, logprobs: Vec<TokenLogprob>) -> Vec<Value> {
-        let mut chunk = self.text_chunk(index, text);
-        chunk["choices"][0]["logprobs"] = self.logprobs_of(index, &logprobs);
-        vec![chunk]
-    }
-
-    fn finish(
-        &mut self,
-        index: u32,
-        reason: FinishReason,
-        stats: &GenerationStats,
-        logprobs: Vec<TokenLogprob>,
-    ) -> Vec<Value> {
-        let logprobs = if logprobs.is_empty() {
-            Value::Null
-        } else {
-            self.logprobs_of(index, &logprobs)
-        };
-        let mut last = self.header.chunk(
-            json!([{"index": index, "text": "", "logprobs": logprobs, "finish_reason": finish_reason(reason)}]),
-            Some(("timings", json!(Timings::from(stats)))),
-        );
-        self.header
-            .add_lmstudio_stats(&mut last, stats, reason, false);
-        vec![last]
+    fn event(&mut self, index: u32, event: ReplyEvent) -> Vec<Value> {
+        match event {
+            ReplyEvent::Logprobs(tokens) => {
+                self.held[index as usize].extend(tokens);
+                Vec::new()
+            }
+            ReplyEvent::Content(text) => {
+                let tokens = std::mem::take(&mut self.held[index as usize]);
+                let mut chunk = self.text_chunk(index, &text);
+                chunk["choices"][0]["logprobs"] = self.logprobs_of(index, &tokens);
+                vec![chunk]
+            }
+            ReplyEvent::Finish(finish) => {
+                let tokens = std::mem::take(&mut self.held[index as usize]);
+                let logprobs = if tokens.is_empty() {
+                    Value::Null
+                } else {
+                    self.logprobs_of(index, &tokens)
+                };
+                let mut last = self.header.chunk(
+                    json!([{"index": index, "text": "", "logprobs": logprobs,
+                            "finish_reason": finish.reason.openai()}]),
+                    Some(("timings", json!(Timings::from(&finish.stats)))),
+                );
+                self.header
+                    .add_lmstudio_stats(&mut last, &finish.stats, finish.reason);
+                vec![last]
+            }
+            // A raw completion has no reasoning, calls or executions.
+            _ => Vec::new(),
+        }
     }
 
     fn header(&self) -> &ChunkHeader {

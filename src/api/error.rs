@@ -41,6 +41,13 @@ pub enum ApiError {
     },
     #[error("The model `{0}` does not exist")]
     ModelNotFound(String),
+    /// A stored object (a response) that does not exist, or not for this key. `param` names the
+    /// field that named it, if a field did.
+    #[error("{message}")]
+    NotFound {
+        message: String,
+        param: Option<&'static str>,
+    },
     #[error("Unknown route {method} {path}")]
     RouteNotFound { method: String, path: String },
     #[error("Method {method} is not allowed on {path}")]
@@ -106,9 +113,10 @@ impl ApiError {
             }
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) | Self::NotAllowedFrom { .. } => StatusCode::FORBIDDEN,
-            Self::ModelNotFound(_) | Self::ModelNotLoaded(_) | Self::RouteNotFound { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            Self::ModelNotFound(_)
+            | Self::ModelNotLoaded(_)
+            | Self::RouteNotFound { .. }
+            | Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -136,6 +144,7 @@ impl ApiError {
             Self::NotAllowedFrom { code, .. } => ("permission_error", Some(*code)),
             Self::RateLimited { .. } => ("rate_limit_error", Some("rate_limit_exceeded")),
             Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            Self::NotFound { .. } => ("invalid_request_error", Some("not_found")),
             Self::RouteNotFound { .. } => ("invalid_request_error", Some("unknown_url")),
             Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed")),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
@@ -159,6 +168,7 @@ impl ApiError {
             Self::InvalidRequest { param, .. } => param.as_deref(),
             Self::ContextLengthExceeded { .. } => Some("messages"),
             Self::ModelNotFound(_) | Self::ModelNotLoaded(_) => Some("model"),
+            Self::NotFound { param, .. } => *param,
             _ => None,
         }
     }

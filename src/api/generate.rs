@@ -1,23 +1,15 @@
-//! From validated prompts to engine submissions and back: admission (429/503), merging the event
-//! streams of several choices, and collecting them for a non-streamed response.
+//! From request bodies to engine submissions: the common fields and the model's defaults, then
+//! admission (429/503). What comes back is read through [`super::reply`].
 
-use axum::response::{IntoResponse, Response};
-use futures::stream::{self, Stream, StreamExt};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
 use super::extract::parse;
 use super::params::{CommonFields, GenerationOptions};
-use super::sse::{self, ChunkHeader, ChunkShape};
 use super::{AppState, Loaded, Served};
-use crate::engine::{
-    EngineHandle, FinishReason, GenerationEvent, GenerationRequest, GenerationStats, SubmitError,
-    Token, TokenLogprob,
-};
+use crate::engine::{EngineHandle, GenerationEvent, GenerationRequest, SubmitError, Token};
 use crate::registry::preset::ToolChoicePreset;
 use crate::registry::ModelCard;
 
@@ -103,44 +95,6 @@ fn with_defaults(body: &Value, card: &ModelCard) -> Option<Value> {
     Some(out)
 }
 
-/// Streams the choices as SSE, or waits for them and answers one JSON object built from `choice`.
-pub async fn respond<S: ChunkShape>(
-    receivers: Vec<mpsc::Receiver<GenerationEvent>>,
-    options: &GenerationOptions,
-    header: ChunkHeader,
-    object: &'static str,
-    stream_shape: impl FnOnce(ChunkHeader) -> S,
-    choice: impl Fn(u32, &Completed) -> Value,
-) -> Result<Response, ApiError> {
-    if options.stream {
-        let shape = stream_shape(header);
-        return Ok(sse::stream_response(shape, receivers, options));
-    }
-    let done = collect(receivers, options.grammar_param).await?;
-    let mut usage = Usage::default();
-    let choices: Vec<Value> = (0u32..)
-        .zip(&done)
-        .map(|(i, c)| {
-            usage.add(&c.stats, i % options.n == 0);
-            choice(i, c)
-        })
-        .collect();
-    let mut out = json!({
-        "id": header.id,
-        "object": object,
-        "created": header.created,
-        "model": header.model,
-        "system_fingerprint": header.fingerprint,
-        "choices": choices,
-        "usage": usage,
-        "timings": Timings::from(&done[0].stats),
-    });
-    let tool_calls = out["choices"][0]["finish_reason"] == "tool_calls";
-    let reason = done[0].reason.unwrap_or(FinishReason::Stop);
-    header.add_lmstudio_stats(&mut out, &done[0].stats, reason, tool_calls);
-    Ok(axum::Json(out).into_response())
-}
-
 /// Most log-probability entries (each sampled token and each alternative, over every choice) one
 /// answer may carry: ~100 bytes of JSON each.
 pub const MAX_LOGPROB_ENTRIES: u64 = 1 << 19;
@@ -214,140 +168,6 @@ pub fn submit(
         }
     }
     Ok(receivers)
-}
-
-/// The events of every choice, interleaved as they arrive, tagged with the choice index.
-pub fn merged(
-    receivers: Vec<mpsc::Receiver<GenerationEvent>>,
-) -> impl Stream<Item = (u32, GenerationEvent)> + Send + Unpin {
-    stream::select_all(
-        receivers
-            .into_iter()
-            .enumerate()
-            .map(|(i, rx)| ReceiverStream::new(rx).map(move |event| (i as u32, event))),
-    )
-}
-
-/// A finished choice.
-#[derive(Debug, Default, Clone)]
-pub struct Completed {
-    pub text: String,
-    /// Per generated token, when the request asked for log-probabilities.
-    pub logprobs: Vec<TokenLogprob>,
-    pub reason: Option<FinishReason>,
-    pub stats: GenerationStats,
-}
-
-/// Waits for every choice to finish. If the client goes away, the future is dropped with the
-/// receivers, and the engine cancels the sequences. A refused grammar is blamed on
-/// `grammar_param`; a channel that closes before its final event means the engine failed.
-pub async fn collect(
-    receivers: Vec<mpsc::Receiver<GenerationEvent>>,
-    grammar_param: &str,
-) -> Result<Vec<Completed>, ApiError> {
-    let mut done = vec![Completed::default(); receivers.len()];
-    let mut events = merged(receivers);
-    while let Some((index, event)) = events.next().await {
-        let choice = &mut done[index as usize];
-        match event {
-            GenerationEvent::Text(text) => choice.text.push_str(&text),
-            GenerationEvent::Logprobs(tokens) => choice.logprobs.extend(tokens),
-            GenerationEvent::Done { reason, stats } => {
-                choice.reason = Some(reason);
-                choice.stats = stats;
-            }
-            GenerationEvent::Failed(message) => return Err(ApiError::EngineFailed(message)),
-            GenerationEvent::Rejected(message) => {
-                return Err(ApiError::invalid(grammar_param, message))
-            }
-        }
-    }
-    if done.iter().any(|c| c.reason.is_none()) {
-        return Err(ApiError::EngineFailed(ENGINE_STOPPED.into()));
-    }
-    Ok(done)
-}
-
-/// Why a request ends without its final event: the engine thread dropped it (a fault).
-pub const ENGINE_STOPPED: &str = "the engine stopped before the generation finished";
-
-/// OpenAI's `finish_reason`.
-pub fn finish_reason(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop | FinishReason::StopString => "stop",
-        FinishReason::Length => "length",
-    }
-}
-
-/// OpenAI's `usage`.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub total_tokens: u32,
-    pub prompt_tokens_details: PromptTokensDetails,
-}
-
-/// OpenAI's `usage.prompt_tokens_details`.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-pub struct PromptTokensDetails {
-    /// Prompt tokens served from the KV cache of an earlier request.
-    pub cached_tokens: u32,
-}
-
-impl Usage {
-    /// Prompts count once each even with `n` > 1 choices, as OpenAI counts them.
-    pub fn add(&mut self, stats: &GenerationStats, first_of_prompt: bool) {
-        if first_of_prompt {
-            self.prompt_tokens += stats.prompt_tokens;
-            self.prompt_tokens_details.cached_tokens += stats.cached_tokens;
-        }
-        self.completion_tokens += stats.generated_tokens;
-        self.total_tokens = self.prompt_tokens + self.completion_tokens;
-    }
-}
-
-/// llama-server's `timings` object, for one choice. `prompt_n` counts the prompt tokens actually
-/// computed; `cache_n` those reused from the KV cache.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Timings {
-    pub cache_n: u32,
-    pub prompt_n: u32,
-    pub prompt_ms: f64,
-    pub prompt_per_token_ms: f64,
-    pub prompt_per_second: f64,
-    pub predicted_n: u32,
-    pub predicted_ms: f64,
-    pub predicted_per_token_ms: f64,
-    pub predicted_per_second: f64,
-}
-
-impl From<&GenerationStats> for Timings {
-    fn from(s: &GenerationStats) -> Self {
-        let per = |ms: f64, n: u32| if n == 0 { 0.0 } else { ms / f64::from(n) };
-        let rate = |ms: f64, n: u32| {
-            if ms <= 0.0 {
-                0.0
-            } else {
-                1e3 * f64::from(n) / ms
-            }
-        };
-        // The first generated token is produced by the prompt's decode, so decode speed is
-        // measured over the tokens after it.
-        let decoded = s.generated_tokens.saturating_sub(1);
-        let computed = s.prompt_tokens - s.cached_tokens;
-        Self {
-            cache_n: s.cached_tokens,
-            prompt_n: computed,
-            prompt_ms: s.prompt_ms,
-            prompt_per_token_ms: per(s.prompt_ms, computed),
-            prompt_per_second: rate(s.prompt_ms, computed),
-            predicted_n: s.generated_tokens,
-            predicted_ms: s.generation_ms,
-            predicted_per_token_ms: per(s.generation_ms, decoded),
-            predicted_per_second: rate(s.generation_ms, decoded),
-        }
-    }
 }
 
 /// A random id with OpenAI's prefixes (`chatcmpl-`, `cmpl-`).

@@ -6,6 +6,7 @@
 //!
 //! Every route answers with and without the `/v1` prefix, as llama-server does.
 
+mod anthropic;
 pub mod auth;
 mod chat;
 mod completions;
@@ -25,6 +26,8 @@ pub mod origin;
 mod params;
 mod prompt;
 mod redact;
+mod reply;
+mod responses;
 mod sandbox;
 mod shell_loop;
 mod sse;
@@ -90,6 +93,10 @@ pub struct ApiConfig {
     pub browser: BrowserPolicy,
     /// LM Studio SDK websockets open at once (`--max-websockets`).
     pub max_websockets: usize,
+    /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`
+    /// (`--responses-max`), and their bytes (`--responses-max-bytes`).
+    pub responses_max: usize,
+    pub responses_max_bytes: usize,
 }
 
 impl Default for ApiConfig {
@@ -111,6 +118,8 @@ impl Default for ApiConfig {
             model_path: None,
             browser: BrowserPolicy::default(),
             max_websockets: 64,
+            responses_max: 1024,
+            responses_max_bytes: 256 << 20,
         }
     }
 }
@@ -168,6 +177,8 @@ struct Shared {
     facts: Mutex<HashMap<std::path::PathBuf, Arc<tokio::sync::OnceCell<Arc<model_facts::Facts>>>>>,
     /// LM Studio v1 chat threads (`store: true`), bounded.
     threads: lmstudio::Threads,
+    /// Stored Responses, bounded, per key.
+    responses: responses::ResponseStore,
 }
 
 /// The GPU reading at start-up and the live readings, for `GET /v1/placement` (each loaded
@@ -283,9 +294,18 @@ impl AppState {
                 metrics,
                 facts: Mutex::default(),
                 threads: lmstudio::Threads::default(),
+                responses: responses::ResponseStore::new(
+                    config.responses_max,
+                    config.responses_max_bytes,
+                ),
                 config,
             }),
         }
+    }
+
+    /// The Responses store.
+    fn responses(&self) -> &responses::ResponseStore {
+        &self.shared.responses
     }
 
     /// LM Studio v1 chat's threads.
@@ -574,11 +594,17 @@ pub fn router(state: AppState) -> Router {
             );
         }
     }
-    let inference = inference.merge(ollama::routes()).merge(lmstudio::routes());
+    let inference = inference
+        .merge(ollama::routes())
+        .merge(lmstudio::routes())
+        .merge(responses::routes());
     let admin = admin.merge(lmstudio::admin_routes());
     let mut open = Router::new().route("/health", get(models::health));
+    let messages = keyed(anthropic::routes(), Scope::Inference, &state)
+        .layer(axum::middleware::from_fn(anthropic::errors));
     let mut router = Router::new()
         .merge(keyed(inference, Scope::Inference, &state))
+        .merge(messages)
         .merge(keyed(admin, Scope::Models, &state));
     if let Some(sandbox) = sandbox {
         router = router.merge(keyed(sandbox, Scope::Sandbox, &state));

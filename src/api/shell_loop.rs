@@ -8,32 +8,30 @@
 //! given with `--sandbox-auto-shell-key` (for clients that cannot send extra fields, such as
 //! LM Studio pointed at this server). Only keys with the sandbox permission get it.
 //!
-//! What the client sees: the non-streamed response lists every execution in
-//! `sandbox_executions`; a stream sends one chunk per execution, with an empty `delta` and the
-//! execution in `sandbox_execution`, which OpenAI SDKs ignore. Usage sums every round.
+//! The loop is a reply stream like any generation (`reply`): each dialect shows its executions
+//! its own way. OpenAI's non-streamed response lists every execution in `sandbox_executions`; a
+//! stream sends one chunk per execution, with an empty `delta` and the execution in
+//! `sandbox_execution`, which OpenAI SDKs ignore. Usage sums every round.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::response::sse::Event;
-use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::auth::Authenticated;
 use super::error::ApiError;
-use super::generate::{self, finish_reason, PromptJob, Timings, Usage};
+use super::generate::{self, PromptJob};
 use super::keys::Scope;
 use super::params::{token_budget, GenerationOptions};
 use super::prompt::tokens_off_runtime;
-use super::sse::{error_event, ChunkHeader};
+use super::reply::{call_events, Finish, Reason, Replies, ReplyEvent, Usage, ENGINE_STOPPED};
 use super::{AppState, Served};
-use crate::engine::{FinishReason, GenerationEvent, GenerationStats};
+use crate::engine::GenerationEvent;
 use crate::sandbox::output::CappedBuffer;
 use crate::sandbox::{Caller, ExecRequest, Sandbox};
-use crate::tools::stream::ToolStream;
-use crate::tools::{tool_json, AssistantMessage, ToolCall, ToolChoice, ToolRequest, ToolSpec};
+use crate::tools::{tool_json, ToolCall, ToolChoice, ToolRequest, ToolSpec};
 
 /// The built-in tool's name.
 pub const SHELL_TOOL: &str = "shell";
@@ -169,7 +167,7 @@ pub fn with_shell(tools: Option<&Value>, state: &AppState) -> Result<Value, ApiE
 
 /// One command the loop ran, as the response lists it.
 fn execution_record(round: u32, call: &ToolCall, outcome: &Value) -> Value {
-    let arguments: Value = serde_json::from_str(&call.arguments).unwrap_or(Value::Null);
+    let arguments = &call.arguments;
     json!({
         "round": round,
         "call_id": call.id,
@@ -181,7 +179,7 @@ fn execution_record(round: u32, call: &ToolCall, outcome: &Value) -> Value {
 
 /// Runs one `shell` call; returns (what the response shows, what the model reads).
 async fn execute(shell: &ShellLoop, call: &ToolCall) -> (Value, String) {
-    let arguments: Value = serde_json::from_str(&call.arguments).unwrap_or(Value::Null);
+    let arguments = &call.arguments;
     let command = arguments["command"].as_str().unwrap_or("").to_owned();
     let limits = shell.sandbox.limits();
     let timeout = arguments["timeout_s"]
@@ -217,20 +215,15 @@ async fn execute(shell: &ShellLoop, call: &ToolCall) -> (Value, String) {
 }
 
 /// The messages a round adds: the assistant's shell calls, then one `tool` message per result.
-fn round_messages(
-    message: &AssistantMessage,
-    calls: &[ToolCall],
-    results: &[String],
-) -> Vec<Value> {
+fn round_messages(content: &str, calls: &[ToolCall], results: &[String]) -> Vec<Value> {
     let tool_calls: Vec<Value> = calls
         .iter()
         .map(|c| {
-            let arguments: Value = serde_json::from_str(&c.arguments).unwrap_or(json!({}));
-            json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": arguments}})
+            json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
         })
         .collect();
-    let mut out =
-        vec![json!({"role": "assistant", "content": message.content, "tool_calls": tool_calls})];
+    let content = (!content.is_empty()).then_some(content);
+    let mut out = vec![json!({"role": "assistant", "content": content, "tool_calls": tool_calls})];
     for (call, result) in calls.iter().zip(results) {
         out.push(json!({"role": "tool", "tool_call_id": call.id, "content": result}));
     }
@@ -286,15 +279,8 @@ fn stopped_note(rounds: u32) -> String {
 const CONTEXT_NOTE: &str =
     "[lm-sandbox: stopped: the conversation with the command results no longer fits the context]";
 
-pub(super) fn append_note(content: Option<String>, note: &str) -> Option<String> {
-    Some(match content {
-        Some(c) if !c.trim().is_empty() => format!("{c}\n{note}"),
-        _ => note.to_owned(),
-    })
-}
-
 /// A shell loop whose first round is submitted: its mistakes (context, queue) were proper 4xx
-/// responses, not in-band stream errors. Each dialect consumes its events.
+/// responses, not in-band stream errors.
 pub struct LoopRun {
     rounds: Rounds,
     first: mpsc::Receiver<GenerationEvent>,
@@ -325,67 +311,20 @@ pub async fn start(
     })
 }
 
+/// Events a loop may send ahead of its consumer: a small buffer, so a slow client slows the loop.
+const LOOP_EVENTS: usize = 16;
+
 impl LoopRun {
-    /// Runs the loop with `consume` reading its events: in a task of its own when `detached` (a
-    /// stream, whose consumer ends when the client goes), else inside this future, so a client
-    /// that goes away drops it (and cancels the generation) as for any other request.
-    pub async fn drive_with<T>(
-        self,
-        detached: bool,
-        consume: impl std::future::Future<Output = T>,
-        events: mpsc::Sender<LoopEvent>,
-    ) -> T {
-        if detached {
-            // Later rounds acquire the model and submit as the request's caller (its model
-            // allowlist, its token rate).
-            tokio::spawn(super::auth::keeping_caller(
-                self.rounds.drive(self.first, events),
-            ));
-            consume.await
-        } else {
-            tokio::join!(self.rounds.drive(self.first, events), consume).1
-        }
+    /// The loop's reply (one choice). The loop runs in a task of its own, as the request's caller
+    /// (later rounds acquire the model and submit under its model allowlist and token rate), and
+    /// stops when the reply is dropped: the client went away.
+    pub fn replies(self) -> Replies {
+        let (tx, rx) = mpsc::channel(LOOP_EVENTS);
+        tokio::spawn(super::auth::keeping_caller(
+            self.rounds.drive(self.first, tx),
+        ));
+        Replies::from_channel(rx, 1)
     }
-}
-
-/// The OpenAI answer of a started loop: SSE chunks, or one chat completion.
-pub async fn respond(state: &AppState, model: String, run: LoopRun) -> Result<Response, ApiError> {
-    let options = &run.rounds.options;
-    let header = ChunkHeader::chat(state, model, options.include_usage);
-    let include_usage = options.include_usage;
-    let stream = options.stream;
-    // A small buffer: the loop waits for its consumer, so a slow client slows the loop.
-    let (tx, rx) = mpsc::channel::<LoopEvent>(LOOP_EVENTS);
-    if stream {
-        let (events, out) = mpsc::channel::<Event>(64);
-        let keep_alive = header.keep_alive;
-        run.drive_with(true, async {}, tx).await;
-        tokio::spawn(to_sse(header, include_usage, rx, events));
-        return Ok(super::sse::body(out, keep_alive));
-    }
-    run.drive_with(false, to_json(header, rx), tx).await
-}
-
-/// Events a loop may send ahead of its consumer.
-pub const LOOP_EVENTS: usize = 16;
-
-/// What the round loop reports, in order: any number of `Deltas` and `Execution`s, then exactly
-/// one `Finished` or `Failed`.
-pub enum LoopEvent {
-    /// Content or reasoning that can no longer become a call, as it settles (streamed at once).
-    Deltas(Vec<Value>),
-    /// A `shell` command the loop ran: its record for the response.
-    Execution(Value),
-    /// The answer: the last round's message (only the client's own calls left in it), its
-    /// finish reason, a note to append when the loop stopped early, and the totals.
-    Finished {
-        message: AssistantMessage,
-        reason: &'static str,
-        note: Option<String>,
-        stats: GenerationStats,
-        usage: Usage,
-    },
-    Failed(ApiError),
 }
 
 /// One shell loop's state: the conversation so far and what each round needs.
@@ -398,111 +337,132 @@ struct Rounds {
     shell: ShellLoop,
 }
 
+/// Where the loop's reply events go.
+type Events = mpsc::Sender<(u32, ReplyEvent)>;
+
 impl Rounds {
     /// The one round loop: generate, parse, run the `shell` calls, feed their results back, repeat
     /// until the model answers, calls a client tool, the context is full or the bound is hit.
-    /// Ends early, silently, when `events`' consumer is gone.
-    async fn drive(
-        mut self,
-        first: mpsc::Receiver<GenerationEvent>,
-        events: mpsc::Sender<LoopEvent>,
-    ) {
+    /// Reasoning and content go out as each round settles them; the client's own calls, a note
+    /// when the loop stopped early, and the finish (usage summed over the rounds) come last. Ends
+    /// early, silently, when `events`' consumer is gone.
+    async fn drive(mut self, first: mpsc::Receiver<GenerationEvent>, events: Events) {
+        let send = |event: ReplyEvent| {
+            let events = events.clone();
+            async move { events.send((0, event)).await.is_ok() }
+        };
         let mut usage = Usage::default();
         let mut round = 0;
         let mut receiver = first;
         loop {
-            let mut stream = ToolStream::new();
-            let finished = loop {
+            let tools = Arc::new(self.tools.clone());
+            let mut replies =
+                Replies::generation(vec![receiver], Some(tools), 1, self.options.grammar_param);
+            let mut content = String::new();
+            let mut calls = Vec::new();
+            let finish = loop {
                 let next = tokio::select! {
-                    // The consumer is gone: dropping the receiver cancels the sequence.
+                    // The consumer is gone: dropping the reply cancels the sequence.
                     _ = events.closed() => return,
-                    next = receiver.recv() => next,
+                    next = replies.next() => next,
                 };
-                match next {
-                    Some(GenerationEvent::Text(text)) => {
-                        let deltas = stream.push(&text, &self.tools);
-                        if !deltas.is_empty()
-                            && events.send(LoopEvent::Deltas(deltas)).await.is_err()
-                        {
-                            return;
-                        }
+                let event = match next {
+                    Some((_, ReplyEvent::Finish(finish))) => break finish,
+                    Some((_, ReplyEvent::ToolCallDone(call))) => {
+                        calls.push(call);
+                        continue;
                     }
-                    // The loop refuses `logprobs`, so none are computed.
-                    Some(GenerationEvent::Logprobs(_)) => {}
-                    Some(GenerationEvent::Done { reason, stats }) => break Ok((reason, stats)),
-                    Some(GenerationEvent::Rejected(message)) => {
-                        break Err(ApiError::invalid(self.options.grammar_param, message))
+                    Some((_, ReplyEvent::ToolCallStarted { .. }))
+                    | Some((_, ReplyEvent::ToolCallArguments { .. })) => continue,
+                    Some((_, ReplyEvent::Error(error))) => {
+                        let _ = send(ReplyEvent::Error(error)).await;
+                        return;
                     }
-                    Some(GenerationEvent::Failed(message)) => {
-                        break Err(ApiError::EngineFailed(message))
+                    None => {
+                        let error = ApiError::EngineFailed(ENGINE_STOPPED.into());
+                        let _ = send(ReplyEvent::Error(error)).await;
+                        return;
                     }
-                    None => break Err(ApiError::EngineFailed(generate::ENGINE_STOPPED.into())),
+                    Some((_, event)) => event,
+                };
+                if let ReplyEvent::Content(text) = &event {
+                    content.push_str(text);
                 }
-            };
-            let (reason, stats) = match finished {
-                Ok(done) => done,
-                Err(error) => {
-                    let _ = events.send(LoopEvent::Failed(error)).await;
+                if !send(event).await {
                     return;
                 }
             };
-            usage.add(&stats, true);
-            // The same final parse as a non-streamed reply (invariant 17); calls are not
-            // streamed from here: the client's own are part of `Finished`.
-            let (deltas, mut message, _) =
-                stream.finish(&self.tools, reason == FinishReason::Length);
-            let settled: Vec<Value> = deltas
-                .into_iter()
-                .filter(|d| d.get("tool_calls").is_none())
-                .collect();
-            if !settled.is_empty() && events.send(LoopEvent::Deltas(settled)).await.is_err() {
-                return;
-            }
-            let (shell_calls, client_calls): (Vec<ToolCall>, Vec<ToolCall>) = message
-                .tool_calls
-                .drain(..)
-                .partition(|c| c.name == SHELL_TOOL);
-            message.tool_calls = client_calls;
-            let reason_text = if message.tool_calls.is_empty() {
-                finish_reason(reason)
+            usage = usage + finish.usage;
+            let (shell_calls, client_calls): (Vec<ToolCall>, Vec<ToolCall>) =
+                calls.into_iter().partition(|c| c.name == SHELL_TOOL);
+            // Calls the loop ran itself are not the client's: without client calls, the turn
+            // ended as any answer does.
+            let reason = match finish.reason {
+                Reason::ToolCalls if client_calls.is_empty() => Reason::Stop,
+                reason => reason,
+            };
+            let end = |client_calls: Vec<ToolCall>, note: Option<String>| {
+                let mut out = call_events(client_calls);
+                if let Some(note) = note {
+                    // On a line of its own after the final round's content.
+                    let text = if content.trim().is_empty() {
+                        note
+                    } else {
+                        format!("\n{note}")
+                    };
+                    out.push(ReplyEvent::Content(text));
+                }
+                out.push(ReplyEvent::Finish(Finish {
+                    reason,
+                    stats: finish.stats,
+                    usage,
+                }));
+                out
+            };
+            let finished = if shell_calls.is_empty() {
+                Some(end(client_calls.clone(), None))
+            } else if round == self.shell.max_rounds {
+                Some(end(client_calls.clone(), Some(stopped_note(round))))
             } else {
-                "tool_calls"
+                None
             };
-            let finish = |message, note| LoopEvent::Finished {
-                message,
-                reason: reason_text,
-                note,
-                stats,
-                usage,
-            };
-            if shell_calls.is_empty() {
-                let _ = events.send(finish(message, None)).await;
-                return;
-            }
-            if round == self.shell.max_rounds {
-                let _ = events
-                    .send(finish(message, Some(stopped_note(round))))
-                    .await;
+            if let Some(last) = finished {
+                for event in last {
+                    if !send(event).await {
+                        return;
+                    }
+                }
                 return;
             }
             round += 1;
             let mut results = Vec::new();
             for call in &shell_calls {
+                let started = ReplyEvent::ExecutionStarted {
+                    round,
+                    call: call.clone(),
+                };
+                if !send(started).await {
+                    return;
+                }
                 let (shown, for_model) = execute(&self.shell, call).await;
                 let record = execution_record(round, call, &shown);
-                if events.send(LoopEvent::Execution(record)).await.is_err() {
+                if !send(ReplyEvent::ExecutionFinished(record)).await {
                     return;
                 }
                 results.push(for_model);
             }
             self.messages
-                .extend(round_messages(&message, &shell_calls, &results));
-            if !message.tool_calls.is_empty() {
-                let _ = events.send(finish(message, None)).await;
+                .extend(round_messages(&content, &shell_calls, &results));
+            if !client_calls.is_empty() {
+                for event in end(client_calls, None) {
+                    if !send(event).await {
+                        return;
+                    }
+                }
                 return;
             }
             free_choice(&mut self.tools, &mut self.options);
-            match submit_round(
+            let next = submit_round(
                 &self.state,
                 &self.served,
                 &self.messages,
@@ -510,175 +470,21 @@ impl Rounds {
                 &self.options,
                 round,
             )
-            .await
-            {
+            .await;
+            match next {
                 Ok(Some(next)) => receiver = next,
                 Ok(None) => {
-                    let _ = events
-                        .send(finish(message, Some(CONTEXT_NOTE.to_owned())))
-                        .await;
+                    for event in end(Vec::new(), Some(CONTEXT_NOTE.to_owned())) {
+                        if !send(event).await {
+                            return;
+                        }
+                    }
                     return;
                 }
                 Err(error) => {
-                    let _ = events.send(LoopEvent::Failed(error)).await;
+                    let _ = send(ReplyEvent::Error(error)).await;
                     return;
                 }
-            }
-        }
-    }
-}
-
-/// The non-streamed consumer: one chat completion with every execution listed.
-async fn to_json(
-    header: ChunkHeader,
-    mut events: mpsc::Receiver<LoopEvent>,
-) -> Result<Response, ApiError> {
-    let mut executions = Vec::new();
-    while let Some(event) = events.recv().await {
-        match event {
-            LoopEvent::Deltas(_) => {}
-            LoopEvent::Execution(record) => executions.push(record),
-            LoopEvent::Failed(error) => return Err(error),
-            LoopEvent::Finished {
-                mut message,
-                reason,
-                note,
-                stats,
-                usage,
-            } => {
-                if let Some(note) = note {
-                    message.content = append_note(message.content, &note);
-                }
-                return Ok(axum::Json(json!({
-                    "id": header.id,
-                    "object": "chat.completion",
-                    "created": header.created,
-                    "model": header.model,
-                    "system_fingerprint": header.fingerprint,
-                    "choices": [{"index": 0, "message": message.to_json(), "logprobs": null, "finish_reason": reason}],
-                    "usage": usage,
-                    "timings": Timings::from(&stats),
-                    "sandbox_executions": executions,
-                }))
-                .into_response());
-            }
-        }
-    }
-    Err(ApiError::EngineFailed(generate::ENGINE_STOPPED.into()))
-}
-
-fn event(value: &Value) -> Event {
-    Event::default().data(value.to_string())
-}
-
-fn delta_chunk(header: &ChunkHeader, delta: Value, extra: Option<(&str, Value)>) -> Value {
-    header.chunk(
-        json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
-        extra,
-    )
-}
-
-/// The streamed consumer: OpenAI's chunks, one extra chunk per execution, then the client's calls,
-/// the note, the finish, usage and `[DONE]`. Returning drops `events`, which stops the loop.
-async fn to_sse(
-    header: ChunkHeader,
-    include_usage: bool,
-    mut events: mpsc::Receiver<LoopEvent>,
-    tx: mpsc::Sender<Event>,
-) {
-    let send = |value: Value| {
-        let tx = tx.clone();
-        async move { tx.send(event(&value)).await.is_ok() }
-    };
-    let opening = delta_chunk(
-        &header,
-        json!({"role": "assistant", "content": "", "refusal": null}),
-        None,
-    );
-    if !send(opening).await {
-        return;
-    }
-    loop {
-        let next = tokio::select! {
-            _ = tx.closed() => return,
-            next = events.recv() => next,
-        };
-        let Some(next) = next else {
-            let error = ApiError::EngineFailed(generate::ENGINE_STOPPED.into());
-            let _ = tx.send(error_event(&error)).await;
-            return;
-        };
-        match next {
-            LoopEvent::Deltas(deltas) => {
-                for delta in deltas {
-                    if !send(delta_chunk(&header, delta, None)).await {
-                        return;
-                    }
-                }
-            }
-            LoopEvent::Execution(record) => {
-                if !send(delta_chunk(
-                    &header,
-                    json!({}),
-                    Some(("sandbox_execution", record)),
-                ))
-                .await
-                {
-                    return;
-                }
-            }
-            LoopEvent::Failed(error) => {
-                let _ = tx.send(error_event(&error)).await;
-                return;
-            }
-            LoopEvent::Finished {
-                message,
-                reason,
-                note,
-                stats,
-                usage,
-            } => {
-                for (index, call) in message.tool_calls.iter().enumerate() {
-                    let first = json!({"tool_calls": [{"index": index, "id": call.id, "type": "function",
-                                       "function": {"name": call.name, "arguments": ""}}]});
-                    let args = json!({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]});
-                    if !send(delta_chunk(&header, first, None)).await
-                        || !send(delta_chunk(&header, args, None)).await
-                    {
-                        return;
-                    }
-                }
-                if let Some(note) = note {
-                    // As `append_note` words it in the non-streamed reply: on a line of its own
-                    // after the final round's content.
-                    let content_sent = message
-                        .content
-                        .as_deref()
-                        .is_some_and(|c| !c.trim().is_empty());
-                    let text = if content_sent {
-                        format!("\n{note}")
-                    } else {
-                        note
-                    };
-                    if !send(delta_chunk(&header, json!({"content": text}), None)).await {
-                        return;
-                    }
-                }
-                let finish = header.chunk(
-                    json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason}]),
-                    Some(("timings", json!(Timings::from(&stats)))),
-                );
-                if !send(finish).await {
-                    return;
-                }
-                if include_usage
-                    && !send(header.chunk(Value::Array(Vec::new()), Some(("usage", json!(usage)))))
-                        .await
-                {
-                    return;
-                }
-                let _ = tx.send(Event::default().data("[DONE]")).await;
-                return;
             }
         }
     }

@@ -1,23 +1,23 @@
-//! Server-sent events for streamed completions: OpenAI's framing, the usage chunk, `[DONE]`, and
-//! cancellation when the client goes away.
+//! OpenAI's answers over a reply stream: one JSON object, or server-sent events with OpenAI's
+//! framing, the usage chunk, `[DONE]`, and cancellation when the client goes away.
 //!
-//! A task forwards engine events into the response body through a bounded channel. It watches the
-//! channel's closing (the client hung up) while it waits, and returning drops the engine receivers,
-//! which cancels the sequences within one decode step, queued or running.
+//! A task forwards reply events into the response body through a bounded channel. It watches the
+//! channel's closing (the client hung up) while it waits, and returning drops the reply, which
+//! cancels the sequences within one decode step, queued or running.
 
 use std::convert::Infallible;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
-use super::generate::{merged, Usage};
 use super::params::GenerationOptions;
-use crate::engine::{FinishReason, GenerationEvent, GenerationStats, TokenLogprob};
+use super::reply::{total_usage, Collected, Reason, Replies, ReplyEvent, Timings, Usage};
+use crate::engine::GenerationStats;
 
 /// The fields every chunk of one response repeats.
 pub struct ChunkHeader {
@@ -34,6 +34,8 @@ pub struct ChunkHeader {
     /// LM Studio's REST v0: fields its answers add to OpenAI's (`model_info`, `runtime`), and a
     /// `stats` object on the final chunk or object.
     pub lmstudio: Option<std::sync::Arc<serde_json::Map<String, Value>>>,
+    /// The reply is the server-side shell loop's: the JSON answer lists `sandbox_executions`.
+    pub shell: bool,
 }
 
 impl ChunkHeader {
@@ -54,33 +56,22 @@ impl ChunkHeader {
             include_usage,
             keep_alive: state.config().sse_keep_alive,
             lmstudio: None,
+            shell: false,
         }
     }
 
-    /// With LM Studio's REST v0 fields: adds `stats` for a choice that finished for `reason`
-    /// (with `tool_calls` when its text parsed into calls), and the extra fields, to `out`.
-    pub fn add_lmstudio_stats(
-        &self,
-        out: &mut Value,
-        stats: &GenerationStats,
-        reason: FinishReason,
-        tool_calls: bool,
-    ) {
+    /// With LM Studio's REST v0 fields: adds `stats` for a choice that finished for `reason`,
+    /// and the extra fields, to `out`.
+    pub fn add_lmstudio_stats(&self, out: &mut Value, stats: &GenerationStats, reason: Reason) {
         let Some(extras) = &self.lmstudio else {
             return;
         };
-        let stop_reason = match reason {
-            _ if tool_calls => "toolCalls",
-            FinishReason::Length => "maxPredictedTokensReached",
-            FinishReason::StopString => "stopStringFound",
-            FinishReason::Stop => "eosFound",
-        };
-        let timings = super::generate::Timings::from(stats);
-        out["stats"] = serde_json::json!({
+        let timings = Timings::from(stats);
+        out["stats"] = json!({
             "tokens_per_second": timings.predicted_per_second,
             "time_to_first_token": (stats.queue_ms + stats.prompt_ms) / 1e3,
             "generation_time": stats.generation_ms / 1e3,
-            "stop_reason": stop_reason,
+            "stop_reason": reason.lmstudio(),
         });
         for (key, value) in extras.iter() {
             out[key] = value.clone();
@@ -122,46 +113,60 @@ impl ChunkHeader {
 pub trait ChunkShape: Send + 'static {
     /// A chunk sent for each choice before any text (chat: the role delta).
     fn opening(&self, index: u32) -> Option<Value>;
-    /// Chunks for a piece of generated text (none while text is held back), with the
-    /// log-probabilities of its tokens (empty unless the request asked for them).
-    fn text(&mut self, index: u32, text: &str, logprobs: Vec<TokenLogprob>) -> Vec<Value>;
-    /// The choice's last chunks, the one with `finish_reason` at the end; `logprobs` are those of
-    /// tokens no text was sent for.
-    fn finish(
-        &mut self,
-        index: u32,
-        reason: FinishReason,
-        stats: &GenerationStats,
-        logprobs: Vec<TokenLogprob>,
-    ) -> Vec<Value>;
+    /// Chunks for one event of choice `index` (none while it is held back); the choice's last
+    /// chunk, with `finish_reason`, answers its `Finish`. Never given `Error`.
+    fn event(&mut self, index: u32, event: ReplyEvent) -> Vec<Value>;
     fn header(&self) -> &ChunkHeader;
 
     /// The final chunk with empty `choices` (sent when `stream_options.include_usage`).
     fn usage(&self, usage: Usage) -> Value {
-        self.header().chunk(
-            Value::Array(Vec::new()),
-            Some(("usage", serde_json::json!(usage))),
-        )
+        self.header()
+            .chunk(Value::Array(Vec::new()), Some(("usage", json!(usage))))
     }
+}
+
+/// Streams the reply as SSE, or waits for it and answers one JSON object: `object` with the
+/// choices `choice` builds, the usage, choice 0's timings, and the shell loop's executions.
+pub async fn respond<S: ChunkShape>(
+    replies: Replies,
+    options: &GenerationOptions,
+    header: ChunkHeader,
+    object: &'static str,
+    stream_shape: impl FnOnce(ChunkHeader) -> S,
+    choice: impl Fn(u32, &Collected) -> Value,
+) -> Result<Response, ApiError> {
+    if options.stream {
+        let shape = stream_shape(header);
+        return Ok(stream_response(shape, replies, options.include_usage));
+    }
+    let done = replies.collect().await?;
+    let choices: Vec<Value> = (0u32..).zip(&done).map(|(i, c)| choice(i, c)).collect();
+    let first = &done[0];
+    let mut out = json!({
+        "id": header.id,
+        "object": object,
+        "created": header.created,
+        "model": header.model,
+        "system_fingerprint": header.fingerprint,
+        "choices": choices,
+        "usage": total_usage(&done),
+        "timings": Timings::from(&first.finish.stats),
+    });
+    if header.shell {
+        out["sandbox_executions"] = json!(first.executions);
+    }
+    header.add_lmstudio_stats(&mut out, &first.finish.stats, first.finish.reason);
+    Ok(axum::Json(out).into_response())
 }
 
 /// Frames of the SSE body; a small buffer is enough since the task waits when it is full.
 const SSE_BUFFER: usize = 64;
 
-/// Streams `receivers` (choice `i` is receiver `i`; `n` choices per prompt) as an SSE response.
-pub fn stream_response<S: ChunkShape>(
-    shape: S,
-    receivers: Vec<mpsc::Receiver<GenerationEvent>>,
-    options: &GenerationOptions,
-) -> Response {
+/// Streams `replies` as an SSE response.
+pub fn stream_response<S: ChunkShape>(shape: S, replies: Replies, include_usage: bool) -> Response {
     let (tx, rx) = mpsc::channel::<Event>(SSE_BUFFER);
     let keep_alive = shape.header().keep_alive;
-    let ends = Ends {
-        n: options.n,
-        include_usage: options.include_usage,
-        grammar_param: options.grammar_param,
-    };
-    tokio::spawn(forward(shape, receivers, ends, tx));
+    tokio::spawn(forward(shape, replies, include_usage, tx));
     body(rx, keep_alive)
 }
 
@@ -178,73 +183,38 @@ fn json_event(value: &Value) -> Event {
     Event::default().data(value.to_string())
 }
 
-/// What `forward` needs of the request's options.
-struct Ends {
-    /// Choices per prompt.
-    n: u32,
-    include_usage: bool,
-    grammar_param: &'static str,
-}
-
 async fn forward<S: ChunkShape>(
     mut shape: S,
-    receivers: Vec<mpsc::Receiver<GenerationEvent>>,
-    ends: Ends,
+    mut replies: Replies,
+    include_usage: bool,
     tx: mpsc::Sender<Event>,
 ) {
-    let Ends {
-        n,
-        include_usage,
-        grammar_param,
-    } = ends;
-    let choices = receivers.len();
-    for index in 0..choices as u32 {
+    for index in 0..replies.choices {
         if let Some(chunk) = shape.opening(index) {
             if tx.send(json_event(&chunk)).await.is_err() {
                 return;
             }
         }
     }
-    let mut events = merged(receivers);
     let mut usage = Usage::default();
-    let mut finished = 0;
-    // Each choice's log-probabilities, until the text they belong to arrives.
-    let mut logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); choices];
     loop {
         let next = tokio::select! {
-            // The client hung up: dropping `events` cancels every sequence.
+            // The client hung up: dropping the reply cancels every sequence.
             _ = tx.closed() => return,
-            next = events.next() => next,
+            next = replies.next() => next,
         };
         let chunks = match next {
             None => break,
-            Some((index, GenerationEvent::Logprobs(tokens))) => {
-                logprobs[index as usize].extend(tokens);
-                continue;
-            }
-            Some((index, GenerationEvent::Text(text))) => {
-                let tokens = std::mem::take(&mut logprobs[index as usize]);
-                shape.text(index, &text, tokens)
-            }
-            Some((index, GenerationEvent::Done { reason, stats })) => {
-                usage.add(&stats, index % n == 0);
-                finished += 1;
-                let tokens = std::mem::take(&mut logprobs[index as usize]);
-                shape.finish(index, reason, &stats, tokens)
-            }
-            Some((_, GenerationEvent::Rejected(message))) => {
-                // The client's mistake, in-band: the stream has begun.
-                let _ = tx
-                    .send(error_event(&ApiError::invalid(grammar_param, message)))
-                    .await;
-                return;
-            }
-            Some((_, GenerationEvent::Failed(message))) => {
-                let error = ApiError::EngineFailed(message);
-                tracing::error!(%error, "generation failed mid-stream");
-                // Ignored send error: the stream ends here either way.
+            Some((_, ReplyEvent::Error(error))) => {
+                // In-band: the stream has begun.
                 let _ = tx.send(error_event(&error)).await;
                 return;
+            }
+            Some((index, event)) => {
+                if let ReplyEvent::Finish(finish) = &event {
+                    usage = usage + finish.usage;
+                }
+                shape.event(index, event)
             }
         };
         for chunk in chunks {
@@ -252,11 +222,6 @@ async fn forward<S: ChunkShape>(
                 return;
             }
         }
-    }
-    if finished < choices {
-        let error = ApiError::EngineFailed(super::generate::ENGINE_STOPPED.into());
-        let _ = tx.send(error_event(&error)).await;
-        return;
     }
     if include_usage && tx.send(json_event(&shape.usage(usage))).await.is_err() {
         return;

@@ -70,7 +70,7 @@ pub fn parse_command(args: &ToolsParseArgs) -> anyhow::Result<()> {
                     .map(|c| super::ToolCall {
                         id: call_id(format),
                         name: c.name.clone(),
-                        arguments: c.arguments.to_string(),
+                        arguments: c.arguments.clone(),
                     })
                     .collect(),
             };

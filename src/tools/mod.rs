@@ -68,8 +68,15 @@ pub struct ToolCall {
     /// `call_` and 24 random characters.
     pub id: String,
     pub name: String,
-    /// The arguments object as JSON text (OpenAI sends a string).
-    pub arguments: String,
+    /// The arguments object, structured; [`ToolCall::arguments_text`] is OpenAI's string.
+    pub arguments: Value,
+}
+
+impl ToolCall {
+    /// The arguments as JSON text, as OpenAI's `function.arguments` carries them.
+    pub fn arguments_text(&self) -> String {
+        self.arguments.to_string()
+    }
 }
 
 /// The assistant's reply.
@@ -97,7 +104,7 @@ impl AssistantMessage {
                     .iter()
                     .map(|c| {
                         json!({"id": c.id, "type": "function",
-                               "function": {"name": c.name, "arguments": c.arguments}})
+                               "function": {"name": c.name, "arguments": c.arguments_text()}})
                     })
                     .collect(),
             );
@@ -606,7 +613,7 @@ impl ToolRequest {
             .map(|c| ToolCall {
                 id: call_id(self.format),
                 name: c.name,
-                arguments: c.arguments.to_string(),
+                arguments: c.arguments,
             })
             .collect();
         (message, true)

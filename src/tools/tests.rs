@@ -1,6 +1,6 @@
 use serde_json::{json, Value};
 
-use super::stream::ToolStream;
+use super::stream::{Delta, ToolStream};
 use super::*;
 
 fn weather_tools() -> Value {
@@ -78,7 +78,10 @@ fn calls_are_checked_against_the_tools() {
     );
     assert!(calls);
     assert_eq!(m.tool_calls[0].name, "get_weather");
-    assert_eq!(m.tool_calls[0].arguments, r#"{"city":"Paris","days":2}"#);
+    assert_eq!(
+        m.tool_calls[0].arguments_text(),
+        r#"{"city":"Paris","days":2}"#
+    );
     assert!(m.tool_calls[0].id.starts_with("call_") && m.tool_calls[0].id.len() == 29);
     for bad in [
         "<tool_call>{\"name\": \"launch\", \"arguments\": {}}</tool_call>",
@@ -121,35 +124,28 @@ fn parallel_false_keeps_one_call() {
 }
 
 /// Rebuilds the message a client gets by applying streamed deltas.
-fn apply(deltas: &[Value]) -> (Option<String>, Option<String>, Vec<(String, String)>) {
+fn apply(
+    deltas: &[Delta],
+    message: &AssistantMessage,
+) -> (Option<String>, Option<String>, Vec<(String, Value)>) {
     let mut content: Option<String> = None;
     let mut reasoning: Option<String> = None;
-    let mut calls: Vec<(String, String)> = Vec::new();
     for d in deltas {
-        if let Some(c) = d.get("content").and_then(Value::as_str) {
+        if let Some(c) = d.content() {
             content.get_or_insert_with(String::new).push_str(c);
         }
-        if let Some(r) = d.get("reasoning_content").and_then(Value::as_str) {
+        if let Some(r) = d.reasoning() {
             reasoning.get_or_insert_with(String::new).push_str(r);
         }
-        if let Some(tc) = d.get("tool_calls").and_then(Value::as_array) {
-            for t in tc {
-                let i = t["index"].as_u64().unwrap() as usize;
-                if let Some(name) = t.pointer("/function/name").and_then(Value::as_str) {
-                    assert_eq!(i, calls.len(), "the first delta of a call names it");
-                    assert!(t["id"].as_str().unwrap().starts_with("call_"));
-                    calls.push((name.to_owned(), String::new()));
-                } else {
-                    assert!(t.get("id").is_none(), "id only on the first delta");
-                }
-                calls[i].1.push_str(
-                    t.pointer("/function/arguments")
-                        .and_then(Value::as_str)
-                        .unwrap_or(""),
-                );
-            }
-        }
     }
+    let calls = message
+        .tool_calls
+        .iter()
+        .map(|c| {
+            assert!(c.id.starts_with("call_"));
+            (c.name.clone(), c.arguments.clone())
+        })
+        .collect();
     (content, reasoning, calls)
 }
 
@@ -167,7 +163,7 @@ fn streamed_deltas_add_up_to_the_unstreamed_message_at_every_split() {
     ];
     for out in outputs {
         let (expected, _) = tools.finish(out, false);
-        let expected_calls: Vec<(String, String)> = expected
+        let expected_calls: Vec<(String, Value)> = expected
             .tool_calls
             .iter()
             .map(|c| (c.name.clone(), c.arguments.clone()))
@@ -179,17 +175,16 @@ fn streamed_deltas_add_up_to_the_unstreamed_message_at_every_split() {
             let mut stream = ToolStream::new();
             let mut deltas = stream.push(&out[..cut], &tools);
             deltas.extend(stream.push(&out[cut..], &tools));
-            let (rest, _, _) = stream.finish(&tools, false);
+            let (rest, message, _) = stream.finish(&tools, false);
             deltas.extend(rest);
-            let (content, reasoning, calls) = apply(&deltas);
+            let (content, reasoning, calls) = apply(&deltas, &message);
             assert_eq!(content, expected.content, "{out:?} cut at {cut}");
             assert_eq!(reasoning, expected.reasoning, "{out:?} cut at {cut}");
             assert_eq!(calls, expected_calls, "{out:?} cut at {cut}");
             assert!(
-                !deltas.iter().any(|d| d
-                    .get("content")
-                    .and_then(Value::as_str)
-                    .is_some_and(|c| c.contains("<tool_call>")))
+                !deltas
+                    .iter()
+                    .any(|d| d.content().is_some_and(|c| c.contains("<tool_call>")))
                     || expected.tool_calls.is_empty(),
                 "no call markup leaks into content: {out:?} cut at {cut}"
             );
@@ -200,8 +195,13 @@ fn streamed_deltas_add_up_to_the_unstreamed_message_at_every_split() {
         for i in 1..boundaries.len() {
             deltas.extend(stream.push(&out[boundaries[i - 1]..boundaries[i]], &tools));
         }
-        deltas.extend(stream.finish(&tools, false).0);
-        assert_eq!(apply(&deltas).0, expected.content, "{out:?} piece by piece");
+        let (rest, message, _) = stream.finish(&tools, false);
+        deltas.extend(rest);
+        assert_eq!(
+            apply(&deltas, &message).0,
+            expected.content,
+            "{out:?} piece by piece"
+        );
     }
 }
 
@@ -255,7 +255,7 @@ fn qwen_xml_is_detected_parsed_and_typed_by_the_schema() {
     assert!(calls, "{m:?}");
     assert_eq!(m.content.as_deref(), Some("I'll look that up.\n"));
     assert_eq!(m.tool_calls[0].name, "get_weather");
-    let args: Value = serde_json::from_str(&m.tool_calls[0].arguments).unwrap();
+    let args: Value = m.tool_calls[0].arguments.clone();
     assert_eq!(
         args,
         json!({"city": "Paris", "days": 2, "units": {"temp": "C"}})
@@ -265,7 +265,7 @@ fn qwen_xml_is_detected_parsed_and_typed_by_the_schema() {
     let out = "<tool_call>\n<function=write_file>\n<parameter=path>\n007\n</parameter>\n<parameter=content>\n{\"a\": 1}\nline two\n</parameter>\n</function>\n</tool_call>";
     let (m, calls) = tools.finish(out, false);
     assert!(calls);
-    let args: Value = serde_json::from_str(&m.tool_calls[0].arguments).unwrap();
+    let args: Value = m.tool_calls[0].arguments.clone();
     assert_eq!(
         args,
         json!({"path": "007", "content": "{\"a\": 1}\nline two"})
@@ -290,12 +290,12 @@ fn qwen_xml_is_detected_parsed_and_typed_by_the_schema() {
     let text = "Sure.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>";
     for piece in text.as_bytes().chunks(3) {
         for delta in stream.push(std::str::from_utf8(piece).unwrap(), &tools) {
-            streamed.push_str(delta["content"].as_str().unwrap_or(""));
+            streamed.push_str(delta.content().unwrap_or(""));
         }
     }
     let (deltas, message, _) = stream.finish(&tools, false);
     for delta in deltas {
-        streamed.push_str(delta["content"].as_str().unwrap_or(""));
+        streamed.push_str(delta.content().unwrap_or(""));
     }
     assert_eq!(streamed, "Sure.\n");
     assert_eq!(message.tool_calls.len(), 1);
@@ -336,20 +336,20 @@ fn both_ways(tools: &ToolRequest, out: &str) -> (AssistantMessage, String) {
             end += 1;
         }
         for delta in stream.push(&out[start..end], tools) {
-            content.push_str(delta["content"].as_str().unwrap_or(""));
+            content.push_str(delta.content().unwrap_or(""));
         }
         start = end;
     }
     let (deltas, message, _) = stream.finish(tools, false);
     for delta in deltas {
-        content.push_str(delta["content"].as_str().unwrap_or(""));
+        content.push_str(delta.content().unwrap_or(""));
     }
     assert_eq!(message.tool_calls.len(), whole.tool_calls.len(), "{out}");
     (whole, content)
 }
 
 fn arguments(message: &AssistantMessage, i: usize) -> Value {
-    serde_json::from_str(&message.tool_calls[i].arguments).unwrap()
+    message.tool_calls[i].arguments.clone()
 }
 
 #[test]
@@ -432,13 +432,13 @@ fn a_prompt_that_opens_reasoning_starts_the_output_inside_it() {
     let mut reasoning = String::new();
     for piece in ["The user ", "wants a city.\n</th", "ink>\n\nPar", "is."] {
         for delta in stream.push(piece, &tools) {
-            content.push_str(delta["content"].as_str().unwrap_or(""));
-            reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or(""));
+            content.push_str(delta.content().unwrap_or(""));
+            reasoning.push_str(delta.reasoning().unwrap_or(""));
         }
     }
     let (deltas, _, _) = stream.finish(&tools, false);
     for delta in deltas {
-        content.push_str(delta["content"].as_str().unwrap_or(""));
+        content.push_str(delta.content().unwrap_or(""));
     }
     assert_eq!(
         (reasoning.as_str(), content.as_str()),
@@ -756,8 +756,8 @@ fn push_in_pieces(tools: &ToolRequest, out: &str, size: usize) -> (ToolStream, S
             end += 1;
         }
         for delta in stream.push(&out[start..end], tools) {
-            content.push_str(delta["content"].as_str().unwrap_or(""));
-            reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or(""));
+            content.push_str(delta.content().unwrap_or(""));
+            reasoning.push_str(delta.reasoning().unwrap_or(""));
         }
         start = end;
     }
@@ -789,8 +789,8 @@ fn every_format_streams_to_the_same_message_at_every_piece_size() {
             let (mut stream, mut reasoning, mut content) = push_in_pieces(&tools, out, size);
             let (deltas, message, _) = stream.finish(&tools, false);
             for delta in deltas {
-                content.push_str(delta["content"].as_str().unwrap_or(""));
-                reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or(""));
+                content.push_str(delta.content().unwrap_or(""));
+                reasoning.push_str(delta.reasoning().unwrap_or(""));
             }
             let name = tools.format.name();
             assert_eq!(
@@ -859,12 +859,13 @@ fn reasoning_and_content_stream_as_they_grow() {
     let out = "<|channel|>analysis<|message|>Need it.<|end|><|start|>assistant<|channel|>final<|message|>Checking.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\":<|call|>";
     let (whole, _) = harmony.finish(out, false);
     let mut stream = ToolStream::new();
-    let mut deltas: Vec<Value> = out
+    let mut deltas: Vec<Delta> = out
         .char_indices()
         .flat_map(|(at, c)| stream.push(&out[at..at + c.len_utf8()], &harmony))
         .collect();
-    deltas.extend(stream.finish(&harmony, false).0);
-    let (content, reasoning, calls) = apply(&deltas);
+    let (rest, message, _) = stream.finish(&harmony, false);
+    deltas.extend(rest);
+    let (content, reasoning, calls) = apply(&deltas, &message);
     assert_eq!((content, reasoning), (whole.content, whole.reasoning));
     assert!(calls.is_empty());
 }

@@ -15,17 +15,16 @@ use axum::extract::State;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use super::super::auth::{Authenticated, RequestId};
-use super::super::chat::{start_chat, ChatStart, StartedChat};
+use super::super::chat::start_chat;
 use super::super::error::ApiError;
 use super::super::extract::JsonObject;
-use super::super::generate::{self, merged};
+use super::super::reply::{Replies, ReplyEvent, Timings};
 use super::super::{AppState, Served};
-use crate::engine::{GenerationEvent, GenerationStats};
+use crate::engine::GenerationStats;
 
 /// Threads kept at once; one more evicts the least recently used.
 pub const MAX_THREADS: usize = 256;
@@ -116,13 +115,37 @@ fn translate(state: &AppState, served: &Served, body: &Value) -> Result<Translat
             ));
         }
     }
-    match body.get("reasoning").and_then(Value::as_str) {
-        None | Some("off") => {}
-        Some(_) if loaded.template.source().contains("think") => {}
-        Some(other) => {
+    // LM Studio's `reasoning` setting, as the template's variables: `enable_thinking` (Qwen,
+    // SmolLM3, GLM) and `reasoning_effort` (gpt-oss).
+    let mut template_kwargs = Map::new();
+    let mut reasoning_effort = None;
+    match body.get("reasoning") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(setting)) => {
+            let known = ["off", "on", "low", "medium", "high"];
+            if !known.contains(&setting.as_str()) {
+                return Err(ApiError::invalid(
+                    "reasoning",
+                    format!("`reasoning` must be off, on, low, medium or high; got {setting:?}"),
+                ));
+            }
+            let thinks = loaded.template.source().contains("think")
+                || loaded.template.source().contains("reasoning_effort");
+            if setting != "off" && !thinks {
+                return Err(ApiError::invalid(
+                    "reasoning",
+                    format!("this model does not support the reasoning setting \"{setting}\""),
+                ));
+            }
+            template_kwargs.insert("enable_thinking".into(), json!(setting != "off"));
+            if ["low", "medium", "high"].contains(&setting.as_str()) {
+                reasoning_effort = Some(setting.clone());
+            }
+        }
+        Some(_) => {
             return Err(ApiError::invalid(
                 "reasoning",
-                format!("this model does not support the reasoning setting \"{other}\""),
+                "`reasoning` must be a string",
             ))
         }
     }
@@ -153,6 +176,15 @@ fn translate(state: &AppState, served: &Served, body: &Value) -> Result<Translat
             openai.insert(to.into(), value.clone());
         }
     }
+    if !template_kwargs.is_empty() {
+        openai.insert(
+            "chat_template_kwargs".into(),
+            Value::Object(template_kwargs),
+        );
+    }
+    if let Some(effort) = reasoning_effort {
+        openai.insert("reasoning_effort".into(), json!(effort));
+    }
     let thread = store.then(|| {
         body.get("thread_id")
             .and_then(Value::as_str)
@@ -167,12 +199,18 @@ fn translate(state: &AppState, served: &Served, body: &Value) -> Result<Translat
     })
 }
 
-/// The final result, as `chat.end` and the non-streamed body carry it.
-fn result(model: &str, text: &str, stats: &GenerationStats, thread: Option<&str>) -> Value {
-    let timings = generate::Timings::from(stats);
+/// The final result, as `chat.end` and the non-streamed body carry it: the reasoning and the
+/// message as output items.
+fn result(model: &str, reply: &Said, stats: &GenerationStats, thread: Option<&str>) -> Value {
+    let timings = Timings::from(stats);
+    let mut output = Vec::new();
+    if !reply.reasoning.is_empty() {
+        output.push(json!({"type": "reasoning", "content": reply.reasoning}));
+    }
+    output.push(json!({"type": "message", "content": reply.content}));
     let mut out = json!({
         "model_instance_id": model,
-        "output": [{"type": "message", "content": text}],
+        "output": output,
         "stats": {
             "input_tokens": stats.prompt_tokens,
             "total_output_tokens": stats.generated_tokens,
@@ -187,10 +225,18 @@ fn result(model: &str, text: &str, stats: &GenerationStats, thread: Option<&str>
     out
 }
 
-fn keep(state: &AppState, request: &Translated, text: &str) {
+/// What the model said: its reasoning and its message.
+#[derive(Default)]
+struct Said {
+    reasoning: String,
+    content: String,
+}
+
+/// Keeps the thread: the reply's message, never its reasoning.
+fn keep(state: &AppState, request: &Translated, content: &str) {
     if let Some(thread) = &request.thread {
         let mut messages = request.messages.clone();
-        messages.push(json!({"role": "assistant", "content": text}));
+        messages.push(json!({"role": "assistant", "content": content}));
         state.lmstudio_threads().put(thread.clone(), messages);
     }
 }
@@ -208,38 +254,31 @@ pub async fn chat(
     let served = state.model(name).await?;
     let request = translate(&state, &served, &body)?;
     let authenticated = authenticated.map(|Extension(a)| a);
-    let StartedChat {
-        options, receivers, ..
-    } = match start_chat(&state, &request_id, authenticated.as_ref(), &request.openai).await? {
-        ChatStart::Generation(started) => started,
-        ChatStart::Loop(..) => {
-            return Err(ApiError::invalid(
-                "sandbox",
-                "the server-side shell loop is not available through /api/v1/chat; use /api/v0/chat/completions",
-            ))
-        }
-    };
+    let started = start_chat(&state, &request_id, authenticated.as_ref(), &request.openai).await?;
+    if started.shell {
+        return Err(ApiError::invalid(
+            "sandbox",
+            "the server-side shell loop is not available through /api/v1/chat; use /api/v0/chat/completions",
+        ));
+    }
     if !request.stream {
-        let done = generate::collect(receivers, options.grammar_param).await?;
-        let text = &done[0].text;
-        keep(&state, &request, text);
+        let done = started.replies.collect().await?;
+        let reply = Said {
+            reasoning: done[0].message.reasoning.clone().unwrap_or_default(),
+            content: done[0].text().to_owned(),
+        };
+        keep(&state, &request, &reply.content);
         return Ok(Json(result(
             &request.model,
-            text,
-            &done[0].stats,
+            &reply,
+            &done[0].finish.stats,
             request.thread.as_deref(),
         ))
         .into_response());
     }
     let (tx, rx) = mpsc::channel::<Event>(64);
     let keep_alive = state.config().sse_keep_alive;
-    tokio::spawn(forward(
-        state,
-        request,
-        receivers,
-        options.grammar_param,
-        tx,
-    ));
+    tokio::spawn(forward(state, request, started.replies, tx));
     Ok(super::super::sse::body(rx, keep_alive))
 }
 
@@ -248,11 +287,18 @@ fn named(kind: &str, mut data: Value) -> Event {
     Event::default().event(kind).data(data.to_string())
 }
 
+/// Which part of the reply the stream is in: LM Studio opens and closes each.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Prompt,
+    Reasoning,
+    Message,
+}
+
 async fn forward(
     state: AppState,
     request: Translated,
-    receivers: Vec<mpsc::Receiver<GenerationEvent>>,
-    grammar_param: &'static str,
+    mut replies: Replies,
     tx: mpsc::Sender<Event>,
 ) {
     let send = |event: Event| {
@@ -268,54 +314,63 @@ async fn forward(
     {
         return;
     }
-    let mut events = merged(receivers);
-    let mut text = String::new();
-    let mut started = false;
+    let mut said = Said::default();
+    let mut part = Part::Prompt;
     let began = Instant::now();
+    // The events that close `part` and open `next`.
+    let switch = |part: Part, next: Part| {
+        let mut out = Vec::new();
+        if part != next {
+            out.push(match part {
+                Part::Prompt => named("prompt_processing.end", json!({})),
+                Part::Reasoning => named("reasoning.end", json!({})),
+                Part::Message => named("message.end", json!({})),
+            });
+            match next {
+                Part::Reasoning => out.push(named("reasoning.start", json!({}))),
+                Part::Message => out.push(named("message.start", json!({}))),
+                Part::Prompt => {}
+            }
+        }
+        out
+    };
     loop {
         let next = tokio::select! {
-            // The client hung up: dropping `events` cancels the sequence.
+            // The client hung up: dropping the reply cancels the sequence.
             _ = tx.closed() => return,
-            next = events.next() => next,
+            next = replies.next() => next,
         };
-        match next {
-            Some((_, GenerationEvent::Logprobs(_))) => {}
-            Some((_, GenerationEvent::Text(piece))) => {
-                if !started {
-                    started = true;
-                    if !send(named("prompt_processing.end", json!({}))).await
-                        || !send(named("message.start", json!({}))).await
-                    {
+        let (events, next_part) = match next {
+            Some((_, ReplyEvent::Reasoning(piece))) => {
+                said.reasoning.push_str(&piece);
+                let delta = named("reasoning.delta", json!({"content": piece}));
+                (vec![delta], Part::Reasoning)
+            }
+            Some((_, ReplyEvent::Content(piece))) => {
+                said.content.push_str(&piece);
+                let delta = named("message.delta", json!({"content": piece}));
+                (vec![delta], Part::Message)
+            }
+            Some((_, ReplyEvent::Finish(finish))) => {
+                let mut events = switch(part, Part::Message);
+                keep(&state, &request, &said.content);
+                let thread = request.thread.as_deref();
+                let result = result(&request.model, &said, &finish.stats, thread);
+                events.push(named("message.end", json!({})));
+                events.push(named("chat.end", json!({"result": result})));
+                for event in events {
+                    if !send(event).await {
                         return;
                     }
                 }
-                text.push_str(&piece);
-                if !send(named("message.delta", json!({"content": piece}))).await {
-                    return;
-                }
-            }
-            Some((_, GenerationEvent::Done { stats, .. })) => {
-                if !started {
-                    let _ = send(named("prompt_processing.end", json!({}))).await;
-                    let _ = send(named("message.start", json!({}))).await;
-                }
-                keep(&state, &request, &text);
-                let result = result(&request.model, &text, &stats, request.thread.as_deref());
-                let _ = send(named("message.end", json!({}))).await;
-                let _ = send(named("chat.end", json!({"result": result}))).await;
                 return;
             }
-            other => {
-                let (kind, message) = match other {
-                    Some((_, GenerationEvent::Rejected(m))) => (
-                        "invalid_request",
-                        ApiError::invalid(grammar_param, m).to_string(),
-                    ),
-                    Some((_, GenerationEvent::Failed(m))) => {
-                        ("internal_error", ApiError::EngineFailed(m).to_string())
-                    }
-                    _ => ("internal_error", generate::ENGINE_STOPPED.to_owned()),
+            Some((_, ReplyEvent::Error(error))) => {
+                let kind = match error {
+                    ApiError::InvalidRequest { .. } => "invalid_request",
+                    _ => "internal_error",
                 };
+                let message = error.to_string();
                 let _ = send(named(
                     "error",
                     json!({"error": {"type": kind, "message": message}}),
@@ -326,8 +381,18 @@ async fn forward(
                     generation_ms: began.elapsed().as_secs_f64() * 1e3,
                     ..GenerationStats::default()
                 };
-                let result = result(&request.model, &text, &stats, None);
+                let result = result(&request.model, &said, &stats, None);
                 let _ = send(named("chat.end", json!({"result": result}))).await;
+                return;
+            }
+            None => return,
+            Some(_) => continue,
+        };
+        let mut out = switch(part, next_part);
+        part = next_part;
+        out.extend(events);
+        for event in out {
+            if !send(event).await {
                 return;
             }
         }

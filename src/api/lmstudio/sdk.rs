@@ -13,18 +13,16 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use super::super::auth::Authenticated;
-use super::super::chat::{start_chat, start_raw, ChatStart, StartedChat};
+use super::super::chat::{start_chat, start_raw};
 use super::super::error::ApiError;
-use super::super::generate::{self, merged};
 use super::super::keys::Scope;
 use super::super::model_facts::model_facts;
+use super::super::reply::{ReplyEvent, ENGINE_STOPPED};
 use super::super::AppState;
-use crate::engine::{FinishReason, GenerationEvent};
 use crate::registry::{ModelStatus, State as ModelState};
 
 /// LM Studio's error details (`SerializedLMSExtendedError`).
@@ -387,16 +385,6 @@ fn completion_mode(stack: &Value) -> bool {
         .any(|layer| layer["layerName"] == "completeModeFormatting")
 }
 
-/// LM Studio's stop reasons (`None`: the model called tools).
-fn stop_reason(reason: Option<FinishReason>) -> &'static str {
-    match reason {
-        Some(FinishReason::Stop) => "eosFound",
-        Some(FinishReason::StopString) => "stopStringFound",
-        Some(FinishReason::Length) => "maxPredictedTokensReached",
-        None => "toolCalls",
-    }
-}
-
 /// `predict`: a chat response (or a completion), streamed as `fragment`s, then `success` with the
 /// stats and the model's info.
 async fn predict(state: &AppState, parameter: &Value, channel: &Channel) -> Result<(), Value> {
@@ -418,87 +406,49 @@ async fn predict(state: &AppState, parameter: &Value, channel: &Channel) -> Resu
             .map_err(|e| api_error(&e))?
     } else {
         body.insert("messages".into(), Value::Array(messages));
-        match start_chat(state, "lmstudio-sdk", None, &Value::Object(body))
+        start_chat(state, "lmstudio-sdk", None, &Value::Object(body))
             .await
             .map_err(|e| api_error(&e))?
-        {
-            ChatStart::Generation(started) => started,
-            ChatStart::Loop(..) => {
-                return Err(error(
-                    "the server-side shell loop is not offered through the SDK protocol",
-                    None,
-                ))
-            }
-        }
     };
-    let StartedChat {
-        model,
-        options,
-        tools,
-        receivers,
-    } = started;
-    let mut events = merged(receivers);
+    let mut replies = started.replies;
     let mut first_token = None;
-    let mut tool_stream = crate::tools::stream::ToolStream::new();
-    let mut raw = String::new();
+    let fragment = |content: String, tokens: u32, reasoning: &str| {
+        json!({"type": "fragment", "fragment": {"content": content, "tokensCount": tokens,
+               "containsDrafted": false, "reasoningType": reasoning}})
+    };
     loop {
-        let Some((_, event)) = events.next().await else {
-            return Err(error(generate::ENGINE_STOPPED, None));
+        let Some((_, event)) = replies.next().await else {
+            return Err(error(ENGINE_STOPPED, None));
         };
-        match event {
-            GenerationEvent::Logprobs(_) => {}
-            GenerationEvent::Text(text) => {
+        let message = match event {
+            ReplyEvent::Reasoning(text) => {
                 first_token.get_or_insert_with(|| began.elapsed());
-                raw.push_str(&text);
-                let pieces: Vec<(String, &str)> = match &tools {
-                    None => vec![(text, "none")],
-                    Some(tools) => fragments(&tool_stream.push(&text, tools)),
-                };
-                for (content, reasoning) in pieces {
-                    let fragment = json!({"content": content, "tokensCount": 1,
-                                          "containsDrafted": false, "reasoningType": reasoning});
-                    if !channel
-                        .send(json!({"type": "fragment", "fragment": fragment}))
-                        .await
-                    {
-                        return Ok(());
-                    }
-                }
+                fragment(text, 1, "reasoning")
             }
-            GenerationEvent::Done { reason, stats } => {
-                let mut called = false;
-                if let Some(tools) = &tools {
-                    let (deltas, message, _) =
-                        tool_stream.finish(tools, reason == FinishReason::Length);
-                    for (content, reasoning) in fragments(&deltas) {
-                        let fragment = json!({"content": content, "tokensCount": 0,
-                                              "containsDrafted": false, "reasoningType": reasoning});
-                        channel
-                            .send(json!({"type": "fragment", "fragment": fragment}))
-                            .await;
-                    }
-                    // Calls, as LM Studio reports them: the SDK runs the tools (`act`).
-                    for call in &message.tool_calls {
-                        called = true;
-                        let arguments: Value =
-                            serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}));
-                        channel
-                            .send(json!({"type": "toolCallGenerationStart"}))
-                            .await;
-                        channel
-                            .send(json!({"type": "toolCallGenerationNameReceived", "name": call.name}))
-                            .await;
-                        channel
-                            .send(json!({"type": "toolCallGenerationEnd", "toolCallRequest": {
-                                "type": "function", "id": call.id, "name": call.name,
-                                "arguments": arguments}}))
-                            .await;
-                    }
+            ReplyEvent::Content(text) => {
+                first_token.get_or_insert_with(|| began.elapsed());
+                fragment(text, 1, "none")
+            }
+            // Calls, as LM Studio reports them: the SDK runs the tools (`act`).
+            ReplyEvent::ToolCallStarted { name, .. } => {
+                if !channel
+                    .send(json!({"type": "toolCallGenerationStart"}))
+                    .await
+                {
+                    return Ok(());
                 }
-                let reason = if called { None } else { Some(reason) };
+                json!({"type": "toolCallGenerationNameReceived", "name": name})
+            }
+            ReplyEvent::ToolCallDone(call) => {
+                json!({"type": "toolCallGenerationEnd", "toolCallRequest": {
+                    "type": "function", "id": call.id, "name": call.name,
+                    "arguments": call.arguments}})
+            }
+            ReplyEvent::Finish(finish) => {
+                let stats = &finish.stats;
                 let seconds = stats.generation_ms / 1e3;
                 let stats = json!({
-                    "stopReason": stop_reason(reason),
+                    "stopReason": finish.reason.lmstudio(),
                     "tokensPerSecond": if seconds > 0.0 { f64::from(stats.generated_tokens) / seconds } else { 0.0 },
                     "numGpuLayers": 0,
                     "timeToFirstTokenSec": first_token.unwrap_or_default().as_secs_f64(),
@@ -506,7 +456,7 @@ async fn predict(state: &AppState, parameter: &Value, channel: &Channel) -> Resu
                     "predictedTokensCount": stats.generated_tokens,
                     "totalTokensCount": stats.prompt_tokens + stats.generated_tokens,
                 });
-                let info = loaded_info(state, &model).await?;
+                let info = loaded_info(state, &started.model).await?;
                 channel
                     .send(json!({"type": "success", "stats": stats, "modelInfo": info,
                                  "loadModelConfig": {"fields": []},
@@ -514,34 +464,13 @@ async fn predict(state: &AppState, parameter: &Value, channel: &Channel) -> Resu
                     .await;
                 return Ok(());
             }
-            GenerationEvent::Rejected(message) => {
-                return Err(error(
-                    ApiError::invalid(options.grammar_param, message).to_string(),
-                    None,
-                ))
-            }
-            GenerationEvent::Failed(message) => {
-                return Err(error(ApiError::EngineFailed(message).to_string(), None))
-            }
+            ReplyEvent::Error(e) => return Err(error(e.to_string(), None)),
+            _ => continue,
+        };
+        if !channel.send(message).await {
+            return Ok(());
         }
     }
-}
-
-/// OpenAI-shaped deltas as LM Studio fragments: `(content, reasoningType)`.
-fn fragments(deltas: &[Value]) -> Vec<(String, &'static str)> {
-    let mut out = Vec::new();
-    for delta in deltas {
-        if let Some(reasoning) = delta["reasoning_content"]
-            .as_str()
-            .filter(|s| !s.is_empty())
-        {
-            out.push((reasoning.to_owned(), "reasoning"));
-        }
-        if let Some(content) = delta["content"].as_str().filter(|s| !s.is_empty()) {
-            out.push((content.to_owned(), "none"));
-        }
-    }
-    out
 }
 
 /// One RPC; `Value::Null` is a void result. `unloadModel` needs the `models` scope, the rest

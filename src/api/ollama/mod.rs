@@ -117,22 +117,17 @@ async fn chat(
         return Ok(stream::load_answer(&request.model, done, "chat"));
     }
     let authenticated = authenticated.map(|Extension(a)| a);
-    let start =
+    let chat =
         super::chat::start_chat(&state, &request_id, authenticated.as_ref(), &request.openai)
             .await?;
-    match start {
-        super::chat::ChatStart::Loop(_, run) => {
-            Ok(stream::respond_loop(request.model, request.stream, *run, started).await)
-        }
-        super::chat::ChatStart::Generation(chat) => Ok(stream::respond(
-            stream::Kind::Chat,
-            request.model,
-            request.stream,
-            chat,
-            started,
-        )
-        .await),
-    }
+    Ok(stream::respond(
+        stream::Kind::Chat,
+        request.model,
+        request.stream,
+        chat,
+        started,
+    )
+    .await)
 }
 
 async fn generate(

@@ -6,19 +6,15 @@ use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::super::chat::StartedChat;
-use super::super::error::ApiError;
-use super::super::generate::{self, merged};
-use super::super::shell_loop::{append_note, LoopEvent, LoopRun, LOOP_EVENTS};
+use super::super::reply::{Replies, ReplyEvent};
 use super::OllamaError;
-use crate::engine::{FinishReason, GenerationEvent, GenerationStats};
-use crate::tools::stream::ToolStream;
-use crate::tools::{AssistantMessage, ToolRequest};
+use crate::engine::GenerationStats;
+use crate::tools::ToolCall;
 
 /// Which route: chat answers in `message`, generate in `response`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +70,7 @@ impl Began {
 }
 
 /// The final fields: `done`, `done_reason`, and Ollama's durations (ns), measured.
-fn done(mut out: Value, reason: &str, stats: &GenerationStats, started: Began) -> Value {
+fn done_fields(mut out: Value, reason: &str, stats: &GenerationStats, started: Began) -> Value {
     let ns = |ms: f64| (ms * 1e6) as u64;
     out["done"] = json!(true);
     out["done_reason"] = json!(reason);
@@ -87,22 +83,11 @@ fn done(mut out: Value, reason: &str, stats: &GenerationStats, started: Began) -
     out
 }
 
-fn reason_word(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop | FinishReason::StopString => "stop",
-        FinishReason::Length => "length",
-    }
-}
-
 /// Ollama's calls: `{"function": {"name", "arguments": {object}}}`.
-fn calls(message: &AssistantMessage) -> Vec<Value> {
-    message
-        .tool_calls
+fn calls(calls: &[ToolCall]) -> Vec<Value> {
+    calls
         .iter()
-        .map(|c| {
-            let arguments: Value = serde_json::from_str(&c.arguments).unwrap_or_else(|_| json!({}));
-            json!({"function": {"name": c.name, "arguments": arguments}})
-        })
+        .map(|c| json!({"function": {"name": c.name, "arguments": c.arguments}}))
         .collect()
 }
 
@@ -119,7 +104,8 @@ pub fn load_answer(model: &str, reason: &'static str, route: &str) -> Response {
     axum::Json(out).into_response()
 }
 
-/// Streams (NDJSON) or collects the generation of `chat`.
+/// Streams (NDJSON) or collects the reply of `chat` (a generation or the shell loop). Every
+/// command the loop ran is a line with `sandbox_execution`, or listed in `sandbox_executions`.
 pub async fn respond(
     kind: Kind,
     model: String,
@@ -127,63 +113,33 @@ pub async fn respond(
     chat: StartedChat,
     started: Began,
 ) -> Response {
-    let StartedChat {
-        options,
-        tools,
-        receivers,
-        ..
-    } = chat;
     if stream {
         let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
-        tokio::spawn(forward(
-            kind,
-            model,
-            tools,
-            receivers,
-            options.grammar_param,
-            started,
-            tx,
-        ));
+        tokio::spawn(forward(kind, model, chat.replies, started, tx));
         return (
             [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
             Body::from_stream(ReceiverStream::new(rx)),
         )
             .into_response();
     }
-    let done_choices = match generate::collect(receivers, options.grammar_param).await {
+    let done = match chat.replies.collect().await {
         Ok(done) => done,
         Err(e) => return OllamaError(e).into_response(),
     };
-    let c = &done_choices[0];
-    let reason = c.reason.map_or("stop", reason_word);
-    let (text, thinking, tool_calls) = match &tools {
-        None => (c.text.clone(), None, Vec::new()),
-        Some(tools) => {
-            let (message, _) = tools.finish(&c.text, c.reason == Some(FinishReason::Length));
-            let calls = calls(&message);
-            (
-                message.content.clone().unwrap_or_default(),
-                message.reasoning.clone(),
-                calls,
-            )
-        }
-    };
-    let out = chunk(kind, &model, &text, thinking.as_deref(), &tool_calls);
-    axum::Json(done(out, reason, &c.stats, started)).into_response()
-}
-
-/// The content and reasoning of OpenAI-shaped deltas (what `ToolStream` and the shell loop
-/// settle), as Ollama's `content` and `thinking`.
-fn text_of(deltas: &[Value]) -> (String, Option<String>) {
-    let content: String = deltas
-        .iter()
-        .filter_map(|d| d["content"].as_str())
-        .collect();
-    let thinking: String = deltas
-        .iter()
-        .filter_map(|d| d["reasoning_content"].as_str())
-        .collect();
-    (content, (!thinking.is_empty()).then_some(thinking))
+    let c = &done[0];
+    let message = &c.message;
+    let out = chunk(
+        kind,
+        &model,
+        c.text(),
+        message.reasoning.as_deref(),
+        &calls(&message.tool_calls),
+    );
+    let mut out = done_fields(out, c.finish.reason.ollama(), &c.finish.stats, started);
+    if chat.shell {
+        out["sandbox_executions"] = json!(c.executions);
+    }
+    axum::Json(out).into_response()
 }
 
 fn line(value: &Value) -> Result<Bytes, Infallible> {
@@ -192,220 +148,51 @@ fn line(value: &Value) -> Result<Bytes, Infallible> {
     Ok(Bytes::from(text))
 }
 
-/// Forwards engine events as NDJSON lines until the final one; returning drops the receivers,
-/// which cancels the sequence when the client has gone.
+/// Forwards reply events as NDJSON lines until the final one; returning drops the reply, which
+/// cancels the sequence (or the loop) when the client has gone.
 async fn forward(
     kind: Kind,
     model: String,
-    tools: Option<std::sync::Arc<ToolRequest>>,
-    receivers: Vec<mpsc::Receiver<GenerationEvent>>,
-    grammar_param: &'static str,
+    mut replies: Replies,
     started: Began,
     tx: mpsc::Sender<Result<Bytes, Infallible>>,
 ) {
-    let mut events = merged(receivers);
-    let mut tool_stream = ToolStream::new();
+    let mut tool_calls = Vec::new();
     loop {
         let next = tokio::select! {
             _ = tx.closed() => return,
-            next = events.next() => next,
+            next = replies.next() => next,
         };
-        let lines: Vec<Value> = match next {
-            None => {
-                let error = ApiError::EngineFailed(generate::ENGINE_STOPPED.into());
-                let _ = tx.send(line(&json!({"error": error.to_string()}))).await;
-                return;
+        let (out, end) = match next {
+            None => return,
+            Some((_, ReplyEvent::Content(text))) => (chunk(kind, &model, &text, None, &[]), false),
+            Some((_, ReplyEvent::Reasoning(text))) => {
+                (chunk(kind, &model, "", Some(&text), &[]), false)
             }
-            Some((_, GenerationEvent::Logprobs(_))) => continue,
-            Some((_, GenerationEvent::Text(text))) => match &tools {
-                None => vec![chunk(kind, &model, &text, None, &[])],
-                Some(tools) => {
-                    let (content, thinking) = text_of(&tool_stream.push(&text, tools));
-                    if content.is_empty() && thinking.is_none() {
-                        continue;
-                    }
-                    vec![chunk(kind, &model, &content, thinking.as_deref(), &[])]
-                }
-            },
-            Some((_, GenerationEvent::Done { reason, stats })) => {
-                let mut lines = Vec::new();
-                if let Some(tools) = &tools {
-                    let truncated = reason == FinishReason::Length;
-                    let (deltas, message, _) = tool_stream.finish(tools, truncated);
-                    let (content, thinking) = text_of(&deltas);
-                    let calls = calls(&message);
-                    if !content.is_empty() || thinking.is_some() || !calls.is_empty() {
-                        lines.push(chunk(kind, &model, &content, thinking.as_deref(), &calls));
-                    }
-                }
-                let last = chunk(kind, &model, "", None, &[]);
-                lines.push(done(last, reason_word(reason), &stats, started));
-                for l in &lines {
-                    if tx.send(line(l)).await.is_err() {
+            Some((_, ReplyEvent::ToolCallDone(call))) => {
+                tool_calls.push(call);
+                continue;
+            }
+            Some((_, ReplyEvent::ExecutionFinished(record))) => {
+                let mut out = chunk(kind, &model, "", None, &[]);
+                out["sandbox_execution"] = record;
+                (out, false)
+            }
+            Some((_, ReplyEvent::Finish(finish))) => {
+                if !tool_calls.is_empty() {
+                    let out = chunk(kind, &model, "", None, &calls(&tool_calls));
+                    if tx.send(line(&out)).await.is_err() {
                         return;
                     }
                 }
-                return;
+                let last = chunk(kind, &model, "", None, &[]);
+                let reason = finish.reason.ollama();
+                (done_fields(last, reason, &finish.stats, started), true)
             }
-            Some((_, GenerationEvent::Rejected(message))) => {
-                let error = ApiError::invalid(grammar_param, message);
-                let _ = tx.send(line(&json!({"error": error.to_string()}))).await;
-                return;
-            }
-            Some((_, GenerationEvent::Failed(message))) => {
-                let error = ApiError::EngineFailed(message);
-                tracing::error!(%error, "generation failed mid-stream");
-                let _ = tx.send(line(&json!({"error": error.to_string()}))).await;
-                return;
-            }
+            Some((_, ReplyEvent::Error(error))) => (json!({"error": error.to_string()}), true),
+            Some(_) => continue,
         };
-        for l in &lines {
-            if tx.send(line(l)).await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
-/// Ollama's `done_reason` for the loop's OpenAI finish reason.
-fn loop_reason(reason: &str) -> &'static str {
-    if reason == "length" {
-        "length"
-    } else {
-        "stop"
-    }
-}
-
-/// The server-side shell loop through `/api/chat`: NDJSON lines (each command the loop ran as a
-/// line with `sandbox_execution`), or one object with `sandbox_executions`.
-pub async fn respond_loop(model: String, stream: bool, run: LoopRun, started: Began) -> Response {
-    let (tx, rx) = mpsc::channel::<LoopEvent>(LOOP_EVENTS);
-    if stream {
-        let (out, body) = mpsc::channel::<Result<Bytes, Infallible>>(64);
-        run.drive_with(true, async {}, tx).await;
-        tokio::spawn(loop_lines(model, rx, out, started));
-        return (
-            [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
-            Body::from_stream(ReceiverStream::new(body)),
-        )
-            .into_response();
-    }
-    run.drive_with(false, loop_object(model, rx, started), tx)
-        .await
-}
-
-async fn loop_object(
-    model: String,
-    mut events: mpsc::Receiver<LoopEvent>,
-    started: Began,
-) -> Response {
-    let mut executions = Vec::new();
-    while let Some(event) = events.recv().await {
-        match event {
-            LoopEvent::Deltas(_) => {}
-            LoopEvent::Execution(record) => executions.push(record),
-            LoopEvent::Failed(error) => return OllamaError(error).into_response(),
-            LoopEvent::Finished {
-                message,
-                reason,
-                note,
-                stats,
-                ..
-            } => {
-                let content = match note {
-                    Some(note) => append_note(message.content.clone(), &note),
-                    None => message.content.clone(),
-                };
-                let out = chunk(
-                    Kind::Chat,
-                    &model,
-                    content.as_deref().unwrap_or(""),
-                    message.reasoning.as_deref(),
-                    &calls(&message),
-                );
-                let mut out = done(out, loop_reason(reason), &stats, started);
-                out["sandbox_executions"] = Value::Array(executions);
-                return axum::Json(out).into_response();
-            }
-        }
-    }
-    OllamaError(ApiError::EngineFailed(generate::ENGINE_STOPPED.into())).into_response()
-}
-
-async fn loop_lines(
-    model: String,
-    mut events: mpsc::Receiver<LoopEvent>,
-    tx: mpsc::Sender<Result<Bytes, Infallible>>,
-    started: Began,
-) {
-    loop {
-        let next = tokio::select! {
-            // The client hung up: returning drops `events`, which stops the loop.
-            _ = tx.closed() => return,
-            next = events.recv() => next,
-        };
-        let lines = match next {
-            None => {
-                let error = ApiError::EngineFailed(generate::ENGINE_STOPPED.into());
-                vec![json!({"error": error.to_string()})]
-            }
-            Some(LoopEvent::Deltas(deltas)) => {
-                let (content, thinking) = text_of(&deltas);
-                if content.is_empty() && thinking.is_none() {
-                    continue;
-                }
-                vec![chunk(
-                    Kind::Chat,
-                    &model,
-                    &content,
-                    thinking.as_deref(),
-                    &[],
-                )]
-            }
-            Some(LoopEvent::Execution(record)) => {
-                let mut line = chunk(Kind::Chat, &model, "", None, &[]);
-                line["sandbox_execution"] = record;
-                vec![line]
-            }
-            Some(LoopEvent::Failed(error)) => vec![json!({"error": error.to_string()})],
-            Some(LoopEvent::Finished {
-                message,
-                reason,
-                note,
-                stats,
-                ..
-            }) => {
-                let mut lines = Vec::new();
-                let calls = calls(&message);
-                let note = note.map(|note| {
-                    let content_sent = message
-                        .content
-                        .as_deref()
-                        .is_some_and(|c| !c.trim().is_empty());
-                    if content_sent {
-                        format!("\n{note}")
-                    } else {
-                        note
-                    }
-                });
-                if !calls.is_empty() || note.is_some() {
-                    let text = note.unwrap_or_default();
-                    lines.push(chunk(Kind::Chat, &model, &text, None, &calls));
-                }
-                let last = chunk(Kind::Chat, &model, "", None, &[]);
-                lines.push(done(last, loop_reason(reason), &stats, started));
-                lines
-            }
-        };
-        let end = lines
-            .last()
-            .is_some_and(|l| l["done"] == true || l.get("error").is_some());
-        for l in &lines {
-            if tx.send(line(l)).await.is_err() {
-                return;
-            }
-        }
-        if end {
+        if tx.send(line(&out)).await.is_err() || end {
             return;
         }
     }

@@ -485,14 +485,8 @@ pub async fn start_generate(
     request: &Translated,
 ) -> Result<StartedChat, ApiError> {
     let Some(text) = &request.raw_prompt else {
-        return match super::super::chat::start_chat(state, request_id, None, &request.openai)
-            .await?
-        {
-            super::super::chat::ChatStart::Generation(chat) => Ok(chat),
-            super::super::chat::ChatStart::Loop(..) => Err(ApiError::Internal(
-                "a generate request started the shell loop".into(),
-            )),
-        };
+        // No key reaches here, so no shell loop starts.
+        return super::super::chat::start_chat(state, request_id, None, &request.openai).await;
     };
     super::super::chat::start_raw(state, &request.openai, text).await
 }

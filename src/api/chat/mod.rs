@@ -11,14 +11,17 @@ use serde_json::{json, Map, Value};
 use super::auth::{Authenticated, RequestId};
 use super::error::ApiError;
 use super::extract::JsonObject;
-use super::generate::{self, finish_reason, prepare, Prepared, PromptJob, Timings};
+use super::generate::{self, prepare, Prepared, PromptJob};
 use super::params::token_budget;
+use super::reply::Replies;
 use super::shell_loop;
-use super::sse::{ChunkHeader, ChunkShape};
+use super::sse::{self, ChunkHeader};
 use super::AppState;
-use crate::engine::{FinishReason, GenerationStats, TokenLogprob};
-use crate::tools::stream::ToolStream;
 use crate::tools::{response_format_grammar, ToolError, ToolRequest};
+
+mod chunks;
+
+use chunks::ChatChunks;
 
 /// Chat-only request fields.
 #[derive(Debug, Deserialize)]
@@ -231,23 +234,17 @@ pub(super) async fn render_request(
     super::prompt::rendered_off_runtime(loaded, messages, tools, chat.template_variables()?).await
 }
 
-/// A chat request under way: the shell loop's response, or the engine's receivers for the caller's
-/// dialect to shape.
-pub(super) enum ChatStart {
-    /// The server-side shell loop, its first round submitted, and the name the client used.
-    /// Boxed: it is rare, and large beside a generation.
-    Loop(String, Box<shell_loop::LoopRun>),
-    Generation(StartedChat),
-}
-
-/// A submitted chat generation.
-pub(super) struct StartedChat {
+/// A submitted chat request: its reply stream (a generation, or the server-side shell loop) for
+/// the caller's dialect to shape.
+pub(crate) struct StartedChat {
     /// The served name the client asked for.
     pub model: String,
     pub options: super::params::GenerationOptions,
-    /// The request's tools: their output is parsed into calls.
-    pub tools: Option<Arc<ToolRequest>>,
-    pub receivers: Vec<tokio::sync::mpsc::Receiver<crate::engine::GenerationEvent>>,
+    pub replies: Replies,
+    /// The reply is the shell loop's: it may hold executions.
+    pub shell: bool,
+    /// The prompt's tokens (0 for the shell loop, whose rounds differ), before any is computed.
+    pub prompt_tokens: u32,
 }
 
 pub async fn chat_completions(
@@ -271,57 +268,32 @@ pub(super) async fn answer(
     let StartedChat {
         model,
         options,
-        tools,
-        receivers,
-    } = match start_chat(state, request_id, authenticated, body).await? {
-        ChatStart::Loop(model, run) => return shell_loop::respond(state, model, *run).await,
-        ChatStart::Generation(started) => started,
-    };
+        replies,
+        shell,
+        ..
+    } = start_chat(state, request_id, authenticated, body).await?;
     let mut header = ChunkHeader::chat(state, model, options.include_usage);
     header.lmstudio = lmstudio;
-    let choices = receivers.len();
-    let stream_tools = tools.clone();
+    header.shell = shell;
+    let choices = replies.choices;
     let wants_logprobs = options.logprobs.is_some();
-    let logprobs_of = move |c: &generate::Completed| {
-        if wants_logprobs {
-            super::logprobs::chat(&c.logprobs)
-        } else {
-            Value::Null
-        }
-    };
-    generate::respond(
-        receivers,
+    sse::respond(
+        replies,
         &options,
         header,
         "chat.completion",
-        move |header| ChatChunks {
-            header,
-            streams: stream_tools.map(|t| (t, (0..choices).map(|_| ToolStream::new()).collect())),
-            held_logprobs: wants_logprobs.then(|| vec![Vec::new(); choices]),
-        },
-        |i, c| match &tools {
-            None => json!({
+        move |header| ChatChunks::new(header, choices),
+        |i, c| {
+            json!({
                 "index": i,
-                "message": {"role": "assistant", "content": c.text, "refusal": null},
-                "logprobs": logprobs_of(c),
-                "finish_reason": c.reason.map(finish_reason),
-            }),
-            Some(tools) => {
-                let truncated = c.reason == Some(FinishReason::Length);
-                let (message, has_calls) = tools.finish(&c.text, truncated);
-                // Calls completed before a cut-off are calls, and the reason stays `length`.
-                let reason = if has_calls && !truncated {
-                    "tool_calls"
+                "message": c.message.to_json(),
+                "logprobs": if wants_logprobs {
+                    super::logprobs::chat(&c.logprobs)
                 } else {
-                    c.reason.map_or("stop", finish_reason)
-                };
-                json!({
-                    "index": i,
-                    "message": message.to_json(),
-                    "logprobs": logprobs_of(c),
-                    "finish_reason": reason,
-                })
-            }
+                    Value::Null
+                },
+                "finish_reason": c.finish.reason.openai(),
+            })
         },
     )
     .await
@@ -334,7 +306,7 @@ pub(super) async fn start_chat(
     request_id: &str,
     authenticated: Option<&Authenticated>,
     body: &Value,
-) -> Result<ChatStart, ApiError> {
+) -> Result<StartedChat, ApiError> {
     let state = state.clone();
     let Prepared {
         model,
@@ -457,9 +429,22 @@ pub(super) async fn start_chat(
             ));
         }
         let loop_tools = Arc::new(loop_tools);
-        let run =
-            shell_loop::start(state.clone(), served, options, messages, loop_tools, shell).await?;
-        return Ok(ChatStart::Loop(model, Box::new(run)));
+        let run = shell_loop::start(
+            state.clone(),
+            served,
+            options.clone(),
+            messages,
+            loop_tools,
+            shell,
+        )
+        .await?;
+        return Ok(StartedChat {
+            model,
+            options,
+            replies: run.replies(),
+            shell: true,
+            prompt_tokens: 0,
+        });
     }
     let (prompt, tokens) = super::prompt::rendered_off_runtime(
         Arc::clone(&loaded),
@@ -468,6 +453,7 @@ pub(super) async fn start_chat(
         chat.template_variables()?,
     )
     .await?;
+    let prompt_tokens = tokens.len() as u32;
     let receivers = submit_prompt(&state, &served, tokens, &options)?;
     // Without tools, a template that knows reasoning still has its reasoning parsed out; a
     // prompt that opens reasoning itself (`…assistant\n<think>\n`) starts the output inside it.
@@ -475,12 +461,19 @@ pub(super) async fn start_chat(
     if let Some(tools) = tools.as_mut() {
         tools.opened = crate::tools::parse::opened_reasoning(&prompt);
     }
-    Ok(ChatStart::Generation(StartedChat {
+    let replies = Replies::generation(
+        receivers,
+        tools.map(Arc::new),
+        options.n,
+        options.grammar_param,
+    );
+    Ok(StartedChat {
         model,
         options,
-        tools: tools.map(Arc::new),
-        receivers,
-    }))
+        replies,
+        shell: false,
+        prompt_tokens,
+    })
 }
 
 /// Budgets `tokens` against the sequence's context and `--n-predict`, and submits them.
@@ -519,111 +512,14 @@ pub(super) async fn start_raw(
     } = prepare::<serde::de::IgnoredAny>(state, openai).await?;
     let tokens =
         super::prompt::tokenize_off_runtime(Arc::clone(&loaded), text.to_owned(), true).await?;
+    let prompt_tokens = tokens.len() as u32;
     let receivers = submit_prompt(state, &served, tokens, &options)?;
+    let replies = Replies::generation(receivers, None, options.n, options.grammar_param);
     Ok(StartedChat {
         model,
         options,
-        tools: None,
-        receivers,
+        replies,
+        shell: false,
+        prompt_tokens,
     })
-}
-
-/// Chunks of `chat.completion.chunk`.
-struct ChatChunks {
-    header: ChunkHeader,
-    /// With tools: the request's tools and each choice's stream (calls are held back and parsed).
-    streams: Option<(Arc<ToolRequest>, Vec<ToolStream>)>,
-    /// Per choice, when log-probabilities were asked for: those of tokens whose text produced no
-    /// chunk yet (held by the tool-call parser); they go on the choice's next chunk.
-    held_logprobs: Option<Vec<Vec<TokenLogprob>>>,
-}
-
-impl ChatChunks {
-    fn delta_chunk(&self, index: u32, delta: Value) -> Value {
-        self.header.chunk(
-            json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": null}]),
-            None,
-        )
-    }
-
-    /// Puts the log-probabilities of the tokens behind `chunks` (with any held earlier) on the
-    /// first of them; with no chunk to carry them they wait for the next.
-    fn attach_logprobs(&mut self, index: u32, chunks: &mut [Value], tokens: Vec<TokenLogprob>) {
-        let Some(held) = &mut self.held_logprobs else {
-            return;
-        };
-        let held = &mut held[index as usize];
-        held.extend(tokens);
-        if let Some(first) = chunks.first_mut() {
-            first["choices"][0]["logprobs"] = super::logprobs::chat(&std::mem::take(held));
-        }
-    }
-}
-
-impl ChunkShape for ChatChunks {
-    fn opening(&self, index: u32) -> Option<Value> {
-        Some(self.header.chunk(
-            json!([{"index": index, "delta": {"role": "assistant", "content": "", "refusal": null}, "logprobs": null, "finish_reason": null}]),
-            None,
-        ))
-    }
-
-    fn text(&mut self, index: u32, text: &str, logprobs: Vec<TokenLogprob>) -> Vec<Value> {
-        let deltas = match &mut self.streams {
-            None => vec![json!({"content": text})],
-            Some((tools, streams)) => streams[index as usize].push(text, tools),
-        };
-        let mut chunks: Vec<Value> = deltas
-            .into_iter()
-            .map(|d| self.delta_chunk(index, d))
-            .collect();
-        self.attach_logprobs(index, &mut chunks, logprobs);
-        chunks
-    }
-
-    fn finish(
-        &mut self,
-        index: u32,
-        reason: FinishReason,
-        stats: &GenerationStats,
-        logprobs: Vec<TokenLogprob>,
-    ) -> Vec<Value> {
-        let engine_reason = reason;
-        let (deltas, reason) = match &mut self.streams {
-            None => (Vec::new(), finish_reason(reason)),
-            Some((tools, streams)) => {
-                let truncated = reason == FinishReason::Length;
-                let (deltas, _, has_calls) = streams[index as usize].finish(tools, truncated);
-                let reason = if has_calls && !truncated {
-                    "tool_calls"
-                } else {
-                    finish_reason(reason)
-                };
-                (deltas, reason)
-            }
-        };
-        let mut chunks: Vec<Value> = deltas
-            .into_iter()
-            .map(|d| self.delta_chunk(index, d))
-            .collect();
-        let mut last = self.header.chunk(
-            json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": reason}]),
-            Some(("timings", json!(Timings::from(stats)))),
-        );
-        self.header
-            .add_lmstudio_stats(&mut last, stats, engine_reason, reason == "tool_calls");
-        chunks.push(last);
-        let held = self
-            .held_logprobs
-            .as_ref()
-            .is_some_and(|h| !h[index as usize].is_empty());
-        if held || !logprobs.is_empty() {
-            self.attach_logprobs(index, &mut chunks, logprobs);
-        }
-        chunks
-    }
-
-    fn header(&self) -> &ChunkHeader {
-        &self.header
-    }
 }
