@@ -91,3 +91,18 @@ async fn lm_studios_python_sdk_authenticates_with_the_api_key_as_passkey() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropics_python_sdk_speaks_messages() {
+    // Keyed: the SDK sends the key as `x-api-key`.
+    run_client(
+        "anthropic_client.py",
+        &["--parallel", "2", "--api-key", "sk-anthropic-test"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_sdk_speaks_responses() {
+    run_client("openai_responses.py", &["--parallel", "2"]).await;
+}

@@ -62,6 +62,10 @@ pub struct GenerationOptions {
     pub sampling: SamplingParams,
     /// `max_completion_tokens`, else `max_tokens`; `None` lets generation run to the context limit.
     pub max_tokens: Option<u32>,
+    /// `max_tokens` is a cap, not a demand: a request whose prompt leaves less room generates
+    /// what fits (the agents' dialects: Claude Code asks for 32,000 whatever the model) rather
+    /// than being refused, as OpenAI's dialects are.
+    pub max_tokens_is_cap: bool,
     pub stop: Vec<String>,
     pub n: u32,
     pub stream: bool,
@@ -196,6 +200,7 @@ impl CommonFields {
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
         Ok(GenerationOptions {
+            max_tokens_is_cap: false,
             sampling: SamplingParams {
                 temperature,
                 top_p,
@@ -280,6 +285,24 @@ fn parse_stop(value: Option<&Value>) -> Result<Vec<String>, ApiError> {
 /// The generation budget for a prompt: the request's limit, the server's `--n-predict` cap and the
 /// sequence's context. A prompt that cannot fit with its requested limit is a 400, sent before any
 /// stream byte.
+impl GenerationOptions {
+    /// The tokens a prompt of `prompt_tokens` may generate ([`token_budget`]), `max_tokens` cut
+    /// to the room left when it is a cap.
+    pub fn budget(
+        &self,
+        prompt_tokens: usize,
+        n_ctx_seq: u32,
+        n_predict: Option<u32>,
+    ) -> Result<u32, ApiError> {
+        let room = (n_ctx_seq as usize).saturating_sub(prompt_tokens);
+        let requested = match self.max_tokens {
+            Some(r) if self.max_tokens_is_cap && room > 0 => Some(r.min(room as u32)),
+            requested => requested,
+        };
+        token_budget(prompt_tokens, requested, n_ctx_seq, n_predict)
+    }
+}
+
 pub fn token_budget(
     prompt_tokens: usize,
     requested: Option<u32>,

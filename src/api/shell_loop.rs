@@ -24,7 +24,7 @@ use super::auth::Authenticated;
 use super::error::ApiError;
 use super::generate::{self, PromptJob};
 use super::keys::Scope;
-use super::params::{token_budget, GenerationOptions};
+use super::params::GenerationOptions;
 use super::prompt::tokens_off_runtime;
 use super::reply::{call_events, Finish, Reason, Replies, ReplyEvent, Usage, ENGINE_STOPPED};
 use super::{AppState, Served};
@@ -242,9 +242,8 @@ async fn submit_round(
     let loaded = &served.loaded;
     let tokens =
         tokens_off_runtime(Arc::clone(loaded), messages.to_vec(), Some(tools.clone())).await?;
-    let budget = token_budget(
+    let budget = options.budget(
         tokens.len(),
-        options.max_tokens,
         loaded.info.n_ctx_seq,
         state.config().n_predict,
     );

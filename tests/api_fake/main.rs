@@ -16,11 +16,13 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tower::ServiceExt;
 
+mod anthropic;
 mod lmstudio;
 mod observability;
 mod ollama;
 mod openai;
 mod outputs;
+mod responses;
 mod shell;
 mod tools;
 

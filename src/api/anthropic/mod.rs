@@ -1,8 +1,8 @@
 //! Anthropic's Messages API (`POST /v1/messages`, `POST /v1/messages/count_tokens`): what
 //! Claude Code and the `anthropic` SDKs speak (`ANTHROPIC_BASE_URL`).
 //!
-//! A request becomes an OpenAI chat body once (`translate`) and runs through `chat::start_chat`
-//! like every dialect; its reply stream is shaped into a Message or Anthropic's event sequence
+//! A request becomes an OpenAI chat body once (`translate`) and runs through `chat::start_chat_as`
+//! like every dialect (`max_tokens` a cap: Claude Code asks for 32,000 whatever the model); its reply stream is shaped into a Message or Anthropic's event sequence
 //! (`stream`). Errors are `{"type":"error","error":{"type","message"}}` with Anthropic's types and
 //! statuses — those of the layers in front (key, rate, size, load) as well, rewritten by
 //! [`errors`]. Keys come as `x-api-key` or `Authorization: Bearer`; `anthropic-version` and
@@ -76,7 +76,15 @@ struct Shaped;
 
 impl IntoResponse for AnthropicError {
     fn into_response(self) -> Response {
-        let message = self.0.to_string();
+        // As Anthropic words its own: the field first.
+        let message = match &self.0 {
+            ApiError::InvalidRequest {
+                message,
+                param: Some(param),
+                ..
+            } => format!("{param}: {message}"),
+            other => other.to_string(),
+        };
         let openai = self.0.body();
         let code = openai.error.code;
         // The OpenAI response carries the status and headers (Retry-After) to keep.
@@ -136,9 +144,14 @@ async fn messages(
 ) -> Result<Response, AnthropicError> {
     let request = translate::messages(&body, false)?;
     let authenticated = authenticated.map(|Extension(a)| a);
-    let started =
-        super::chat::start_chat(&state, &request_id, authenticated.as_ref(), &request.openai)
-            .await?;
+    let started = super::chat::start_chat_as(
+        &state,
+        &request_id,
+        authenticated.as_ref(),
+        &request.openai,
+        super::chat::Budget::UpTo,
+    )
+    .await?;
     let keep_alive = state.config().sse_keep_alive;
     Ok(stream::respond(request.model, request.stream, started, keep_alive).await)
 }

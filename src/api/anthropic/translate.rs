@@ -114,6 +114,9 @@ pub fn messages(body: &Value, count_only: bool) -> Result<Translated, ApiError> 
             json!({"enable_thinking": on}),
         );
     }
+    if let Some(config) = object.get("output_config").filter(|v| !v.is_null()) {
+        output_config(config, &mut openai)?;
+    }
     // lm-sandbox's own extension, as on chat: the server-side shell loop.
     if let Some(sandbox) = object.get("sandbox") {
         openai.insert("sandbox".into(), sandbox.clone());
@@ -392,6 +395,56 @@ fn tool_choice(choice: &Value) -> Result<(Value, Option<bool>), ApiError> {
     Ok((openai, parallel))
 }
 
+/// `output_config`: `effort` as the template's reasoning effort, `format` (a JSON schema) as a
+/// grammar.
+fn output_config(config: &Value, openai: &mut Map<String, Value>) -> Result<(), ApiError> {
+    if !config.is_object() {
+        return Err(ApiError::invalid(
+            "output_config",
+            "`output_config` must be an object",
+        ));
+    }
+    match config.get("effort") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(effort)) => {
+            let effort = match effort.as_str() {
+                "low" | "medium" | "high" => effort.as_str(),
+                "xhigh" | "max" => "high",
+                other => {
+                    return Err(ApiError::invalid(
+                        "output_config.effort",
+                        format!("`effort` must be low, medium, high, xhigh or max; got {other:?}"),
+                    ))
+                }
+            };
+            openai.insert("reasoning_effort".into(), json!(effort));
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "output_config.effort",
+                "`effort` must be a string",
+            ))
+        }
+    }
+    match config.get("format") {
+        None | Some(Value::Null) => {}
+        Some(format) if format["type"] == "json_schema" && format["schema"].is_object() => {
+            openai.insert(
+                "response_format".into(),
+                json!({"type": "json_schema",
+                       "json_schema": {"name": "output", "schema": format["schema"]}}),
+            );
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "output_config.format",
+                "`format` must be {\"type\": \"json_schema\", \"schema\": {…}}",
+            ))
+        }
+    }
+    Ok(())
+}
+
 /// `thinking`: whether the model reasons.
 fn thinking(thinking: &Value) -> Result<bool, ApiError> {
     match thinking.get("type").and_then(Value::as_str) {
@@ -407,11 +460,11 @@ fn thinking(thinking: &Value) -> Result<bool, ApiError> {
             }
             Ok(true)
         }
-        Some("adaptive") => Ok(true),
+        Some("adaptive" | "between_tools") => Ok(true),
         Some("disabled") => Ok(false),
         _ => Err(ApiError::invalid(
             "thinking.type",
-            "`thinking.type` must be enabled, adaptive or disabled",
+            "`thinking.type` must be enabled, adaptive, between_tools or disabled",
         )),
     }
 }

@@ -12,7 +12,6 @@ use super::auth::{Authenticated, RequestId};
 use super::error::ApiError;
 use super::extract::JsonObject;
 use super::generate::{self, prepare, Prepared, PromptJob};
-use super::params::token_budget;
 use super::reply::Replies;
 use super::shell_loop;
 use super::sse::{self, ChunkHeader};
@@ -299,13 +298,33 @@ pub(super) async fn answer(
     .await
 }
 
+/// What a request's `max_tokens` means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Budget {
+    /// A demand: one the context cannot hold is a 400 (OpenAI's dialects, Ollama, LM Studio).
+    Exact,
+    /// A cap: the reply ends where the context does (Anthropic's and Responses' agents).
+    UpTo,
+}
+
 /// Everything a chat request does before its output is shaped: validation, tools, grammars, the
-/// shell loop, the prompt, the budget and the submission. Shared by the OpenAI and Ollama routes.
+/// shell loop, the prompt, the budget and the submission. Shared by every dialect.
 pub(super) async fn start_chat(
     state: &AppState,
     request_id: &str,
     authenticated: Option<&Authenticated>,
     body: &Value,
+) -> Result<StartedChat, ApiError> {
+    start_chat_as(state, request_id, authenticated, body, Budget::Exact).await
+}
+
+/// [`start_chat`], with `max_tokens` meaning what `budget` says.
+pub(super) async fn start_chat_as(
+    state: &AppState,
+    request_id: &str,
+    authenticated: Option<&Authenticated>,
+    body: &Value,
+    budget: Budget,
 ) -> Result<StartedChat, ApiError> {
     let state = state.clone();
     let Prepared {
@@ -315,6 +334,7 @@ pub(super) async fn start_chat(
         mut options,
         fields: chat,
     } = prepare::<ChatFields>(&state, body).await?;
+    options.max_tokens_is_cap = budget == Budget::UpTo;
     if chat.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
@@ -483,9 +503,8 @@ fn submit_prompt(
     tokens: Vec<crate::engine::Token>,
     options: &super::params::GenerationOptions,
 ) -> Result<Vec<tokio::sync::mpsc::Receiver<crate::engine::GenerationEvent>>, ApiError> {
-    let max_new_tokens = token_budget(
+    let max_new_tokens = options.budget(
         tokens.len(),
-        options.max_tokens,
         served.loaded.info.n_ctx_seq,
         state.config().n_predict,
     )?;

@@ -171,8 +171,14 @@ async fn create(
     let owner = owner(&authenticated);
     let (conversation, chat) = conversation(&state, &request, owner.as_deref())?;
     let authenticated = authenticated.map(|Extension(a)| a);
-    let started =
-        super::chat::start_chat(&state, &request_id, authenticated.as_ref(), &chat).await?;
+    let started = super::chat::start_chat_as(
+        &state,
+        &request_id,
+        authenticated.as_ref(),
+        &chat,
+        super::chat::Budget::UpTo,
+    )
+    .await?;
     let meta = Meta {
         id: super::generate::response_id("resp").replacen('-', "_", 1),
         created_at: super::generate::unix_now(),
