@@ -342,3 +342,57 @@ async fn the_shell_loop_answers_ollama_chat_for_auto_shell_keys_streamed_and_not
     assert!(error["error"].as_str().unwrap().contains("sandbox"));
     let _ = std::fs::remove_file(&audit);
 }
+
+/// A sandbox key's Messages and Responses requests get the same server-side loop as chat, with
+/// the same audit: the execution listed (and, streamed, sent as an event), the result fed back.
+#[tokio::test]
+async fn the_shell_loop_answers_messages_and_responses_with_the_same_audit() {
+    let audit = std::env::temp_dir().join(format!(
+        "lm-sandbox-agents-audit-{}.jsonl",
+        std::process::id()
+    ));
+    let app = loop_harness(LAST_MESSAGE, &audit).await;
+    let with_key = |path: &str, key: &str, body: Value| {
+        let mut request = post(path, body);
+        request
+            .headers_mut()
+            .insert("x-api-key", key.parse().unwrap());
+        request
+    };
+    let message = json!({"model": MODEL, "max_tokens": 512, "sandbox": {"shell": true},
+                         "messages": [{"role": "user", "content": SHELL_CALL}]});
+    let (status, headers, text) = send(&app, with_key("/v1/messages", "runner", message.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["sandbox_executions"][0]["command"], "echo hi", "{answer}");
+    assert_eq!(answer["stop_reason"], "end_turn");
+    let said = answer["content"][0]["text"].as_str().unwrap();
+    assert!(said.contains("ran echo hi"), "the result went back: {said}");
+    let request_id = headers["x-request-id"].to_str().unwrap().to_owned();
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(log.contains(&request_id), "{log}");
+
+    let mut streamed = message.clone();
+    streamed["stream"] = json!(true);
+    let (_, _, sse) = send(&app, with_key("/v1/messages", "runner", streamed)).await;
+    assert!(sse.contains("event: sandbox_execution_started"), "{sse}");
+    assert!(sse.contains("event: sandbox_execution\n"), "{sse}");
+    assert!(sse.contains("event: message_stop"), "{sse}");
+
+    // A key without the sandbox permission is refused in Anthropic's shape.
+    let (status, refused) = send_json(&app, with_key("/v1/messages", "plain", message)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{refused}");
+    assert_eq!(refused["error"]["type"], "permission_error");
+
+    let response = json!({"model": MODEL, "input": SHELL_CALL, "sandbox": {"shell": true},
+                          "max_output_tokens": 512});
+    let (status, headers, text) = send(&app, with_key("/v1/responses", "runner", response)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["sandbox_executions"][0]["command"], "echo hi", "{answer}");
+    assert_eq!(answer["status"], "completed");
+    let request_id = headers["x-request-id"].to_str().unwrap().to_owned();
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(log.contains(&request_id), "{log}");
+    std::fs::remove_file(&audit).unwrap();
+}
