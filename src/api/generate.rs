@@ -25,15 +25,24 @@ pub struct Prepared<T> {
     pub fields: T,
 }
 
-/// The steps every generation endpoint starts with: common fields, endpoint fields, the model
-/// name (404), the loaded model (503), then the shared ranges (400).
+/// The steps every generation endpoint starts with: the model name (400 when missing, 404 when
+/// unknown), the loaded model (503), the model's defaults under the request's fields, then the
+/// common and the endpoint's fields, each parsed once, and the shared ranges (400).
 pub async fn prepare<T: DeserializeOwned>(
     state: &AppState,
     body: &Value,
 ) -> Result<Prepared<T>, ApiError> {
-    let common: CommonFields = parse(body)?;
-    let served = state.model(&common.model).await?;
-    // The model's defaults (a store's params and system prompt, a preset's) under the request's.
+    let name = match body.get("model") {
+        Some(Value::String(name)) => name,
+        // The full parse names the problem as it would for any field.
+        _ => {
+            parse::<CommonFields>(body)?;
+            return Err(ApiError::invalid("model", "`model` must be a string"));
+        }
+    };
+    let served = state.model(name).await?;
+    // The model's defaults (a store's params and system prompt, a preset's) under the request's:
+    // a copy of the body only for a model that has some.
     let defaulted = with_defaults(body, &served.card);
     let body = defaulted.as_ref().unwrap_or(body);
     let common: CommonFields = parse(body)?;

@@ -23,6 +23,9 @@ pub const MAX_CHOICES: i64 = 128;
 /// OpenAI clients send many.
 #[derive(Debug, Deserialize)]
 pub struct CommonFields {
+    /// Required and a string (a 400 naming it otherwise); `generate::prepare` has already looked
+    /// the model up by the body's own field before the common fields are parsed.
+    #[allow(dead_code)]
     pub model: String,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::super::chat::StartedChat;
 use super::super::reply::{Collected, Finish, Replies, ReplyEvent};
-use super::{error_body, kind, AnthropicError};
+use super::error::{error_body, kind, AnthropicError};
 use crate::tools::AssistantMessage;
 
 /// Thinking blocks carry a `signature`; this server does not sign its reasoning (and ignores the
