@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 use super::keys::{ApiKey, Bucket, Scope, Scopes};
-use super::AppState;
+use super::state::AppState;
 
 pub use super::keys::{key_id, keyed_id, load_key_id_secret};
 

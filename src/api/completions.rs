@@ -15,7 +15,7 @@ use super::logprobs::CompletionLogprobs;
 use super::params::token_budget;
 use super::reply::{Replies, ReplyEvent, Timings};
 use super::sse::{self, ChunkHeader, ChunkShape};
-use super::AppState;
+use super::state::AppState;
 use crate::engine::TokenLogprob;
 
 #[derive(Debug, Deserialize)]

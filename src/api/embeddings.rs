@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::{parse, JsonObject};
 use super::inputs::{text_or_tokens, Input};
-use super::AppState;
+use super::state::AppState;
 use crate::engine::SubmitError;
 
 /// OpenAI's limit on inputs per request.

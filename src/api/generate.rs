@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use super::error::ApiError;
 use super::extract::parse;
 use super::params::{CommonFields, GenerationOptions};
-use super::{AppState, Loaded, Served};
+use super::state::{AppState, Loaded, Served};
 use crate::engine::{EngineHandle, GenerationEvent, GenerationRequest, SubmitError, Token};
 use crate::registry::preset::ToolChoicePreset;
 use crate::registry::ModelCard;

@@ -16,7 +16,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::error::ApiError;
 use super::extract::MAX_BODY_BYTES;
-use super::AppState;
+use super::state::AppState;
 
 /// Paths never shed: a monitor must be able to see an overloaded server.
 const NEVER_SHED: &[&str] = &["/health", "/metrics"];

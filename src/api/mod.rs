@@ -46,7 +46,6 @@ pub use keys::{ApiKey, Scope, Scopes};
 pub use origin::BrowserPolicy;
 pub use state::{ApiConfig, AppState, Loaded, PlacementView, Served};
 
-
 /// `err`, or 401 first on a keyed server when the key is wrong: no route probing without a key.
 fn unless_unauthorized(
     state: &AppState,

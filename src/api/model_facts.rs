@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
-use super::AppState;
+use super::state::AppState;
 use crate::gpu::gguf::MetaValue;
 use crate::registry::ModelCard;
 

@@ -12,7 +12,7 @@ use super::auth::Authenticated;
 use super::error::ApiError;
 use super::extract::{parse, JsonObject};
 use super::keys::Scope;
-use super::AppState;
+use super::state::AppState;
 use crate::build_info;
 use crate::engine::{EngineHandle, EngineState};
 use crate::registry::{ModelStatus, State as ModelState};

@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 use super::keys::glob;
-use super::AppState;
+use super::state::AppState;
 
 /// The origins a browser page may call from by default (`--allowed-origins` replaces them).
 pub const DEFAULT_ORIGINS: &[&str] = &[

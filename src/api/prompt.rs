@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::Loaded;
+use super::state::Loaded;
 use crate::engine::Token;
 use crate::template::{RenderContext, TemplateError};
 use crate::tools::parse::ToolFormat;

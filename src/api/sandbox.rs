@@ -15,7 +15,7 @@ use super::auth::{Authenticated, RequestId};
 use super::error::ApiError;
 use super::extract::{parse, JsonObject};
 use super::keys::Scope;
-use super::AppState;
+use super::state::AppState;
 use crate::sandbox::{
     validate_command, validate_session, Caller, ExecOutput, ExecRequest, SandboxError,
 };

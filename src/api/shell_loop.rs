@@ -27,7 +27,7 @@ use super::keys::Scope;
 use super::params::GenerationOptions;
 use super::prompt::tokens_off_runtime;
 use super::reply::{call_events, Finish, Reason, Replies, ReplyEvent, Usage, ENGINE_STOPPED};
-use super::{AppState, Served};
+use super::state::{AppState, Served};
 use crate::engine::GenerationEvent;
 use crate::sandbox::output::CappedBuffer;
 use crate::sandbox::{Caller, ExecRequest, Sandbox};

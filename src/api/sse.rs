@@ -41,7 +41,7 @@ pub struct ChunkHeader {
 impl ChunkHeader {
     /// A fresh id with `id_prefix` (`chatcmpl`, `cmpl`), stamped now.
     pub fn new(
-        state: &super::AppState,
+        state: &super::state::AppState,
         id_prefix: &str,
         object: &'static str,
         model: String,
@@ -79,7 +79,7 @@ impl ChunkHeader {
     }
 
     /// A header for `chat.completion.chunk`s.
-    pub fn chat(state: &super::AppState, model: String, include_usage: bool) -> Self {
+    pub fn chat(state: &super::state::AppState, model: String, include_usage: bool) -> Self {
         Self::new(
             state,
             "chatcmpl",

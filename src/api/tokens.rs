@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::{parse, JsonObject};
 use super::prompt::tokenize_off_runtime;
-use super::AppState;
+use super::state::AppState;
 use crate::engine::Token;
 
 /// Most tokens `/tokenize` returns with their pieces (each piece is an object of its own); token

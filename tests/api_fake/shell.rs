@@ -361,10 +361,14 @@ async fn the_shell_loop_answers_messages_and_responses_with_the_same_audit() {
     };
     let message = json!({"model": MODEL, "max_tokens": 512, "sandbox": {"shell": true},
                          "messages": [{"role": "user", "content": SHELL_CALL}]});
-    let (status, headers, text) = send(&app, with_key("/v1/messages", "runner", message.clone())).await;
+    let (status, headers, text) =
+        send(&app, with_key("/v1/messages", "runner", message.clone())).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let answer: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(answer["sandbox_executions"][0]["command"], "echo hi", "{answer}");
+    assert_eq!(
+        answer["sandbox_executions"][0]["command"], "echo hi",
+        "{answer}"
+    );
     assert_eq!(answer["stop_reason"], "end_turn");
     let said = answer["content"][0]["text"].as_str().unwrap();
     assert!(said.contains("ran echo hi"), "the result went back: {said}");
@@ -389,7 +393,10 @@ async fn the_shell_loop_answers_messages_and_responses_with_the_same_audit() {
     let (status, headers, text) = send(&app, with_key("/v1/responses", "runner", response)).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let answer: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(answer["sandbox_executions"][0]["command"], "echo hi", "{answer}");
+    assert_eq!(
+        answer["sandbox_executions"][0]["command"], "echo hi",
+        "{answer}"
+    );
     assert_eq!(answer["status"], "completed");
     let request_id = headers["x-request-id"].to_str().unwrap().to_owned();
     let log = std::fs::read_to_string(&audit).unwrap();

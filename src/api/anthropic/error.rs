@@ -108,4 +108,3 @@ pub async fn errors(request: Request, next: Next) -> Response {
     );
     Response::from_parts(parts, Body::from(body))
 }
-

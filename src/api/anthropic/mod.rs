@@ -22,8 +22,8 @@ use serde_json::json;
 
 use super::auth::{Authenticated, RequestId};
 use super::extract::JsonObject;
+use super::state::AppState;
 use error::AnthropicError;
-use super::AppState;
 
 /// The Messages routes (keyed by the caller, with `/v1` and without).
 pub fn routes() -> Router<AppState> {

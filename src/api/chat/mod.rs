@@ -15,7 +15,7 @@ use super::generate::{self, prepare, Prepared, PromptJob};
 use super::reply::Replies;
 use super::shell_loop;
 use super::sse::{self, ChunkHeader};
-use super::AppState;
+use super::state::AppState;
 use crate::tools::{response_format_grammar, ToolError, ToolRequest};
 
 mod chunks;
@@ -499,7 +499,7 @@ pub(super) async fn start_chat_as(
 /// Budgets `tokens` against the sequence's context and `--n-predict`, and submits them.
 fn submit_prompt(
     state: &AppState,
-    served: &super::Served,
+    served: &super::state::Served,
     tokens: Vec<crate::engine::Token>,
     options: &super::params::GenerationOptions,
 ) -> Result<Vec<tokio::sync::mpsc::Receiver<crate::engine::GenerationEvent>>, ApiError> {

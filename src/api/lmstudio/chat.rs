@@ -23,7 +23,7 @@ use super::super::chat::start_chat;
 use super::super::error::ApiError;
 use super::super::extract::JsonObject;
 use super::super::reply::{Replies, ReplyEvent, Timings};
-use super::super::{AppState, Served};
+use super::super::state::{AppState, Served};
 use crate::engine::GenerationStats;
 
 /// Threads kept at once; one more evicts the least recently used.

@@ -22,7 +22,7 @@ use super::auth::{Authenticated, RequestId};
 use super::error::ApiError;
 use super::extract::JsonObject;
 use super::model_facts::{model_facts, Facts};
-use super::AppState;
+use super::state::AppState;
 use crate::registry::{ModelCard, ModelStatus};
 
 /// LM Studio's REST routes that need the `inference` scope.

@@ -22,7 +22,7 @@ use super::super::error::ApiError;
 use super::super::keys::Scope;
 use super::super::model_facts::model_facts;
 use super::super::reply::{ReplyEvent, ENGINE_STOPPED};
-use super::super::AppState;
+use super::super::state::AppState;
 use crate::registry::{ModelStatus, State as ModelState};
 
 /// LM Studio's error details (`SerializedLMSExtendedError`).

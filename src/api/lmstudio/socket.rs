@@ -41,7 +41,7 @@ use tokio_tungstenite::WebSocketStream;
 use super::super::auth::Authenticated;
 use super::super::error::ApiError;
 use super::super::extract::check_json_shape;
-use super::super::AppState;
+use super::super::state::AppState;
 use super::sdk::{error, rpc, run_channel, Channel};
 
 /// The namespaces the SDK opens a websocket for.

@@ -23,7 +23,7 @@ use super::auth::{Authenticated, RequestId};
 use super::error::ApiError;
 use super::extract::JsonObject;
 use super::keys::Scope;
-use super::AppState;
+use super::state::AppState;
 
 /// The Ollama API version this server answers as (`GET /api/version`): the API surface it
 /// implements, not a build of Ollama.
@@ -169,7 +169,7 @@ async fn with_context(
     name: &str,
     keep: Option<crate::registry::KeepAlive>,
     num_ctx: Option<u32>,
-) -> Result<super::Served, ApiError> {
+) -> Result<super::state::Served, ApiError> {
     let served = state.model_keep(name, keep).await?;
     let Some(asked) = num_ctx else {
         return Ok(served);

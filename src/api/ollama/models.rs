@@ -11,7 +11,7 @@ use super::super::error::ApiError;
 use super::super::extract::JsonObject;
 use super::super::keys::Scope;
 use super::super::model_facts::model_facts;
-use super::super::AppState;
+use super::super::state::AppState;
 use super::OllamaError;
 
 /// Ollama's name for a model: its id, with `:latest` when it has no tag.

@@ -5,7 +5,7 @@ use serde_json::{json, Map, Value};
 
 use super::super::chat::StartedChat;
 use super::super::error::ApiError;
-use super::super::{AppState, Served};
+use super::super::state::{AppState, Served};
 use super::OllamaError;
 use crate::registry::KeepAlive;
 

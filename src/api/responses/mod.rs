@@ -29,7 +29,7 @@ use super::auth::{Authenticated, RequestId};
 use super::error::ApiError;
 use super::extract::JsonObject;
 use super::reply::{Finish, Reason, Replies, ReplyEvent};
-use super::AppState;
+use super::state::AppState;
 use stream::Output;
 use translate::Translated;
 
