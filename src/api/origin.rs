@@ -225,7 +225,11 @@ pub fn cors() -> tower_http::cors::CorsLayer {
             Method::OPTIONS,
         ])
         .allow_headers(AllowHeaders::mirror_request())
-        .expose_headers([HeaderName::from_static("x-request-id"), header::RETRY_AFTER])
+        .expose_headers([
+            HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("x-lm-sandbox-warning"),
+            header::RETRY_AFTER,
+        ])
         .allow_private_network(true)
         .max_age(std::time::Duration::from_secs(600))
 }

@@ -25,8 +25,8 @@ use crate::tools::{AssistantMessage, ToolCall, ToolRequest};
 pub enum Reason {
     /// The model ended its turn.
     Stop,
-    /// One of the request's stop strings.
-    StopSequence,
+    /// One of the request's stop strings: its position in the request's list.
+    StopSequence(usize),
     /// The token budget or the context ran out.
     Length,
     /// The reply is (ends with) tool calls for the client to run.
@@ -41,14 +41,14 @@ impl Reason {
             FinishReason::Length => Self::Length,
             _ if has_calls => Self::ToolCalls,
             FinishReason::Stop => Self::Stop,
-            FinishReason::StopString => Self::StopSequence,
+            FinishReason::StopString(which) => Self::StopSequence(which),
         }
     }
 
     /// OpenAI's `finish_reason`.
     pub fn openai(self) -> &'static str {
         match self {
-            Self::Stop | Self::StopSequence => "stop",
+            Self::Stop | Self::StopSequence(_) => "stop",
             Self::Length => "length",
             Self::ToolCalls => "tool_calls",
         }
@@ -66,7 +66,7 @@ impl Reason {
     pub fn lmstudio(self) -> &'static str {
         match self {
             Self::Stop => "eosFound",
-            Self::StopSequence => "stopStringFound",
+            Self::StopSequence(_) => "stopStringFound",
             Self::Length => "maxPredictedTokensReached",
             Self::ToolCalls => "toolCalls",
         }
@@ -76,7 +76,7 @@ impl Reason {
     pub fn anthropic(self) -> &'static str {
         match self {
             Self::Stop => "end_turn",
-            Self::StopSequence => "stop_sequence",
+            Self::StopSequence(_) => "stop_sequence",
             Self::Length => "max_tokens",
             Self::ToolCalls => "tool_use",
         }

@@ -75,8 +75,8 @@ impl std::fmt::Debug for UsageSink {
 pub enum FinishReason {
     /// An end-of-generation token.
     Stop,
-    /// One of the request's stop strings.
-    StopString,
+    /// One of the request's stop strings: its position in the request's list.
+    StopString(usize),
     /// `max_new_tokens` or the sequence's context was reached.
     Length,
 }

@@ -626,7 +626,8 @@ impl<R: ModelRunner> Scheduler<R> {
             return;
         }
         if outcome.stopped {
-            self.send_done(index, FinishReason::StopString, report);
+            let which = slot.stop.matched().unwrap_or_default();
+            self.send_done(index, FinishReason::StopString(which), report);
             return;
         }
         let at_limit = slot.generated >= slot.submission.request.max_new_tokens
@@ -649,7 +650,7 @@ impl<R: ModelRunner> Scheduler<R> {
             outcome.emit.push_str(&slot.stop.flush());
         }
         let reason = if outcome.stopped {
-            FinishReason::StopString
+            FinishReason::StopString(slot.stop.matched().unwrap_or_default())
         } else {
             reason
         };

@@ -16,18 +16,31 @@ pub struct StopOutcome {
 /// Matches any of a set of stop strings across chunk boundaries.
 #[derive(Debug, Default)]
 pub struct StopMatcher {
-    stops: Vec<String>,
+    /// The stop strings with their positions in the request's list.
+    stops: Vec<(usize, String)>,
     held: String,
+    /// The position of the stop string that matched.
+    matched: Option<usize>,
 }
 
 impl StopMatcher {
     /// `stops` may be empty; empty strings are ignored.
     pub fn new(stops: Vec<String>) -> Self {
-        let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
+        let stops = stops
+            .into_iter()
+            .enumerate()
+            .filter(|(_, s)| !s.is_empty())
+            .collect();
         Self {
             stops,
             held: String::new(),
+            matched: None,
         }
+    }
+
+    /// Which of the request's stop strings (its position in the list) ended the text, once one has.
+    pub fn matched(&self) -> Option<usize> {
+        self.matched
     }
 
     /// Adds `text` and returns what can be emitted.
@@ -39,12 +52,13 @@ impl StopMatcher {
             };
         }
         self.held.push_str(text);
-        if let Some(at) = self
+        if let Some((at, which)) = self
             .stops
             .iter()
-            .filter_map(|stop| self.held.find(stop.as_str()))
+            .filter_map(|(which, stop)| self.held.find(stop.as_str()).map(|at| (at, *which)))
             .min()
         {
+            self.matched = Some(which);
             let emit = self.held[..at].to_owned();
             self.held.clear();
             return StopOutcome {
@@ -70,13 +84,16 @@ impl StopMatcher {
     /// Length of the longest suffix of `held` that is a proper prefix of some stop string.
     fn partial_match_len(&self) -> usize {
         let held = self.held.as_str();
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let longest = self.stops.iter().map(|(_, s)| s.len()).max().unwrap_or(0);
         (1..longest.min(held.len() + 1))
             .rev()
             .find(|&k| {
                 let start = held.len() - k;
                 held.is_char_boundary(start)
-                    && self.stops.iter().any(|s| s.starts_with(&held[start..]))
+                    && self
+                        .stops
+                        .iter()
+                        .any(|(_, s)| s.starts_with(&held[start..]))
             })
             .unwrap_or(0)
     }
@@ -123,6 +140,14 @@ mod tests {
                 stopped: true
             }
         );
+    }
+
+    #[test]
+    fn the_stop_that_matched_first_in_the_text_is_named_by_its_position() {
+        let mut m = StopMatcher::new(vec!["".into(), "zzz".into(), "END".into(), "D".into()]);
+        assert!(m.push("abcEND").stopped);
+        // "END" starts before "D": the earliest match in the text wins.
+        assert_eq!(m.matched(), Some(2));
     }
 
     #[test]

@@ -182,7 +182,7 @@ async fn every_event_sequence_streams_to_the_unstreamed_message() {
 }
 
 #[tokio::test]
-async fn truncation_is_max_tokens_and_a_failure_mid_stream_is_an_error_event() {
+async fn truncation_stop_sequences_and_a_failure_mid_stream() {
     let h = scripted_harness();
     let mut body = messages("A long answer that will not fit.", false);
     body["max_tokens"] = json!(5);
@@ -195,6 +195,19 @@ async fn truncation_is_max_tokens_and_a_failure_mid_stream_is_an_error_event() {
     let events = named_events(&sse);
     let delta = events.iter().find(|(n, _)| n == "message_delta").unwrap();
     assert_eq!(delta.1["delta"]["stop_reason"], "max_tokens");
+
+    // A stop sequence is named in `stop_sequence`, whole and streamed.
+    let mut stopped = messages("It is sunny today.", false);
+    stopped["stop_sequences"] = json!(["never", "sunny"]);
+    let (_, whole) = send_json(&h.app, post("/v1/messages", stopped.clone())).await;
+    assert_eq!(whole["stop_reason"], "stop_sequence", "{whole}");
+    assert_eq!(whole["stop_sequence"], "sunny");
+    assert_eq!(whole["content"][0]["text"], "It is ");
+    stopped["stream"] = json!(true);
+    let (_, _, sse) = send(&h.app, post("/v1/messages", stopped)).await;
+    let events = named_events(&sse);
+    let delta = events.iter().find(|(n, _)| n == "message_delta").unwrap();
+    assert_eq!(delta.1["delta"]["stop_sequence"], "sunny");
 
     let failing = messages(lm_sandbox::engine::fake::FAKE_PANIC_PROMPT, true);
     let (status, _, sse) = send(&h.app, post("/v1/messages", failing)).await;

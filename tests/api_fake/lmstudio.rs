@@ -271,3 +271,60 @@ async fn lmstudio_v1_chat_answers_keeps_threads_and_streams_named_events() {
         assert_eq!(error_of(&resp)["param"], param);
     }
 }
+
+/// `/api/v1/chat` reads the reply stream like every dialect: reasoning is a `reasoning` output
+/// item (and `reasoning.*` events), never content nor kept in the thread, and the request's
+/// `reasoning` setting reaches the template.
+#[tokio::test]
+async fn lmstudio_v1_chat_keeps_reasoning_out_of_content_and_passes_the_setting() {
+    // The echo model repeats what the template renders: the last message, and `enable_thinking`.
+    let h = ollama_harness(Some(
+        "{# <think> #}{{ messages[-1].content }}{% if enable_thinking is defined %}[thinking={{ enable_thinking }}]{% endif %}",
+    ));
+    let said = "<think>pondering</think>The answer.";
+    let body = json!({"model": MODEL, "input": said});
+    let (status, one) = send_json(&h.app, post("/api/v1/chat", body.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    assert_eq!(
+        one["output"],
+        json!([{"type": "reasoning", "content": "pondering"},
+               {"type": "message", "content": "The answer."}])
+    );
+    // The thread keeps the answer, not the reasoning: the next turn's prompt shows it.
+    let thread = one["thread_id"].as_str().unwrap();
+    let next = json!({"model": MODEL, "input": "again", "thread_id": thread,
+                      "reasoning": "off"});
+    let (status, two) = send_json(&h.app, post("/api/v1/chat", next)).await;
+    assert_eq!(status, StatusCode::OK, "{two}");
+    assert_eq!(
+        two["output"],
+        json!([{"type": "message", "content": "again[thinking=False]"}])
+    );
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    streamed["reasoning"] = json!("on");
+    let (_, _, sse) = send(&h.app, post("/api/v1/chat", streamed)).await;
+    let mut kinds: Vec<&str> = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    // Deltas come a piece at a time.
+    kinds.dedup();
+    assert_eq!(
+        kinds,
+        [
+            "chat.start",
+            "prompt_processing.start",
+            "prompt_processing.end",
+            "reasoning.start",
+            "reasoning.delta",
+            "reasoning.end",
+            "message.start",
+            "message.delta",
+            "message.end",
+            "chat.end"
+        ],
+        "{sse}"
+    );
+    assert!(sse.contains("[thinking=True]"), "{sse}");
+}

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tower::ServiceExt;
 
 mod anthropic;
+mod dialects;
 mod lmstudio;
 mod observability;
 mod ollama;

@@ -56,7 +56,12 @@ async fn messages(
     )
     .await?;
     let keep_alive = state.config().sse_keep_alive;
-    Ok(stream::respond(request.model, request.stream, started, keep_alive).await)
+    let answer = stream::Answer {
+        model: request.model,
+        stops: request.stops,
+        keep_alive,
+    };
+    Ok(stream::respond(answer, request.stream, started).await)
 }
 
 /// `POST /v1/messages/count_tokens`: the input tokens the same request would have, rendered

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::super::chat::StartedChat;
-use super::super::reply::{Collected, Finish, Replies, ReplyEvent};
+use super::super::reply::{Collected, Finish, Reason, Replies, ReplyEvent};
 use super::error::{error_body, kind, AnthropicError};
 use crate::tools::AssistantMessage;
 
@@ -53,15 +53,32 @@ fn content(message: &AssistantMessage) -> Vec<Value> {
     blocks
 }
 
-fn message(id: &str, model: &str, done: &Collected, shell: bool) -> Value {
+/// What the answer to one request repeats.
+pub struct Answer {
+    pub model: String,
+    /// The request's `stop_sequences`: `stop_sequence` names the one that matched.
+    pub stops: Vec<String>,
+    pub keep_alive: std::time::Duration,
+}
+
+impl Answer {
+    fn stop_sequence(&self, reason: Reason) -> Value {
+        match reason {
+            Reason::StopSequence(which) => json!(self.stops.get(which)),
+            _ => Value::Null,
+        }
+    }
+}
+
+fn message(id: &str, answer: &Answer, done: &Collected, shell: bool) -> Value {
     let mut out = json!({
         "id": id,
         "type": "message",
         "role": "assistant",
-        "model": model,
+        "model": answer.model,
         "content": content(&done.message),
         "stop_reason": done.finish.reason.anthropic(),
-        "stop_sequence": null,
+        "stop_sequence": answer.stop_sequence(done.finish.reason),
         "usage": usage(&done.finish),
     });
     if shell {
@@ -71,15 +88,12 @@ fn message(id: &str, model: &str, done: &Collected, shell: bool) -> Value {
 }
 
 /// The Message, or its events.
-pub async fn respond(
-    model: String,
-    stream: bool,
-    started: StartedChat,
-    keep_alive: std::time::Duration,
-) -> Response {
+pub async fn respond(answer: Answer, stream: bool, started: StartedChat) -> Response {
     let id = message_id();
+    let model = &answer.model;
     if stream {
         let (tx, rx) = mpsc::channel::<Event>(64);
+        let keep_alive = answer.keep_alive;
         let opening = json!({
             "type": "message_start",
             "message": {
@@ -88,11 +102,11 @@ pub async fn respond(
                 "usage": {"input_tokens": started.prompt_tokens, "output_tokens": 0},
             },
         });
-        tokio::spawn(forward(opening, started.replies, tx));
+        tokio::spawn(forward(opening, answer, started.replies, tx));
         return super::super::sse::body(rx, keep_alive);
     }
     match started.replies.collect().await {
-        Ok(done) => Json(message(&id, &model, &done[0], started.shell)).into_response(),
+        Ok(done) => Json(message(&id, &answer, &done[0], started.shell)).into_response(),
         Err(e) => AnthropicError(e).into_response(),
     }
 }
@@ -162,7 +176,7 @@ impl Blocks {
     }
 }
 
-async fn forward(opening: Value, mut replies: Replies, tx: mpsc::Sender<Event>) {
+async fn forward(opening: Value, answer: Answer, mut replies: Replies, tx: mpsc::Sender<Event>) {
     let send_all = |events: Vec<Event>| {
         let tx = tx.clone();
         async move {
@@ -224,7 +238,8 @@ async fn forward(opening: Value, mut replies: Replies, tx: mpsc::Sender<Event>) 
                 out.push(event(
                     "message_delta",
                     json!({"type": "message_delta",
-                           "delta": {"stop_reason": finish.reason.anthropic(), "stop_sequence": null},
+                           "delta": {"stop_reason": finish.reason.anthropic(),
+                                     "stop_sequence": answer.stop_sequence(finish.reason)},
                            "usage": usage(&finish)}),
                 ));
                 out.push(event("message_stop", json!({"type": "message_stop"})));

@@ -17,6 +17,8 @@ pub struct Translated {
     pub openai: Value,
     pub stream: bool,
     pub model: String,
+    /// `stop_sequences`, for the `stop_sequence` an answer names.
+    pub stops: Vec<String>,
 }
 
 /// Translates a Messages body; `count_only` (count_tokens) needs no `max_tokens`.
@@ -89,6 +91,16 @@ pub fn messages(body: &Value, count_only: bool) -> Result<Translated, ApiError> 
         }
         openai.insert("stop".into(), stops.clone());
     }
+    let stops: Vec<String> = object
+        .get("stop_sequences")
+        .and_then(Value::as_array)
+        .map(|s| {
+            s.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
     if let Some(metadata) = object.get("metadata").filter(|v| !v.is_null()) {
         if !metadata.is_object() {
             return Err(ApiError::invalid(
@@ -131,6 +143,7 @@ pub fn messages(body: &Value, count_only: bool) -> Result<Translated, ApiError> 
         openai: Value::Object(openai),
         stream,
         model,
+        stops,
     })
 }
 

@@ -7,6 +7,8 @@
 //! Must not: answer anything the OpenAI routes would not (one validation, one scheduler path).
 
 mod chat;
+mod predict;
+mod protocol;
 mod sdk;
 mod socket;
 

@@ -42,7 +42,8 @@ use super::super::auth::Authenticated;
 use super::super::error::ApiError;
 use super::super::extract::check_json_shape;
 use super::super::state::AppState;
-use super::sdk::{error, rpc, run_channel, Channel};
+use super::protocol::{error, Channel};
+use super::sdk::{rpc, run_channel};
 
 /// The namespaces the SDK opens a websocket for.
 const NAMESPACES: [&str; 6] = [

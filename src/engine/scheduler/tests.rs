@@ -114,7 +114,7 @@ fn a_stop_string_across_tokens_ends_generation_without_leaking() {
     assert!(matches!(
         done,
         Some(GenerationEvent::Done {
-            reason: FinishReason::StopString,
+            reason: FinishReason::StopString(0),
             ..
         })
     ));
