@@ -16,28 +16,17 @@ fn anthropic_tools() -> Value {
                              "required": ["city"]}}])
 }
 
-/// The named events of an SSE body: (event, data).
-fn named_events(body: &str) -> Vec<(String, Value)> {
-    body.split("\n\n")
-        .filter(|frame| !frame.trim().is_empty() && !frame.starts_with(':'))
-        .map(|frame| {
-            let mut name = String::new();
-            let mut data = Value::Null;
-            for line in frame.lines() {
-                if let Some(n) = line.strip_prefix("event: ") {
-                    name = n.to_owned();
-                } else if let Some(d) = line.strip_prefix("data: ") {
-                    data = serde_json::from_str(d).unwrap_or_else(|_| panic!("not JSON: {d}"));
-                }
-            }
-            assert_eq!(
-                data["type"],
-                name.as_str(),
-                "the data's type names its event"
-            );
-            (name, data)
-        })
-        .collect()
+/// The named events of an SSE body: (event, data), each data's `type` its event's name.
+fn anthropic_events(body: &str) -> Vec<(String, Value)> {
+    let events = named_events(body);
+    for (name, data) in &events {
+        assert_eq!(
+            data["type"],
+            name.as_str(),
+            "the data's type names its event"
+        );
+    }
+    events
 }
 
 /// The Message a client assembles from the events, checking their order as it goes.
@@ -171,7 +160,7 @@ async fn every_event_sequence_streams_to_the_unstreamed_message() {
             .to_str()
             .unwrap()
             .starts_with("text/event-stream"));
-        let streamed = assemble_message(&named_events(&sse));
+        let streamed = assemble_message(&anthropic_events(&sse));
         let mut whole = comparable(whole);
         let mut streamed = comparable(streamed);
         // message_start's usage is the prompt's; the final usage arrives with message_delta.
@@ -192,7 +181,7 @@ async fn truncation_stop_sequences_and_a_failure_mid_stream() {
     assert_eq!(whole["usage"]["output_tokens"], 5);
     body["stream"] = json!(true);
     let (_, _, sse) = send(&h.app, post("/v1/messages", body)).await;
-    let events = named_events(&sse);
+    let events = anthropic_events(&sse);
     let delta = events.iter().find(|(n, _)| n == "message_delta").unwrap();
     assert_eq!(delta.1["delta"]["stop_reason"], "max_tokens");
 
@@ -205,14 +194,14 @@ async fn truncation_stop_sequences_and_a_failure_mid_stream() {
     assert_eq!(whole["content"][0]["text"], "It is ");
     stopped["stream"] = json!(true);
     let (_, _, sse) = send(&h.app, post("/v1/messages", stopped)).await;
-    let events = named_events(&sse);
+    let events = anthropic_events(&sse);
     let delta = events.iter().find(|(n, _)| n == "message_delta").unwrap();
     assert_eq!(delta.1["delta"]["stop_sequence"], "sunny");
 
     let failing = messages(lm_sandbox::engine::fake::FAKE_PANIC_PROMPT, true);
     let (status, _, sse) = send(&h.app, post("/v1/messages", failing)).await;
     assert_eq!(status, StatusCode::OK, "the stream had begun");
-    let events = named_events(&sse);
+    let events = anthropic_events(&sse);
     assert_eq!(events[0].0, "message_start");
     let (name, error) = events.last().unwrap();
     assert_eq!(name, "error", "{sse}");
@@ -360,7 +349,7 @@ async fn a_claude_code_request_sequence_replays() {
         body["model"] = json!(MODEL);
         let (status, _, sse) = send(&h.app, post("/v1/messages", body.clone())).await;
         assert_eq!(status, StatusCode::OK, "{turn}: {sse}");
-        let events = named_events(&sse);
+        let events = anthropic_events(&sse);
         let message = assemble_message(&events);
         assert!(message["stop_reason"].is_string(), "{turn}: {message}");
         // The echo model repeats its prompt: what the template rendered.

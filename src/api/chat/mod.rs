@@ -41,6 +41,14 @@ struct ChatFields {
 }
 
 impl ChatFields {
+    /// The messages as the template sees them.
+    fn template_messages(&self) -> Result<Vec<Value>, ApiError> {
+        (0..)
+            .zip(&self.messages)
+            .map(|(i, m)| template_message(m, i))
+            .collect()
+    }
+
     /// The template variables the request sets: `chat_template_kwargs`, then `reasoning_effort`.
     fn template_variables(&self) -> Result<serde_json::Map<String, Value>, ApiError> {
         let mut extra = self.chat_template_kwargs.clone().unwrap_or_default();
@@ -224,12 +232,7 @@ pub(super) async fn render_request(
         chat.parallel_tool_calls,
         loaded.template.source(),
     )?;
-    let messages = chat
-        .messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| template_message(m, i))
-        .collect::<Result<Vec<_>, _>>()?;
+    let messages = chat.template_messages()?;
     super::prompt::rendered_off_runtime(loaded, messages, tools, chat.template_variables()?).await
 }
 
@@ -424,12 +427,7 @@ pub(super) async fn start_chat_as(
     if let Some(grammar) = grammar {
         options.sampling.grammar = Some(Arc::from(grammar));
     }
-    let messages = chat
-        .messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| template_message(m, i))
-        .collect::<Result<Vec<_>, _>>()?;
+    let messages = chat.template_messages()?;
     // `tool_choice: "none"` leaves no tools, and so no loop.
     if let (Some(shell), Some(loop_tools)) = (shell, tools.clone()) {
         if chat
