@@ -1176,3 +1176,61 @@ async fn the_audit_log_records_intent_first_outcome_always_and_fails_closed() {
     assert!(!out.stdout.contains("ran-unaudited"), "{out:?}");
     let _ = std::fs::remove_file(&audit);
 }
+
+/// The official MCP Python SDK against the real binary's `/mcp` with real containers: the tools,
+/// a command's output and status, files written and read, two keys' tenants apart, a key without
+/// the permission refused, a deadline, progress, and every call in the audit log with its MCP
+/// session.
+#[cfg(feature = "real-model")]
+#[tokio::test]
+async fn the_mcp_sdk_uses_the_sandbox_through_mcp() {
+    const OTHER_KEY: &str = "runner-two";
+    let audit = state_root().join("mcp-audit.jsonl");
+    let _ = std::fs::remove_file(&audit);
+    let extra = [
+        "-c",
+        "512",
+        "--api-key",
+        PLAIN_KEY,
+        "--sandbox-api-key",
+        OTHER_KEY,
+    ];
+    let (mut server, base) = spawn_serve(&extra, &audit).await;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join("target/clients-venv/bin/python");
+    assert!(python.is_file(), "run .ci/setup first");
+    let script = root.join("tests/clients/mcp_client.py");
+    let output = tokio::process::Command::new(python)
+        .arg(script)
+        .args([base.as_str(), RUNNER_KEY, OTHER_KEY, PLAIN_KEY])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the MCP client failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    println!("{stdout}");
+    let log = std::fs::read_to_string(&audit).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let shell = lines
+        .iter()
+        .find(|l| l["event"] == "start" && l["command"] == "echo out; echo err >&2; exit 3")
+        .expect("the shell call's start line");
+    assert!(
+        shell["request_id"].as_str().unwrap().contains(" mcp:"),
+        "the MCP session is recorded: {shell}"
+    );
+    let end = lines
+        .iter()
+        .find(|l| l["event"] == "end" && l["exec_id"] == shell["exec_id"])
+        .expect("its end line");
+    assert_eq!(end["exit_code"], 3);
+    server.start_kill().unwrap();
+    let _ = server.wait().await;
+}

@@ -19,6 +19,7 @@ pub mod keys;
 mod limits;
 mod lmstudio;
 mod logprobs;
+mod mcp;
 mod model_facts;
 mod models;
 mod ollama;
@@ -159,7 +160,11 @@ pub fn router(state: AppState) -> Router {
         .merge(keyed(inference, Scope::Inference, &state))
         .merge(messages)
         .merge(keyed(admin, Scope::Models, &state));
-    if let Some(sandbox) = sandbox {
+    if let Some(mut sandbox) = sandbox {
+        if let Some(tools) = state.sandbox() {
+            let service = mcp::service(tools.clone(), state.config().sse_keep_alive);
+            sandbox = sandbox.route_service("/mcp", service);
+        }
         router = router.merge(keyed(sandbox, Scope::Sandbox, &state));
     }
     if state.config().metrics {
