@@ -19,6 +19,7 @@ use tower::ServiceExt;
 mod anthropic;
 mod dialects;
 mod lmstudio;
+mod mcp;
 mod observability;
 mod ollama;
 mod openai;

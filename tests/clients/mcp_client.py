@@ -97,6 +97,29 @@ async def main():
 
     await with_session(key, calls)
 
+    # The overhead of an MCP `shell` call over /v1/sandbox/exec, for `true` (median of 50 each,
+    # one connection each, after a warm-up).
+    async def timed_mcp(session):
+        times = []
+        for _ in range(51):
+            began = time.perf_counter()
+            await session.call_tool("shell", {"command": "true"})
+            times.append(time.perf_counter() - began)
+        return sorted(times[1:])[25]
+
+    mcp_median = await with_session(key, timed_mcp)
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        times = []
+        for _ in range(51):
+            began = time.perf_counter()
+            answer = await http.post(base + "/v1/sandbox/exec", json={"command": "true"})
+            assert answer.status_code == 200, answer.text
+            times.append(time.perf_counter() - began)
+        exec_median = sorted(times[1:])[25]
+    print(f"overhead: MCP shell `true` median {mcp_median * 1e3:.1f} ms, /v1/sandbox/exec "
+          f"{exec_median * 1e3:.1f} ms, +{(mcp_median - exec_median) * 1e3:.1f} ms "
+          f"({mcp_median / exec_median:.2f}x)")
+
     # Another key's tenant sees none of it; a session within a key is a tenant of its own.
     async def look(session):
         return await session.call_tool("read_file", {"path": "notes/a.txt"})
