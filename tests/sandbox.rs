@@ -121,6 +121,7 @@ fn request(command: &str, timeout_s: f64) -> ExecRequest {
         command: command.into(),
         timeout: Duration::from_secs_f64(timeout_s),
         stdin: None,
+        cancel: None,
     }
 }
 
@@ -146,6 +147,7 @@ async fn exit_codes_streams_stdin_and_environment() {
     let out = ex
         .run(ExecRequest {
             stdin: Some(b"hello\nworld\n".to_vec()),
+            cancel: None,
             ..request("tr a-z A-Z", 10.0)
         })
         .await
@@ -1121,6 +1123,7 @@ async fn the_audit_log_records_intent_first_outcome_always_and_fails_closed() {
             command: "sleep 2; echo done".into(),
             timeout: Duration::from_secs(10),
             stdin: Some(b"some script".to_vec()),
+            cancel: None,
         },
         &who,
     );
@@ -1231,6 +1234,18 @@ async fn the_mcp_sdk_uses_the_sandbox_through_mcp() {
         .find(|l| l["event"] == "end" && l["exec_id"] == shell["exec_id"])
         .expect("its end line");
     assert_eq!(end["exit_code"], 3);
+    // The cancelled call: its command was stopped (not left to its 60 s deadline), and the
+    // audit says so.
+    let started = lines
+        .iter()
+        .find(|l| l["event"] == "start" && l["command"] == "sleep 45; echo never")
+        .expect("the cancelled call's start line");
+    let ended = lines
+        .iter()
+        .find(|l| l["event"] == "end" && l["exec_id"] == started["exec_id"])
+        .expect("the cancelled call's end line, written before the client finished");
+    assert_eq!(ended["cancelled"], true, "{ended}");
+    assert!(ended["duration_ms"].as_u64().unwrap() < 20_000, "{ended}");
     server.start_kill().unwrap();
     let _ = server.wait().await;
 }

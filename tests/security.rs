@@ -928,6 +928,7 @@ impl lm_sandbox::sandbox::Executor for NoopExecutor {
                 signal: None,
                 timed_out: false,
                 truncated: false,
+                cancelled: false,
                 duration_ms: 0,
                 stdout_bytes: 0,
                 stderr_bytes: 0,

@@ -72,6 +72,7 @@ pub async fn exec(
         command: body.command,
         timeout,
         stdin: body.stdin.map(String::into_bytes),
+        cancel: None,
     };
     if let Some(session) = &body.session {
         validate_session(session).map_err(|e| ApiError::invalid("session", e))?;

@@ -192,6 +192,7 @@ async fn execute(shell: &ShellLoop, call: &ToolCall) -> (Value, String) {
         command,
         timeout,
         stdin: None,
+        cancel: None,
     };
     match shell.sandbox.run(request, &shell.caller).await {
         Ok(out) => {

@@ -71,6 +71,8 @@ struct EndLine<'a> {
     stdout_bytes: u64,
     stderr_bytes: u64,
     truncated: bool,
+    /// The client withdrew the request while the command ran, which stopped it.
+    cancelled: bool,
     duration_ms: u64,
     error: Option<String>,
 }
@@ -273,6 +275,7 @@ fn end_line<'a>(
         stdout_bytes: 0,
         stderr_bytes: 0,
         truncated: false,
+        cancelled: false,
         duration_ms: elapsed.as_millis() as u64,
         error: None,
     };
@@ -285,6 +288,7 @@ fn end_line<'a>(
             stdout_bytes: out.stdout_bytes,
             stderr_bytes: out.stderr_bytes,
             truncated: out.truncated,
+            cancelled: out.cancelled,
             duration_ms: out.duration_ms,
             ..base
         },
@@ -304,6 +308,7 @@ mod tests {
             command: command.into(),
             timeout: Duration::from_secs(1),
             stdin: stdin.map(<[u8]>::to_vec),
+            cancel: None,
         }
     }
 
@@ -337,6 +342,7 @@ mod tests {
             signal: None,
             timed_out: false,
             truncated: false,
+            cancelled: false,
             duration_ms: 7,
             stdout_bytes: 3,
             stderr_bytes: 0,

@@ -71,6 +71,7 @@ pub fn run(args: &SandboxArgs) -> anyhow::Result<i32> {
                 command: "true".into(),
                 timeout: Duration::from_secs(10),
                 stdin: None,
+                cancel: None,
             }));
             match probe {
                 Ok(out) if out.exit_code == Some(0) => {
@@ -125,6 +126,7 @@ pub fn run(args: &SandboxArgs) -> anyhow::Result<i32> {
                     command: exec.command.join(" "),
                     timeout: Duration::from_secs_f64(exec.timeout),
                     stdin,
+                    cancel: None,
                 };
                 anyhow::Ok(sandbox.run(request, &caller).await?)
             })?;

@@ -39,6 +39,9 @@ pub struct ExecRequest {
     pub timeout: Duration,
     /// Fed to the command's standard input, then end-of-file (no stdin: end-of-file at once).
     pub stdin: Option<Vec<u8>>,
+    /// Cancelling it stops the command as its timeout would (TERM to its process group): the
+    /// client that asked has withdrawn the request.
+    pub cancel: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// What a command did. A command that fails or times out is still an `ExecOutput`; only the
@@ -55,6 +58,8 @@ pub struct ExecOutput {
     pub timed_out: bool,
     /// stdout or stderr was longer than the limit and ends with a truncation marker.
     pub truncated: bool,
+    /// The request was cancelled while the command ran, which stopped it.
+    pub cancelled: bool,
     pub duration_ms: u64,
     /// Bytes the command wrote to each stream, whether kept or not.
     #[serde(skip)]

@@ -318,10 +318,20 @@ impl SshExecutor {
             };
             let _ = tokio::time::timeout_at(deadline, write).await;
         };
+        let cancel = request.cancel.clone().unwrap_or_default();
         let read = async {
             let mut out = Collected::new(limit);
             loop {
-                match tokio::time::timeout_at(deadline, reader.wait()).await {
+                let next = tokio::select! {
+                    next = tokio::time::timeout_at(deadline, reader.wait()) => next,
+                    _ = cancel.cancelled(), if !out.cancelled => {
+                        // Stopped as a timeout stops it; its exit still comes back.
+                        out.cancelled = true;
+                        let _ = writer.signal(Sig::TERM).await;
+                        continue;
+                    }
+                };
+                match next {
                     Err(_) => {
                         out.client_timed_out = true;
                         break;
@@ -390,6 +400,8 @@ struct Collected {
     exit_status: Option<u32>,
     exit_signal: Option<String>,
     client_timed_out: bool,
+    /// The request was cancelled and the command sent TERM.
+    cancelled: bool,
 }
 
 impl Collected {
@@ -400,6 +412,7 @@ impl Collected {
             exit_status: None,
             exit_signal: None,
             client_timed_out: false,
+            cancelled: false,
         }
     }
 
@@ -434,6 +447,7 @@ impl Collected {
             signal: self.exit_signal,
             timed_out,
             truncated,
+            cancelled: self.cancelled,
             duration_ms: elapsed.as_millis() as u64,
             stdout_bytes,
             stderr_bytes,
@@ -499,6 +513,7 @@ mod tests {
             command: "echo 'it''s' \"$HOME\"; exit 3".into(),
             timeout: Duration::from_millis(2500),
             stdin: None,
+            cancel: None,
         });
         let parts: Vec<&str> = line.split(' ').collect();
         assert_eq!(parts[..3], ["exec", RUNNER, "2.500"]);

@@ -245,6 +245,7 @@ impl lm_sandbox::sandbox::Executor for ScriptedExecutor {
                     signal: None,
                     timed_out: false,
                     truncated: false,
+                    cancelled: false,
                     duration_ms: 1,
                     stdout_bytes: 4 + command.len() as u64,
                     stderr_bytes: 0,

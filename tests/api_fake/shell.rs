@@ -74,6 +74,7 @@ async fn the_sandbox_route_exists_only_with_a_sandbox_and_maps_its_errors() {
         command: "x".repeat(lm_sandbox::sandbox::MAX_COMMAND_BYTES + 1),
         timeout: Duration::from_secs(1),
         stdin: None,
+        cancel: None,
     };
     assert!(matches!(
         direct.run(long, &caller).await,

@@ -84,6 +84,12 @@ async def main():
         assert slow.structured_content["timed_out"] is True, slow
         assert time.monotonic() - began < 15, "the deadline held"
 
+        # A call the client cancels (`notifications/cancelled`) stops its command: the audit's
+        # end line for it says so, long before its 60 s deadline (tests/sandbox.rs checks).
+        with anyio.move_on_after(2):
+            await session.call_tool("shell", {"command": "sleep 45; echo never", "timeout_s": 60})
+            raise AssertionError("the call was not cancelled")
+
         # A long command reports progress to a client that asks.
         seen = []
 

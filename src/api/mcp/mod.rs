@@ -173,7 +173,11 @@ impl ServerHandler for SandboxServer {
             Ok(caller) => caller,
             Err((argument, why)) => return Ok(tool_error(argument, &why)),
         };
-        let run = self.sandbox.run(planned.request, &caller);
+        let mut request = planned.request;
+        // `notifications/cancelled` (or the client going away) stops the command; its audit
+        // `end` line says `cancelled`.
+        request.cancel = Some(context.ct.clone());
+        let run = self.sandbox.run(request, &caller);
         tokio::pin!(run);
         let progress = context.meta.get_progress_token();
         let began = Instant::now();
@@ -182,11 +186,7 @@ impl ServerHandler for SandboxServer {
         let result = loop {
             tokio::select! {
                 result = &mut run => break result,
-                // The client sent `notifications/cancelled` or went away: it gets no answer; the
-                // command ends at its deadline, and its audit `end` line is written then.
-                _ = context.ct.cancelled() => {
-                    return Err(McpError::internal_error("the call was cancelled", None));
-                }
+
                 _ = ticks.tick(), if progress.is_some() => {
                     let token = progress.clone().expect("checked");
                     let elapsed = began.elapsed().as_secs_f64();

@@ -251,6 +251,7 @@ pub fn plan(
                     command,
                     timeout,
                     stdin: string(args, "stdin")?.map(|s| s.as_bytes().to_vec()),
+                    cancel: None,
                 },
                 kind: Kind::Shell,
             }
@@ -266,6 +267,7 @@ pub fn plan(
                     ),
                     timeout,
                     stdin: None,
+                    cancel: None,
                 },
                 kind: Kind::Read { path },
             }
@@ -290,6 +292,7 @@ pub fn plan(
                     ),
                     timeout,
                     stdin: Some(content.as_bytes().to_vec()),
+                    cancel: None,
                 },
                 kind: Kind::Write {
                     path,
@@ -309,6 +312,7 @@ pub fn plan(
                     ),
                     timeout,
                     stdin: None,
+                    cancel: None,
                 },
                 kind: Kind::List { path },
             }
