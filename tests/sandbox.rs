@@ -122,6 +122,7 @@ fn request(command: &str, timeout_s: f64) -> ExecRequest {
         timeout: Duration::from_secs_f64(timeout_s),
         stdin: None,
         cancel: None,
+        live: None,
     }
 }
 
@@ -148,6 +149,7 @@ async fn exit_codes_streams_stdin_and_environment() {
         .run(ExecRequest {
             stdin: Some(b"hello\nworld\n".to_vec()),
             cancel: None,
+            live: None,
             ..request("tr a-z A-Z", 10.0)
         })
         .await
@@ -1124,6 +1126,7 @@ async fn the_audit_log_records_intent_first_outcome_always_and_fails_closed() {
             timeout: Duration::from_secs(10),
             stdin: Some(b"some script".to_vec()),
             cancel: None,
+            live: None,
         },
         &who,
     );

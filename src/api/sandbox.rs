@@ -73,6 +73,7 @@ pub async fn exec(
         timeout,
         stdin: body.stdin.map(String::into_bytes),
         cancel: None,
+        live: None,
     };
     if let Some(session) = &body.session {
         validate_session(session).map_err(|e| ApiError::invalid("session", e))?;

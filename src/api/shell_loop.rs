@@ -193,6 +193,7 @@ async fn execute(shell: &ShellLoop, call: &ToolCall) -> (Value, String) {
         timeout,
         stdin: None,
         cancel: None,
+        live: None,
     };
     match shell.sandbox.run(request, &shell.caller).await {
         Ok(out) => {

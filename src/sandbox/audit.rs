@@ -309,6 +309,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             stdin: stdin.map(<[u8]>::to_vec),
             cancel: None,
+            live: None,
         }
     }
 

@@ -72,6 +72,7 @@ pub fn run(args: &SandboxArgs) -> anyhow::Result<i32> {
                 timeout: Duration::from_secs(10),
                 stdin: None,
                 cancel: None,
+                live: None,
             }));
             match probe {
                 Ok(out) if out.exit_code == Some(0) => {
@@ -127,6 +128,7 @@ pub fn run(args: &SandboxArgs) -> anyhow::Result<i32> {
                     timeout: Duration::from_secs_f64(exec.timeout),
                     stdin,
                     cancel: None,
+                    live: None,
                 };
                 anyhow::Ok(sandbox.run(request, &caller).await?)
             })?;

@@ -42,6 +42,9 @@ pub struct ExecRequest {
     /// Cancelling it stops the command as its timeout would (TERM to its process group): the
     /// client that asked has withdrawn the request.
     pub cancel: Option<tokio_util::sync::CancellationToken>,
+    /// Where the output goes as it comes, besides the captured result (a client showing
+    /// progress).
+    pub live: Option<Arc<output::LiveOutput>>,
 }
 
 /// What a command did. A command that fails or times out is still an `ExecOutput`; only the

@@ -1,6 +1,40 @@
 //! Capped capture of a command's output: the first `limit` bytes are kept, the rest only counted,
 //! so a command that prints gigabytes costs the server `limit` bytes of memory.
 
+/// Output as it comes, for a client that shows a running command's progress: the newest bytes
+/// since the last look (at most [`LIVE_LIMIT`]; older ones are dropped), and how many came in all.
+#[derive(Debug, Default)]
+pub struct LiveOutput {
+    // A std Mutex: held only to append or take a few KiB, never across an await.
+    inner: std::sync::Mutex<(Vec<u8>, u64)>,
+}
+
+/// Bytes [`LiveOutput`] holds between two looks.
+pub const LIVE_LIMIT: usize = 4096;
+
+impl LiveOutput {
+    pub fn push(&self, data: &[u8]) {
+        let mut inner = self.inner.lock().expect("live output");
+        let (pending, total) = &mut *inner;
+        *total += data.len() as u64;
+        pending.extend_from_slice(data);
+        if pending.len() > LIVE_LIMIT {
+            let excess = pending.len() - LIVE_LIMIT;
+            pending.drain(..excess);
+        }
+    }
+
+    /// The output since the last call (as text; a character cut at the edge is replaced), and
+    /// the bytes written in all.
+    pub fn take(&self) -> (String, u64) {
+        let mut inner = self.inner.lock().expect("live output");
+        let (pending, total) = &mut *inner;
+        let text = String::from_utf8_lossy(pending).into_owned();
+        pending.clear();
+        (text, *total)
+    }
+}
+
 /// One output stream (stdout or stderr) being captured.
 #[derive(Debug)]
 pub struct CappedBuffer {
@@ -115,5 +149,25 @@ mod tests {
         let mut b = CappedBuffer::new(16);
         b.push(&[b'a', 0xff, b'b']);
         assert_eq!(b.into_text(), "a\u{fffd}b");
+    }
+}
+
+#[cfg(test)]
+mod live_tests {
+    use super::*;
+
+    #[test]
+    fn live_output_keeps_the_newest_bytes_between_looks() {
+        let live = LiveOutput::default();
+        live.push(b"one\n");
+        live.push(b"two\n");
+        assert_eq!(live.take(), ("one\ntwo\n".to_owned(), 8));
+        assert_eq!(live.take(), (String::new(), 8));
+        live.push(&vec![b'x'; LIVE_LIMIT + 10]);
+        let (text, total) = live.take();
+        assert_eq!(
+            (text.len(), total),
+            (LIVE_LIMIT, 8 + LIVE_LIMIT as u64 + 10)
+        );
     }
 }

@@ -319,8 +319,10 @@ impl SshExecutor {
             let _ = tokio::time::timeout_at(deadline, write).await;
         };
         let cancel = request.cancel.clone().unwrap_or_default();
+        let live = request.live.clone();
         let read = async {
             let mut out = Collected::new(limit);
+            out.live = live;
             loop {
                 let next = tokio::select! {
                     next = tokio::time::timeout_at(deadline, reader.wait()) => next,
@@ -402,6 +404,8 @@ struct Collected {
     client_timed_out: bool,
     /// The request was cancelled and the command sent TERM.
     cancelled: bool,
+    /// Where stdout and stderr also go as they come.
+    live: Option<std::sync::Arc<super::output::LiveOutput>>,
 }
 
 impl Collected {
@@ -413,10 +417,16 @@ impl Collected {
             exit_signal: None,
             client_timed_out: false,
             cancelled: false,
+            live: None,
         }
     }
 
     fn take(&mut self, msg: ChannelMsg) {
+        if let (Some(live), ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. }) =
+            (&self.live, &msg)
+        {
+            live.push(data);
+        }
         match msg {
             ChannelMsg::Data { data } => self.stdout.push(&data),
             // Extended data type 1 is stderr (RFC 4254 §5.2).
@@ -514,6 +524,7 @@ mod tests {
             timeout: Duration::from_millis(2500),
             stdin: None,
             cancel: None,
+            live: None,
         });
         let parts: Vec<&str> = line.split(' ').collect();
         assert_eq!(parts[..3], ["exec", RUNNER, "2.500"]);

@@ -75,6 +75,7 @@ async fn the_sandbox_route_exists_only_with_a_sandbox_and_maps_its_errors() {
         timeout: Duration::from_secs(1),
         stdin: None,
         cancel: None,
+        live: None,
     };
     assert!(matches!(
         direct.run(long, &caller).await,

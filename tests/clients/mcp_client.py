@@ -90,15 +90,18 @@ async def main():
             await session.call_tool("shell", {"command": "sleep 45; echo never", "timeout_s": 60})
             raise AssertionError("the call was not cancelled")
 
-        # A long command reports progress to a client that asks.
+        # A long command reports progress, with its output so far, to a client that asks.
         seen = []
 
         async def progress(value, total, message):
-            seen.append(value)
+            seen.append((value, message))
 
-        await session.call_tool("shell", {"command": "sleep 2.5; echo done"}, progress_callback=progress)
-        assert len(seen) >= 1, seen
-        print("progress notifications:", len(seen))
+        await session.call_tool("shell", {"command": "for i in 1 2 3; do echo tick$i; sleep 1; done"},
+                                progress_callback=progress)
+        said = "".join(message or "" for _, message in seen)
+        assert "tick1" in said, seen
+        assert [v for v, _ in seen] == sorted(v for v, _ in seen), seen
+        print("progress notifications:", seen)
         return True
 
     await with_session(key, calls)

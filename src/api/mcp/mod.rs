@@ -30,7 +30,8 @@ use crate::sandbox::{validate_session, Caller, Sandbox, SandboxError};
 
 /// The header that names a tenant session within the key.
 pub const SESSION_HEADER: &str = "x-sandbox-session";
-/// How often a running command reports progress to a client that asked for it.
+/// How often a running command reports progress (its output since the last report) to a client
+/// that asked for it.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// The `/mcp` service over `sandbox`.
@@ -177,9 +178,13 @@ impl ServerHandler for SandboxServer {
         // `notifications/cancelled` (or the client going away) stops the command; its audit
         // `end` line says `cancelled`.
         request.cancel = Some(context.ct.clone());
+        let progress = context.meta.get_progress_token();
+        let live = progress
+            .as_ref()
+            .map(|_| Arc::new(crate::sandbox::output::LiveOutput::default()));
+        request.live = live.clone();
         let run = self.sandbox.run(request, &caller);
         tokio::pin!(run);
-        let progress = context.meta.get_progress_token();
         let began = Instant::now();
         let mut ticks =
             tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
@@ -190,8 +195,14 @@ impl ServerHandler for SandboxServer {
                 _ = ticks.tick(), if progress.is_some() => {
                     let token = progress.clone().expect("checked");
                     let elapsed = began.elapsed().as_secs_f64();
-                    let param = ProgressNotificationParam::new(token, elapsed)
-                        .with_message(format!("running for {elapsed:.0} s"));
+                    // The output since the last notification, or how long it has run.
+                    let (new, _) = live.as_ref().map(|l| l.take()).unwrap_or_default();
+                    let message = if new.is_empty() {
+                        format!("running for {elapsed:.0} s")
+                    } else {
+                        new
+                    };
+                    let param = ProgressNotificationParam::new(token, elapsed).with_message(message);
                     // Ignored error: a client that stopped listening still gets its answer.
                     let _ = context.peer.notify_progress(param).await;
                 }

@@ -252,6 +252,7 @@ pub fn plan(
                     timeout,
                     stdin: string(args, "stdin")?.map(|s| s.as_bytes().to_vec()),
                     cancel: None,
+                    live: None,
                 },
                 kind: Kind::Shell,
             }
@@ -268,6 +269,7 @@ pub fn plan(
                     timeout,
                     stdin: None,
                     cancel: None,
+                    live: None,
                 },
                 kind: Kind::Read { path },
             }
@@ -293,6 +295,7 @@ pub fn plan(
                     timeout,
                     stdin: Some(content.as_bytes().to_vec()),
                     cancel: None,
+                    live: None,
                 },
                 kind: Kind::Write {
                     path,
@@ -313,6 +316,7 @@ pub fn plan(
                     timeout,
                     stdin: None,
                     cancel: None,
+                    live: None,
                 },
                 kind: Kind::List { path },
             }
