@@ -679,7 +679,8 @@ async fn http_exec_needs_a_sandbox_key_and_is_audited() {
     assert_eq!(
         body,
         json!({"stdout": "fed\n", "stderr": "oops\n", "exit_code": 2, "signal": null,
-               "timed_out": false, "truncated": false, "duration_ms": body["duration_ms"]})
+               "timed_out": false, "truncated": false, "cancelled": false,
+               "duration_ms": body["duration_ms"]})
     );
     let (status, _, body) = post(
         &base,
@@ -1224,14 +1225,35 @@ async fn the_mcp_sdk_uses_the_sandbox_through_mcp() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    // Every call has its start and end lines; each MCP call's name its MCP session and call
+    // (the `true`s of the overhead measurement also went through /v1/sandbox/exec).
+    let starts: Vec<&Value> = lines.iter().filter(|l| l["event"] == "start").collect();
+    assert!(starts.len() >= 10, "{log}");
+    for start in &starts {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["event"] == "end" && l["exec_id"] == start["exec_id"]),
+            "no end line for {start}"
+        );
+        let id = start["request_id"].as_str().unwrap();
+        assert!(
+            start["command"] == "true" || id.contains(" mcp:"),
+            "the MCP session is recorded: {start}"
+        );
+    }
+    let through_mcp = starts
+        .iter()
+        .filter(|s| s["request_id"].as_str().unwrap().contains(" mcp:"))
+        .count();
+    assert!(
+        through_mcp >= 60,
+        "50 timed calls and the others: {through_mcp}"
+    );
     let shell = lines
         .iter()
         .find(|l| l["event"] == "start" && l["command"] == "echo out; echo err >&2; exit 3")
         .expect("the shell call's start line");
-    assert!(
-        shell["request_id"].as_str().unwrap().contains(" mcp:"),
-        "the MCP session is recorded: {shell}"
-    );
     let end = lines
         .iter()
         .find(|l| l["event"] == "end" && l["exec_id"] == shell["exec_id"])
