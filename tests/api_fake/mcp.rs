@@ -57,6 +57,11 @@ async fn session(app: &Router) -> String {
 async fn mcp_needs_a_sandbox_key_then_runs_tools_in_a_session() {
     let audit =
         std::env::temp_dir().join(format!("lm-sandbox-mcp-audit-{}.jsonl", std::process::id()));
+    // Without a sandbox there is no /mcp.
+    let without = harness();
+    let (status, _, body) = send(&without.app, mcp(None, None, INIT)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
     let app = loop_harness(LAST_MESSAGE, &audit).await;
     let (status, _, body) = send(&app, mcp(None, None, INIT)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
