@@ -591,6 +591,26 @@ async fn the_scope_matrix() {
             }
         }
     }
+    // A refusal for scope leaves the body unread, so it closes the connection and says so: a
+    // client's next request on it (here a plain one) is never sent into a closing connection.
+    let client = reqwest::Client::new();
+    for round in 0..10 {
+        let refused = client
+            .post(format!("{}/v1/models/load", server.url))
+            .bearer_auth("sk-chat")
+            .json(&json!({"model": "x".repeat(4096)}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 403);
+        assert_eq!(refused.headers()["connection"], "close", "round {round}");
+        let next = client
+            .get(format!("{}/health", server.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the next request failed: {e}"));
+        assert_eq!(next.status(), 200);
+    }
     // Ollama's unload (keep_alive 0) needs `models` too (a reload for a larger `num_ctx` is
     // checked on the real model, `tests/many_models.rs`).
     let unload = json!({"model": MODEL, "keep_alive": 0});

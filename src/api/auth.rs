@@ -282,7 +282,15 @@ pub async fn require_scope(State(scope): State<Scope>, request: Request, next: N
     };
     match checked {
         Ok(()) => next.run(request).await,
-        Err(err) => err.into_response(),
+        Err(err) => {
+            // Its body is never read: the connection cannot carry another request, and says so
+            // (a client would otherwise send its next request into a closing connection).
+            let mut response = err.into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
     }
 }
 
