@@ -168,11 +168,30 @@ impl Replies {
 
     /// The reply a task sends into `rx` (the shell loop's, one choice); the task stops when this
     /// is dropped.
+    /// A task that ends before every choice finished (it failed) ends the reply with an error,
+    /// as an engine that stops does.
     pub fn from_channel(rx: mpsc::Receiver<(u32, ReplyEvent)>, choices: u32) -> Self {
-        Self {
-            events: ReceiverStream::new(rx).boxed(),
-            choices,
-        }
+        // (the receiver, choices still to finish, whether the reply is over)
+        let state = (rx, choices, false);
+        let events = stream::unfold(state, |(mut rx, left, over)| async move {
+            if over {
+                return None;
+            }
+            match rx.recv().await {
+                Some((index, event)) => {
+                    let done = matches!(event, ReplyEvent::Error(_));
+                    let left = left - u32::from(matches!(event, ReplyEvent::Finish(_)));
+                    Some(((index, event), (rx, left, done)))
+                }
+                None if left > 0 => {
+                    let error = ApiError::EngineFailed(ENGINE_STOPPED.into());
+                    Some(((0, ReplyEvent::Error(error)), (rx, 0, true)))
+                }
+                None => None,
+            }
+        })
+        .boxed();
+        Self { events, choices }
     }
 
     /// The next event; `None` once every choice finished or the reply failed.
@@ -480,5 +499,32 @@ impl From<&GenerationStats> for Timings {
             predicted_per_token_ms: per(s.generation_ms, decoded),
             predicted_per_second: rate(s.generation_ms, decoded),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_that_stops_before_its_finish_ends_the_reply_with_an_error() {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send((0, ReplyEvent::Content("partial".into())))
+            .await
+            .unwrap();
+        drop(tx);
+        let mut replies = Replies::from_channel(rx, 1);
+        assert!(matches!(
+            replies.next().await,
+            Some((0, ReplyEvent::Content(_)))
+        ));
+        assert!(matches!(
+            replies.next().await,
+            Some((0, ReplyEvent::Error(_)))
+        ));
+        assert!(replies.next().await.is_none());
+        let (tx, rx) = mpsc::channel(4);
+        drop(tx);
+        assert!(Replies::from_channel(rx, 1).collect().await.is_err());
     }
 }
