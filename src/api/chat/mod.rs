@@ -471,36 +471,25 @@ pub(super) async fn start_chat_as(
         chat.template_variables()?,
     )
     .await?;
-    let prompt_tokens = tokens.len() as u32;
-    let receivers = submit_prompt(&state, &served, tokens, &options)?;
     // Without tools, a template that knows reasoning still has its reasoning parsed out; a
     // prompt that opens reasoning itself (`…assistant\n<think>\n`) starts the output inside it.
     let mut tools = tools.or_else(|| ToolRequest::reasoning_only(loaded.template.source()));
     if let Some(tools) = tools.as_mut() {
         tools.opened = crate::tools::parse::opened_reasoning(&prompt);
     }
-    let replies = Replies::generation(
-        receivers,
-        tools.map(Arc::new),
-        options.n,
-        options.grammar_param,
-    );
-    Ok(StartedChat {
-        model,
-        options,
-        replies,
-        shell: false,
-        prompt_tokens,
-    })
+    submit_prompt(&state, &served, tokens, options, tools)
 }
 
-/// Budgets `tokens` against the sequence's context and `--n-predict`, and submits them.
+/// Budgets `tokens` against the sequence's context and `--n-predict`, submits them, and reads
+/// the reply through `tools` (its reasoning and calls parsed out) when there are some.
 fn submit_prompt(
     state: &AppState,
     served: &super::state::Served,
     tokens: Vec<crate::engine::Token>,
-    options: &super::params::GenerationOptions,
-) -> Result<Vec<tokio::sync::mpsc::Receiver<crate::engine::GenerationEvent>>, ApiError> {
+    options: super::params::GenerationOptions,
+    tools: Option<ToolRequest>,
+) -> Result<StartedChat, ApiError> {
+    let prompt_tokens = tokens.len() as u32;
     let max_new_tokens = options.budget(
         tokens.len(),
         served.loaded.info.n_ctx_seq,
@@ -510,7 +499,20 @@ fn submit_prompt(
         tokens,
         max_new_tokens,
     };
-    generate::submit(&served.engine, vec![job], options)
+    let receivers = generate::submit(&served.engine, vec![job], &options)?;
+    let replies = Replies::generation(
+        receivers,
+        tools.map(Arc::new),
+        options.n,
+        options.grammar_param,
+    );
+    Ok(StartedChat {
+        model: served.name.clone(),
+        options,
+        replies,
+        shell: false,
+        prompt_tokens,
+    })
 }
 
 /// A prompt run as it is (no template): `openai` holds the model and sampling fields as a
@@ -521,7 +523,6 @@ pub(super) async fn start_raw(
     text: &str,
 ) -> Result<StartedChat, ApiError> {
     let Prepared {
-        model,
         loaded,
         served,
         options,
@@ -529,14 +530,5 @@ pub(super) async fn start_raw(
     } = prepare::<serde::de::IgnoredAny>(state, openai).await?;
     let tokens =
         super::prompt::tokenize_off_runtime(Arc::clone(&loaded), text.to_owned(), true).await?;
-    let prompt_tokens = tokens.len() as u32;
-    let receivers = submit_prompt(state, &served, tokens, &options)?;
-    let replies = Replies::generation(receivers, None, options.n, options.grammar_param);
-    Ok(StartedChat {
-        model,
-        options,
-        replies,
-        shell: false,
-        prompt_tokens,
-    })
+    submit_prompt(state, &served, tokens, options, None)
 }
